@@ -1,0 +1,103 @@
+// CPU binding of bn_act: checks, allocation, dtype dispatch, registration for the CPU key.
+#include <torch/library.h>
+
+#include "../common/bn_act_checks.h"
+#include "bn_act_kernel.h"
+
+namespace fastres::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+    const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
+    const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
+    bool training, double eps, bool relu) {
+  check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
+                     eps);
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const OptTensor residual = residual_in ? OptTensor(dense_in(*residual_in, format)) : std::nullopt;
+  const OptTensor weight = dense_vector(weight_in), bias = dense_vector(bias_in);
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(param_dtype_for(x));
+
+  Tensor out = at::empty_like(x, format);
+  Tensor relu_mask = at::empty({relu ? relu_mask_bytes(layout.numel()) : 0},
+                               x.options().dtype(at::kByte));
+  // Outputs never alias inputs (a custom-op rule), hence the copies of the running statistics.
+  Tensor save_mean = training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
+  Tensor save_var = training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
+  Tensor scale = at::empty({layout.c}, param_options);
+  Tensor shift = at::empty({layout.c}, param_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
+    using P = opmath<scalar_t>;
+    if (training && layout.numel() > 0) {
+      bn_batch_stats<scalar_t>(x.data_ptr<scalar_t>(), layout, save_mean.data_ptr<P>(),
+                               save_var.data_ptr<P>());
+    } else if (training) {
+      // An empty batch has no statistics; PyTorch reports NaN for them.
+      save_mean.fill_(NAN);
+      save_var.fill_(NAN);
+    }
+    bn_scale_shift<scalar_t>(save_mean.data_ptr<P>(), save_var.data_ptr<P>(), ptr_or_null<P>(weight),
+                             ptr_or_null<P>(bias), eps, layout.c, scale.data_ptr<P>(),
+                             shift.data_ptr<P>());
+    bn_act_apply<scalar_t>(x.data_ptr<scalar_t>(),
+                           residual ? residual->data_ptr<scalar_t>() : nullptr,
+                           scale.data_ptr<P>(), shift.data_ptr<P>(), layout, relu,
+                           out.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
+  });
+  return {out, save_mean, save_var, relu_mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
+    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
+    const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask, bool training,
+    double eps, bool relu, bool residual_grad) {
+  check_backward_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask, relu);
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const Tensor grad_out = dense_in(grad_out_in, format);
+  const OptTensor weight = dense_vector(weight_in);
+  const Tensor save_mean = save_mean_in.contiguous(), save_var = save_var_in.contiguous();
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(param_dtype_for(x));
+
+  Tensor grad_x = at::empty_like(x, format);
+  Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
+  Tensor grad_bias = at::empty({layout.c}, param_options);  // = sum of the masked gradient
+  Tensor sum_gx = at::empty({layout.c}, param_options);
+  Tensor grad_weight = at::empty({layout.c}, param_options);
+  Tensor coefficients = at::empty({3, layout.c}, param_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
+    using P = opmath<scalar_t>;
+    const uint8_t* mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
+    P* k = coefficients.data_ptr<P>();
+    bn_act_backward_reduce<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
+                                     save_mean.data_ptr<P>(), layout, grad_bias.data_ptr<P>(),
+                                     sum_gx.data_ptr<P>());
+    bn_backward_coefficients<scalar_t>(save_mean.data_ptr<P>(), save_var.data_ptr<P>(),
+                                       ptr_or_null<P>(weight), grad_bias.data_ptr<P>(),
+                                       sum_gx.data_ptr<P>(), eps, layout.reduce_size(), layout.c,
+                                       training, k, k + layout.c, k + 2 * layout.c,
+                                       grad_weight.data_ptr<P>());
+    bn_act_backward_apply<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask, k,
+                                    k + layout.c, k + 2 * layout.c, layout,
+                                    grad_x.data_ptr<scalar_t>(),
+                                    residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);
+  });
+  return {grad_x, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastres, CPU, m) {
+  m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_backward", &bn_act_backward);
+}
+
+}  // namespace fastres::cpu

@@ -1,0 +1,60 @@
+// CPU kernels of the fused BatchNorm (+ residual) (+ ReLU) op.
+//
+// Raw pointers and sizes only; the binding (bn_act.cpp) checks tensors and allocates.
+// `T` is the activation type (float, double, c10::Half, c10::BFloat16); per-channel values
+// (statistics, scale, shift, coefficients) are in `opmath<T>`: float for float/half/bfloat16,
+// double for double.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+#include "../common/bn_act_layout.h"
+
+namespace fastres::cpu {
+
+template <typename T>
+using opmath = at::opmath_type<T>;
+
+// Per-channel batch mean and biased variance of x (robust: chunked two-pass, Chan-merged).
+template <typename T>
+void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opmath<T>* var);
+
+// Folds statistics and affine parameters into out = x * scale + shift.
+// weight and bias may be null (affine=False).
+template <typename T>
+void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>* weight,
+                    const opmath<T>* bias, double eps, int64_t channels, opmath<T>* scale,
+                    opmath<T>* shift);
+
+// out = relu?(x * scale[c] + shift[c] + residual); residual may be null. When relu is set,
+// relu_mask (relu_mask_bytes(numel) bytes) receives a bit per element: out > 0.
+template <typename T>
+void bn_act_apply(const T* x, const T* residual, const opmath<T>* scale, const opmath<T>* shift,
+                  const BnActLayout& layout, bool relu, T* out, uint8_t* relu_mask);
+
+// Per-channel sums of the masked gradient gm = grad_out * mask (mask null: all ones):
+//   sum_g[c] = sum gm,   sum_gx[c] = sum gm * (x - mean[c]).
+template <typename T>
+void bn_act_backward_reduce(const T* grad_out, const T* x, const uint8_t* relu_mask,
+                            const opmath<T>* mean, const BnActLayout& layout, opmath<T>* sum_g,
+                            opmath<T>* sum_gx);
+
+// Per-channel coefficients of grad_x = k_grad * gm + k_x * x + k_const, from the sums above.
+// Training differentiates through the batch statistics; eval treats them as constants.
+template <typename T>
+void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var,
+                              const opmath<T>* weight, const opmath<T>* sum_g,
+                              const opmath<T>* sum_gx, double eps, int64_t reduce_size,
+                              int64_t channels, bool training, opmath<T>* k_grad,
+                              opmath<T>* k_x, opmath<T>* k_const, opmath<T>* grad_weight);
+
+// grad_x = k_grad[c] * gm + k_x[c] * x + k_const[c]; grad_residual = gm (skipped when null).
+template <typename T>
+void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_mask,
+                           const opmath<T>* k_grad, const opmath<T>* k_x,
+                           const opmath<T>* k_const, const BnActLayout& layout, T* grad_x,
+                           T* grad_residual);
+
+}  // namespace fastres::cpu

@@ -1,0 +1,138 @@
+// CUDA binding of bn_act: checks, allocation, launch on the current stream, registration for the
+// CUDA key.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../common/bn_act_checks.h"
+#include "bn_act_kernel.h"
+
+namespace fastres::cuda {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+ActivationType activation_type(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return ActivationType::kFloat;
+    case at::kHalf: return ActivationType::kHalf;
+    case at::kBFloat16: return ActivationType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "bn_act: the cuda backend takes float32, float16 or bfloat16 x, got ",
+                       x.scalar_type(), " (float64 runs on the cpu and torch backends)");
+  }
+}
+
+Tensor workspace_for(const BnActLayout& layout, const Tensor& x) {
+  const auto bytes = static_cast<int64_t>(bn_act_workspace_bytes(layout, x.get_device()));
+  return at::empty({bytes}, x.options().dtype(at::kByte));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+    const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
+    const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
+    bool training, double eps, bool relu) {
+  check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
+                     eps);
+  const ActivationType dtype = activation_type(x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const OptTensor residual = residual_in ? OptTensor(dense_in(*residual_in, format)) : std::nullopt;
+  const OptTensor weight = dense_vector(weight_in), bias = dense_vector(bias_in);
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(at::kFloat);
+
+  Tensor out = at::empty_like(x, format);
+  Tensor relu_mask = at::empty({relu ? relu_mask_bytes(layout.numel()) : 0},
+                               x.options().dtype(at::kByte));
+  // Outputs never alias inputs (a custom-op rule), hence the copies of the running statistics.
+  Tensor save_mean = training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
+  Tensor save_var = training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
+  if (layout.numel() == 0) {
+    if (training) {  // an empty batch has no statistics; PyTorch reports NaN for them
+      save_mean.fill_(NAN);
+      save_var.fill_(NAN);
+    }
+    return {out, save_mean, save_var, relu_mask};
+  }
+  Tensor workspace = workspace_for(layout, x);
+
+  BnActForwardParams params;
+  params.x = x.data_ptr();
+  params.residual = residual ? residual->data_ptr() : nullptr;
+  params.weight = ptr_or_null<float>(weight);
+  params.bias = ptr_or_null<float>(bias);
+  params.mean = save_mean.data_ptr<float>();
+  params.var = save_var.data_ptr<float>();
+  params.out = out.data_ptr();
+  params.relu_mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
+  params.workspace = workspace.data_ptr();
+  params.layout = layout;
+  params.dtype = dtype;
+  params.training = training;
+  params.relu = relu;
+  params.eps = static_cast<float>(eps);
+  launch_bn_act_forward(params, x.get_device(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, save_mean, save_var, relu_mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
+    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
+    const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask, bool training,
+    double eps, bool relu, bool residual_grad) {
+  check_backward_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask, relu);
+  const ActivationType dtype = activation_type(x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const Tensor grad_out = dense_in(grad_out_in, format);
+  const OptTensor weight = dense_vector(weight_in);
+  const Tensor save_mean = save_mean_in.contiguous(), save_var = save_var_in.contiguous();
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(at::kFloat);
+
+  Tensor grad_x = at::empty_like(x, format);
+  Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
+  Tensor grad_weight = at::empty({layout.c}, param_options);
+  Tensor grad_bias = at::empty({layout.c}, param_options);
+  if (layout.numel() == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_x, grad_weight, grad_bias, grad_residual};
+  }
+  Tensor workspace = workspace_for(layout, x);
+
+  BnActBackwardParams params;
+  params.grad_out = grad_out.data_ptr();
+  params.x = x.data_ptr();
+  params.relu_mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
+  params.weight = ptr_or_null<float>(weight);
+  params.mean = save_mean.data_ptr<float>();
+  params.var = save_var.data_ptr<float>();
+  params.grad_x = grad_x.data_ptr();
+  params.grad_residual = residual_grad ? grad_residual.data_ptr() : nullptr;
+  params.grad_weight = grad_weight.data_ptr<float>();
+  params.grad_bias = grad_bias.data_ptr<float>();
+  params.workspace = workspace.data_ptr();
+  params.layout = layout;
+  params.dtype = dtype;
+  params.training = training;
+  params.relu = relu;
+  params.eps = static_cast<float>(eps);
+  launch_bn_act_backward(params, x.get_device(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
+  m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_backward", &bn_act_backward);
+}
+
+}  // namespace fastres::cuda

@@ -1,0 +1,525 @@
+// CUDA kernels and launchers of bn_act. No torch headers: this file compiles in seconds.
+//
+// Forward (training):  split per-channel reduction (Welford) -> finalize (Chan merge, scale/shift)
+//                      -> elementwise pass (normalise, add residual, ReLU, pack the ReLU mask).
+// Backward:            split per-channel reduction (sum gm, sum gm*(x - mean)) -> finalize
+//                      (grad_weight, grad_bias, coefficients) -> elementwise pass.
+//
+// Reductions: NCHW uses one block column per channel, working through (plane, 1024-element
+// chunk) units; channels_last uses blocks of (channels x rows) threads so that a warp reads
+// consecutive channels of a row. Both write per-split partials that a finalize kernel merges, so
+// the reduction scales to ResNet-50's largest activations (3.2 M elements a channel at batch 256).
+// Elementwise passes give each thread 8 consecutive elements (one byte of the ReLU mask), loaded
+// with 16-byte vector accesses when every pointer is 16-byte aligned.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "bn_act_kernel.h"
+
+namespace fastres::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kNchwUnitsPerThread = 4;
+constexpr int64_t kNchwUnit = kThreads * kNchwUnitsPerThread;  // plane elements per block step
+constexpr int kGroup = 8;                                      // elements per elementwise thread
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ----------------------------------------------------------------------------------------------
+// Element conversions
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ bool mask_bit(const uint8_t* mask, int64_t i) {
+  return (mask[i >> 3] >> (i & 7)) & 1;
+}
+
+// Loads/stores a group of kGroup elements; 16-byte vector accesses when kAligned and full.
+template <typename T, bool kAligned>
+__device__ __forceinline__ void load_group(const T* p, int count, float (&v)[kGroup]) {
+  if (kAligned && count == kGroup) {
+    alignas(16) T raw[kGroup];
+    constexpr int kVectors = sizeof(T) * kGroup / 16;
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k) {
+      reinterpret_cast<uint4*>(raw)[k] = reinterpret_cast<const uint4*>(p)[k];
+    }
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) v[k] = to_float(raw[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) v[k] = k < count ? to_float(p[k]) : 0.f;
+  }
+}
+
+template <typename T, bool kAligned>
+__device__ __forceinline__ void store_group(T* p, int count, const T (&raw)[kGroup]) {
+  if (kAligned && count == kGroup) {
+    constexpr int kVectors = sizeof(T) * kGroup / 16;
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k) {
+      reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(raw)[k];
+    }
+  } else {
+    for (int k = 0; k < count; ++k) p[k] = raw[k];
+  }
+}
+
+// The channel of consecutive elements in memory order, advanced one element at a time.
+struct ChannelCursor {
+  int64_t c, hw, channels, plane_size;
+  bool channels_last;
+
+  __device__ ChannelCursor(const BnActLayout& layout, int64_t index)
+      : channels(layout.c), plane_size(layout.hw), channels_last(layout.channels_last) {
+    if (channels_last) {
+      c = index % channels;
+      hw = 0;
+    } else {
+      hw = index % plane_size;
+      c = (index / plane_size) % channels;
+    }
+  }
+
+  __device__ void advance() {
+    if (channels_last) {
+      if (++c == channels) c = 0;
+    } else if (++hw == plane_size) {
+      hw = 0;
+      if (++c == channels) c = 0;
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Accumulators (plain structs so that they can live in shared memory)
+
+struct Welford {
+  float n, mean, m2;
+
+  __device__ void add(float v) {
+    n += 1.f;
+    const float d = v - mean;
+    mean += d / n;
+    m2 += d * (v - mean);
+  }
+  __device__ void merge(const Welford& o) {
+    if (o.n == 0.f) return;
+    if (n == 0.f) {
+      *this = o;
+      return;
+    }
+    const float total = n + o.n;
+    const float d = o.mean - mean;
+    const float w = o.n / total;
+    mean += d * w;
+    m2 += o.m2 + d * d * n * w;
+    n = total;
+  }
+  __device__ Welford shfl_down(unsigned offset) const {
+    return {__shfl_down_sync(0xffffffffu, n, offset), __shfl_down_sync(0xffffffffu, mean, offset),
+            __shfl_down_sync(0xffffffffu, m2, offset)};
+  }
+};
+
+struct GradSums {
+  float g, gx;
+
+  __device__ void merge(const GradSums& o) {
+    g += o.g;
+    gx += o.gx;
+  }
+  __device__ GradSums shfl_down(unsigned offset) const {
+    return {__shfl_down_sync(0xffffffffu, g, offset), __shfl_down_sync(0xffffffffu, gx, offset)};
+  }
+};
+
+// What the forward reduction adds per element: x itself, into a Welford accumulator.
+template <typename T>
+struct StatsReducer {
+  using Acc = Welford;
+  const T* x;
+
+  __device__ Acc identity() const { return {0.f, 0.f, 0.f}; }
+  __device__ void add(Acc& acc, int64_t i, int64_t) const { acc.add(to_float(x[i])); }
+};
+
+// What the backward reduction adds per element: gm = grad * mask and gm * (x - mean).
+template <typename T>
+struct GradReducer {
+  using Acc = GradSums;
+  const T* grad;
+  const T* x;
+  const uint8_t* mask;
+  const float* mean;
+
+  __device__ Acc identity() const { return {0.f, 0.f}; }
+  __device__ void add(Acc& acc, int64_t i, int64_t c) const {
+    if (mask != nullptr && !mask_bit(mask, i)) return;  // masked off: contributes exactly 0
+    const float g = to_float(grad[i]);
+    acc.g += g;
+    acc.gx += g * (to_float(x[i]) - __ldg(mean + c));
+  }
+};
+
+template <typename Acc>
+__device__ Acc warp_reduce(Acc acc) {
+#pragma unroll
+  for (unsigned offset = 16; offset > 0; offset /= 2) acc.merge(acc.shfl_down(offset));
+  return acc;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Split reductions: partials[split * C + c]
+
+template <typename Reducer>
+__global__ void reduce_nchw_kernel(Reducer reducer, BnActLayout layout, int64_t chunks_per_plane,
+                                   typename Reducer::Acc* partials) {
+  using Acc = typename Reducer::Acc;
+  const int64_t c = blockIdx.x;
+  const int64_t units = layout.n * chunks_per_plane;
+  Acc acc = reducer.identity();
+  for (int64_t u = blockIdx.y; u < units; u += gridDim.y) {
+    const int64_t plane_base = ((u / chunks_per_plane) * layout.c + c) * layout.hw;
+    const int64_t hw0 = (u % chunks_per_plane) * kNchwUnit + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < kNchwUnitsPerThread; ++k) {
+      const int64_t hw = hw0 + k * kThreads;
+      if (hw < layout.hw) reducer.add(acc, plane_base + hw, c);
+    }
+  }
+  __shared__ Acc warp_partials[kThreads / 32];
+  acc = warp_reduce(acc);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_partials[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    acc = lane < kThreads / 32 ? warp_partials[lane] : reducer.identity();
+    acc = warp_reduce(acc);
+    if (lane == 0) partials[blockIdx.y * layout.c + c] = acc;
+  }
+}
+
+// blockDim = (channel threads, row threads), a power of two each, kThreads in all.
+template <typename Reducer>
+__global__ void reduce_nhwc_kernel(Reducer reducer, BnActLayout layout,
+                                   typename Reducer::Acc* partials) {
+  using Acc = typename Reducer::Acc;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = layout.n * layout.hw;
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  Acc acc = reducer.identity();
+  if (c < layout.c) {
+#pragma unroll 4
+    for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+         r += row_step) {
+      reducer.add(acc, r * layout.c + c, c);
+    }
+  }
+  __shared__ Acc tile[kThreads];
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+  tile[slot] = acc;
+  __syncthreads();
+  for (unsigned stride = blockDim.y / 2; stride > 0; stride /= 2) {
+    if (threadIdx.y < stride) {
+      acc.merge(tile[slot + stride * blockDim.x]);
+      tile[slot] = acc;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < layout.c) partials[blockIdx.y * layout.c + c] = acc;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Per-channel finalize kernels (one thread a channel)
+
+__global__ void finalize_forward_kernel(const Welford* partials, int splits, int64_t channels,
+                                        const float* weight, const float* bias, float eps,
+                                        bool training, float* mean, float* var, float* scale,
+                                        float* shift) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  if (training) {
+    // Chan et al.'s pairwise merge in double: no cancellation between large sums.
+    double n = 0, m = 0, m2 = 0;
+    for (int s = 0; s < splits; ++s) {
+      const Welford p = partials[s * channels + c];
+      if (p.n == 0.f) continue;
+      const double total = n + p.n, d = p.mean - m;
+      m += d * (p.n / total);
+      m2 += p.m2 + d * d * (n * p.n / total);
+      n = total;
+    }
+    mean[c] = n > 0 ? static_cast<float>(m) : NAN;
+    var[c] = n > 0 ? static_cast<float>(m2 / n) : NAN;
+  }
+  const float invstd = 1.f / sqrtf(var[c] + eps);
+  const float s = (weight ? weight[c] : 1.f) * invstd;
+  scale[c] = s;
+  shift[c] = (bias ? bias[c] : 0.f) - mean[c] * s;
+}
+
+__global__ void finalize_backward_kernel(const GradSums* partials, int splits, int64_t channels,
+                                         int64_t reduce_size, const float* mean, const float* var,
+                                         const float* weight, float eps, bool training,
+                                         float* grad_weight, float* grad_bias, float* k_grad,
+                                         float* k_x, float* k_const) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  double g = 0, gx = 0;
+  for (int s = 0; s < splits; ++s) {
+    g += partials[s * channels + c].g;
+    gx += partials[s * channels + c].gx;
+  }
+  const float invstd = 1.f / sqrtf(var[c] + eps);
+  const float kg = (weight ? weight[c] : 1.f) * invstd;
+  grad_bias[c] = static_cast<float>(g);
+  grad_weight[c] = static_cast<float>(gx) * invstd;
+  k_grad[c] = kg;
+  if (training) {
+    // d/dx of w * (x - mean) * invstd through the batch mean and invstd.
+    const float inv_m = 1.f / static_cast<float>(reduce_size);
+    const float kx = -kg * invstd * invstd * static_cast<float>(gx) * inv_m;
+    k_x[c] = kx;
+    k_const[c] = -kg * static_cast<float>(g) * inv_m - kx * mean[c];
+  } else {
+    k_x[c] = 0.f;
+    k_const[c] = 0.f;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Elementwise passes
+
+template <typename T, bool kAligned>
+__global__ void apply_kernel(const T* x, const T* residual, const float* scale, const float* shift,
+                             BnActLayout layout, bool relu, T* out, uint8_t* relu_mask) {
+  const int64_t numel = layout.numel();
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t base = g * kGroup;
+    const int count = numel - base < kGroup ? static_cast<int>(numel - base) : kGroup;
+    float xv[kGroup], rv[kGroup];
+    load_group<T, kAligned>(x + base, count, xv);
+    if (residual != nullptr) {
+      load_group<T, kAligned>(residual + base, count, rv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) rv[k] = 0.f;
+    }
+    ChannelCursor cursor(layout, base);
+    alignas(16) T ov[kGroup];
+    uint8_t bits = 0;
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      float y = fmaf(xv[k], __ldg(scale + cursor.c), __ldg(shift + cursor.c)) + rv[k];
+      if (relu) y = y < 0.f ? 0.f : y;  // NaN stays NaN, as in torch.relu
+      ov[k] = from_float<T>(y);
+      bits |= static_cast<uint8_t>(to_float(ov[k]) > 0.f) << k;
+      cursor.advance();
+    }
+    store_group<T, kAligned>(out + base, count, ov);
+    if (relu) relu_mask[g] = count == kGroup ? bits : bits & ((1u << count) - 1u);
+  }
+}
+
+template <typename T, bool kAligned>
+__global__ void backward_apply_kernel(const T* grad, const T* x, const uint8_t* relu_mask,
+                                      const float* k_grad, const float* k_x, const float* k_const,
+                                      BnActLayout layout, T* grad_x, T* grad_residual) {
+  const int64_t numel = layout.numel();
+  const int64_t groups = (numel + kGroup - 1) / kGroup;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t base = g * kGroup;
+    const int count = numel - base < kGroup ? static_cast<int>(numel - base) : kGroup;
+    float gv[kGroup], xv[kGroup];
+    load_group<T, kAligned>(grad + base, count, gv);
+    load_group<T, kAligned>(x + base, count, xv);
+    const unsigned bits = relu_mask != nullptr ? relu_mask[g] : 0xffu;
+    ChannelCursor cursor(layout, base);
+    alignas(16) T dx[kGroup], dr[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      const float gm = ((bits >> k) & 1u) ? gv[k] : 0.f;
+      const int64_t c = cursor.c;
+      dx[k] = from_float<T>(fmaf(__ldg(k_grad + c), gm, fmaf(__ldg(k_x + c), xv[k], __ldg(k_const + c))));
+      dr[k] = from_float<T>(gm);
+      cursor.advance();
+    }
+    store_group<T, kAligned>(grad_x + base, count, dx);
+    if (grad_residual != nullptr) store_group<T, kAligned>(grad_residual + base, count, dr);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Launch geometry
+
+int multiprocessors(int device) {
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    count = 80;
+  }
+  return std::max(count, 1);
+}
+
+struct ReduceGeometry {
+  dim3 grid, block;
+  int64_t chunks_per_plane = 1;  // NCHW only
+  int splits = 1;
+};
+
+ReduceGeometry reduce_geometry(const BnActLayout& layout, int device) {
+  const int64_t target_blocks = 8LL * multiprocessors(device);
+  constexpr int64_t kMaxSplits = 65535;  // gridDim.y limit
+  ReduceGeometry geo;
+  if (!layout.channels_last) {
+    geo.chunks_per_plane = std::max<int64_t>(1, ceil_div(layout.hw, kNchwUnit));
+    const int64_t units = std::max<int64_t>(1, layout.n * geo.chunks_per_plane);
+    const int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, layout.c), 1,
+                                               std::min(units, kMaxSplits));
+    geo.splits = static_cast<int>(splits);
+    geo.grid = dim3(static_cast<unsigned>(layout.c), geo.splits);
+    geo.block = dim3(kThreads);
+  } else {
+    int channel_threads = 1;
+    while (channel_threads < 32 && channel_threads < layout.c) channel_threads *= 2;
+    const int row_threads = kThreads / channel_threads;
+    const int64_t column_blocks = ceil_div(layout.c, channel_threads);
+    const int64_t rows = layout.n * layout.hw;
+    // At least 4 rows a thread, so that each block has work worth its launch.
+    const int64_t splits = std::clamp<int64_t>(
+        ceil_div(target_blocks, column_blocks), 1,
+        std::min(std::max<int64_t>(1, ceil_div(rows, 4LL * row_threads)), kMaxSplits));
+    geo.splits = static_cast<int>(splits);
+    geo.grid = dim3(static_cast<unsigned>(column_blocks), geo.splits);
+    geo.block = dim3(channel_threads, row_threads);
+  }
+  return geo;
+}
+
+dim3 elementwise_grid(const BnActLayout& layout, int device) {
+  const int64_t groups = ceil_div(layout.numel(), kGroup);
+  return dim3(static_cast<unsigned>(
+      std::clamp<int64_t>(ceil_div(groups, kThreads), 1, 32LL * multiprocessors(device))));
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Workspace: [3 * C floats of per-channel values, padded][per-split partials].
+size_t channel_area_bytes(const BnActLayout& layout) {
+  return static_cast<size_t>(ceil_div(3 * layout.c * sizeof(float), 256) * 256);
+}
+
+template <typename T>
+void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream) {
+  const BnActLayout& layout = p.layout;
+  float* scale = static_cast<float*>(p.workspace);
+  float* shift = scale + layout.c;
+  auto* partials = reinterpret_cast<Welford*>(static_cast<char*>(p.workspace) +
+                                              channel_area_bytes(layout));
+  const T* x = static_cast<const T*>(p.x);
+  const ReduceGeometry geo = reduce_geometry(layout, device);
+  if (p.training) {
+    const StatsReducer<T> reducer{x};
+    if (layout.channels_last) {
+      reduce_nhwc_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, partials);
+    } else {
+      reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout,
+                                                             geo.chunks_per_plane, partials);
+    }
+  }
+  finalize_forward_kernel<<<static_cast<unsigned>(ceil_div(layout.c, kThreads)), kThreads, 0,
+                            stream>>>(partials, geo.splits, layout.c, p.weight, p.bias, p.eps,
+                                      p.training, p.mean, p.var, scale, shift);
+  const T* residual = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+  const dim3 grid = elementwise_grid(layout, device);
+  if (aligned16(x) && aligned16(residual) && aligned16(out)) {
+    apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, residual, scale, shift, layout, p.relu,
+                                                         out, p.relu_mask);
+  } else {
+    apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, scale, shift, layout,
+                                                          p.relu, out, p.relu_mask);
+  }
+}
+
+template <typename T>
+void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t stream) {
+  const BnActLayout& layout = p.layout;
+  float* k_grad = static_cast<float*>(p.workspace);
+  float* k_x = k_grad + layout.c;
+  float* k_const = k_x + layout.c;
+  auto* partials = reinterpret_cast<GradSums*>(static_cast<char*>(p.workspace) +
+                                               channel_area_bytes(layout));
+  const T* grad = static_cast<const T*>(p.grad_out);
+  const T* x = static_cast<const T*>(p.x);
+  const uint8_t* mask = p.relu ? p.relu_mask : nullptr;
+  const ReduceGeometry geo = reduce_geometry(layout, device);
+  const GradReducer<T> reducer{grad, x, mask, p.mean};
+  if (layout.channels_last) {
+    reduce_nhwc_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, partials);
+  } else {
+    reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, geo.chunks_per_plane,
+                                                           partials);
+  }
+  finalize_backward_kernel<<<static_cast<unsigned>(ceil_div(layout.c, kThreads)), kThreads, 0,
+                             stream>>>(partials, geo.splits, layout.c, layout.reduce_size(),
+                                       p.mean, p.var, p.weight, p.eps, p.training, p.grad_weight,
+                                       p.grad_bias, k_grad, k_x, k_const);
+  T* grad_x = static_cast<T*>(p.grad_x);
+  T* grad_residual = static_cast<T*>(p.grad_residual);
+  const dim3 grid = elementwise_grid(layout, device);
+  if (aligned16(grad) && aligned16(x) && aligned16(grad_x) && aligned16(grad_residual)) {
+    backward_apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+        grad, x, mask, k_grad, k_x, k_const, layout, grad_x, grad_residual);
+  } else {
+    backward_apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(
+        grad, x, mask, k_grad, k_x, k_const, layout, grad_x, grad_residual);
+  }
+}
+
+}  // namespace
+
+size_t bn_act_workspace_bytes(const BnActLayout& layout, int device) {
+  const ReduceGeometry geo = reduce_geometry(layout, device);
+  const size_t partial_bytes = std::max(sizeof(Welford), sizeof(GradSums));
+  return channel_area_bytes(layout) + static_cast<size_t>(geo.splits) * layout.c * partial_bytes;
+}
+
+void launch_bn_act_forward(const BnActForwardParams& params, int device, cudaStream_t stream) {
+  switch (params.dtype) {
+    case ActivationType::kFloat: return forward_typed<float>(params, device, stream);
+    case ActivationType::kHalf: return forward_typed<__half>(params, device, stream);
+    case ActivationType::kBFloat16: return forward_typed<__nv_bfloat16>(params, device, stream);
+  }
+}
+
+void launch_bn_act_backward(const BnActBackwardParams& params, int device, cudaStream_t stream) {
+  switch (params.dtype) {
+    case ActivationType::kFloat: return backward_typed<float>(params, device, stream);
+    case ActivationType::kHalf: return backward_typed<__half>(params, device, stream);
+    case ActivationType::kBFloat16: return backward_typed<__nv_bfloat16>(params, device, stream);
+  }
+}
+
+}  // namespace fastres::cuda

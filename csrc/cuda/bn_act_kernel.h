@@ -1,0 +1,67 @@
+// CUDA launchers of the fused BatchNorm (+ residual) (+ ReLU) op.
+//
+// No torch here: the binding (bn_act.cpp) checks tensors, allocates outputs and workspace, and
+// passes raw pointers. Activations are float32, float16 or bfloat16 (`dtype`); per-channel values
+// are float32. All pointers are device pointers to dense buffers laid out as `layout` says.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/bn_act_layout.h"
+
+namespace fastres::cuda {
+
+enum class ActivationType { kFloat, kHalf, kBFloat16 };
+
+struct BnActForwardParams {
+  const void* x = nullptr;
+  const void* residual = nullptr;  // optional
+  const float* weight = nullptr;   // optional (affine=False)
+  const float* bias = nullptr;     // optional
+  // Training: written with the batch mean and biased variance. Eval: read (running statistics).
+  float* mean = nullptr;
+  float* var = nullptr;
+  void* out = nullptr;
+  uint8_t* relu_mask = nullptr;  // relu_mask_bytes(numel) bytes; only when relu
+  void* workspace = nullptr;     // bn_act_workspace_bytes(layout, device) bytes
+  BnActLayout layout;
+  ActivationType dtype = ActivationType::kFloat;
+  bool training = true;
+  bool relu = true;
+  float eps = 1e-5f;
+};
+
+struct BnActBackwardParams {
+  const void* grad_out = nullptr;
+  const void* x = nullptr;
+  const uint8_t* relu_mask = nullptr;  // only when relu
+  const float* weight = nullptr;       // optional
+  const float* mean = nullptr;         // saved by the forward
+  const float* var = nullptr;
+  void* grad_x = nullptr;
+  void* grad_residual = nullptr;  // optional
+  float* grad_weight = nullptr;
+  float* grad_bias = nullptr;
+  void* workspace = nullptr;  // bn_act_workspace_bytes(layout, device) bytes
+  BnActLayout layout;
+  ActivationType dtype = ActivationType::kFloat;
+  bool training = true;
+  bool relu = true;
+  float eps = 1e-5f;
+};
+
+// Scratch space (partial per-channel reductions and per-channel coefficients) for either launch.
+size_t bn_act_workspace_bytes(const BnActLayout& layout, int device);
+
+// Training: batch statistics (split reduction + finalize), then the fused elementwise pass.
+// Eval: the elementwise pass with the given statistics. Enqueued on `stream`.
+void launch_bn_act_forward(const BnActForwardParams& params, int device, cudaStream_t stream);
+
+// One fused reduction pass (sum of masked grad, and of masked grad * centred x), a per-channel
+// finalize, and one elementwise pass writing grad_x and grad_residual.
+void launch_bn_act_backward(const BnActBackwardParams& params, int device, cudaStream_t stream);
+
+}  // namespace fastres::cuda

@@ -1,0 +1,41 @@
+// Every schema of the fastres operator library, in one place, and the fastres._C module.
+//
+// Kernels are registered beside their bindings (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fake kernels
+// and autograd formulas are registered from Python (fastres/ops/*.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastres, m) {
+  // out = relu?(batch_norm(x) + residual). Returns (out, save_mean, save_var, relu_mask):
+  // save_mean/save_var are the batch mean and biased variance in training, copies of the running
+  // statistics in eval; relu_mask packs one bit per element of out (out > 0), empty if not relu.
+  m.def(
+      "bn_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor? running_mean, Tensor? running_var, bool training, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty unless
+  // residual_grad. Recomputes the normalised input from x and the saved statistics.
+  m.def(
+      "bn_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
+      "Tensor save_var, Tensor relu_mask, bool training, float eps, bool relu, "
+      "bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+#ifndef FASTRES_CUDA_ARCHS
+#define FASTRES_CUDA_ARCHS ""
+#endif
+
+// Importing fastres._C loads the library above; the constants say how it was built.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                   "fastres compiled operators (torch.ops.fastres)", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef FASTRES_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(module, "cuda_archs", FASTRES_CUDA_ARCHS);
+  return module;
+}

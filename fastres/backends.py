@@ -1,0 +1,133 @@
+"""Which kernel backends were built, which can run here, and how ``backend=`` is resolved.
+
+Backends:
+
+``cpu``
+    C++ kernels in ``fastres._C`` (CPU tensors).
+``cuda``
+    CUDA C++ kernels in ``fastres._C`` (CUDA tensors); built whenever a CUDA torch and nvcc were
+    found at build time, runnable when a GPU is present.
+``triton``
+    Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
+``torch``
+    The plain PyTorch composition, also the numerical reference. Always available.
+
+``auto`` picks the fastest available backend for the tensor's device: ``cpu`` for CPU tensors,
+``cuda`` then ``triton`` for CUDA tensors. When the preferred compiled backend is missing, importing
+fastres warns once and says why; nothing falls back silently at call time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    built: bool
+    available: bool
+    reason: str  # empty when available
+
+    def as_dict(self) -> dict:
+        return {"built": self.built, "available": self.available, "reason": self.reason}
+
+
+def _load_extension():
+    """Imports fastres._C (which registers torch.ops.fastres.*); returns (module or None, why)."""
+    try:
+        return importlib.import_module("fastres._C"), ""
+    except ImportError as error:  # not built, or built against another torch
+        return None, f"fastres._C could not be imported ({error}); rebuild with `make build`"
+
+
+def _build_info() -> dict:
+    try:
+        from fastres import _build_info as info
+    except ImportError:
+        return {"CUDA_BUILT": False, "CUDA_ARCHS": "", "CUDA_NOT_BUILT_REASON": "no build information"}
+    return {name: getattr(info, name) for name in ("CUDA_BUILT", "CUDA_ARCHS", "CUDA_NOT_BUILT_REASON")}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe() -> tuple[object, dict[str, BackendStatus]]:
+    extension, why_no_extension = _load_extension()
+    build = _build_info()
+    gpu = torch.cuda.is_available()
+    status: dict[str, BackendStatus] = {}
+
+    status["cpu"] = BackendStatus(extension is not None, extension is not None, why_no_extension)
+
+    cuda_built = extension is not None and bool(getattr(extension, "with_cuda", 0))
+    if not cuda_built:
+        reason = why_no_extension or f"not built: {build['CUDA_NOT_BUILT_REASON']}"
+    elif not gpu:
+        reason = "built, but no CUDA GPU is visible to torch"
+    else:
+        reason = ""
+    status["cuda"] = BackendStatus(cuda_built, cuda_built and gpu, reason)
+
+    has_triton = importlib.util.find_spec("triton") is not None
+    if not has_triton:
+        reason = "the triton package is not installed"
+    elif not gpu and not triton_interpreting():
+        reason = "installed, but it needs a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU for tests)"
+    else:
+        reason = ""
+    status["triton"] = BackendStatus(has_triton, has_triton and (gpu or triton_interpreting()), reason)
+
+    status["torch"] = BackendStatus(True, True, "")
+    return extension, status
+
+
+EXTENSION, STATUS = _probe()
+
+if not STATUS["cpu"].available:
+    warnings.warn(
+        f"fastres: {STATUS['cpu'].reason}. backend='auto' will run the plain PyTorch composition "
+        "('torch' backend) on CPU tensors.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Returns the concrete backend to run for a tensor on ``device``.
+
+    Raises ValueError for an unknown name, RuntimeError when the backend is not available here
+    (with the reason), and ValueError when it cannot run tensors on ``device``.
+    """
+    if backend == "auto":
+        preferred = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+        for name in preferred:
+            if STATUS[name].available:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if not STATUS[backend].available:
+        raise RuntimeError(f"fastres backend {backend!r} is not available: {STATUS[backend].reason}")
+    if not _runs_on(backend, device):
+        raise ValueError(f"fastres backend {backend!r} cannot run tensors on {device.type}")
+    return backend

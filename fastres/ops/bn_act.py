@@ -1,0 +1,283 @@
+"""``bn_act``: fused BatchNorm + residual add + ReLU, as ``torch.library`` custom ops.
+
+Two op families share one schema, one fake kernel and one autograd formula:
+
+* ``torch.ops.fastres.bn_act_forward`` / ``bn_act_backward``: C++ kernels (CPU and CUDA keys),
+  schemas in ``csrc/fastres.cpp``;
+* ``torch.ops.fastres.bn_act_forward_triton`` / ``bn_act_backward_triton``: Triton kernels
+  (``fastres/triton/bn_act.py``), defined here.
+
+The forward saves only its input, the per-channel statistics and a 1-bit-per-element ReLU mask;
+the backward recomputes the normalised input, in one fused reduction pass plus one elementwise
+pass. Running statistics are updated by :func:`bn_act` itself, outside the autograd op, so the
+op stays functional (no mutated inputs) and composes with ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastres.backends import STATUS, resolve_backend
+
+__all__ = ["bn_act"]
+
+_ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def bn_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    residual: Optional[Tensor] = None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """``relu(batch_norm(x) + residual)`` in one fused op, with ``F.batch_norm``'s semantics.
+
+    Args:
+        x: activations, shape ``(N, C, H, W)``, float32, float16 or bfloat16 (float64 on the
+            ``cpu`` and ``torch`` backends), NCHW-contiguous or channels_last (any other strides
+            are copied once).
+        weight, bias: affine parameters, shape ``(C,)``, or None (``affine=False``). float32
+            (float64 for float64 ``x``), as autocast leaves BatchNorm's parameters.
+        running_mean, running_var: shape ``(C,)``, same dtype as ``weight``, or None
+            (``track_running_stats=False``). In training they are updated in place with the batch
+            mean and the unbiased batch variance and factor ``momentum``; in eval they normalise
+            ``x`` and are required.
+        residual: added after the normalisation, same shape, dtype and device as ``x``, or None.
+        training: batch statistics (True) or running statistics (False).
+        momentum: running-statistics factor. ``nn.BatchNorm2d``'s ``momentum=None`` (cumulative
+            average) is resolved by the module layer into ``1 / num_batches_tracked``.
+        eps: added to the variance before the square root.
+        relu: apply ReLU after the residual add.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see
+            :mod:`fastres.backends`).
+
+    Returns:
+        A new tensor with the shape, dtype and memory format of ``x``. Differentiable with respect
+        to ``x``, ``weight``, ``bias`` and ``residual``.
+    """
+    _check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
+    name = resolve_backend(backend, x.device)
+    if name == "torch":
+        return bn_act_reference(x, weight, bias, running_mean, running_var, residual=residual,
+                                training=training, momentum=momentum, eps=eps, relu=relu)
+    forward = _FORWARD_OPS[name]
+    out, mean, var, _ = forward(x, weight, bias, residual, running_mean, running_var,
+                                training, eps, relu)
+    if training and running_mean is not None and running_var is not None:
+        _update_running_stats(running_mean, running_var, mean, var, momentum,
+                              x.shape[0] * x.shape[2] * x.shape[3])
+    return out
+
+
+def bn_act_reference(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    residual: Optional[Tensor] = None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+) -> Tensor:
+    """The ``torch`` backend: ``F.batch_norm``, add and ``relu`` as PyTorch runs them eagerly."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                          momentum: float, count: int) -> None:
+    # As F.batch_norm: the running variance tracks the unbiased batch variance.
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (every backend); each error names the argument and what was expected.
+
+
+def _check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"bn_act: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"bn_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D "
+                         f"with shape {tuple(x.shape)}")
+    if x.dtype not in _ACTIVATION_DTYPES:
+        raise TypeError(f"bn_act: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"bn_act: {name} must be a Tensor or None, got {type(t).__name__}")
+        if t.shape != (channels,):
+            raise ValueError(f"bn_act: {name} must have shape ({channels},) to match the "
+                             f"channels of x, got {tuple(t.shape)}")
+        if t.dtype != param_dtype:
+            raise TypeError(f"bn_act: {name} must be {param_dtype} for {x.dtype} activations, "
+                            f"got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"bn_act: {name} must be on {x.device} like x, got {t.device}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"bn_act: residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"bn_act: residual must have the shape of x {tuple(x.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"bn_act: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"bn_act: residual must be on {x.device} like x, got {residual.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_act: running_mean and running_var must both be tensors or both be None")
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
+        raise TypeError("bn_act: momentum must be a float (for nn.BatchNorm2d's momentum=None, "
+                        f"pass 1 / num_batches_tracked), got {momentum!r}")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"bn_act: eps must be a positive float, got {eps!r}")
+    if training:
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            # PyTorch's own error (torch.nn.functional._verify_batch_size).
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {x.size()}")
+    elif running_mean is None:
+        raise ValueError("bn_act: running_mean and running_var are required when training=False")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels (shapes, dtypes and strides only), shared by both op families
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # Must agree with memory_format_of() in csrc/common/bn_act_checks.h.
+    from torch._prims_common import suggest_memory_format
+
+    fmt = suggest_memory_format(x)
+    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
+
+
+def _param_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
+    fmt = _memory_format(x)
+    channels = x.shape[1]
+    out = torch.empty_like(x, memory_format=fmt)
+    mean = x.new_empty((channels,), dtype=_param_dtype(x))
+    var = x.new_empty((channels,), dtype=_param_dtype(x))
+    mask = x.new_empty(((x.numel() + 7) // 8 if relu else 0,), dtype=torch.uint8)
+    return out, mean, var, mask
+
+
+def _backward_fake(grad_out, x, weight, save_mean, save_var, relu_mask, training, eps, relu,
+                   residual_grad):
+    fmt = _memory_format(x)
+    channels = x.shape[1]
+    grad_x = torch.empty_like(x, memory_format=fmt)
+    grad_weight = x.new_empty((channels,), dtype=_param_dtype(x))
+    grad_bias = x.new_empty((channels,), dtype=_param_dtype(x))
+    grad_residual = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
+    return grad_x, grad_weight, grad_bias, grad_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, shared by both op families
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, _running_mean, _running_var, training, eps, relu = inputs
+    _out, mean, var, mask = output
+    ctx.mark_non_differentiable(mean, var, mask)
+    ctx.save_for_backward(x, weight, mean, var, mask)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    ctx.has_weight, ctx.has_bias, ctx.has_residual = (
+        weight is not None, bias is not None, residual is not None)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
+        x, weight, mean, var, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        residual_grad = ctx.has_residual and needs[3]
+        grad_x, grad_weight, grad_bias, grad_residual = backward_op(
+            grad_out, x, weight, mean, var, mask, ctx.training, ctx.eps, ctx.relu, residual_grad)
+        return (
+            grad_x if needs[0] else None,
+            grad_weight if ctx.has_weight and needs[1] else None,
+            grad_bias if ctx.has_bias and needs[2] else None,
+            grad_residual if residual_grad else None,
+            None, None, None, None, None,
+        )
+
+    return backward
+
+
+def _register(forward_op, backward_op) -> None:
+    torch.library.register_fake(forward_op, _forward_fake)
+    torch.library.register_fake(backward_op, _backward_fake)
+    torch.library.register_autograd(forward_op, _make_backward(backward_op),
+                                    setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton op family
+
+
+@torch.library.custom_op("fastres::bn_act_forward_triton", mutates_args=())
+def bn_act_forward_triton(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of ``fastres::bn_act_forward`` (same arguments and results)."""
+    from fastres.triton import bn_act as kernels
+
+    return kernels.bn_act_forward(x, weight, bias, residual, running_mean, running_var,
+                                  training, eps, relu)
+
+
+@torch.library.custom_op("fastres::bn_act_backward_triton", mutates_args=())
+def bn_act_backward_triton(
+    grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_mean: Tensor, save_var: Tensor,
+    relu_mask: Tensor, training: bool, eps: float, relu: bool, residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of ``fastres::bn_act_backward`` (same arguments and results)."""
+    from fastres.triton import bn_act as kernels
+
+    return kernels.bn_act_backward(grad_out, x, weight, save_mean, save_var, relu_mask,
+                                   training, eps, relu, residual_grad)
+
+
+_register(bn_act_forward_triton, bn_act_backward_triton)
+_FORWARD_OPS = {"triton": torch.ops.fastres.bn_act_forward_triton}
+
+if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is loaded
+    _register(torch.ops.fastres.bn_act_forward.default, torch.ops.fastres.bn_act_backward.default)
+    _FORWARD_OPS["cpu"] = torch.ops.fastres.bn_act_forward
+    _FORWARD_OPS["cuda"] = torch.ops.fastres.bn_act_forward

@@ -1,0 +1,336 @@
+"""Triton kernels and launchers of bn_act (the ``triton`` backend).
+
+Same algorithm and results as the C++ kernels (csrc/cpu, csrc/cuda):
+
+* forward statistics: split reduction over (rows x channels) tiles, each tile's mean and M2
+  computed two-pass in registers and Chan-merged, then a finalize kernel merging the splits;
+* elementwise pass: normalise, add the residual, ReLU, pack the ReLU mask (bit i % 8 of byte
+  i // 8 is out[i] > 0, in memory order);
+* backward: one split reduction (sum gm, sum gm * (x - mean)), a finalize kernel producing
+  grad_weight, grad_bias and per-channel coefficients, and one elementwise pass.
+
+Tensors are made dense in their suggested memory format (NCHW-contiguous or channels_last) by the
+launchers; the kernels address elements by memory offset. Runs on CUDA tensors, and on CPU
+tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ELEMENTWISE_BLOCK = 1024  # elements per program; a multiple of 8 (one mask byte per 8)
+REDUCE_BLOCK_ROWS = 32
+REDUCE_BLOCK_CHANNELS = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _tile_offsets(rows, channels, hw, C, CHANNELS_LAST: tl.constexpr):
+    """Memory offsets of a (rows x channels) tile; row r is (n, h, w) flattened."""
+    if CHANNELS_LAST:
+        return rows[:, None] * C + channels[None, :]
+    return (rows[:, None] // hw) * (C * hw) + channels[None, :] * hw + rows[:, None] % hw
+
+
+@triton.jit
+def _stats_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, hw, total_rows, rows_per_split,
+                          CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    split = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    row_begin = split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, total_rows)
+    n = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < row_end)[:, None] & channel_ok[None, :]
+        x = tl.load(x_ptr + _tile_offsets(rows, channels, hw, C, CHANNELS_LAST), mask=ok,
+                    other=0.0).to(tl.float32)
+        tile_n = tl.minimum(row_end - r0, BLOCK_R).to(tl.float32)
+        tile_mean = tl.sum(x, axis=0) / tile_n
+        dev = tl.where(ok, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(dev * dev, axis=0)
+        # Chan et al.: merge (n, mean, m2) with the tile's statistics.
+        total = n + tile_n
+        delta = tile_mean - mean
+        mean = mean + delta * (tile_n / total)
+        m2 = m2 + tile_m2 + delta * delta * (n * tile_n / total)
+        n = total
+    out = split * C + channels
+    tl.store(count_ptr + out, n, mask=channel_ok)
+    tl.store(mean_ptr + out, mean, mask=channel_ok)
+    tl.store(m2_ptr + out, m2, mask=channel_ok)
+
+
+@triton.jit
+def _stats_finalize_kernel(count_ptr, mean_ptr, m2_ptr, splits, C, weight_ptr, bias_ptr, eps,
+                           save_mean_ptr, save_var_ptr, scale_ptr, shift_ptr,
+                           TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = channels < C
+    if TRAINING:
+        n = tl.zeros([BLOCK_C], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s in range(0, splits):
+            part_n = tl.load(count_ptr + s * C + channels, mask=ok, other=0.0)
+            part_mean = tl.load(mean_ptr + s * C + channels, mask=ok, other=0.0)
+            part_m2 = tl.load(m2_ptr + s * C + channels, mask=ok, other=0.0)
+            total = n + part_n
+            safe_total = tl.where(total > 0, total, 1.0)
+            delta = part_mean - mean
+            mean = mean + delta * (part_n / safe_total)
+            m2 = m2 + part_m2 + delta * delta * (n * part_n / safe_total)
+            n = total
+        var = m2 / tl.where(n > 0, n, 1.0)  # channels past C (masked) have n == 0
+        tl.store(save_mean_ptr + channels, mean, mask=ok)
+        tl.store(save_var_ptr + channels, var, mask=ok)
+    else:
+        mean = tl.load(save_mean_ptr + channels, mask=ok, other=0.0)
+        var = tl.load(save_var_ptr + channels, mask=ok, other=1.0)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + channels, mask=ok, other=1.0) * invstd
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + channels, mask=ok, other=0.0) + shift
+    tl.store(scale_ptr + channels, scale, mask=ok)
+    tl.store(shift_ptr + channels, shift, mask=ok)
+
+
+@triton.jit
+def _group_offsets(BLOCK: tl.constexpr):
+    """This program's elements as (BLOCK // 8 mask bytes) x 8 bits, and its byte indices."""
+    byte_index = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    return byte_index[:, None] * 8 + tl.arange(0, 8)[None, :], byte_index
+
+
+@triton.jit
+def _channel_of(offsets, C, hw, CHANNELS_LAST: tl.constexpr):
+    if CHANNELS_LAST:
+        return offsets % C
+    return (offsets // hw) % C
+
+
+@triton.jit
+def _apply_kernel(x_ptr, residual_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel, C, hw,
+                  HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    offsets, byte_index = _group_offsets(BLOCK)
+    ok = offsets < numel
+    c = _channel_of(offsets, C, hw, CHANNELS_LAST)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    y = x * tl.load(scale_ptr + c, mask=ok, other=0.0) + tl.load(shift_ptr + c, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as in torch.relu
+    out = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, out, mask=ok)
+    if RELU:
+        positive = (ok & (out.to(tl.float32) > 0.0)).to(tl.int32)
+        bits = tl.sum(positive << tl.arange(0, 8)[None, :], axis=1)
+        tl.store(mask_ptr + byte_index, bits.to(tl.uint8), mask=byte_index * 8 < numel)
+
+
+@triton.jit
+def _grad_partial_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, sum_g_ptr, sum_gx_ptr, C, hw,
+                         total_rows, rows_per_split, RELU: tl.constexpr,
+                         CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    split = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    mean = tl.load(mean_ptr + channels, mask=channel_ok, other=0.0)
+    row_begin = split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, total_rows)
+    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(row_begin, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < row_end)[:, None] & channel_ok[None, :]
+        offsets = _tile_offsets(rows, channels, hw, C, CHANNELS_LAST)
+        if RELU:
+            byte = tl.load(mask_ptr + offsets // 8, mask=ok, other=0).to(tl.int32)
+            ok = ok & (((byte >> (offsets % 8)) & 1) != 0)
+        g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(tl.where(ok, g * (x - mean[None, :]), 0.0), axis=0)
+    out = split * C + channels
+    tl.store(sum_g_ptr + out, sum_g, mask=channel_ok)
+    tl.store(sum_gx_ptr + out, sum_gx, mask=channel_ok)
+
+
+@triton.jit
+def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, mean_ptr, var_ptr,
+                          weight_ptr, eps, grad_weight_ptr, grad_bias_ptr, k_grad_ptr, k_x_ptr,
+                          k_const_ptr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = channels < C
+    g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s in range(0, splits):
+        g += tl.load(sum_g_ptr + s * C + channels, mask=ok, other=0.0)
+        gx += tl.load(sum_gx_ptr + s * C + channels, mask=ok, other=0.0)
+    mean = tl.load(mean_ptr + channels, mask=ok, other=0.0)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + channels, mask=ok, other=1.0) + eps)
+    k_grad = invstd
+    if HAS_WEIGHT:
+        k_grad = tl.load(weight_ptr + channels, mask=ok, other=1.0) * invstd
+    tl.store(grad_bias_ptr + channels, g, mask=ok)
+    tl.store(grad_weight_ptr + channels, gx * invstd, mask=ok)
+    tl.store(k_grad_ptr + channels, k_grad, mask=ok)
+    if TRAINING:
+        # d/dx of w * (x - mean) * invstd through the batch mean and invstd.
+        k_x = -k_grad * invstd * invstd * gx / reduce_size
+        k_const = -k_grad * g / reduce_size - k_x * mean
+    else:
+        k_x = tl.zeros([BLOCK_C], dtype=tl.float32)
+        k_const = tl.zeros([BLOCK_C], dtype=tl.float32)
+    tl.store(k_x_ptr + channels, k_x, mask=ok)
+    tl.store(k_const_ptr + channels, k_const, mask=ok)
+
+
+@triton.jit
+def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, k_grad_ptr, k_x_ptr, k_const_ptr,
+                           grad_x_ptr, grad_residual_ptr, numel, C, hw, RELU: tl.constexpr,
+                           RESIDUAL_GRAD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    offsets, byte_index = _group_offsets(BLOCK)
+    ok = offsets < numel
+    c = _channel_of(offsets, C, hw, CHANNELS_LAST)
+    g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        byte = tl.load(mask_ptr + byte_index, mask=byte_index * 8 < numel, other=0).to(tl.int32)
+        keep = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
+        g = tl.where(keep, g, 0.0)  # masked off: exactly 0, even for a non-finite gradient
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    grad_x = (tl.load(k_grad_ptr + c, mask=ok, other=0.0) * g
+              + tl.load(k_x_ptr + c, mask=ok, other=0.0) * x
+              + tl.load(k_const_ptr + c, mask=ok, other=0.0))
+    tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=ok)
+    if RESIDUAL_GRAD:
+        tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    from torch._prims_common import suggest_memory_format
+
+    fmt = suggest_memory_format(x)
+    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
+
+
+def _splits(rows: int, channel_blocks: int, device: torch.device) -> int:
+    """How many row ranges to reduce in parallel: fill the GPU, a few programs when interpreting."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    by_work = triton.cdiv(rows, 4 * REDUCE_BLOCK_ROWS)
+    return max(1, min(triton.cdiv(target, channel_blocks), by_work))
+
+
+def _channel_grid(channels: int):
+    return (triton.cdiv(channels, REDUCE_BLOCK_CHANNELS),)
+
+
+def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   residual: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], training: bool, eps: float,
+                   relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See ``fastres::bn_act_forward`` in csrc/fastres.cpp; float32/float16/bfloat16 x."""
+    if x.dtype == torch.float64:
+        raise TypeError("bn_act: the triton backend takes float32, float16 or bfloat16 x, got "
+                        "torch.float64 (float64 runs on the cpu and torch backends)")
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    residual = residual.contiguous(memory_format=fmt) if residual is not None else None
+    N, C, H, W = x.shape
+    hw, rows, numel = H * W, N * H * W, x.numel()
+    channels_last = fmt == torch.channels_last
+    out = torch.empty_like(x, memory_format=fmt)
+    mask = torch.empty(((numel + 7) // 8 if relu else 0,), dtype=torch.uint8, device=x.device)
+    if training:
+        save_mean = torch.empty(C, dtype=torch.float32, device=x.device)
+        save_var = torch.empty(C, dtype=torch.float32, device=x.device)
+    else:  # outputs never alias inputs (a custom-op rule)
+        save_mean, save_var = running_mean.clone(), running_var.clone()
+    scale = torch.empty(C, dtype=torch.float32, device=x.device)
+    shift = torch.empty(C, dtype=torch.float32, device=x.device)
+    if numel == 0:
+        if training:
+            save_mean.fill_(float("nan"))
+            save_var.fill_(float("nan"))
+        return out, save_mean, save_var, mask
+
+    channel_blocks = triton.cdiv(C, REDUCE_BLOCK_CHANNELS)
+    splits = _splits(rows, channel_blocks, x.device) if training else 1
+    partials = torch.empty((3, splits, C), dtype=torch.float32, device=x.device)
+    if training:
+        _stats_partial_kernel[(splits, channel_blocks)](
+            x, partials[0], partials[1], partials[2], C, hw, rows, triton.cdiv(rows, splits),
+            CHANNELS_LAST=channels_last, BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    _stats_finalize_kernel[_channel_grid(C)](
+        partials[0], partials[1], partials[2], splits, C, weight, bias, eps, save_mean, save_var,
+        scale, shift, TRAINING=training, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    _apply_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
+        x, residual, scale, shift, out, mask, numel, C, hw, HAS_RESIDUAL=residual is not None,
+        RELU=relu, CHANNELS_LAST=channels_last, BLOCK=ELEMENTWISE_BLOCK)
+    return out, save_mean, save_var, mask
+
+
+def bn_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_mean: Tensor,
+                    save_var: Tensor, relu_mask: Tensor, training: bool, eps: float, relu: bool,
+                    residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See ``fastres::bn_act_backward`` in csrc/fastres.cpp."""
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    N, C, H, W = x.shape
+    hw, rows, numel = H * W, N * H * W, x.numel()
+    channels_last = fmt == torch.channels_last
+    grad_x = torch.empty_like(x, memory_format=fmt)
+    grad_residual = (torch.empty_like(x, memory_format=fmt) if residual_grad
+                     else x.new_empty((0,)))
+    grad_weight = torch.zeros(C, dtype=torch.float32, device=x.device)
+    grad_bias = torch.zeros(C, dtype=torch.float32, device=x.device)
+    if numel == 0:
+        return grad_x, grad_weight, grad_bias, grad_residual
+
+    channel_blocks = triton.cdiv(C, REDUCE_BLOCK_CHANNELS)
+    splits = _splits(rows, channel_blocks, x.device)
+    partials = torch.empty((2, splits, C), dtype=torch.float32, device=x.device)
+    coefficients = torch.empty((3, C), dtype=torch.float32, device=x.device)
+    _grad_partial_kernel[(splits, channel_blocks)](
+        grad_out, x, relu_mask, save_mean, partials[0], partials[1], C, hw, rows,
+        triton.cdiv(rows, splits), RELU=relu, CHANNELS_LAST=channels_last,
+        BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    _grad_finalize_kernel[_channel_grid(C)](
+        partials[0], partials[1], splits, C, rows, save_mean, save_var, weight, eps, grad_weight,
+        grad_bias, coefficients[0], coefficients[1], coefficients[2], TRAINING=training,
+        HAS_WEIGHT=weight is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    _backward_apply_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
+        grad_out, x, relu_mask, coefficients[0], coefficients[1], coefficients[2], grad_x,
+        grad_residual, numel, C, hw, RELU=relu, RESIDUAL_GRAD=residual_grad,
+        CHANNELS_LAST=channels_last, BLOCK=ELEMENTWISE_BLOCK)
+    return grad_x, grad_weight, grad_bias, grad_residual

@@ -1,0 +1,161 @@
+"""Builds fastres and its extension ``fastres._C``.
+
+Environment variables:
+  FASTRES_CUDA        auto (default): build the CUDA kernels when a CUDA-enabled torch and nvcc
+                      are found, whether or not a GPU is present; 1: the same, but fail loudly
+                      when they cannot be built; 0: CPU kernels only.
+  FASTRES_CUDA_ARCHS  compute capabilities to build for, e.g. "9.0" or "8.0;9.0"
+                      (default: DEFAULT_CUDA_ARCHS below).
+  CUDA_HOME           the CUDA toolkit root; otherwise derived from the nvcc on PATH.
+  MAX_JOBS            parallel compile jobs (read by torch's ninja build).
+
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) into an environment that already
+has torch, so that the extension is built against that torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Ampere (A100, RTX 30), Ada (L4, RTX 40), Hopper (H100/H200), Blackwell (B200, RTX 50).
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0"
+
+
+def _is_toolkit_root(path: str | None) -> bool:
+    if not path:
+        return False
+    return bool(glob.glob(os.path.join(path, "lib64", "libcudart.so*"))) or bool(
+        glob.glob(os.path.join(path, "targets", "*", "lib", "libcudart.so*"))
+    )
+
+
+def _toolkit_root_from_nvcc(nvcc: str) -> str | None:
+    """Asks nvcc where it lives: a wrapper script on PATH would give the wrong root."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cu")
+        open(source, "w").close()
+        try:
+            result = subprocess.run(
+                [nvcc, "--dryrun", "-c", source, "-o", os.path.join(tmp, "probe.o")],
+                capture_output=True, text=True, timeout=60, check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+    for line in (result.stdout + result.stderr).splitlines():
+        # nvcc --dryrun prints its environment, e.g. "#$ _HERE_=/usr/local/cuda-13.0/bin".
+        if line.startswith("#$ _HERE_="):
+            return os.path.dirname(line.split("=", 1)[1].strip())
+    return None
+
+
+def find_cuda_home() -> tuple[str | None, str]:
+    """Returns (toolkit root or None, why not)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit_root(os.environ.get(var)):
+            return os.environ[var], ""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "nvcc was not found on PATH and CUDA_HOME is not set"
+    root = _toolkit_root_from_nvcc(nvcc)
+    if _is_toolkit_root(root):
+        return root, ""
+    return None, f"could not find the CUDA toolkit root (with libcudart) for {nvcc}; set CUDA_HOME"
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """CUDA library headers (cuBLAS, cuSPARSE, cuDNN) shipped in the nvidia-* pip packages.
+
+    torch's CUDA headers include them; a toolkit without those libraries (or a pip-installed
+    CUDA) only has them here.
+    """
+    try:
+        import nvidia  # the namespace package of the nvidia-* wheels that come with CUDA torch
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        for sub in ("cu13/include", "cu12/include", "cudnn/include", "cublas/include",
+                    "cusparse/include"):
+            path = os.path.join(base, sub)
+            if os.path.isdir(path):
+                dirs.append(path)
+    return dirs
+
+
+def cuda_build_decision(torch_module) -> tuple[bool, str]:
+    """Decides whether to build the CUDA kernels; returns (build, reason when not)."""
+    mode = os.environ.get("FASTRES_CUDA", "auto").lower()
+    if mode not in ("auto", "1", "0"):
+        sys.exit(f"FASTRES_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return False, "disabled with FASTRES_CUDA=0 at build time"
+    reason = ""
+    if torch_module.version.cuda is None:
+        reason = f"torch {torch_module.__version__} is a CPU-only build (torch.version.cuda is None)"
+    else:
+        root, reason = find_cuda_home()
+        if root is not None:
+            os.environ["CUDA_HOME"] = root  # read by torch.utils.cpp_extension on import
+            return True, ""
+    if mode == "1":
+        sys.exit(f"FASTRES_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+    return False, reason
+
+
+def write_build_info(with_cuda: bool, archs: str, reason: str) -> None:
+    path = os.path.join(HERE, "fastres", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time; not tracked by git.\n")
+        f.write(f"CUDA_BUILT = {with_cuda!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\n")
+        f.write(f"CUDA_NOT_BUILT_REASON = {reason!r}\n")
+
+
+def extensions():
+    import torch
+
+    build_cuda, reason = cuda_build_decision(torch)
+    # Imported only now: it reads CUDA_HOME at import time.
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17"]
+    sources = ["csrc/fastres.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    archs = ""
+    if build_cuda:
+        archs = os.environ.get("FASTRES_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = CUDAExtension(
+            "fastres._C",
+            sources,
+            include_dirs=pip_cuda_include_dirs(),
+            define_macros=[("FASTRES_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+        )
+    else:
+        ext = CppExtension("fastres._C", sources, extra_compile_args={"cxx": cxx_flags})
+    write_build_info(build_cuda, archs, reason)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="fastres",
+    version="0.1.0",
+    description="Fused conv / BatchNorm / ReLU / residual kernels for ResNets in PyTorch",
+    packages=find_packages(include=["fastres", "fastres.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
