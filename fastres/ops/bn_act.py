@@ -80,9 +80,10 @@ def bn_act(
     forward = _FORWARD_OPS[name]
     out, mean, var, _ = forward(x, weight, bias, residual, running_mean, running_var,
                                 training, eps, relu)
-    if training and running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, mean, var, momentum,
-                              x.shape[0] * x.shape[2] * x.shape[3])
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    # An empty batch leaves the running statistics alone, as in F.batch_norm.
+    if training and running_mean is not None and running_var is not None and count > 0:
+        _update_running_stats(running_mean, running_var, mean, var, momentum, count)
     return out
 
 
