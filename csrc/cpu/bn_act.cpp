@@ -47,7 +47,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
                              shift.data_ptr<P>());
     bn_act_apply<scalar_t>(x.data_ptr<scalar_t>(),
                            residual ? residual->data_ptr<scalar_t>() : nullptr,
-                           scale.data_ptr<P>(), shift.data_ptr<P>(), layout, relu,
+                           save_mean.data_ptr<P>(), scale.data_ptr<P>(), shift.data_ptr<P>(), layout, relu,
                            out.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
   });
   return {out, save_mean, save_var, relu_mask};
@@ -85,7 +85,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
                                        sum_gx.data_ptr<P>(), eps, layout.reduce_size(), layout.c,
                                        training, k, k + layout.c, k + 2 * layout.c,
                                        grad_weight.data_ptr<P>());
-    bn_act_backward_apply<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask, k,
+    bn_act_backward_apply<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
+                                    save_mean.data_ptr<P>(), k,
                                     k + layout.c, k + 2 * layout.c, layout,
                                     grad_x.data_ptr<scalar_t>(),
                                     residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);

@@ -305,8 +305,9 @@ void store_from_opmath(const opmath<T>* src, int64_t len, T* dst) {
 }
 
 template <typename T>
-void apply_run(const T* x, const T* residual, const opmath<T>* scale, const opmath<T>* shift,
-               int64_t len, bool broadcast, bool relu, T* out, opmath<T>* scratch) {
+void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
+               const opmath<T>* shift, int64_t len, bool broadcast, bool relu, T* out,
+               opmath<T>* scratch) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
   const V* xv = as_opmath(x, len, scratch);
@@ -319,14 +320,15 @@ void apply_run(const T* x, const T* residual, const opmath<T>* scale, const opma
   }
   int64_t k = 0;
   for (; k + Vec::size() <= len; k += Vec::size()) {
-    Vec y = at::vec::fmadd(Vec::loadu(xv + k), channel_vec(scale, k, broadcast),
-                           channel_vec(shift, k, broadcast));
+    Vec y = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
+                           channel_vec(scale, k, broadcast), channel_vec(shift, k, broadcast));
     if (rv) y += Vec::loadu(rv + k);
     if (relu) y = at::vec::clamp_min(y, Vec(V(0)));
     y.store(yv + k);
   }
   for (; k < len; ++k) {
-    V y = xv[k] * channel_val(scale, k, broadcast) + channel_val(shift, k, broadcast);
+    V y = (xv[k] - channel_val(mean, k, broadcast)) * channel_val(scale, k, broadcast) +
+          channel_val(shift, k, broadcast);
     if (rv) y += rv[k];
     yv[k] = relu ? relu_scalar(y) : y;
   }
@@ -335,9 +337,9 @@ void apply_run(const T* x, const T* residual, const opmath<T>* scale, const opma
 
 template <typename T>
 void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t first_index,
-                        const opmath<T>* k_grad, const opmath<T>* k_x, const opmath<T>* k_const,
-                        int64_t len, bool broadcast, T* grad_x, T* grad_residual,
-                        opmath<T>* scratch) {
+                        const opmath<T>* mean, const opmath<T>* k_grad, const opmath<T>* k_x,
+                        const opmath<T>* k_const, int64_t len, bool broadcast, T* grad_x,
+                        T* grad_residual, opmath<T>* scratch) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
   V* gm = scratch;
@@ -353,12 +355,13 @@ void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t 
   for (; k + Vec::size() <= len; k += Vec::size()) {
     Vec d = at::vec::fmadd(Vec::loadu(gm + k), channel_vec(k_grad, k, broadcast),
                            channel_vec(k_const, k, broadcast));
-    d = at::vec::fmadd(Vec::loadu(xv + k), channel_vec(k_x, k, broadcast), d);
+    d = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
+                       channel_vec(k_x, k, broadcast), d);
     d.store(dx + k);
   }
   for (; k < len; ++k) {
     dx[k] = gm[k] * channel_val(k_grad, k, broadcast) + channel_val(k_const, k, broadcast) +
-            xv[k] * channel_val(k_x, k, broadcast);
+            (xv[k] - channel_val(mean, k, broadcast)) * channel_val(k_x, k, broadcast);
   }
   store_from_opmath(dx, len, grad_x);
   if (grad_residual) {
@@ -402,18 +405,19 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
   for (int64_t c = 0; c < channels; ++c) {
     const V invstd = V(1) / std::sqrt(var[c] + static_cast<V>(eps));
     scale[c] = (weight ? weight[c] : V(1)) * invstd;
-    shift[c] = (bias ? bias[c] : V(0)) - mean[c] * scale[c];
+    shift[c] = bias ? bias[c] : V(0);
   }
 }
 
 template <typename T>
-void bn_act_apply(const T* x, const T* residual, const opmath<T>* scale, const opmath<T>* shift,
-                  const BnActLayout& layout, bool relu, T* out, uint8_t* relu_mask) {
+void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
+                  const opmath<T>* shift, const BnActLayout& layout, bool relu, T* out,
+                  uint8_t* relu_mask) {
   parallel_blocks(layout.numel(), [&](int64_t begin, int64_t end) {
     std::vector<opmath<T>> scratch(3 * kBlock);
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
-      apply_run(x + i, residual ? residual + i : nullptr, scale + c, shift + c, len, broadcast,
-                relu, out + i, scratch.data());
+      apply_run(x + i, residual ? residual + i : nullptr, mean + c, scale + c, shift + c, len,
+                broadcast, relu, out + i, scratch.data());
     });
     if (relu) pack_relu_mask(out, begin, end, relu_mask);
   });
@@ -458,7 +462,7 @@ void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var,
       // d/dx of w * (x - mean) * invstd through mean and invstd:
       //   w * invstd * (gm - sum_g / M - (x - mean) * invstd^2 * sum_gx / M)
       k_x[c] = -k_grad[c] * invstd * invstd * sum_gx[c] * inv_m;
-      k_const[c] = -k_grad[c] * sum_g[c] * inv_m - k_x[c] * mean[c];
+      k_const[c] = -k_grad[c] * sum_g[c] * inv_m;
     } else {
       k_x[c] = V(0);
       k_const[c] = V(0);
@@ -468,15 +472,15 @@ void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var,
 
 template <typename T>
 void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_mask,
-                           const opmath<T>* k_grad, const opmath<T>* k_x,
+                           const opmath<T>* mean, const opmath<T>* k_grad, const opmath<T>* k_x,
                            const opmath<T>* k_const, const BnActLayout& layout, T* grad_x,
                            T* grad_residual) {
   parallel_blocks(layout.numel(), [&](int64_t begin, int64_t end) {
     std::vector<opmath<T>> scratch(3 * kBlock);
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
-      backward_apply_run(grad_out + i, x + i, relu_mask, i, k_grad + c, k_x + c, k_const + c,
-                         len, broadcast, grad_x + i, grad_residual ? grad_residual + i : nullptr,
-                         scratch.data());
+      backward_apply_run(grad_out + i, x + i, relu_mask, i, mean + c, k_grad + c, k_x + c,
+                         k_const + c, len, broadcast, grad_x + i,
+                         grad_residual ? grad_residual + i : nullptr, scratch.data());
     });
   });
 }
@@ -486,14 +490,14 @@ void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_ma
   template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,        \
                                   const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);  \
   template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,        \
-                                const BnActLayout&, bool, T*, uint8_t*);                       \
+                                const opmath<T>*, const BnActLayout&, bool, T*, uint8_t*);     \
   template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
                                           const BnActLayout&, opmath<T>*, opmath<T>*);         \
   template void bn_backward_coefficients<T>(                                                   \
       const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, \
       double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);         \
   template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
-                                         const opmath<T>*, const opmath<T>*,                   \
+                                         const opmath<T>*, const opmath<T>*, const opmath<T>*, \
                                          const BnActLayout&, T*, T*);
 
 FASTRES_INSTANTIATE_CPU_BN_ACT(float)

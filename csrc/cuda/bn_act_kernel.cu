@@ -271,10 +271,9 @@ __global__ void finalize_forward_kernel(const Welford* partials, int splits, int
     mean[c] = n > 0 ? static_cast<float>(m) : NAN;
     var[c] = n > 0 ? static_cast<float>(m2 / n) : NAN;
   }
-  const float invstd = 1.f / sqrtf(var[c] + eps);
-  const float s = (weight ? weight[c] : 1.f) * invstd;
-  scale[c] = s;
-  shift[c] = (bias ? bias[c] : 0.f) - mean[c] * s;
+  // out = (x - mean) * scale + shift: centring first keeps full accuracy for a large mean.
+  scale[c] = (weight ? weight[c] : 1.f) / sqrtf(var[c] + eps);
+  shift[c] = bias ? bias[c] : 0.f;
 }
 
 __global__ void finalize_backward_kernel(const GradSums* partials, int splits, int64_t channels,
@@ -299,7 +298,7 @@ __global__ void finalize_backward_kernel(const GradSums* partials, int splits, i
     const float inv_m = 1.f / static_cast<float>(reduce_size);
     const float kx = -kg * invstd * invstd * static_cast<float>(gx) * inv_m;
     k_x[c] = kx;
-    k_const[c] = -kg * static_cast<float>(g) * inv_m - kx * mean[c];
+    k_const[c] = -kg * static_cast<float>(g) * inv_m;
   } else {
     k_x[c] = 0.f;
     k_const[c] = 0.f;
@@ -310,8 +309,9 @@ __global__ void finalize_backward_kernel(const GradSums* partials, int splits, i
 // Elementwise passes
 
 template <typename T, bool kAligned>
-__global__ void apply_kernel(const T* x, const T* residual, const float* scale, const float* shift,
-                             BnActLayout layout, bool relu, T* out, uint8_t* relu_mask) {
+__global__ void apply_kernel(const T* x, const T* residual, const float* mean, const float* scale,
+                             const float* shift, BnActLayout layout, bool relu, T* out,
+                             uint8_t* relu_mask) {
   const int64_t numel = layout.numel();
   const int64_t groups = (numel + kGroup - 1) / kGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
@@ -331,7 +331,8 @@ __global__ void apply_kernel(const T* x, const T* residual, const float* scale, 
     uint8_t bits = 0;
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
-      float y = fmaf(xv[k], __ldg(scale + cursor.c), __ldg(shift + cursor.c)) + rv[k];
+      const int64_t c = cursor.c;
+      float y = fmaf(xv[k] - __ldg(mean + c), __ldg(scale + c), __ldg(shift + c)) + rv[k];
       if (relu) y = y < 0.f ? 0.f : y;  // NaN stays NaN, as in torch.relu
       ov[k] = from_float<T>(y);
       bits |= static_cast<uint8_t>(to_float(ov[k]) > 0.f) << k;
@@ -344,8 +345,9 @@ __global__ void apply_kernel(const T* x, const T* residual, const float* scale, 
 
 template <typename T, bool kAligned>
 __global__ void backward_apply_kernel(const T* grad, const T* x, const uint8_t* relu_mask,
-                                      const float* k_grad, const float* k_x, const float* k_const,
-                                      BnActLayout layout, T* grad_x, T* grad_residual) {
+                                      const float* mean, const float* k_grad, const float* k_x,
+                                      const float* k_const, BnActLayout layout, T* grad_x,
+                                      T* grad_residual) {
   const int64_t numel = layout.numel();
   const int64_t groups = (numel + kGroup - 1) / kGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
@@ -362,7 +364,8 @@ __global__ void backward_apply_kernel(const T* grad, const T* x, const uint8_t* 
     for (int k = 0; k < kGroup; ++k) {
       const float gm = ((bits >> k) & 1u) ? gv[k] : 0.f;
       const int64_t c = cursor.c;
-      dx[k] = from_float<T>(fmaf(__ldg(k_grad + c), gm, fmaf(__ldg(k_x + c), xv[k], __ldg(k_const + c))));
+      const float centred = xv[k] - __ldg(mean + c);
+      dx[k] = from_float<T>(fmaf(__ldg(k_grad + c), gm, fmaf(__ldg(k_x + c), centred, __ldg(k_const + c))));
       dr[k] = from_float<T>(gm);
       cursor.advance();
     }
@@ -455,11 +458,11 @@ void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream)
   T* out = static_cast<T*>(p.out);
   const dim3 grid = elementwise_grid(layout, device);
   if (aligned16(x) && aligned16(residual) && aligned16(out)) {
-    apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, residual, scale, shift, layout, p.relu,
-                                                         out, p.relu_mask);
+    apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
+                                                         p.relu, out, p.relu_mask);
   } else {
-    apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, scale, shift, layout,
-                                                          p.relu, out, p.relu_mask);
+    apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift,
+                                                          layout, p.relu, out, p.relu_mask);
   }
 }
 
@@ -491,10 +494,10 @@ void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t strea
   const dim3 grid = elementwise_grid(layout, device);
   if (aligned16(grad) && aligned16(x) && aligned16(grad_x) && aligned16(grad_residual)) {
     backward_apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-        grad, x, mask, k_grad, k_x, k_const, layout, grad_x, grad_residual);
+        grad, x, mask, p.mean, k_grad, k_x, k_const, layout, grad_x, grad_residual);
   } else {
     backward_apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-        grad, x, mask, k_grad, k_x, k_const, layout, grad_x, grad_residual);
+        grad, x, mask, p.mean, k_grad, k_x, k_const, layout, grad_x, grad_residual);
   }
 }
 

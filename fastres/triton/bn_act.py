@@ -98,15 +98,15 @@ def _stats_finalize_kernel(count_ptr, mean_ptr, m2_ptr, splits, C, weight_ptr, b
         tl.store(save_mean_ptr + channels, mean, mask=ok)
         tl.store(save_var_ptr + channels, var, mask=ok)
     else:
-        mean = tl.load(save_mean_ptr + channels, mask=ok, other=0.0)
         var = tl.load(save_var_ptr + channels, mask=ok, other=1.0)
+    # out = (x - mean) * scale + shift: centring first keeps full accuracy for a large mean.
     invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
     if HAS_WEIGHT:
         scale = tl.load(weight_ptr + channels, mask=ok, other=1.0) * invstd
-    shift = -mean * scale
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
-        shift = tl.load(bias_ptr + channels, mask=ok, other=0.0) + shift
+        shift = tl.load(bias_ptr + channels, mask=ok, other=0.0)
     tl.store(scale_ptr + channels, scale, mask=ok)
     tl.store(shift_ptr + channels, shift, mask=ok)
 
@@ -126,14 +126,17 @@ def _channel_of(offsets, C, hw, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(x_ptr, residual_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel, C, hw,
+def _apply_kernel(x_ptr, residual_ptr, mean_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel,
+                  C, hw,
                   HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                   BLOCK: tl.constexpr):
     offsets, byte_index = _group_offsets(BLOCK)
     ok = offsets < numel
     c = _channel_of(offsets, C, hw, CHANNELS_LAST)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    y = x * tl.load(scale_ptr + c, mask=ok, other=0.0) + tl.load(shift_ptr + c, mask=ok, other=0.0)
+    centred = x - tl.load(mean_ptr + c, mask=ok, other=0.0)
+    y = centred * tl.load(scale_ptr + c, mask=ok, other=0.0) + tl.load(shift_ptr + c, mask=ok,
+                                                                         other=0.0)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if RELU:
@@ -176,8 +179,7 @@ def _grad_partial_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, sum_g_ptr, sum_gx_
 
 
 @triton.jit
-def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, mean_ptr, var_ptr,
-                          weight_ptr, eps, grad_weight_ptr, grad_bias_ptr, k_grad_ptr, k_x_ptr,
+def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, var_ptr, weight_ptr, eps, grad_weight_ptr, grad_bias_ptr, k_grad_ptr, k_x_ptr,
                           k_const_ptr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                           BLOCK_C: tl.constexpr):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -187,7 +189,6 @@ def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, mean_pt
     for s in range(0, splits):
         g += tl.load(sum_g_ptr + s * C + channels, mask=ok, other=0.0)
         gx += tl.load(sum_gx_ptr + s * C + channels, mask=ok, other=0.0)
-    mean = tl.load(mean_ptr + channels, mask=ok, other=0.0)
     invstd = 1.0 / tl.sqrt(tl.load(var_ptr + channels, mask=ok, other=1.0) + eps)
     k_grad = invstd
     if HAS_WEIGHT:
@@ -198,7 +199,7 @@ def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, mean_pt
     if TRAINING:
         # d/dx of w * (x - mean) * invstd through the batch mean and invstd.
         k_x = -k_grad * invstd * invstd * gx / reduce_size
-        k_const = -k_grad * g / reduce_size - k_x * mean
+        k_const = -k_grad * g / reduce_size
     else:
         k_x = tl.zeros([BLOCK_C], dtype=tl.float32)
         k_const = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -207,7 +208,7 @@ def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, mean_pt
 
 
 @triton.jit
-def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, k_grad_ptr, k_x_ptr, k_const_ptr,
+def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, k_grad_ptr, k_x_ptr, k_const_ptr,
                            grad_x_ptr, grad_residual_ptr, numel, C, hw, RELU: tl.constexpr,
                            RESIDUAL_GRAD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                            BLOCK: tl.constexpr):
@@ -221,7 +222,7 @@ def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, k_grad_ptr, k_x_ptr, k_con
         g = tl.where(keep, g, 0.0)  # masked off: exactly 0, even for a non-finite gradient
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     grad_x = (tl.load(k_grad_ptr + c, mask=ok, other=0.0) * g
-              + tl.load(k_x_ptr + c, mask=ok, other=0.0) * x
+              + tl.load(k_x_ptr + c, mask=ok, other=0.0) * (x - tl.load(mean_ptr + c, mask=ok, other=0.0))
               + tl.load(k_const_ptr + c, mask=ok, other=0.0))
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=ok)
     if RESIDUAL_GRAD:
@@ -294,7 +295,8 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         scale, shift, TRAINING=training, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
     _apply_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
-        x, residual, scale, shift, out, mask, numel, C, hw, HAS_RESIDUAL=residual is not None,
+        x, residual, save_mean, scale, shift, out, mask, numel, C, hw,
+        HAS_RESIDUAL=residual is not None,
         RELU=relu, CHANNELS_LAST=channels_last, BLOCK=ELEMENTWISE_BLOCK)
     return out, save_mean, save_var, mask
 
@@ -326,11 +328,11 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_
         triton.cdiv(rows, splits), RELU=relu, CHANNELS_LAST=channels_last,
         BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
     _grad_finalize_kernel[_channel_grid(C)](
-        partials[0], partials[1], splits, C, rows, save_mean, save_var, weight, eps, grad_weight,
+        partials[0], partials[1], splits, C, rows, save_var, weight, eps, grad_weight,
         grad_bias, coefficients[0], coefficients[1], coefficients[2], TRAINING=training,
         HAS_WEIGHT=weight is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
     _backward_apply_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
-        grad_out, x, relu_mask, coefficients[0], coefficients[1], coefficients[2], grad_x,
+        grad_out, x, relu_mask, save_mean, coefficients[0], coefficients[1], coefficients[2], grad_x,
         grad_residual, numel, C, hw, RELU=relu, RESIDUAL_GRAD=residual_grad,
         CHANNELS_LAST=channels_last, BLOCK=ELEMENTWISE_BLOCK)
     return grad_x, grad_weight, grad_bias, grad_residual
