@@ -35,17 +35,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
     using P = opmath<scalar_t>;
     if (training && layout.numel() > 0) {
-      bn_batch_stats<scalar_t>(x.data_ptr<scalar_t>(), layout, save_mean.data_ptr<P>(),
+      FASTRES_CPU_DISPATCH(bn_batch_stats<scalar_t>, x.data_ptr<scalar_t>(), layout, save_mean.data_ptr<P>(),
                                save_var.data_ptr<P>());
     } else if (training) {
       // An empty batch has no statistics; PyTorch reports NaN for them.
       save_mean.fill_(NAN);
       save_var.fill_(NAN);
     }
-    bn_scale_shift<scalar_t>(save_mean.data_ptr<P>(), save_var.data_ptr<P>(), ptr_or_null<P>(weight),
+    FASTRES_CPU_DISPATCH(bn_scale_shift<scalar_t>, save_mean.data_ptr<P>(), save_var.data_ptr<P>(), ptr_or_null<P>(weight),
                              ptr_or_null<P>(bias), eps, layout.c, scale.data_ptr<P>(),
                              shift.data_ptr<P>());
-    bn_act_apply<scalar_t>(x.data_ptr<scalar_t>(),
+    FASTRES_CPU_DISPATCH(bn_act_apply<scalar_t>, x.data_ptr<scalar_t>(),
                            residual ? residual->data_ptr<scalar_t>() : nullptr,
                            save_mean.data_ptr<P>(), scale.data_ptr<P>(), shift.data_ptr<P>(), layout, relu,
                            out.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
@@ -77,15 +77,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     using P = opmath<scalar_t>;
     const uint8_t* mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
     P* k = coefficients.data_ptr<P>();
-    bn_act_backward_reduce<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
+    FASTRES_CPU_DISPATCH(bn_act_backward_reduce<scalar_t>, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
                                      save_mean.data_ptr<P>(), layout, grad_bias.data_ptr<P>(),
                                      sum_gx.data_ptr<P>());
-    bn_backward_coefficients<scalar_t>(save_mean.data_ptr<P>(), save_var.data_ptr<P>(),
+    FASTRES_CPU_DISPATCH(bn_backward_coefficients<scalar_t>, save_mean.data_ptr<P>(), save_var.data_ptr<P>(),
                                        ptr_or_null<P>(weight), grad_bias.data_ptr<P>(),
                                        sum_gx.data_ptr<P>(), eps, layout.reduce_size(), layout.c,
                                        training, k, k + layout.c, k + 2 * layout.c,
                                        grad_weight.data_ptr<P>());
-    bn_act_backward_apply<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
+    FASTRES_CPU_DISPATCH(bn_act_backward_apply<scalar_t>, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
                                     save_mean.data_ptr<P>(), k,
                                     k + layout.c, k + 2 * layout.c, layout,
                                     grad_x.data_ptr<scalar_t>(),

@@ -1,0 +1,557 @@
+// CPU kernels of bn_act: vectorised with at::vec::Vectorized, threaded with at::parallel_for.
+//
+// This file is compiled once per instruction set, like ATen's own CPU kernels: by
+// bn_act_kernel.cpp (baseline x86-64 / the platform default, namespace `generic`) and by
+// bn_act_kernel_avx2.cpp (AVX2 + FMA, namespace `avx2`); the binding picks one at run time.
+// The including file includes bn_act_kernel.h, then defines FASTRES_CPU_ISA (the namespace) and,
+// for AVX2, CPU_CAPABILITY and CPU_CAPABILITY_AVX2, which switch at::vec::Vectorized to its AVX2
+// implementation.
+//
+// Every kernel walks the dense buffer in memory order in blocks of kBlock elements. kBlock is a
+// multiple of 8, so a byte of the packed ReLU mask is only ever written by one thread.
+// Reduced-precision inputs are converted run by run into float scratch buffers, so the vector
+// arithmetic is always done in opmath (float, or double for double inputs).
+#ifndef FASTRES_CPU_ISA
+#error "define FASTRES_CPU_ISA before including bn_act_kernel_impl.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace fastres::cpu::FASTRES_CPU_ISA {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlock = 4096;  // elements per work item; multiple of 8 and of every vector width
+constexpr int64_t kGrainBlocks = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+// Returns src as opmath, converting into buf only when the types differ.
+template <typename T>
+const opmath<T>* as_opmath(const T* src, int64_t len, opmath<T>* buf) {
+  if constexpr (std::is_same_v<T, opmath<T>>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<opmath<T>>(src[i]);
+    return buf;
+  }
+}
+
+inline bool mask_bit(const uint8_t* mask, int64_t index) {
+  return (mask[index >> 3] >> (index & 7)) & 1;
+}
+
+// gm = grad_out * relu_mask as opmath; a masked-off element is exactly 0, even when grad is not
+// finite, as in PyTorch's threshold_backward.
+template <typename T>
+void load_masked_grad(const T* grad, const uint8_t* mask, int64_t first_index, int64_t len,
+                      opmath<T>* gm) {
+  using V = opmath<T>;
+  if (mask == nullptr) {
+    for (int64_t k = 0; k < len; ++k) gm[k] = static_cast<V>(grad[k]);
+    return;
+  }
+  int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; k < len && (first_index + k) % 8 != 0; ++k) {
+      gm[k] = mask_bit(mask, first_index + k) ? grad[k] : 0.f;
+    }
+    // One mask byte selects 8 lanes: AND with all-ones or all-zeros gives g or exactly 0.
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; k + 8 <= len; k += 8) {
+      const __m256i byte = _mm256_set1_epi32(mask[(first_index + k) >> 3]);
+      const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+      _mm256_storeu_ps(gm + k, _mm256_and_ps(_mm256_loadu_ps(grad + k), _mm256_castsi256_ps(on)));
+    }
+  }
+#endif
+  for (; k < len; ++k) {
+    gm[k] = mask_bit(mask, first_index + k) ? static_cast<V>(grad[k]) : V(0);
+  }
+}
+
+template <typename V>
+V horizontal_sum(const Vectorized<V>& v) {
+  alignas(64) V lanes[Vectorized<V>::size()];
+  v.store(lanes);
+  V total = 0;
+  for (int64_t k = 0; k < Vectorized<V>::size(); ++k) total += lanes[k];
+  return total;
+}
+
+template <typename V>
+V sum_of(const V* p, int64_t n) {
+  using Vec = Vectorized<V>;
+  Vec acc(V(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc += Vec::loadu(p + i);
+  V total = horizontal_sum(acc);
+  for (; i < n; ++i) total += p[i];
+  return total;
+}
+
+template <typename V>
+V sum_of_squared_deviations(const V* p, int64_t n, V center) {
+  using Vec = Vectorized<V>;
+  Vec acc(V(0));
+  const Vec c(center);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec d = Vec::loadu(p + i) - c;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  V total = horizontal_sum(acc);
+  for (; i < n; ++i) total += (p[i] - center) * (p[i] - center);
+  return total;
+}
+
+// Running (count, mean, M2) of one channel, merged chunk by chunk with Chan et al.'s formula, so
+// the variance never comes from a difference of two large sums.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+
+  void merge(double n_b, double mean_b, double m2_b) {
+    if (n_b == 0) return;
+    const double n = count + n_b;
+    const double delta = mean_b - mean;
+    mean += delta * (n_b / n);
+    m2 += m2_b + delta * delta * (count * n_b / n);
+    count = n;
+  }
+};
+
+// Calls fn(first, len, channel_or_first_channel, broadcast) for each run of [begin, end) that
+// stays inside one NCHW plane (one channel: broadcast) or one NHWC row (consecutive channels).
+template <typename Fn>
+void for_each_run(const BnActLayout& layout, int64_t begin, int64_t end, Fn&& fn) {
+  int64_t i = begin;
+  while (i < end) {
+    if (layout.channels_last) {
+      const int64_t c = i % layout.c;
+      const int64_t len = std::min(end - i, layout.c - c);
+      fn(i, len, c, /*broadcast=*/false);
+      i += len;
+    } else {
+      const int64_t plane = i / layout.hw;
+      const int64_t offset = i % layout.hw;
+      const int64_t len = std::min(end - i, layout.hw - offset);
+      fn(i, len, plane % layout.c, /*broadcast=*/true);
+      i += len;
+    }
+  }
+}
+
+// Uninitialised scratch memory (a std::vector would zero it on every allocation).
+template <typename V>
+std::unique_ptr<V[]> scratch_buffer(int64_t size) {
+  return std::unique_ptr<V[]>(new V[static_cast<size_t>(size)]);
+}
+
+// Runs fn(block_begin, block_end, scratch) over kBlock-sized blocks of the whole buffer in
+// parallel; each thread's chunk of blocks shares one scratch buffer of 3 * kBlock values.
+template <typename V, typename Fn>
+void parallel_blocks(int64_t numel, Fn&& fn) {
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    auto scratch = scratch_buffer<V>(3 * kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      fn(b * kBlock, std::min(numel, (b + 1) * kBlock), scratch.get());
+    }
+  });
+}
+
+// Sets bit (i % 8) of mask byte (i / 8) where out[i] > 0, for i in [begin, end); begin % 8 == 0.
+template <typename T>
+void pack_relu_mask(const T* out, int64_t begin, int64_t end, uint8_t* mask) {
+  int64_t i = begin;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (; i + 8 <= end; i += 8) {
+      const __m256 positive = _mm256_cmp_ps(_mm256_loadu_ps(out + i), zero, _CMP_GT_OQ);
+      mask[i >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(positive));
+    }
+  }
+#endif
+  for (; i < end; i += 8) {
+    uint8_t byte = 0;
+    const int64_t stop = std::min<int64_t>(8, end - i);
+    for (int64_t k = 0; k < stop; ++k) byte |= static_cast<uint8_t>(out[i + k] > T(0)) << k;
+    mask[i >> 3] = byte;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward statistics
+
+// NCHW: each work item is a piece of one channel plane; per piece a two-pass mean/M2 in cache.
+template <typename T>
+void batch_stats_nchw(const T* x, const BnActLayout& layout, std::vector<Moments>& acc) {
+  using V = opmath<T>;
+  const int64_t pieces_per_plane = (layout.hw + kBlock - 1) / kBlock;
+  const int64_t items = layout.n * layout.c * pieces_per_plane;
+  const int64_t grain = std::max<int64_t>(1, kGrainBlocks * kBlock / std::max<int64_t>(1, layout.hw));
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    auto buf = scratch_buffer<V>(kBlock);
+    Moments* mine = acc.data() + at::get_thread_num() * layout.c;
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t plane = item / pieces_per_plane;
+      const int64_t start = (item % pieces_per_plane) * kBlock;
+      const int64_t len = std::min(kBlock, layout.hw - start);
+      const V* v = as_opmath(x + plane * layout.hw + start, len, buf.get());
+      const V mean = sum_of(v, len) / static_cast<V>(len);
+      const V m2 = sum_of_squared_deviations(v, len, mean);
+      mine[plane % layout.c].merge(static_cast<double>(len), mean, m2);
+    }
+  });
+}
+
+// channels_last: each work item is a tile of rows x C; per tile a two-pass mean/M2 per channel.
+template <typename T>
+void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments>& acc) {
+  using V = opmath<T>;
+  using Vec = Vectorized<V>;
+  const int64_t C = layout.c;
+  const int64_t rows = layout.reduce_size();
+  const int64_t tile_rows = std::max<int64_t>(1, kBlock / C);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  at::parallel_for(0, tiles, kGrainBlocks, [&](int64_t t0, int64_t t1) {
+    auto buf = scratch_buffer<V>(tile_rows * C);
+    std::vector<V> mean(C), m2(C);
+    Moments* mine = acc.data() + at::get_thread_num() * C;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile_rows;
+      const int64_t nr = std::min(tile_rows, rows - r0);
+      const V* v = as_opmath(x + r0 * C, nr * C, buf.get());
+      std::fill(mean.begin(), mean.end(), V(0));
+      std::fill(m2.begin(), m2.end(), V(0));
+      for (int64_t r = 0; r < nr; ++r) {
+        at::vec::map2([](Vec a, Vec b) { return a + b; }, mean.data(), mean.data(), v + r * C, C);
+      }
+      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<V>(nr);
+      for (int64_t r = 0; r < nr; ++r) {
+        at::vec::map3([](Vec s, Vec a, Vec m) { return at::vec::fmadd(a - m, a - m, s); },
+                      m2.data(), m2.data(), v + r * C, mean.data(), C);
+      }
+      for (int64_t c = 0; c < C; ++c) mine[c].merge(static_cast<double>(nr), mean[c], m2[c]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward reductions
+
+template <typename T>
+void backward_reduce_nchw(const T* grad, const T* x, const uint8_t* mask, const opmath<T>* mean,
+                          const BnActLayout& layout, std::vector<double>& acc) {
+  using V = opmath<T>;
+  using Vec = Vectorized<V>;
+  const int64_t C = layout.c;
+  const int64_t pieces_per_plane = (layout.hw + kBlock - 1) / kBlock;
+  const int64_t items = layout.n * C * pieces_per_plane;
+  const int64_t grain = std::max<int64_t>(1, kGrainBlocks * kBlock / std::max<int64_t>(1, layout.hw));
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    auto gm = scratch_buffer<V>(kBlock), xbuf = scratch_buffer<V>(kBlock);
+    double* mine = acc.data() + at::get_thread_num() * 2 * C;
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t plane = item / pieces_per_plane;
+      const int64_t c = plane % C;
+      const int64_t first = plane * layout.hw + (item % pieces_per_plane) * kBlock;
+      const int64_t len = std::min(kBlock, (plane + 1) * layout.hw - first);
+      load_masked_grad(grad + first, mask, first, len, gm.get());
+      const V* xv = as_opmath(x + first, len, xbuf.get());
+      const Vec m(mean[c]);
+      Vec sg(V(0)), sgx(V(0));
+      int64_t k = 0;
+      for (; k + Vec::size() <= len; k += Vec::size()) {
+        Vec g = Vec::loadu(gm.get() + k);
+        sg += g;
+        sgx = at::vec::fmadd(g, Vec::loadu(xv + k) - m, sgx);
+      }
+      V tail_g = 0, tail_gx = 0;
+      for (; k < len; ++k) {
+        tail_g += gm[k];
+        tail_gx += gm[k] * (xv[k] - mean[c]);
+      }
+      mine[c] += horizontal_sum(sg) + tail_g;
+      mine[C + c] += horizontal_sum(sgx) + tail_gx;
+    }
+  });
+}
+
+template <typename T>
+void backward_reduce_nhwc(const T* grad, const T* x, const uint8_t* mask, const opmath<T>* mean,
+                          const BnActLayout& layout, std::vector<double>& acc) {
+  using V = opmath<T>;
+  using Vec = Vectorized<V>;
+  const int64_t C = layout.c;
+  const int64_t rows = layout.reduce_size();
+  const int64_t tile_rows = std::max<int64_t>(1, kBlock / C);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  at::parallel_for(0, tiles, kGrainBlocks, [&](int64_t t0, int64_t t1) {
+    auto gm = scratch_buffer<V>(tile_rows * C), xbuf = scratch_buffer<V>(tile_rows * C);
+    std::vector<V> sg(C), sgx(C);
+    double* mine = acc.data() + at::get_thread_num() * 2 * C;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = t * tile_rows * C;
+      const int64_t nr = std::min(tile_rows, rows - t * tile_rows);
+      load_masked_grad(grad + first, mask, first, nr * C, gm.get());
+      const V* xv = as_opmath(x + first, nr * C, xbuf.get());
+      std::fill(sg.begin(), sg.end(), V(0));
+      std::fill(sgx.begin(), sgx.end(), V(0));
+      for (int64_t r = 0; r < nr; ++r) {
+        const V* g_row = gm.get() + r * C;
+        at::vec::map2([](Vec s, Vec g) { return s + g; }, sg.data(), sg.data(), g_row, C);
+        at::vec::map4([](Vec s, Vec g, Vec xx, Vec m) { return at::vec::fmadd(g, xx - m, s); },
+                      sgx.data(), sgx.data(), g_row, xv + r * C, mean, C);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        mine[c] += sg[c];
+        mine[C + c] += sgx[c];
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise passes over one run (see for_each_run). Per-channel arrays are indexed from the
+// run's first channel; `broadcast` means the whole run shares channel 0 of those arrays.
+
+template <typename V>
+Vectorized<V> channel_vec(const V* values, int64_t k, bool broadcast) {
+  return broadcast ? Vectorized<V>(values[0]) : Vectorized<V>::loadu(values + k);
+}
+
+template <typename V>
+V channel_val(const V* values, int64_t k, bool broadcast) {
+  return broadcast ? values[0] : values[k];
+}
+
+template <typename V>
+V relu_scalar(V y) {
+  return (y < V(0)) ? V(0) : y;  // NaN stays NaN, as in torch.relu
+}
+
+template <typename T>
+void store_from_opmath(const opmath<T>* src, int64_t len, T* dst) {
+  if constexpr (!std::is_same_v<T, opmath<T>>) {
+    for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<T>(src[k]);
+  }
+}
+
+template <typename T>
+void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
+               const opmath<T>* shift, int64_t len, bool broadcast, bool relu, T* out,
+               opmath<T>* scratch) {
+  using V = opmath<T>;
+  using Vec = Vectorized<V>;
+  const V* xv = as_opmath(x, len, scratch);
+  const V* rv = residual ? as_opmath(residual, len, scratch + kBlock) : nullptr;
+  V* yv;
+  if constexpr (std::is_same_v<T, V>) {
+    yv = out;
+  } else {
+    yv = scratch + 2 * kBlock;
+  }
+  int64_t k = 0;
+  for (; k + Vec::size() <= len; k += Vec::size()) {
+    Vec y = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
+                           channel_vec(scale, k, broadcast), channel_vec(shift, k, broadcast));
+    if (rv) y += Vec::loadu(rv + k);
+    if (relu) y = at::vec::clamp_min(y, Vec(V(0)));
+    y.store(yv + k);
+  }
+  for (; k < len; ++k) {
+    V y = (xv[k] - channel_val(mean, k, broadcast)) * channel_val(scale, k, broadcast) +
+          channel_val(shift, k, broadcast);
+    if (rv) y += rv[k];
+    yv[k] = relu ? relu_scalar(y) : y;
+  }
+  store_from_opmath(yv, len, out);
+}
+
+template <typename T>
+void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t first_index,
+                        const opmath<T>* mean, const opmath<T>* k_grad, const opmath<T>* k_x,
+                        const opmath<T>* k_const, int64_t len, bool broadcast, T* grad_x,
+                        T* grad_residual, opmath<T>* scratch) {
+  using V = opmath<T>;
+  using Vec = Vectorized<V>;
+  V* gm = scratch;
+  load_masked_grad(grad, mask, first_index, len, gm);
+  const V* xv = as_opmath(x, len, scratch + kBlock);
+  V* dx;
+  if constexpr (std::is_same_v<T, V>) {
+    dx = grad_x;
+  } else {
+    dx = scratch + 2 * kBlock;
+  }
+  int64_t k = 0;
+  for (; k + Vec::size() <= len; k += Vec::size()) {
+    Vec d = at::vec::fmadd(Vec::loadu(gm + k), channel_vec(k_grad, k, broadcast),
+                           channel_vec(k_const, k, broadcast));
+    d = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
+                       channel_vec(k_x, k, broadcast), d);
+    d.store(dx + k);
+  }
+  for (; k < len; ++k) {
+    dx[k] = gm[k] * channel_val(k_grad, k, broadcast) + channel_val(k_const, k, broadcast) +
+            (xv[k] - channel_val(mean, k, broadcast)) * channel_val(k_x, k, broadcast);
+  }
+  store_from_opmath(dx, len, grad_x);
+  if (grad_residual) {
+    if constexpr (std::is_same_v<T, V>) {
+      std::copy(gm, gm + len, grad_residual);
+    } else {
+      store_from_opmath(gm, len, grad_residual);
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Public kernels
+
+template <typename T>
+void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opmath<T>* var) {
+  std::vector<Moments> acc(static_cast<size_t>(at::get_num_threads() * layout.c));
+  if (layout.channels_last) {
+    batch_stats_nhwc(x, layout, acc);
+  } else {
+    batch_stats_nchw(x, layout, acc);
+  }
+  for (int64_t c = 0; c < layout.c; ++c) {
+    Moments total;
+    for (int64_t t = 0; t < at::get_num_threads(); ++t) {
+      const Moments& part = acc[t * layout.c + c];
+      total.merge(part.count, part.mean, part.m2);
+    }
+    mean[c] = static_cast<opmath<T>>(total.mean);
+    var[c] = static_cast<opmath<T>>(total.count > 0 ? total.m2 / total.count : 0.0);
+  }
+}
+
+template <typename T>
+void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>* weight,
+                    const opmath<T>* bias, double eps, int64_t channels, opmath<T>* scale,
+                    opmath<T>* shift) {
+  using V = opmath<T>;
+  for (int64_t c = 0; c < channels; ++c) {
+    const V invstd = V(1) / std::sqrt(var[c] + static_cast<V>(eps));
+    scale[c] = (weight ? weight[c] : V(1)) * invstd;
+    shift[c] = bias ? bias[c] : V(0);
+  }
+}
+
+template <typename T>
+void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
+                  const opmath<T>* shift, const BnActLayout& layout, bool relu, T* out,
+                  uint8_t* relu_mask) {
+  parallel_blocks<opmath<T>>(layout.numel(), [&](int64_t begin, int64_t end, opmath<T>* scratch) {
+    for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
+      apply_run(x + i, residual ? residual + i : nullptr, mean + c, scale + c, shift + c, len,
+                broadcast, relu, out + i, scratch);
+    });
+    if (relu) pack_relu_mask(out, begin, end, relu_mask);
+  });
+}
+
+template <typename T>
+void bn_act_backward_reduce(const T* grad_out, const T* x, const uint8_t* relu_mask,
+                            const opmath<T>* mean, const BnActLayout& layout, opmath<T>* sum_g,
+                            opmath<T>* sum_gx) {
+  const int64_t C = layout.c;
+  std::vector<double> acc(static_cast<size_t>(at::get_num_threads() * 2 * C), 0.0);
+  if (layout.channels_last) {
+    backward_reduce_nhwc(grad_out, x, relu_mask, mean, layout, acc);
+  } else {
+    backward_reduce_nchw(grad_out, x, relu_mask, mean, layout, acc);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    double g = 0, gx = 0;
+    for (int64_t t = 0; t < at::get_num_threads(); ++t) {
+      g += acc[t * 2 * C + c];
+      gx += acc[t * 2 * C + C + c];
+    }
+    sum_g[c] = static_cast<opmath<T>>(g);
+    sum_gx[c] = static_cast<opmath<T>>(gx);
+  }
+}
+
+template <typename T>
+void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var,
+                              const opmath<T>* weight, const opmath<T>* sum_g,
+                              const opmath<T>* sum_gx, double eps, int64_t reduce_size,
+                              int64_t channels, bool training, opmath<T>* k_grad,
+                              opmath<T>* k_x, opmath<T>* k_const, opmath<T>* grad_weight) {
+  using V = opmath<T>;
+  const V inv_m = V(1) / static_cast<V>(reduce_size);
+  for (int64_t c = 0; c < channels; ++c) {
+    const V invstd = V(1) / std::sqrt(var[c] + static_cast<V>(eps));
+    const V w = weight ? weight[c] : V(1);
+    grad_weight[c] = sum_gx[c] * invstd;
+    k_grad[c] = w * invstd;
+    if (training) {
+      // d/dx of w * (x - mean) * invstd through mean and invstd:
+      //   w * invstd * (gm - sum_g / M - (x - mean) * invstd^2 * sum_gx / M)
+      k_x[c] = -k_grad[c] * invstd * invstd * sum_gx[c] * inv_m;
+      k_const[c] = -k_grad[c] * sum_g[c] * inv_m;
+    } else {
+      k_x[c] = V(0);
+      k_const[c] = V(0);
+    }
+  }
+}
+
+template <typename T>
+void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_mask,
+                           const opmath<T>* mean, const opmath<T>* k_grad, const opmath<T>* k_x,
+                           const opmath<T>* k_const, const BnActLayout& layout, T* grad_x,
+                           T* grad_residual) {
+  parallel_blocks<opmath<T>>(layout.numel(), [&](int64_t begin, int64_t end, opmath<T>* scratch) {
+    for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
+      backward_apply_run(grad_out + i, x + i, relu_mask, i, mean + c, k_grad + c, k_x + c,
+                         k_const + c, len, broadcast, grad_x + i,
+                         grad_residual ? grad_residual + i : nullptr, scratch);
+    });
+  });
+}
+
+#define FASTRES_INSTANTIATE_CPU_BN_ACT(T)                                                       \
+  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*);       \
+  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,        \
+                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);  \
+  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,        \
+                                const opmath<T>*, const BnActLayout&, bool, T*, uint8_t*);     \
+  template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
+                                          const BnActLayout&, opmath<T>*, opmath<T>*);         \
+  template void bn_backward_coefficients<T>(                                                   \
+      const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, \
+      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);         \
+  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
+                                         const opmath<T>*, const opmath<T>*, const opmath<T>*, \
+                                         const BnActLayout&, T*, T*);
+
+FASTRES_INSTANTIATE_CPU_BN_ACT(float)
+FASTRES_INSTANTIATE_CPU_BN_ACT(double)
+FASTRES_INSTANTIATE_CPU_BN_ACT(c10::Half)
+FASTRES_INSTANTIATE_CPU_BN_ACT(c10::BFloat16)
+
+}  // namespace fastres::cpu::FASTRES_CPU_ISA
