@@ -127,6 +127,13 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cxx_flags = ["-O3", "-std=c++17"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP in torch's Linux builds and lives in headers: without
+        # -fopenmp the kernels would silently run on one thread. The soname (libgomp.so.1) is
+        # the one torch already loaded, so the process keeps a single OpenMP runtime.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = ["csrc/fastres.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     archs = ""
     if build_cuda:
@@ -139,9 +146,11 @@ def extensions():
             include_dirs=pip_cuda_include_dirs(),
             define_macros=[("FASTRES_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("fastres._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("fastres._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
     write_build_info(build_cuda, archs, reason)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

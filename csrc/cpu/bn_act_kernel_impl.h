@@ -37,6 +37,9 @@ using at::vec::Vectorized;
 
 constexpr int64_t kBlock = 4096;  // elements per work item; multiple of 8 and of every vector width
 constexpr int64_t kGrainBlocks = 4;
+// Elements per channels_last reduction tile: large enough to amortise the per-channel merges,
+// small enough (64 KiB of float) that the tile's second pass reads from L2.
+constexpr int64_t kReduceTile = 16384;
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
@@ -229,12 +232,15 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
   using Vec = Vectorized<V>;
   const int64_t C = layout.c;
   const int64_t rows = layout.reduce_size();
-  const int64_t tile_rows = std::max<int64_t>(1, kBlock / C);
+  const int64_t tile_rows = std::max<int64_t>(1, kReduceTile / C);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
-  at::parallel_for(0, tiles, kGrainBlocks, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     auto buf = scratch_buffer<V>(tile_rows * C);
     std::vector<V> mean(C), m2(C);
-    Moments* mine = acc.data() + at::get_thread_num() * C;
+    // Every channel of a tile has the same count, so this chunk's running moments share one
+    // count and the Chan merge weights are scalars: the merge vectorises, with no division.
+    double count = 0;
+    std::vector<double> run_mean(C, 0.0), run_m2(C, 0.0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile_rows;
       const int64_t nr = std::min(tile_rows, rows - r0);
@@ -249,8 +255,18 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
         at::vec::map3([](Vec s, Vec a, Vec m) { return at::vec::fmadd(a - m, a - m, s); },
                       m2.data(), m2.data(), v + r * C, mean.data(), C);
       }
-      for (int64_t c = 0; c < C; ++c) mine[c].merge(static_cast<double>(nr), mean[c], m2[c]);
+      const double total = count + static_cast<double>(nr);
+      const double w_mean = static_cast<double>(nr) / total;
+      const double w_m2 = count * static_cast<double>(nr) / total;
+      for (int64_t c = 0; c < C; ++c) {
+        const double delta = static_cast<double>(mean[c]) - run_mean[c];
+        run_mean[c] += delta * w_mean;
+        run_m2[c] += static_cast<double>(m2[c]) + delta * delta * w_m2;
+      }
+      count = total;
     }
+    Moments* mine = acc.data() + at::get_thread_num() * C;
+    for (int64_t c = 0; c < C; ++c) mine[c].merge(count, run_mean[c], run_m2[c]);
   });
 }
 
@@ -302,9 +318,9 @@ void backward_reduce_nhwc(const T* grad, const T* x, const uint8_t* mask, const 
   using Vec = Vectorized<V>;
   const int64_t C = layout.c;
   const int64_t rows = layout.reduce_size();
-  const int64_t tile_rows = std::max<int64_t>(1, kBlock / C);
+  const int64_t tile_rows = std::max<int64_t>(1, kReduceTile / C);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
-  at::parallel_for(0, tiles, kGrainBlocks, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     auto gm = scratch_buffer<V>(tile_rows * C), xbuf = scratch_buffer<V>(tile_rows * C);
     std::vector<V> sg(C), sgx(C);
     double* mine = acc.data() + at::get_thread_num() * 2 * C;

@@ -1,0 +1,129 @@
+"""Turns a pytest-benchmark JSON file into a table against the targets, and a CSV.
+
+Usage: python benchmarks/report.py RESULTS.json [--out DIR]
+
+Ratios compare implementations measured side by side in the same run (median times). Targets
+(bn_act issue): on CPU, forward+backward in training at least 1.5x eager; on a GPU, at least 85%
+of the copy bandwidth measured in the same run, and no slower than torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+from collections import defaultdict
+
+CPU_SPEEDUP_TARGET = 1.5
+GPU_BANDWIDTH_TARGET = 0.85
+
+
+def load(path: str) -> tuple[list[dict], dict]:
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        median = bench["stats"]["median"]
+        rows.append({**info, "median_s": median, "gb_per_s": info["bytes"] / median / 1e9})
+    return rows, data.get("commit_info", {})
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def summarise(rows: list[dict]) -> tuple[list[dict], float | None]:
+    copy = [r for r in rows if r["op"] == "copy"]
+    copy_gbs = copy[0]["gb_per_s"] if copy else None
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["op"] == "bn_act":
+            groups[(tuple(r["shape"]), r["residual"], r["mode"])][r["impl"]] = r
+    table = []
+    for (shape, residual, mode), impls in groups.items():
+        ours = impls.get("fastres")
+        eager, compiled = impls.get("eager"), impls.get("compile")
+        if ours is None or eager is None:
+            continue
+        row = {
+            "device": ours["device"], "dtype": ours["dtype"], "shape": "x".join(map(str, shape)),
+            "residual": residual, "mode": mode,
+            "fastres_ms": ours["median_s"] * 1e3, "eager_ms": eager["median_s"] * 1e3,
+            "compile_ms": compiled["median_s"] * 1e3 if compiled else None,
+            "speedup_vs_eager": eager["median_s"] / ours["median_s"],
+            "speedup_vs_compile": compiled["median_s"] / ours["median_s"] if compiled else None,
+            "fastres_gb_per_s": ours["gb_per_s"],
+            "fraction_of_copy_bw": ours["gb_per_s"] / copy_gbs if copy_gbs else None,
+        }
+        if "fastres-triton" in impls:
+            row["triton_ms"] = impls["fastres-triton"]["median_s"] * 1e3
+        if ours["device_type"] == "cpu":
+            if mode == "forward_backward-train":
+                row["target"] = f">= {CPU_SPEEDUP_TARGET}x eager"
+                row["target_met"] = row["speedup_vs_eager"] >= CPU_SPEEDUP_TARGET
+        else:
+            row["target"] = f">= {GPU_BANDWIDTH_TARGET:.0%} copy BW, <= compile time"
+            row["target_met"] = (row["fraction_of_copy_bw"] or 0) >= GPU_BANDWIDTH_TARGET and (
+                row["speedup_vs_compile"] is None or row["speedup_vs_compile"] >= 1.0)
+        table.append(row)
+    table.sort(key=lambda r: (r["mode"], r["shape"]))
+    return table, copy_gbs
+
+
+def print_table(table: list[dict], copy_gbs: float | None) -> None:
+    if not table:
+        print("no bn_act results")
+        return
+    print(f"device: {table[0]['device']}   dtype: {table[0]['dtype']}   "
+          f"copy bandwidth: {copy_gbs:.1f} GB/s" if copy_gbs else "")
+    header = (f"{'mode':<24}{'shape':<20}{'fastres ms':>11}{'eager ms':>10}{'compile ms':>11}"
+              f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'of copy':>8}  target")
+    print(header)
+    print("-" * len(header))
+    for r in table:
+        compile_ms = f"{r['compile_ms']:.3f}" if r["compile_ms"] is not None else "-"
+        vs_compile = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
+        of_copy = f"{r['fraction_of_copy_bw']:.0%}" if r["fraction_of_copy_bw"] else "-"
+        target = f"{r['target']}: {_verdict(r['target_met'])}" if "target" in r else ""
+        shape = r["shape"] + ("+res" if r["residual"] else "")
+        print(f"{r['mode']:<24}{shape:<20}{r['fastres_ms']:>11.3f}{r['eager_ms']:>10.3f}"
+              f"{compile_ms:>11}{r['speedup_vs_eager']:>9.2f}{vs_compile:>10}"
+              f"{r['fastres_gb_per_s']:>8.1f}{of_copy:>8}  {target}")
+    judged = [r for r in table if "target" in r]
+    met = sum(r["target_met"] for r in judged)
+    print(f"\ntargets met: {met} of {len(judged)}")
+
+
+def write_csv(table: list[dict], commit: dict, path: str) -> None:
+    fields = sorted({k for r in table for k in r}) + ["fastres_commit"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in table:
+            writer.writerow({**r, "fastres_commit": commit.get("id", "")})
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="pytest-benchmark JSON file")
+    parser.add_argument("--out", help="folder for bn_act.csv (default: beside the JSON file)")
+    args = parser.parse_args()
+    rows, commit = load(args.results)
+    table, copy_gbs = summarise(rows)
+    print_table(table, copy_gbs)
+    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bn_act.csv")
+    write_csv(table, commit, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
