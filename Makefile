@@ -56,8 +56,8 @@ bench: bench-kernels
 
 bench-kernels: build
 	mkdir -p $(BENCH_DIR)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds \
-		--benchmark-json=$(BENCH_DIR)/bn_act.json
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,rounds \
+		--benchmark-max-time=0.5 --benchmark-json=$(BENCH_DIR)/bn_act.json -q
 	$(PY) benchmarks/report.py $(BENCH_DIR)/bn_act.json
 
 clean:

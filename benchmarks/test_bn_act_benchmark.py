@@ -70,6 +70,9 @@ def _function(impl: str, training: bool):
     if impl == "eager":
         return composed
     if impl == "compile":
+        # A fresh cache for every shape and mode: each is compiled for its static shape, and
+        # the recompilation limit of one code object is never reached.
+        torch._dynamo.reset()
         return torch.compile(composed, fullgraph=True)
     backend = "triton" if impl == "fastres-triton" else "auto"
 

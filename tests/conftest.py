@@ -16,10 +16,16 @@ import pytest  # noqa: E402
 import fastres  # noqa: E402,F401  (loads fastres._C and registers the ops)
 
 HAS_GPU = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # With a GPU the interpreter is off (it must be chosen before triton is imported); the same
+    # Triton cases then run on CUDA tensors instead.
+    skip_interpreter = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
     for item in items:
         if "cuda" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
+        if "triton_interpreter" in item.keywords and not INTERPRETING:
+            item.add_marker(skip_interpreter)

@@ -24,7 +24,8 @@ FULL_SIZE = [
     pytest.param("cuda", "cuda", id="cuda", marks=cuda),
     pytest.param("triton", "cuda", id="triton-gpu", marks=cuda),
 ]
-ALL_BACKENDS = FULL_SIZE + [pytest.param("triton", "cpu", id="triton-interpreter")]
+interpreter = pytest.mark.triton_interpreter
+ALL_BACKENDS = FULL_SIZE + [pytest.param("triton", "cpu", id="triton-interpreter", marks=interpreter)]
 
 
 def _fmt_id(fmt):
@@ -39,6 +40,7 @@ def test_resnet50_shapes(backend, device, shape, dtype, memory_format):
     check_case(backend, device, Case(shape, dtype, memory_format))
 
 
+@interpreter
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=_fmt_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RESNET50_CHANNELS_SMALL, ids=str)

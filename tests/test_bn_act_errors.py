@@ -5,7 +5,7 @@ import torch
 
 from fastres.ops import bn_act
 
-BACKENDS_HERE = ["cpu", "torch", "triton"]
+BACKENDS_HERE = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton_interpreter)]
 
 
 def _args(n=2, c=4, h=3, w=3, dtype=torch.float32):
@@ -116,6 +116,7 @@ def test_backend_for_another_device():
                backend="cpu")
 
 
+@pytest.mark.triton_interpreter
 def test_triton_rejects_float64():
     args = {k: v.double() for k, v in _args().items()}
     _expect_error(args, "triton", TypeError, "triton backend takes float32")

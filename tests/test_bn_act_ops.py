@@ -11,7 +11,8 @@ cuda = pytest.mark.cuda
 # (forward op, backward op, device)
 OP_FAMILIES = [
     pytest.param("bn_act_forward", "bn_act_backward", "cpu", id="compiled-cpu"),
-    pytest.param("bn_act_forward_triton", "bn_act_backward_triton", "cpu", id="triton-interpreter"),
+    pytest.param("bn_act_forward_triton", "bn_act_backward_triton", "cpu", id="triton-interpreter",
+                 marks=pytest.mark.triton_interpreter),
     pytest.param("bn_act_forward", "bn_act_backward", "cuda", id="compiled-cuda", marks=cuda),
     pytest.param("bn_act_forward_triton", "bn_act_backward_triton", "cuda", id="triton-gpu", marks=cuda),
 ]
@@ -61,7 +62,8 @@ def _block(backend):
 
 @pytest.mark.parametrize("backend,device,compiler", [
     pytest.param("cpu", "cpu", "inductor", id="cpu-inductor"),
-    pytest.param("triton", "cpu", "aot_eager", id="triton-interpreter-aot_eager"),
+    pytest.param("triton", "cpu", "aot_eager", id="triton-interpreter-aot_eager",
+                 marks=pytest.mark.triton_interpreter),
     pytest.param("cuda", "cuda", "inductor", id="cuda-inductor", marks=cuda),
     pytest.param("triton", "cuda", "inductor", id="triton-gpu-inductor", marks=cuda),
 ])
@@ -86,7 +88,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, device, compiler):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"result {i}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpreter)])
 def test_backward_saves_no_output_or_normalised_tensor(backend):
     """Saved for backward: x, the parameters, per-channel statistics and a 1-bit mask only."""
     x = torch.randn(4, 8, 6, 6, requires_grad=True)

@@ -60,6 +60,7 @@ def test_cpu_backend_matches_reference(case):
     check_case("cpu", "cpu", case)
 
 
+@pytest.mark.triton_interpreter
 @settings(max_examples=15, **COMMON)
 @given(case=cases(max_channels=9, max_side=5))
 def test_triton_interpreter_matches_reference(case):
