@@ -1,11 +1,17 @@
 """fastres: fused conv / BatchNorm / ReLU / residual-add kernels for residual networks.
 
-Ops live in :mod:`fastres.ops` (``fastres.ops.bn_act``); :func:`fastres.info` says which kernel
-backends were built and which can run here.
+* :class:`FastBottleneck`, :class:`FastBasicBlock`: torchvision's blocks on fused ops;
+* :func:`resnet50` (and the other ResNet builders), :func:`convert`, :func:`revert`;
+* :mod:`fastres.ops`: the fused ops (``bn_act``, ``bn_act_conv2d``);
+* :func:`info`: which kernel backends were built and which can run here.
 """
 
 from fastres import backends as _backends  # loads fastres._C first: it defines torch.ops.fastres.*
 from fastres import ops
+from fastres.models import (ConversionReport, convert, resnet18, resnet34, resnet50, resnet101,
+                            resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, revert,
+                            wide_resnet50_2, wide_resnet101_2)
+from fastres.modules import FastBasicBlock, FastBottleneck
 
 
 def info() -> dict:
@@ -14,5 +20,9 @@ def info() -> dict:
 
     return _info()
 
-__all__ = ["info", "ops"]
+__all__ = [
+    "FastBasicBlock", "FastBottleneck", "ConversionReport", "convert", "revert", "info", "ops",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+]
 __version__ = "0.1.0"

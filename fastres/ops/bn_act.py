@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastres._layout import memory_format_of, param_dtype_of
 from fastres.backends import STATUS, resolve_backend
 
-__all__ = ["bn_act"]
+__all__ = ["bn_act", "bn_act_reference", "update_running_stats"]
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -77,13 +78,13 @@ def bn_act(
     if name == "torch":
         return bn_act_reference(x, weight, bias, running_mean, running_var, residual=residual,
                                 training=training, momentum=momentum, eps=eps, relu=relu)
-    forward = _FORWARD_OPS[name]
+    forward = FORWARD_OPS[name]
     out, mean, var, _ = forward(x, weight, bias, residual, running_mean, running_var,
                                 training, eps, relu)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     # An empty batch leaves the running statistics alone, as in F.batch_norm.
     if training and running_mean is not None and running_var is not None and count > 0:
-        _update_running_stats(running_mean, running_var, mean, var, momentum, count)
+        update_running_stats(running_mean, running_var, mean, var, momentum, count)
     return out
 
 
@@ -107,9 +108,10 @@ def bn_act_reference(
     return F.relu(y) if relu else y
 
 
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                          momentum: float, count: int) -> None:
-    # As F.batch_norm: the running variance tracks the unbiased batch variance.
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         momentum: float, count: int) -> None:
+    """In place, as F.batch_norm does: ``running = (1 - momentum) * running + momentum * batch``,
+    with the unbiased batch variance (``var`` is the biased one over ``count`` values)."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1)) if count > 1 else var
         running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
@@ -174,35 +176,23 @@ def _check_args(x, weight, bias, running_mean, running_var, residual, training, 
 # Fake kernels (shapes, dtypes and strides only), shared by both op families
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    # Must agree with memory_format_of() in csrc/common/bn_act_checks.h.
-    from torch._prims_common import suggest_memory_format
-
-    fmt = suggest_memory_format(x)
-    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
-
-
-def _param_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     channels = x.shape[1]
     out = torch.empty_like(x, memory_format=fmt)
-    mean = x.new_empty((channels,), dtype=_param_dtype(x))
-    var = x.new_empty((channels,), dtype=_param_dtype(x))
+    mean = x.new_empty((channels,), dtype=param_dtype_of(x))
+    var = x.new_empty((channels,), dtype=param_dtype_of(x))
     mask = x.new_empty(((x.numel() + 7) // 8 if relu else 0,), dtype=torch.uint8)
     return out, mean, var, mask
 
 
 def _backward_fake(grad_out, x, weight, save_mean, save_var, relu_mask, training, eps, relu,
                    residual_grad):
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     channels = x.shape[1]
     grad_x = torch.empty_like(x, memory_format=fmt)
-    grad_weight = x.new_empty((channels,), dtype=_param_dtype(x))
-    grad_bias = x.new_empty((channels,), dtype=_param_dtype(x))
+    grad_weight = x.new_empty((channels,), dtype=param_dtype_of(x))
+    grad_bias = x.new_empty((channels,), dtype=param_dtype_of(x))
     grad_residual = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
     return grad_x, grad_weight, grad_bias, grad_residual
 
@@ -276,9 +266,12 @@ def bn_act_backward_triton(
 
 
 _register(bn_act_forward_triton, bn_act_backward_triton)
-_FORWARD_OPS = {"triton": torch.ops.fastres.bn_act_forward_triton}
+# The forward and backward op of each concrete backend (the torch backend has no op).
+FORWARD_OPS = {"triton": torch.ops.fastres.bn_act_forward_triton}
+BACKWARD_OPS = {"triton": torch.ops.fastres.bn_act_backward_triton}
 
 if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is loaded
     _register(torch.ops.fastres.bn_act_forward.default, torch.ops.fastres.bn_act_backward.default)
-    _FORWARD_OPS["cpu"] = torch.ops.fastres.bn_act_forward
-    _FORWARD_OPS["cuda"] = torch.ops.fastres.bn_act_forward
+    for _name in ("cpu", "cuda"):
+        FORWARD_OPS[_name] = torch.ops.fastres.bn_act_forward
+        BACKWARD_OPS[_name] = torch.ops.fastres.bn_act_backward

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastres._layout import memory_format_of
+
 ELEMENTWISE_BLOCK = 1024  # elements per program; a multiple of 8 (one mask byte per 8)
 REDUCE_BLOCK_ROWS = 32
 REDUCE_BLOCK_CHANNELS = 32
@@ -233,13 +235,6 @@ def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, k_grad_ptr, k_x_
 # Launchers
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    from torch._prims_common import suggest_memory_format
-
-    fmt = suggest_memory_format(x)
-    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
-
-
 def _splits(rows: int, channel_blocks: int, device: torch.device) -> int:
     """How many row ranges to reduce in parallel: fill the GPU, a few programs when interpreting."""
     if device.type == "cuda":
@@ -262,7 +257,7 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if x.dtype == torch.float64:
         raise TypeError("bn_act: the triton backend takes float32, float16 or bfloat16 x, got "
                         "torch.float64 (float64 runs on the cpu and torch backends)")
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)
     residual = residual.contiguous(memory_format=fmt) if residual is not None else None
     N, C, H, W = x.shape
@@ -305,7 +300,7 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_
                     save_var: Tensor, relu_mask: Tensor, training: bool, eps: float, relu: bool,
                     residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``fastres::bn_act_backward`` in csrc/fastres.cpp."""
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)
     grad_out = grad_out.contiguous(memory_format=fmt)
     N, C, H, W = x.shape

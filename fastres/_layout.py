@@ -1,0 +1,23 @@
+"""Layout facts shared by the op layer and the Triton launchers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The dense format fastres computes ``x`` in: channels_last or NCHW-contiguous.
+
+    Must agree with memory_format_of() in csrc/common/bn_act_checks.h (torch's
+    suggest_memory_format), so that fake kernels predict the strides the real kernels produce.
+    """
+    from torch._prims_common import suggest_memory_format
+
+    fmt = suggest_memory_format(x)
+    return torch.channels_last if fmt == torch.channels_last else torch.contiguous_format
+
+
+def param_dtype_of(x: Tensor) -> torch.dtype:
+    """Statistics and affine parameters: float64 for float64 activations, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,171 @@
+"""ResNet builders on fast blocks, and ``convert()`` / ``revert()`` for models you already have."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+from torchvision import models as tv
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from fastres.modules import FastBasicBlock, FastBottleneck, _check_backend_name
+
+__all__ = [
+    "convert", "revert", "ConversionReport", "resnet18", "resnet34", "resnet50", "resnet101",
+    "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
+    "wide_resnet101_2",
+]
+
+logger = logging.getLogger("fastres")
+
+_FAST_OF = {Bottleneck: FastBottleneck, BasicBlock: FastBasicBlock}
+_TORCHVISION_OF = {fast: plain for plain, fast in _FAST_OF.items()}
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` or :func:`revert` replaced, and what it left alone and why."""
+
+    converted: list[str] = field(default_factory=list)  # qualified module names
+    left_alone: dict[str, str] = field(default_factory=dict)  # name -> reason
+
+    def summary(self, verb: str = "converted") -> str:
+        text = f"fastres: {verb} {len(self.converted)} block(s)"
+        if self.left_alone:
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.left_alone.items())
+            text += f"; left {len(self.left_alone)} alone ({reasons})"
+        return text
+
+
+def _retype(block: nn.Module, cls: type) -> nn.Module:
+    """The same module state under another class: every parameter, buffer, submodule, hook and
+    the training flag are the very same objects, so nothing is copied or cast."""
+    new = cls.__new__(cls)
+    new.__dict__ = dict(block.__dict__)
+    return new
+
+
+def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type | None, str]],
+                 configure: Callable[[nn.Module], None]) -> tuple[nn.Module, ConversionReport]:
+    report = ConversionReport()
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        cls, why_not = pick(module, name)
+        if cls is not None:
+            new = _retype(module, cls)
+            configure(new)
+            report.converted.append(name or "<model>")
+            return new
+        if why_not:
+            report.left_alone[name or "<model>"] = why_not
+        for child_name, child in module.named_children():
+            replacement = visit(child, f"{name}.{child_name}" if name else child_name)
+            if replacement is not child:
+                setattr(module, child_name, replacement)
+        return module
+
+    return visit(model, ""), report
+
+
+def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """Replaces every torchvision ``Bottleneck`` and ``BasicBlock`` in ``model`` by the fast blocks.
+
+    Works anywhere in a model (plain ResNets, ResNeXt, Wide ResNet, backbones nested in other
+    models). Every parameter and buffer is kept as the same tensor (bit for bit), with its device,
+    dtype, memory format and requires_grad, and each block keeps its training mode. A subclass of
+    torchvision's blocks with a forward of its own is left alone (its computation is not known
+    to be the block's). The outcome is logged on the ``fastres`` logger, and a warning says so
+    when nothing was converted.
+
+    Args:
+        model: any module.
+        backend: the fast blocks' backend (see :mod:`fastres.backends`).
+        inplace: modify ``model`` itself; otherwise a deep copy is converted.
+
+    Returns:
+        The converted model (``model`` itself when ``inplace``).
+    """
+    _check_backend_name(backend)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def pick(module: nn.Module, name: str):
+        if type(module) in _FAST_OF:
+            return _FAST_OF[type(module)], ""
+        if isinstance(module, (Bottleneck, BasicBlock)) and not isinstance(
+                module, (FastBottleneck, FastBasicBlock)):
+            return None, f"{type(module).__name__} subclasses torchvision's block"
+        return None, ""
+
+    def configure(block: nn.Module) -> None:
+        block.backend = backend
+
+    model, report = _swap_blocks(model, pick, configure)
+    _report(report, "converted")
+    return model
+
+
+def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Turns fast blocks back into torchvision's ``Bottleneck`` and ``BasicBlock``.
+
+    The inverse of :func:`convert`: same tensors, same training modes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def pick(module: nn.Module, name: str):
+        return _TORCHVISION_OF.get(type(module)), ""
+
+    def configure(block: nn.Module) -> None:
+        del block.__dict__["backend"]
+
+    model, report = _swap_blocks(model, pick, configure)
+    _report(report, "reverted")
+    return model
+
+
+def _report(report: ConversionReport, verb: str) -> None:
+    if report.converted:
+        logger.info(report.summary(verb))
+    else:
+        warnings.warn(f"{report.summary(verb)}: the model has no block to {verb[:-2]} and is "
+                      "returned unchanged", UserWarning, stacklevel=3)
+
+
+def _builder(torchvision_builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    name = torchvision_builder.__name__
+
+    def build(*, weights: Any = None, progress: bool = True, backend: str = "auto",
+              **kwargs: Any) -> nn.Module:
+        model = torchvision_builder(weights=weights, progress=progress, **kwargs)
+        model, _ = _swap_blocks(model, lambda m, n: (_FAST_OF.get(type(m)), ""),
+                                lambda block: setattr(block, "backend", _check_backend_name(backend)))
+        return model
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f"torchvision's ``{name}`` built from fast blocks.\n\n"
+        f"Takes torchvision's arguments (``weights`` as torchvision's weights enum, ``progress``, "
+        f"and ``ResNet`` keyword arguments) plus ``backend``; loads any torchvision {name} "
+        f"state_dict unchanged.")
+    return build
+
+
+resnet18 = _builder(tv.resnet18)
+resnet34 = _builder(tv.resnet34)
+resnet50 = _builder(tv.resnet50)
+resnet101 = _builder(tv.resnet101)
+resnet152 = _builder(tv.resnet152)
+resnext50_32x4d = _builder(tv.resnext50_32x4d)
+resnext101_32x8d = _builder(tv.resnext101_32x8d)
+resnext101_64x4d = _builder(tv.resnext101_64x4d)
+wide_resnet50_2 = _builder(tv.wide_resnet50_2)
+wide_resnet101_2 = _builder(tv.wide_resnet101_2)
