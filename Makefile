@@ -51,7 +51,8 @@ test: build
 	$(PY) -m fastres.info
 	$(PY) -m pytest
 
-# The main job. For now: the bn_act microbenchmarks (the ResNet-50 benchmark comes with its issue).
+# The main job, for now: the bn_act microbenchmarks and a ResNet-50 training step against
+# torchvision (python -m fastres.bench, with its parity check, comes with its issue).
 bench: bench-kernels
 
 bench-kernels: build

@@ -137,7 +137,7 @@ def extensions():
     sources = ["csrc/fastres.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     archs = ""
     if build_cuda:
-        archs = os.environ.get("FASTRES_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        archs = os.environ.get("FASTRES_CUDA_ARCHS", "").strip() or DEFAULT_CUDA_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(

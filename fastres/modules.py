@@ -14,9 +14,10 @@ Training forward of a bottleneck::
 so autograd keeps y1, y2, y3 and 1-bit ReLU masks where torchvision also keeps both ReLU outputs.
 Eval runs the same ops with the running statistics.
 
-A block whose normalisation the fused ops cannot reproduce (anything but an exact
-``nn.BatchNorm2d``: FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, ...), or whose backend resolves
-to ``torch``, runs torchvision's own forward: the reference computation, never a wrong one.
+A block whose layers the fused ops cannot reproduce (a norm layer other than an exact
+``nn.BatchNorm2d``: FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, ...; an activation other than
+``nn.ReLU``; a convolution with a bias or non-zero padding mode), or whose backend resolves to
+``torch``, runs torchvision's own forward: the reference computation, never a wrong one.
 """
 
 from __future__ import annotations
@@ -115,7 +116,34 @@ def _bn_add_relu(y: Tensor, bn: nn.BatchNorm2d, residual: Tensor, backend: str) 
                   eps=call.eps, relu=True, backend=backend)
 
 
-class FastBottleneck(Bottleneck):
+class _FastBlock:
+    """The forward both fast blocks share. ``_norms`` and ``_convs`` name the block's layers in
+    order; every BatchNorm but the last feeds the next convolution, the last meets the residual."""
+
+    _norms: tuple[str, ...]
+    _convs: tuple[str, ...]
+
+    def fused(self) -> bool:
+        """Whether forward can use the fused ops (else it runs torchvision's forward)."""
+        return (all(_fusable_batch_norm(getattr(self, name)) for name in self._norms)
+                and all(_fusable_conv(getattr(self, name)) for name in self._convs)
+                and type(self.relu) is nn.ReLU)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_block_input(x, self.conv1, type(self).__name__)
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "torch" or not self.fused():
+            return super().forward(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        norms = [getattr(self, name) for name in self._norms]
+        convs = [getattr(self, name) for name in self._convs]
+        out = convs[0](x)
+        for bn, conv in zip(norms[:-1], convs[1:]):
+            out = _bn_relu_conv(out, bn, conv, backend)
+        return _bn_add_relu(out, norms[-1], identity, backend)
+
+
+class FastBottleneck(_FastBlock, Bottleneck):
     """torchvision's ``Bottleneck`` (ResNet v1.5: stride on the 3x3) on fused ops.
 
     Same constructor as torchvision's, plus ``backend`` (``"auto"``, ``"cpu"``, ``"cuda"``,
@@ -123,6 +151,9 @@ class FastBottleneck(Bottleneck):
     ``(N, planes * 4, H / stride, W / stride)``, dtype and memory format as torchvision's.
     """
 
+    _norms = ("bn1", "bn2", "bn3")
+    _convs = ("conv1", "conv2", "conv3")
+
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None, *,
@@ -131,29 +162,16 @@ class FastBottleneck(Bottleneck):
                          norm_layer)
         self.backend = _check_backend_name(backend)
 
-    def fused(self) -> bool:
-        """Whether forward can use the fused ops (else it runs torchvision's forward)."""
-        return (all(_fusable_batch_norm(bn) for bn in (self.bn1, self.bn2, self.bn3))
-                and all(_fusable_conv(c) for c in (self.conv1, self.conv2, self.conv3)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_block_input(x, self.conv1, type(self).__name__)
-        backend = resolve_backend(self.backend, x.device)
-        if backend == "torch" or not self.fused():
-            return super().forward(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv1(x)
-        out = _bn_relu_conv(out, self.bn1, self.conv2, backend)
-        out = _bn_relu_conv(out, self.bn2, self.conv3, backend)
-        return _bn_add_relu(out, self.bn3, identity, backend)
-
-
-class FastBasicBlock(BasicBlock):
+class FastBasicBlock(_FastBlock, BasicBlock):
     """torchvision's ``BasicBlock`` on fused ops; see :class:`FastBottleneck`.
 
     Input ``(N, inplanes, H, W)``; output ``(N, planes, H / stride, W / stride)``.
     """
 
+    _norms = ("bn1", "bn2")
+    _convs = ("conv1", "conv2")
+
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None, *,
@@ -161,18 +179,3 @@ class FastBasicBlock(BasicBlock):
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
         self.backend = _check_backend_name(backend)
-
-    def fused(self) -> bool:
-        """Whether forward can use the fused ops (else it runs torchvision's forward)."""
-        return (all(_fusable_batch_norm(bn) for bn in (self.bn1, self.bn2))
-                and all(_fusable_conv(c) for c in (self.conv1, self.conv2)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        _check_block_input(x, self.conv1, type(self).__name__)
-        backend = resolve_backend(self.backend, x.device)
-        if backend == "torch" or not self.fused():
-            return super().forward(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv1(x)
-        out = _bn_relu_conv(out, self.bn1, self.conv2, backend)
-        return _bn_add_relu(out, self.bn2, identity, backend)

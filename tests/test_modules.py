@@ -160,6 +160,40 @@ def test_other_norm_layers_run_the_reference_computation(norm_name, norm_layer):
     torch.testing.assert_close(fast(x), block(x), rtol=0, atol=0)
 
 
+def test_other_activation_runs_the_reference_computation():
+    block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1))
+    block.relu = nn.SiLU()
+    fast = fastres.convert(block)
+    assert not fast.fused()
+    x = torch.randn(2, 64, 6, 6)
+    torch.testing.assert_close(fast(x), block(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cpu_autocast_bfloat16_matches_torchvision(training):
+    """Under autocast both blocks run in bfloat16; each is judged against torchvision's float32
+    result with the error-factor rule (bfloat16 input gradients through a training BatchNorm are
+    coarse for PyTorch too: about 0.5 on values of about 2 here)."""
+    reference = _make(Bottleneck, dict(inplanes=64, planes=16, stride=2), (64, 64, 2))
+    reference.train(training)
+    exact = copy.deepcopy(reference)
+    fast = fastres.convert(reference, backend="cpu")
+    x = torch.randn(4, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    results = []
+    for block, autocast in ((exact, False), (reference, True), (fast, True)):
+        inp = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(inp)
+        out.float().sum().backward()
+        results.append({"out": out, "grad_x": inp.grad,
+                        **{f"grad {n}": p.grad for n, p in block.named_parameters()}})
+    exact_results, torch_results, fast_results = results
+    assert fast_results["out"].dtype == torch_results["out"].dtype == torch.bfloat16
+    for name, value in exact_results.items():
+        assert_within_error_factor(fast_results[name], torch_results[name], value, name,
+                                   torch.bfloat16)
+
+
 def test_fast_blocks_keep_torchvision_constructor_and_attributes():
     block = FastBottleneck(64, 16, 2, _downsample(64, 64, 2), backend="cpu")
     for attr in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample", "stride"):

@@ -364,6 +364,17 @@ V relu_scalar(V y) {
   return (y < V(0)) ? V(0) : y;  // NaN stays NaN, as in torch.relu
 }
 
+// Where a run's opmath results are written: straight into `out` when T is opmath, else into
+// scratch (then converted by store_from_opmath).
+template <typename T>
+opmath<T>* opmath_output(T* out, opmath<T>* scratch) {
+  if constexpr (std::is_same_v<T, opmath<T>>) {
+    return out;
+  } else {
+    return scratch;
+  }
+}
+
 template <typename T>
 void store_from_opmath(const opmath<T>* src, int64_t len, T* dst) {
   if constexpr (!std::is_same_v<T, opmath<T>>) {
@@ -379,12 +390,7 @@ void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmat
   using Vec = Vectorized<V>;
   const V* xv = as_opmath(x, len, scratch);
   const V* rv = residual ? as_opmath(residual, len, scratch + kBlock) : nullptr;
-  V* yv;
-  if constexpr (std::is_same_v<T, V>) {
-    yv = out;
-  } else {
-    yv = scratch + 2 * kBlock;
-  }
+  V* yv = opmath_output(out, scratch + 2 * kBlock);
   int64_t k = 0;
   for (; k + Vec::size() <= len; k += Vec::size()) {
     Vec y = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
@@ -412,12 +418,7 @@ void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t 
   V* gm = scratch;
   load_masked_grad(grad, mask, first_index, len, gm);
   const V* xv = as_opmath(x, len, scratch + kBlock);
-  V* dx;
-  if constexpr (std::is_same_v<T, V>) {
-    dx = grad_x;
-  } else {
-    dx = scratch + 2 * kBlock;
-  }
+  V* dx = opmath_output(grad_x, scratch + 2 * kBlock);
   int64_t k = 0;
   for (; k + Vec::size() <= len; k += Vec::size()) {
     Vec d = at::vec::fmadd(Vec::loadu(gm + k), channel_vec(k_grad, k, broadcast),
