@@ -51,10 +51,14 @@ test: build
 	$(PY) -m fastres.info
 	$(PY) -m pytest
 
-# The main job, for now: the bn_act microbenchmarks and a ResNet-50 training step against
-# torchvision (python -m fastres.bench, with its parity check, comes with its issue).
-bench: bench-kernels
+# The main job: ResNet-50 parity check, then training and inference throughput, memory and
+# activation bytes against torchvision, on whatever device is here (BENCH_ARGS adds options,
+# e.g. BENCH_ARGS="--dtype bf16 --batch-size 128").
+BENCH_ARGS ?=
+bench: build
+	$(PY) -m fastres.bench --out $(BENCH_DIR) $(BENCH_ARGS)
 
+# Every fused op at every ResNet-50 layer shape against eager PyTorch and torch.compile.
 bench-kernels: build
 	mkdir -p $(BENCH_DIR)
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,rounds \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command, for a machine with a GPU and a preinstalled CUDA torch where
 # nothing can be downloaded: build fastres against that torch, run the CUDA tests (and the rest),
-# run the microbenchmarks in bfloat16 and float32, and write every result into one folder.
+# compute-sanitizer on a representative subset where it exists, python -m fastres.bench and the
+# microbenchmarks in float32 and bfloat16, and write every result into one folder.
 #
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR
 set -uo pipefail
@@ -21,6 +22,21 @@ FASTRES_CUDA=1 FASTRES_CUDA_ARCHS=${FASTRES_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS
 "$python" -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" \
   > "$out/tests.log" 2>&1 || status=1
 tail -3 "$out/tests.log"
+
+# Memory errors in the CUDA kernels: a small subset under compute-sanitizer, where installed.
+if command -v compute-sanitizer > /dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$python" -m pytest tests/test_bn_act.py \
+    -q -p no:cacheprovider -k "odd_shapes and cuda and float32" > "$out/sanitizer.log" 2>&1 \
+    || { status=1; echo "compute-sanitizer reported errors, see $out/sanitizer.log"; }
+else
+  echo "compute-sanitizer not found: skipped" | tee "$out/sanitizer.log"
+fi
+
+# The main job: ResNet-50 parity and throughput against torchvision, fp32 and bf16 autocast.
+for dtype in fp32 bf16; do
+  "$python" -m fastres.bench --dtype $dtype --out "$out" 2>>"$out/bench_cli.log" \
+    | tee "$out/resnet50_$dtype.txt" || status=1
+done
 
 for dtype in bfloat16 float32; do
   FASTRES_BENCH_DTYPE=$dtype "$python" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \

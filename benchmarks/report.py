@@ -5,7 +5,8 @@ Usage: python benchmarks/report.py RESULTS.json [--out DIR]
 Ratios compare implementations measured side by side in the same run (median times). Targets:
 bn_act (on CPU, forward+backward in training at least 1.5x eager; on a GPU, at least 85% of the
 copy bandwidth measured in the same run, and no slower than torch.compile); ResNet-50 training
-(activation bytes kept for backward at most 0.86 of torchvision's).
+(activation bytes kept for backward at most 0.86 of torchvision's). bn_act_conv2d is reported in
+TFLOP/s against a matrix multiplication measured in the same run.
 """
 
 from __future__ import annotations
@@ -99,6 +100,48 @@ def print_table(table: list[dict], copy_gbs: float | None) -> None:
     print(f"\ntargets met: {met} of {len(judged)}")
 
 
+def summarise_conv(rows: list[dict]) -> list[dict]:
+    """bn_act_conv2d rows with TFLOP/s against the matmul measured in the same run."""
+    peak = next((r["flops"] / r["median_s"] for r in rows if r["op"] == "matmul"), None)
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["op"] == "bn_act_conv2d":
+            groups[(tuple(r["shape"]), r["mode"])][r["impl"]] = r
+    table = []
+    for (shape, mode), impls in groups.items():
+        ours, eager, compiled = impls.get("fastres"), impls.get("eager"), impls.get("compile")
+        if ours is None or eager is None:
+            continue
+        tflops = ours["flops"] / ours["median_s"] / 1e12
+        table.append({
+            "device": ours["device"], "dtype": ours["dtype"], "mode": mode,
+            "shape": "bn{1}x{3}x{3}->conv{5}x{5}/s{6}->{4} (N={0})".format(*shape),
+            "fastres_ms": ours["median_s"] * 1e3, "eager_ms": eager["median_s"] * 1e3,
+            "compile_ms": compiled["median_s"] * 1e3 if compiled else None,
+            "speedup_vs_eager": eager["median_s"] / ours["median_s"],
+            "speedup_vs_compile": compiled["median_s"] / ours["median_s"] if compiled else None,
+            "fastres_tflops": tflops,
+            "fraction_of_matmul_peak": tflops * 1e12 / peak if peak else None,
+        })
+    table.sort(key=lambda r: (r["mode"], r["shape"]))
+    return table
+
+
+def print_conv(table: list[dict]) -> None:
+    print("\nbn_act_conv2d (TFLOP/s of the convolution, against a matmul measured in the same run)")
+    header = (f"{'mode':<24}{'shape':<42}{'fastres ms':>11}{'eager ms':>10}{'compile ms':>11}"
+              f"{'x eager':>9}{'x compile':>10}{'TFLOP/s':>9}{'of mm':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in table:
+        compile_ms = f"{r['compile_ms']:.3f}" if r["compile_ms"] is not None else "-"
+        vs_compile = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
+        of_peak = f"{r['fraction_of_matmul_peak']:.0%}" if r["fraction_of_matmul_peak"] else "-"
+        print(f"{r['mode']:<24}{r['shape']:<42}{r['fastres_ms']:>11.3f}{r['eager_ms']:>10.3f}"
+              f"{compile_ms:>11}{r['speedup_vs_eager']:>9.2f}{vs_compile:>10}"
+              f"{r['fastres_tflops']:>9.3f}{of_peak:>7}")
+
+
 def summarise_resnet50(rows: list[dict]) -> list[dict]:
     steps = {r["impl"]: r for r in rows if r["op"] == "resnet50_train_step"}
     if "torchvision" not in steps or "fastres" not in steps:
@@ -148,16 +191,16 @@ def main() -> None:
     args = parser.parse_args()
     rows, commit = load(args.results)
     table, copy_gbs = summarise(rows)
+    conv = summarise_conv(rows)
     resnet50 = summarise_resnet50(rows)
     out = args.out or os.path.dirname(os.path.abspath(args.results))
     os.makedirs(out, exist_ok=True)
-    for name, rows_out in (("bn_act", table), ("resnet50_train", resnet50)):
+    printers = {"bn_act": lambda t: print_table(t, copy_gbs), "bn_act_conv2d": print_conv,
+                "resnet50_train": print_resnet50}
+    for name, rows_out in (("bn_act", table), ("bn_act_conv2d", conv), ("resnet50_train", resnet50)):
         if not rows_out:
             continue
-        if name == "bn_act":
-            print_table(rows_out, copy_gbs)
-        else:
-            print_resnet50(rows_out)
+        printers[name](rows_out)
         path = os.path.join(out, f"{name}.csv")
         write_csv(rows_out, commit, path)
         print(f"wrote {path}")

@@ -1,0 +1,62 @@
+"""Regenerates the README's performance table from the committed fastres.bench results.
+
+Usage: python benchmarks/readme_table.py   (from the repository root)
+
+Reads every benchmarks/results/<device>/<model>_<device>_<dtype>.csv written by
+``python -m fastres.bench --out benchmarks/results/<device>`` and replaces the lines between the
+README's perf-table markers. The table is never typed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+
+from fastres.bench import MODELS
+
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fmt(value: str, spec: str) -> str:
+    return format(float(value), spec) if value not in ("", None) else "-"
+
+
+def table_lines() -> list[str]:
+    lines = ["| device | model | dtype | batch | configuration | train img/s | x torchvision "
+             "| infer img/s | x torchvision | activation bytes x torchvision | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    paths = []
+    for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
+        paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
+    for path in sorted(paths):
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if "config" in r]
+        for r in rows:
+            if r["parity_ok"] != "True":
+                lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
+                             f"| {r['config']} | parity failed | | | | | {r['fastres_commit']} |")
+                continue
+            lines.append(
+                f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} | {r['config']} "
+                f"| {_fmt(r['train_img_s'], '.2f')} | {_fmt(r.get('train_vs_torchvision'), '.2f')} "
+                f"| {_fmt(r['infer_img_s'], '.2f')} | {_fmt(r.get('infer_vs_torchvision'), '.2f')} "
+                f"| {_fmt(r.get('saved_vs_torchvision'), '.3f')} | {r['fastres_commit']} |")
+    return lines
+
+
+def main() -> None:
+    readme = os.path.join(ROOT, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    body = "\n".join(table_lines())
+    with open(readme, "w") as f:
+        f.write(f"{head}{START}\n{body}\n{END}{tail}")
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()

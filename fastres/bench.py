@@ -1,0 +1,421 @@
+"""``python -m fastres.bench``: verify, then benchmark, a ResNet against torchvision's.
+
+It builds torchvision's model and the fastres one from the same weights, checks parity first
+(largest output and gradient differences; a configuration whose parity check fails is reported
+as failed, its speed is not measured, and the command exits non-zero), then measures side by
+side in one run: training-step and inference throughput, peak memory on CUDA, and the activation
+bytes kept for backward, for torchvision eager, torchvision + torch.compile, fastres eager on each
+available backend, and fastres + torch.compile. It prints a table with ratios against torchvision
+eager and the targets, and writes a CSV and a PNG chart under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fastres
+from fastres.backends import STATUS
+from fastres.memory import saved_tensor_bytes
+
+MODELS = ("resnet50", "resnet18", "resnext50_32x4d")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACTIVATION_BYTES_TARGET = 0.86  # blocks issue: of torchvision's, in training
+# Inference issue (BatchNorm folding): fastres eager against torchvision eager, by device.
+INFERENCE_TARGET = {"cpu": 1.5, "cuda": 1.3}
+# Parity rule (as in tests/tolerances.py): against a float64 run of torchvision's model on the
+# same batch, fastres's error may be at most ERROR_FACTOR times torchvision's own error in the
+# same precision, plus a floor of a few units in the last place. Errors are relative: max |a - b|
+# / max |b| for outputs, ||a - b|| / ||b|| over all parameter gradients (float32 gradients of a
+# random deep network differ from float64 by a few percent in PyTorch itself).
+ERROR_FACTOR = 2.0
+FLOOR_ULPS = 4
+
+
+@dataclass
+class Config:
+    name: str  # e.g. "torchvision", "fastres[cpu]+compile"
+    family: str  # "torchvision" or "fastres"
+    backend: Optional[str]
+    compile: bool
+
+
+@dataclass
+class Result:
+    config: Config
+    parity: dict = field(default_factory=dict)
+    parity_ok: bool = True
+    train_img_s: Optional[float] = None
+    infer_img_s: Optional[float] = None
+    peak_mem_mib: Optional[float] = None
+    saved_mib: Optional[float] = None
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and steps
+
+
+def build_reference(model: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, model)()
+    return net.to(device).to(memory_format=torch.channels_last)
+
+
+def build_fast(reference: nn.Module, backend: str) -> nn.Module:
+    """fastres's model with exactly the reference's weights and buffers."""
+    return fastres.convert(reference, backend=backend)
+
+
+def _autocast(device: str, dtype: torch.dtype):
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_train_step(model: nn.Module, x, labels, device, dtype) -> Callable[[], torch.Tensor]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def throughput(fn: Callable[[], object], images: int, steps: int, device: str) -> float:
+    fn()  # warm-up: compilation, algorithm selection, allocator
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return images * steps / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _relative_norm(a: list, b: list) -> float:
+    diff = torch.cat([(x.float() - y.float()).flatten() for x, y in zip(a, b)])
+    return (diff.norm() / torch.cat([y.float().flatten() for y in b]).norm()).item()
+
+
+def _train_and_eval(model: nn.Module, x, labels, device, dtype, autocast=True):
+    """Training logits and parameter gradients of one forward/backward, then eval logits."""
+    model.train()
+    with _autocast(device, dtype if autocast else torch.float32):
+        logits = model(x)
+    # The loss in float32, or in float64 for the float64 reference.
+    F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels).backward()
+    model.eval()
+    with torch.no_grad(), _autocast(device, dtype if autocast else torch.float32):
+        eval_logits = model(x)
+    return {"train output": logits.detach(), "gradients": [p.grad for p in model.parameters()],
+            "eval output": eval_logits}
+
+
+def _error(values, exact) -> float:
+    if isinstance(exact, list):
+        return _relative_norm(values, exact)
+    return _relative(values, exact)
+
+
+def check_parity(reference: nn.Module, candidate: nn.Module, x, labels, device, dtype) -> dict:
+    """Errors against a float64 run of the reference, for a copy of the reference and for the
+    candidate itself (compiled or not, as it will be measured), on the same batch.
+
+    Returns {quantity: (candidate error, torchvision error)}.
+    """
+    exact = _train_and_eval(copy.deepcopy(reference).double(), x.double(), labels, device,
+                            dtype, autocast=False)
+    theirs = _train_and_eval(copy.deepcopy(reference), x, labels, device, dtype)
+    ours = _train_and_eval(candidate, x, labels, device, dtype)
+    return {name: (_error(ours[name], exact[name]), _error(theirs[name], exact[name]))
+            for name in exact}
+
+
+def parity_passes(parity: dict, dtype: torch.dtype) -> bool:
+    floor = FLOOR_ULPS * torch.finfo(dtype).eps
+    return all(ours <= ERROR_FACTOR * theirs + floor for ours, theirs in parity.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the configurations
+
+
+def configurations(device: str, backends: list[str], compile_: bool) -> list[Config]:
+    configs = [Config("torchvision", "torchvision", None, False)]
+    if compile_:
+        configs.append(Config("torchvision+compile", "torchvision", None, True))
+    for backend in backends:
+        configs.append(Config(f"fastres[{backend}]", "fastres", backend, False))
+        if compile_:
+            configs.append(Config(f"fastres[{backend}]+compile", "fastres", backend, True))
+    return configs
+
+
+def available_backends(device: str, requested: str) -> list[str]:
+    if requested != "all":
+        return [requested]
+    names = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    return [name for name in names if STATUS[name].available] or ["torch"]
+
+
+def measure(config: Config, reference: nn.Module, args, device, dtype) -> Result:
+    result = Result(config)
+    if config.family == "torchvision":
+        model = copy.deepcopy(reference)
+    else:
+        model = build_fast(reference, config.backend)
+    runner = torch.compile(model) if config.compile else model
+    images = args.batch_size
+    x = torch.randn(images, 3, args.image_size, args.image_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (images,), device=device)
+    if config.name != "torchvision":  # the baseline is the reference itself
+        parity_images = max(2, min(images, 4))
+        result.parity = check_parity(reference, runner, x[:parity_images],
+                                     labels[:parity_images], device, dtype)
+        result.parity_ok = parity_passes(result.parity, dtype)
+        if not result.parity_ok:
+            return result
+    runner.train()
+    train_step = make_train_step(runner, x, labels, device, dtype)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result.train_img_s = throughput(train_step, images, args.steps, device)
+    if device == "cuda":
+        result.peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
+
+    def forward():
+        with _autocast(device, dtype):
+            return model(x)
+
+    result.saved_mib = saved_tensor_bytes(forward, exclude=model.parameters()) / 2**20
+    runner.eval()
+
+    def infer():
+        with torch.no_grad(), _autocast(device, dtype):
+            return runner(x)
+
+    result.infer_img_s = throughput(infer, images, args.steps, device)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def fastres_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def rows_of(results: list[Result], meta: dict) -> list[dict]:
+    base = next(r for r in results if r.config.name == "torchvision")
+    rows = []
+    for r in results:
+        row = {**meta, "config": r.config.name, "parity_ok": r.parity_ok,
+               "train_img_s": r.train_img_s, "infer_img_s": r.infer_img_s,
+               "peak_mem_mib": r.peak_mem_mib, "saved_mib": r.saved_mib,
+               **{f"parity_{k.replace(' ', '_')}": ours for k, (ours, _) in r.parity.items()},
+               **{f"torchvision_error_{k.replace(' ', '_')}": theirs
+                  for k, (_, theirs) in r.parity.items()}}
+        if r.train_img_s and base.train_img_s:
+            row["train_vs_torchvision"] = r.train_img_s / base.train_img_s
+            row["infer_vs_torchvision"] = r.infer_img_s / base.infer_img_s
+            row["saved_vs_torchvision"] = r.saved_mib / base.saved_mib
+        if r.config.family == "fastres" and "saved_vs_torchvision" in row:
+            row["saved_target_met"] = row["saved_vs_torchvision"] <= ACTIVATION_BYTES_TARGET
+            if not r.config.compile:
+                target = INFERENCE_TARGET[meta["device_type"]]
+                row["infer_target_met"] = row["infer_vs_torchvision"] >= target
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, batch {meta['batch_size']}, "
+          f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}")
+    header = (f"{'configuration':<26}{'parity':>8}{'train img/s':>13}{'x tv':>7}"
+              f"{'infer img/s':>13}{'x tv':>7}{'saved MiB':>11}{'x tv':>7}{'peak MiB':>10}  target")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        parity = "ok" if row["parity_ok"] else "FAILED"
+        targets = []
+        if "saved_target_met" in row:
+            verdict = "met" if row["saved_target_met"] else "NOT met"
+            targets.append(f"saved <= {ACTIVATION_BYTES_TARGET} x tv: {verdict}")
+        if "infer_target_met" in row:
+            verdict = "met" if row["infer_target_met"] else "NOT met"
+            targets.append(f"infer >= {INFERENCE_TARGET[meta['device_type']]} x tv: {verdict}")
+        target = "; ".join(targets)
+        print(f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}"
+              f"{_fmt(row.get('train_vs_torchvision'), '.2f'):>7}"
+              f"{_fmt(row['infer_img_s'], '.2f'):>13}{_fmt(row.get('infer_vs_torchvision'), '.2f'):>7}"
+              f"{_fmt(row['saved_mib'], '.0f'):>11}{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
+              f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}")
+    print(f"\nparity, relative error against torchvision in float64 (torchvision's own error in "
+          f"brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):")
+    for row in rows:
+        if "parity_train_output" in row:
+            parts = [f"{name} {row['parity_' + key]:.2e} ({row['torchvision_error_' + key]:.2e})"
+                     for name, key in (("train output", "train_output"),
+                                       ("eval output", "eval_output"), ("gradients", "gradients"))]
+            print(f"  {row['config']}: " + ", ".join(parts))
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_chart(rows: list[dict], meta: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart written")
+        return False
+    measured = [r for r in rows if r["train_img_s"]]
+    names = [r["config"] for r in measured]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(names) + 2))
+    for ax, key, title in ((axes[0], "train_img_s", "training img/s"),
+                           (axes[1], "infer_img_s", "inference img/s")):
+        ax.barh(names, [r[key] for r in measured], color="tab:blue")
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.suptitle(f"{meta['model']}, {meta['device']}, {meta['dtype']}, batch {meta['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastres.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--model", choices=MODELS, default="resnet50")
+    parser.add_argument("--batch-size", type=int, help="default: 8 on CPU, 256 on a GPU")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 3 on CPU, 20 on a GPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--backend", default="all", choices=["all", "cpu", "cuda", "triton", "torch"],
+                        help="fastres backends to measure (default: every available one)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure torch.compile of both models (default: on; compiling "
+                             "ResNet-50 takes about two minutes on a 2-core CPU)")
+    parser.add_argument("--out", default="benchmarks/results/local", help="folder for CSV and PNG")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    on_gpu = args.device == "cuda"
+    if args.batch_size is None:
+        args.batch_size = 256 if on_gpu else 8
+    if args.steps is None:
+        args.steps = 20 if on_gpu else 3
+    for name in ("batch_size", "steps", "image_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def _progress(items):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="fastres.bench", unit="config", file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    reference = build_reference(args.model, args.device)
+    configs = configurations(args.device, available_backends(args.device, args.backend), args.compile)
+    results = []
+    for config in _progress(configs):
+        results.append(measure(config, reference, args, args.device, dtype))
+    meta = {"model": args.model, "device": device_name(args.device),
+            "device_type": args.device, "dtype": args.dtype,
+            "batch_size": args.batch_size, "image_size": args.image_size,
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": fastres.info()["triton"], "fastres_commit": fastres_commit()}
+    rows = rows_of(results, meta)
+    print_table(rows, meta)
+    if not args.compile:
+        print("torch.compile not measured (--no-compile)")
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{args.model}_{args.device}_{args.dtype}")
+    write_csv(rows, stem + ".csv")
+    wrote_chart = write_chart(rows, meta, stem + ".png")
+    print(f"wrote {stem}.csv" + (f" and {stem}.png" if wrote_chart else ""))
+    failed = [r.config.name for r in results if not r.parity_ok]
+    if failed:
+        print(f"parity check FAILED for {', '.join(failed)}: no speed reported for them")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""python -m fastres.bench at a tiny size on CPU: parity check, table, CSV and PNG."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastres import bench
+
+TINY = ["--device", "cpu", "--model", "resnet18", "--batch-size", "2", "--image-size", "32",
+        "--steps", "1", "--no-compile"]
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_runs_checks_parity_and_writes_csv_and_png(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastres.bench", *TINY, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parity, relative error against torchvision in float64" in result.stdout
+    rows = _rows(tmp_path / "resnet18_cpu_fp32.csv")
+    assert [r["config"] for r in rows] == ["torchvision", "fastres[cpu]"]
+    assert all(r["parity_ok"] == "True" and float(r["train_img_s"]) > 0 for r in rows)
+    assert rows[1]["device"] and rows[1]["torch"] == torch.__version__
+    assert (tmp_path / "resnet18_cpu_fp32.png").stat().st_size > 0
+
+
+def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatch):
+    def broken_fast_model(reference, backend):
+        model = bench.fastres.convert(reference, backend=backend)
+        with torch.no_grad():
+            model.fc.weight.mul_(1.5)  # a wrong model
+        return model
+
+    monkeypatch.setattr(bench, "build_fast", broken_fast_model)
+    assert bench.main([*TINY, "--out", str(tmp_path)]) == 1
+    rows = _rows(tmp_path / "resnet18_cpu_fp32.csv")
+    failed = rows[1]
+    assert failed["parity_ok"] == "False" and failed["train_img_s"] == ""
+
+
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--steps", "0"], ["--model", "vgg16"],
+                                 ["--dtype", "fp8"]])
+def test_bad_arguments_exit_with_usage(bad):
+    with pytest.raises(SystemExit) as error:
+        bench.parse_args(bad)
+    assert error.value.code == 2
