@@ -134,7 +134,7 @@ def extensions():
         # the one torch already loaded, so the process keeps a single OpenMP runtime.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    sources = ["csrc/fastres.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     archs = ""
     if build_cuda:
         archs = os.environ.get("FASTRES_CUDA_ARCHS", "").strip() or DEFAULT_CUDA_ARCHS

@@ -1,9 +1,10 @@
 """``bn_act``: fused BatchNorm + residual add + ReLU, as ``torch.library`` custom ops.
 
-Two op families share one schema, one fake kernel and one autograd formula:
+Two op families share one schema, one fake kernel and one autograd formula (in C++ for the
+compiled family, where the Python autograd path would cost as much as a small kernel):
 
 * ``torch.ops.fastres.bn_act_forward`` / ``bn_act_backward``: C++ kernels (CPU and CUDA keys),
-  schemas in ``csrc/fastres.cpp``;
+  schemas in ``csrc/fastres.cpp``, autograd in ``csrc/bn_act_autograd.cpp``;
 * ``torch.ops.fastres.bn_act_forward_triton`` / ``bn_act_backward_triton``: Triton kernels
   (``fastres/triton/bn_act.py``), defined here.
 
@@ -111,11 +112,14 @@ def bn_act_reference(
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          momentum: float, count: int) -> None:
     """In place, as F.batch_norm does: ``running = (1 - momentum) * running + momentum * batch``,
-    with the unbiased batch variance (``var`` is the biased one over ``count`` values)."""
+    with the unbiased batch variance (``var`` is the biased one over ``count`` values).
+
+    One foreach lerp for both buffers: this runs once per BatchNorm per step, and five separate
+    tensor ops cost twice as long.
+    """
+    unbiased = var * (count / (count - 1)) if count > 1 else var
     with torch.no_grad():
-        unbiased = var * (count / (count - 1)) if count > 1 else var
-        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +202,7 @@ def _backward_fake(grad_out, x, weight, save_mean, save_var, relu_mask, training
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd, shared by both op families
+# Autograd of the Triton op family (the compiled family's is the same formula, in C++)
 
 
 def _setup_context(ctx, inputs, output):
@@ -229,11 +233,12 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(forward_op, backward_op) -> None:
+def _register(forward_op, backward_op, *, autograd: bool) -> None:
     torch.library.register_fake(forward_op, _forward_fake)
     torch.library.register_fake(backward_op, _backward_fake)
-    torch.library.register_autograd(forward_op, _make_backward(backward_op),
-                                    setup_context=_setup_context)
+    if autograd:
+        torch.library.register_autograd(forward_op, _make_backward(backward_op),
+                                        setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,13 +270,15 @@ def bn_act_backward_triton(
                                    training, eps, relu, residual_grad)
 
 
-_register(bn_act_forward_triton, bn_act_backward_triton)
+_register(bn_act_forward_triton, bn_act_backward_triton, autograd=True)
 # The forward and backward op of each concrete backend (the torch backend has no op).
 FORWARD_OPS = {"triton": torch.ops.fastres.bn_act_forward_triton}
 BACKWARD_OPS = {"triton": torch.ops.fastres.bn_act_backward_triton}
 
 if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is loaded
-    _register(torch.ops.fastres.bn_act_forward.default, torch.ops.fastres.bn_act_backward.default)
+    # Their autograd is registered in C++ (csrc/bn_act_autograd.cpp): it costs less per call.
+    _register(torch.ops.fastres.bn_act_forward.default, torch.ops.fastres.bn_act_backward.default,
+              autograd=False)
     for _name in ("cpu", "cuda"):
         FORWARD_OPS[_name] = torch.ops.fastres.bn_act_forward
         BACKWARD_OPS[_name] = torch.ops.fastres.bn_act_backward
