@@ -4,9 +4,13 @@
 # compute-sanitizer on a representative subset where it exists, python -m fastres.bench and the
 # microbenchmarks in float32 and bfloat16, and write every result into one folder.
 #
-# Usage: bash benchmarks/gpu_suite.sh OUT_DIR
+# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [all|tests|bench|kernels]
+#   tests: build, tests, compute-sanitizer; bench: build, fastres.bench fp32 and bf16; kernels:
+#   build, microbenchmarks. Each phase alone fits a 10-minute call where the whole run may not.
 set -uo pipefail
-out=${1:?usage: gpu_suite.sh OUT_DIR}
+out=${1:?usage: gpu_suite.sh OUT_DIR [all|tests|bench|kernels]}
+phase=${2:-all}
+case $phase in all|tests|bench|kernels) ;; *) echo "phase must be all, tests, bench or kernels, got $phase"; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -18,6 +22,7 @@ FASTRES_CUDA=1 FASTRES_CUDA_ARCHS=${FASTRES_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS
   || { echo "build failed, see $out/build.log"; exit 1; }
 "$python" -m fastres.info | tee "$out/info.txt"
 
+if [ "$phase" = all ] || [ "$phase" = tests ]; then
 # Every test, the GPU-marked ones included (they run only here).
 "$python" -m pytest tests -q -p no:cacheprovider --junitxml="$out/tests.xml" \
   > "$out/tests.log" 2>&1 || status=1
@@ -32,15 +37,22 @@ else
   echo "compute-sanitizer not found: skipped" | tee "$out/sanitizer.log"
 fi
 
+fi
+
+if [ "$phase" = all ] || [ "$phase" = bench ]; then
 # The main job: ResNet-50 parity and throughput against torchvision, fp32 and bf16 autocast.
 for dtype in fp32 bf16; do
   "$python" -m fastres.bench --dtype $dtype --out "$out" 2>>"$out/bench_cli.log" \
     | tee "$out/resnet50_$dtype.txt" || status=1
 done
+fi
+
+if [ "$phase" = all ] || [ "$phase" = kernels ]; then
 
 for dtype in bfloat16 float32; do
   FASTRES_BENCH_DTYPE=$dtype "$python" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$out/bn_act_$dtype.json" > "$out/bench_$dtype.log" 2>&1 || status=1
   "$python" benchmarks/report.py "$out/bn_act_$dtype.json" --out "$out/$dtype" | tee "$out/report_$dtype.txt"
 done
+fi
 exit $status
