@@ -2,12 +2,14 @@
 
 * :class:`FastBottleneck`, :class:`FastBasicBlock`: torchvision's blocks on fused ops;
 * :func:`resnet50` (and the other ResNet builders), :func:`convert`, :func:`revert`;
+* :func:`fold_bn`: a convolution's weight and bias with an eval-mode BatchNorm folded in;
 * :mod:`fastres.ops`: the fused ops (``bn_act``, ``bn_act_conv2d``);
 * :func:`info`: which kernel backends were built and which can run here.
 """
 
 from fastres import backends as _backends  # loads fastres._C first: it defines torch.ops.fastres.*
 from fastres import ops
+from fastres.folding import fold_bn
 from fastres.models import (ConversionReport, convert, resnet18, resnet34, resnet50, resnet101,
                             resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, revert,
                             wide_resnet50_2, wide_resnet101_2)
@@ -21,7 +23,8 @@ def info() -> dict:
     return _info()
 
 __all__ = [
-    "FastBasicBlock", "FastBottleneck", "ConversionReport", "convert", "revert", "info", "ops",
+    "FastBasicBlock", "FastBottleneck", "ConversionReport", "convert", "revert", "fold_bn", "info",
+    "ops",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]

@@ -12,7 +12,9 @@ Training forward of a bottleneck::
     out = bn_act(y3; bn3, residual=downsample(x) or x)
 
 so autograd keeps y1, y2, y3 and 1-bit ReLU masks where torchvision also keeps both ReLU outputs.
-Eval runs the same ops with the running statistics.
+Eval on CPU in float32 without autograd runs each convolution once with its BatchNorm folded in
+and bias, residual add and ReLU fused (fastres/folding.py); otherwise eval runs the same fused
+ops as training, with the running statistics.
 
 A block whose layers the fused ops cannot reproduce (a norm layer other than an exact
 ``nn.BatchNorm2d``: FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, ...; an activation other than
@@ -22,6 +24,7 @@ A block whose layers the fused ops cannot reproduce (a norm layer other than an 
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastres.backends import BACKEND_CHOICES, resolve_backend
+from fastres.folding import FoldedBlock, folding_available
 from fastres.ops.bn_act import bn_act, update_running_stats
 from fastres.ops.bn_act_conv import bn_act_conv2d
 
@@ -134,6 +138,8 @@ class _FastBlock:
         backend = resolve_backend(self.backend, x.device)
         if backend == "torch" or not self.fused():
             return super().forward(x)
+        if self._can_fold(x, backend):
+            return self._folded_forward(x)
         identity = x if self.downsample is None else self.downsample(x)
         norms = [getattr(self, name) for name in self._norms]
         convs = [getattr(self, name) for name in self._convs]
@@ -141,6 +147,57 @@ class _FastBlock:
         for bn, conv in zip(norms[:-1], convs[1:]):
             out = _bn_relu_conv(out, bn, conv, backend)
         return _bn_add_relu(out, norms[-1], identity, backend)
+
+
+    # --- eval with BatchNorm folded into the convolutions (fastres/folding.py) ----------------
+
+    def _downsample_pair(self):
+        """(conv, bn) of a foldable downsample branch, else None."""
+        ds = self.downsample
+        if (type(ds) is nn.Sequential and len(ds) == 2 and _fusable_conv(ds[0])
+                and _fusable_batch_norm(ds[1])):
+            return ds[0], ds[1]
+        return None
+
+    def _can_fold(self, x: Tensor, backend: str) -> bool:
+        """Folded inference runs where it gives exactly the eval computation and nothing needs
+        gradients: CPU float32 without autocast, every BatchNorm in eval with running stats.
+        Anything else (autograd in eval, autocast, torch.compile tracing) takes the unfused
+        eval path, which keeps gradients."""
+        if backend != "cpu" or self.training or x.dtype != torch.float32:
+            return False
+        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in self.parameters())):
+            return False
+        norms = [getattr(self, name) for name in self._norms]
+        if self.downsample is not None and self._downsample_pair() is not None:
+            norms.append(self.downsample[1])
+        return folding_available() and all(
+            not bn.training and bn.running_mean is not None for bn in norms)
+
+    def _folded_forward(self, x: Tensor) -> Tensor:
+        pairs = [(getattr(self, c), getattr(self, n)) for c, n in zip(self._convs, self._norms)]
+        cache = _FOLDED.setdefault(self, FoldedBlock())
+        stages, downsample = cache.stages(pairs, self._downsample_pair(), x)
+        out = x
+        for stage in stages[:-1]:
+            out = stage.run(out, relu=True)
+        if downsample is not None:
+            identity = downsample.run(x, relu=False)
+        else:
+            identity = x if self.downsample is None else self.downsample(x)
+        return stages[-1].run(out, relu=True, residual=identity)
+
+    def train(self, mode: bool = True):
+        _FOLDED.pop(self, None)  # folded weights are for eval only; free them
+        return super().train(mode)
+
+
+# Folded weights of each block, kept beside the module (not in it: they are neither state to
+# save nor something deepcopy should duplicate).
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, FoldedBlock]" = weakref.WeakKeyDictionary()
 
 
 class FastBottleneck(_FastBlock, Bottleneck):

@@ -1,0 +1,139 @@
+"""Inference with BatchNorm folded into the convolutions: fold_bn, eval outputs, the cache."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+import fastres
+from fastres import fold_bn
+from fastres.modules import _FOLDED
+
+
+def _realistic(model: nn.Module, seed=0) -> nn.Module:
+    """Non-trivial BatchNorm parameters and running statistics, then eval."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _assert_eval_matches(fast, reference, x):
+    with torch.no_grad():
+        expected, got = reference(x), fast(x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_bn_matches_torch(conv_bias, affine):
+    conv = nn.Conv2d(8, 16, 3, padding=1, bias=conv_bias)
+    bn = _realistic(nn.Sequential(nn.BatchNorm2d(16, affine=affine)))[0]
+    weight, bias = fold_bn(conv, bn)
+    expected_w, expected_b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                                  bn.running_var, bn.eps, bn.weight, bn.bias)
+    torch.testing.assert_close(weight, expected_w)
+    torch.testing.assert_close(bias, expected_b)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(nn.functional.conv2d(x, weight, bias, padding=1), bn(conv(x)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fold_bn_rejects_what_cannot_be_folded():
+    with pytest.raises(ValueError, match="no running statistics"):
+        fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="bn has 5 channels but conv has 4"):
+        fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format],
+                         ids=["channels_last", "contiguous"])
+def test_eval_outputs_match_torchvision(builder, memory_format):
+    reference = _realistic(getattr(torchvision.models, builder)(num_classes=10))
+    reference = reference.to(memory_format=memory_format)
+    fast = fastres.convert(reference, backend="cpu")
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
+    _assert_eval_matches(fast, reference, x)
+    assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
+
+
+def _pair():
+    reference = _realistic(torchvision.models.resnet18(num_classes=10))
+    return reference, fastres.convert(reference, backend="cpu")
+
+
+def test_cache_sees_in_place_edits():
+    reference, fast = _pair()
+    x = torch.randn(2, 3, 48, 48)
+    _assert_eval_matches(fast, reference, x)
+    with torch.no_grad():
+        for model in (reference, fast):
+            model.layer1[0].conv1.weight.mul_(1.7)
+            model.layer2[0].bn2.running_var.add_(0.5)
+            model.layer3[0].downsample[1].bias.add_(0.3)
+    _assert_eval_matches(fast, reference, x)
+
+
+def test_cache_sees_optimizer_steps_and_training():
+    reference, fast = _pair()
+    x = torch.randn(4, 3, 48, 48)
+    _assert_eval_matches(fast, reference, x)
+    for model in (reference, fast):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        model(x).sum().backward()  # also moves the running statistics
+        optimizer.step()
+        model.eval()
+    _assert_eval_matches(fast, reference, x)
+
+
+def test_cache_sees_load_state_dict_and_dtype_moves():
+    reference, fast = _pair()
+    x = torch.randn(2, 3, 48, 48)
+    _assert_eval_matches(fast, reference, x)
+    other = _realistic(torchvision.models.resnet18(num_classes=10), seed=1)
+    reference.load_state_dict(other.state_dict())
+    fast.load_state_dict(other.state_dict())
+    _assert_eval_matches(fast, reference, x)
+    reference.double()
+    fast.double()
+    _assert_eval_matches(fast, reference, x.double())
+    reference.float()
+    fast.float()
+    _assert_eval_matches(fast, reference, x)
+
+
+def test_autograd_in_eval_matches_the_unfused_computation():
+    reference, fast = _pair()
+    x = torch.randn(2, 3, 48, 48)
+    results = []
+    for model in (reference, fast):
+        inp = x.clone().requires_grad_()
+        out = model(inp)
+        out.sum().backward()
+        results.append((out.detach(), inp.grad, [p.grad for p in model.parameters()]))
+    (ref_out, ref_dx, ref_grads), (out, dx, grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+def test_eval_under_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    reference, fast = _pair()
+    x = torch.randn(2, 3, 48, 48)
+    compiled = torch.compile(copy.deepcopy(fast), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
