@@ -12,7 +12,6 @@ an in-place edit, ``.to()`` — is seen on the next call and the weights are fol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,37 +50,36 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return weight, shift.to(conv.weight.dtype)
 
 
-@dataclass
 class _Stage:
-    """One folded convolution: prepacked weight, bias and the convolution's geometry."""
+    """One folded convolution: its weight and bias, prepacked for oneDNN on first use."""
 
-    weight: Tensor
-    bias: Tensor
-    conv: nn.Conv2d
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        self.conv = conv
+        with torch.no_grad():
+            self.weight, self.bias = fold_bn(conv, bn)
+        self.packed: Optional[Tensor] = None
 
     def run(self, x: Tensor, *, relu: bool, residual: Optional[Tensor] = None) -> Tensor:
         c = self.conv
         geometry = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
+        if self.packed is None:
+            # oneDNN picks the weight layout for this input shape; packing for the shape that
+            # really arrives avoids a reorder on every call. Other batch sizes stay correct.
+            with torch.no_grad():
+                self.packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight.contiguous(memory_format=torch.channels_last), *geometry[:3],
+                    c.groups, list(x.shape))
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, *geometry, "relu" if relu else "none", [], "")
+                x, self.packed, self.bias, *geometry, "relu" if relu else "none", [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, self.weight, self.bias, *geometry, "add", 1.0,
+            x, residual, self.packed, self.bias, *geometry, "add", 1.0,
             "relu" if relu else "none", [], "")
 
 
 def _state_key(tensors: list[Optional[Tensor]]) -> tuple:
     return tuple((None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device))
                  for t in tensors)
-
-
-def _fold_and_pack(conv: nn.Conv2d, bn: nn.BatchNorm2d, input_shape: list[int]) -> _Stage:
-    with torch.no_grad():
-        weight, bias = fold_bn(conv, bn)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight.contiguous(memory_format=torch.channels_last), list(conv.padding),
-            list(conv.stride), list(conv.dilation), conv.groups, input_shape)
-    return _Stage(packed, bias, conv)
 
 
 class FoldedBlock:
@@ -96,20 +94,15 @@ class FoldedBlock:
         self._stages: list[_Stage] = []
         self._downsample: Optional[_Stage] = None
 
-    def stages(self, pairs, downsample, x: Tensor) -> tuple[list[_Stage], Optional[_Stage]]:
+    def stages(self, pairs, downsample) -> tuple[list[_Stage], Optional[_Stage]]:
         modules = list(pairs) + ([downsample] if downsample else [])
         tensors = [t for conv, bn in modules
                    for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                              bn.running_var)]
         key = _state_key(tensors) + tuple(bn.eps for _, bn in modules)
         if key != self._key:
-            # The input shape only guides oneDNN's choice of weight layout; any batch works.
-            def hint(conv):
-                return [x.shape[0], conv.in_channels, x.shape[2], x.shape[3]]
-
-            self._stages = [_fold_and_pack(conv, bn, hint(conv)) for conv, bn in pairs]
-            self._downsample = (_fold_and_pack(*downsample, hint(downsample[0]))
-                                if downsample else None)
+            self._stages = [_Stage(conv, bn) for conv, bn in pairs]
+            self._downsample = _Stage(*downsample) if downsample else None
             self._key = key
         return self._stages, self._downsample
 

@@ -180,7 +180,7 @@ class _FastBlock:
     def _folded_forward(self, x: Tensor) -> Tensor:
         pairs = [(getattr(self, c), getattr(self, n)) for c, n in zip(self._convs, self._norms)]
         cache = _FOLDED.setdefault(self, FoldedBlock())
-        stages, downsample = cache.stages(pairs, self._downsample_pair(), x)
+        stages, downsample = cache.stages(pairs, self._downsample_pair())
         out = x
         for stage in stages[:-1]:
             out = stage.run(out, relu=True)
