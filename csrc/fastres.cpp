@@ -19,6 +19,26 @@ TORCH_LIBRARY(fastres, m) {
       "bn_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
       "Tensor save_var, Tensor relu_mask, bool training, float eps, bool relu, "
       "bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The same computation split where synchronized BatchNorm (fastres/ops/sync_bn_act.py)
+  // all-reduces across processes: per-process statistics and per-channel gradient sums in, the
+  // elementwise passes with the global values out. The forward's elementwise pass is
+  // bn_act_forward with training=false and the global statistics.
+  //
+  // Per-channel batch mean and biased variance of x (NaN for an empty batch).
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  // Returns (sum_grad, sum_grad_centred): per channel, the sums of gm = grad_out * relu_mask and
+  // of gm * (x - save_mean).
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_out, Tensor x, Tensor save_mean, Tensor relu_mask, "
+      "bool relu) -> (Tensor, Tensor)");
+  // Training backward from global values: sum_grad and sum_grad_centred summed over every
+  // process, count the number of elements per channel over every process. Returns (grad_x,
+  // grad_residual); grad_residual is empty unless residual_grad.
+  m.def(
+      "bn_act_backward_apply(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
+      "Tensor save_var, Tensor relu_mask, Tensor sum_grad, Tensor sum_grad_centred, int count, "
+      "float eps, bool relu, bool residual_grad) -> (Tensor, Tensor)");
 }
 
 #ifndef FASTRES_CUDA_ARCHS

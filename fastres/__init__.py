@@ -1,9 +1,11 @@
 """fastres: fused conv / BatchNorm / ReLU / residual-add kernels for residual networks.
 
 * :class:`FastBottleneck`, :class:`FastBasicBlock`: torchvision's blocks on fused ops;
+* :class:`SyncBatchNorm2d`: BatchNorm with statistics over every process (CPU and CUDA);
 * :func:`resnet50` (and the other ResNet builders), :func:`convert`, :func:`revert`;
 * :func:`fold_bn`: a convolution's weight and bias with an eval-mode BatchNorm folded in;
-* :mod:`fastres.ops`: the fused ops (``bn_act``, ``bn_act_conv2d``);
+* :mod:`fastres.ops`: the fused ops (``bn_act``, ``bn_act_conv2d``, ``sync_bn_act``,
+  ``sync_bn_act_conv2d``);
 * :func:`info`: which kernel backends were built and which can run here.
 """
 
@@ -13,7 +15,7 @@ from fastres.folding import fold_bn
 from fastres.models import (ConversionReport, convert, resnet18, resnet34, resnet50, resnet101,
                             resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, revert,
                             wide_resnet50_2, wide_resnet101_2)
-from fastres.modules import FastBasicBlock, FastBottleneck
+from fastres.modules import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
 
 
 def info() -> dict:
@@ -23,7 +25,7 @@ def info() -> dict:
     return _info()
 
 __all__ = [
-    "FastBasicBlock", "FastBottleneck", "ConversionReport", "convert", "revert", "fold_bn", "info",
+    "FastBasicBlock", "FastBottleneck", "SyncBatchNorm2d", "ConversionReport", "convert", "revert", "fold_bn", "info",
     "ops",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",

@@ -6,13 +6,14 @@ import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from fastres.modules import FastBasicBlock, FastBottleneck, _check_backend_name
+from fastres.modules import (FastBasicBlock, FastBottleneck, SyncBatchNorm2d,
+                             _check_backend_name, replace_modules, retyped, sync_batch_norms)
 
 __all__ = [
     "convert", "revert", "ConversionReport", "resnet18", "resnet34", "resnet50", "resnet101",
@@ -32,21 +33,17 @@ class ConversionReport:
 
     converted: list[str] = field(default_factory=list)  # qualified module names
     left_alone: dict[str, str] = field(default_factory=dict)  # name -> reason
+    # BatchNorms made SyncBatchNorm2d (convert with sync_bn=True) or made plain again (revert)
+    batch_norms: list[str] = field(default_factory=list)
 
     def summary(self, verb: str = "converted") -> str:
         text = f"fastres: {verb} {len(self.converted)} block(s)"
+        if self.batch_norms:
+            text += f" and {len(self.batch_norms)} BatchNorm layer(s)"
         if self.left_alone:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.left_alone.items())
             text += f"; left {len(self.left_alone)} alone ({reasons})"
         return text
-
-
-def _retype(block: nn.Module, cls: type) -> nn.Module:
-    """The same module state under another class: every parameter, buffer, submodule, hook and
-    the training flag are the very same objects, so nothing is copied or cast."""
-    new = cls.__new__(cls)
-    new.__dict__ = dict(block.__dict__)
-    return new
 
 
 def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type | None, str]],
@@ -56,7 +53,7 @@ def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type |
     def visit(module: nn.Module, name: str) -> nn.Module:
         cls, why_not = pick(module, name)
         if cls is not None:
-            new = _retype(module, cls)
+            new = retyped(module, cls)
             configure(new)
             report.converted.append(name or "<model>")
             return new
@@ -71,7 +68,8 @@ def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type |
     return visit(model, ""), report
 
 
-def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
+            sync_bn: bool = False, process_group: Optional[Any] = None) -> nn.Module:
     """Replaces every torchvision ``Bottleneck`` and ``BasicBlock`` in ``model`` by the fast blocks.
 
     Works anywhere in a model (plain ResNets, ResNeXt, Wide ResNet, backbones nested in other
@@ -85,6 +83,12 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
         model: any module.
         backend: the fast blocks' backend (see :mod:`fastres.backends`).
         inplace: modify ``model`` itself; otherwise a deep copy is converted.
+        sync_bn: also make every ``nn.BatchNorm2d`` of the model (in the blocks, their downsample
+            branches, the stem and elsewhere) a :class:`fastres.SyncBatchNorm2d` on the same
+            tensors, so that training computes batch statistics over every process of
+            ``process_group``, as ``nn.SyncBatchNorm`` does, on CPU (gloo) and CUDA (NCCL).
+            torch.distributed must be initialised by the first training forward, not before.
+        process_group: the group for ``sync_bn`` (None: the default group).
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
@@ -107,6 +111,10 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
         block.backend = backend
 
     model, report = _swap_blocks(model, pick, configure)
+    if sync_bn:
+        report.batch_norms = sync_batch_norms(model, process_group, backend)
+    elif process_group is not None:
+        raise ValueError("convert: process_group is only used with sync_bn=True")
     _report(report, "converted")
     return model
 
@@ -114,7 +122,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False) -
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Turns fast blocks back into torchvision's ``Bottleneck`` and ``BasicBlock``.
 
-    The inverse of :func:`convert`: same tensors, same training modes.
+    The inverse of :func:`convert`: same tensors, same training modes; every
+    :class:`fastres.SyncBatchNorm2d` becomes an ``nn.BatchNorm2d`` again.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert: model must be an nn.Module, got {type(model).__name__}")
@@ -128,6 +137,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         del block.__dict__["backend"]
 
     model, report = _swap_blocks(model, pick, configure)
+    report.batch_norms = replace_modules(model, SyncBatchNorm2d,
+                                         SyncBatchNorm2d.to_batch_norm)
     _report(report, "reverted")
     return model
 
@@ -144,18 +155,21 @@ def _builder(torchvision_builder: Callable[..., nn.Module]) -> Callable[..., nn.
     name = torchvision_builder.__name__
 
     def build(*, weights: Any = None, progress: bool = True, backend: str = "auto",
+              sync_bn: bool = False, process_group: Optional[Any] = None,
               **kwargs: Any) -> nn.Module:
         model = torchvision_builder(weights=weights, progress=progress, **kwargs)
         model, _ = _swap_blocks(model, lambda m, n: (_FAST_OF.get(type(m)), ""),
                                 lambda block: setattr(block, "backend", _check_backend_name(backend)))
+        if sync_bn:
+            sync_batch_norms(model, process_group, backend)
         return model
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = (
         f"torchvision's ``{name}`` built from fast blocks.\n\n"
         f"Takes torchvision's arguments (``weights`` as torchvision's weights enum, ``progress``, "
-        f"and ``ResNet`` keyword arguments) plus ``backend``; loads any torchvision {name} "
-        f"state_dict unchanged.")
+        f"and ``ResNet`` keyword arguments) plus ``backend``, ``sync_bn`` and ``process_group`` "
+        f"(as for :func:`convert`); loads any torchvision {name} state_dict unchanged.")
     return build
 
 

@@ -16,8 +16,13 @@ Eval on CPU in float32 without autograd runs each convolution once with its Batc
 and bias, residual add and ReLU fused (fastres/folding.py); otherwise eval runs the same fused
 ops as training, with the running statistics.
 
+With ``sync_bn=True`` (or after ``fastres.convert(model, sync_bn=True)``) every BatchNorm of a
+block is a :class:`SyncBatchNorm2d`: in training the fused ops compute batch statistics over every
+process of its ``process_group`` (fastres/ops/sync_bn_act.py), on CPU (gloo) as on CUDA (NCCL).
+
 A block whose layers the fused ops cannot reproduce (a norm layer other than an exact
-``nn.BatchNorm2d``: FrozenBatchNorm2d, GroupNorm, SyncBatchNorm, ...; an activation other than
+``nn.BatchNorm2d`` or :class:`SyncBatchNorm2d`: FrozenBatchNorm2d, GroupNorm,
+``nn.SyncBatchNorm``, ...; an activation other than
 ``nn.ReLU``; a convolution with a bias or non-zero padding mode), or whose backend resolves to
 ``torch``, runs torchvision's own forward: the reference computation, never a wrong one.
 """
@@ -25,7 +30,7 @@ A block whose layers the fused ops cannot reproduce (a norm layer other than an 
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +40,9 @@ from fastres.backends import BACKEND_CHOICES, resolve_backend
 from fastres.folding import FoldedBlock, folding_available
 from fastres.ops.bn_act import bn_act, update_running_stats
 from fastres.ops.bn_act_conv import bn_act_conv2d
+from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
 
-__all__ = ["FastBottleneck", "FastBasicBlock"]
+__all__ = ["FastBottleneck", "FastBasicBlock", "SyncBatchNorm2d", "sync_batch_norms"]
 
 
 def _check_backend_name(backend: str) -> str:
@@ -57,7 +63,13 @@ def _check_block_input(x: Tensor, conv: nn.Conv2d, block: str) -> None:
 
 
 def _fusable_batch_norm(module: nn.Module) -> bool:
-    return type(module) is nn.BatchNorm2d
+    return type(module) in (nn.BatchNorm2d, SyncBatchNorm2d)
+
+
+def _synchronised(bn: nn.Module) -> bool:
+    """Whether bn's statistics come from every process of its group (training only, as in
+    nn.SyncBatchNorm: eval and running statistics need no communication)."""
+    return isinstance(bn, SyncBatchNorm2d) and bn.training
 
 
 def _fusable_conv(module: nn.Module) -> bool:
@@ -100,6 +112,12 @@ def _bn_relu_conv(y: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, backend: str) 
         # The fused op is opaque to autocast: cast as autocast would for the convolution.
         y, weight = y.to(compute_dtype), weight.to(compute_dtype)
     with torch.autocast(y.device.type, enabled=False):
+        if _synchronised(bn):
+            return sync_bn_act_conv2d(
+                y, call.weight, call.bias, call.running_mean, call.running_var, weight,
+                list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
+                training=call.training, momentum=call.momentum, eps=call.eps,
+                process_group=bn.process_group, backend=backend)
         out, mean, var = bn_act_conv2d(
             y, call.weight, call.bias, call.running_mean, call.running_var, weight,
             list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
@@ -115,9 +133,103 @@ def _bn_add_relu(y: Tensor, bn: nn.BatchNorm2d, residual: Tensor, backend: str) 
     call = _BatchNormCall(bn)
     if residual.dtype != y.dtype:  # autocast: the residual path may be in another precision
         residual = residual.to(y.dtype)
+    if _synchronised(bn):
+        return sync_bn_act(y, call.weight, call.bias, call.running_mean, call.running_var,
+                           residual=residual, training=call.training, momentum=call.momentum,
+                           eps=call.eps, relu=True, process_group=bn.process_group,
+                           backend=backend)
     return bn_act(y, call.weight, call.bias, call.running_mean, call.running_var,
                   residual=residual, training=call.training, momentum=call.momentum,
                   eps=call.eps, relu=True, backend=backend)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics cover every process of a group.
+
+    What ``nn.SyncBatchNorm`` computes, on fastres's fused kernels, for CUDA tensors (NCCL) and
+    CPU tensors (gloo; ``nn.SyncBatchNorm`` has no CPU path). Processes may hold different batch
+    sizes, including zero. Parameters, buffers and state dicts are those of ``nn.BatchNorm2d``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as for
+            ``nn.BatchNorm2d``.
+        process_group: the ``torch.distributed`` group to synchronise over; None: the default
+            group, looked up at each training forward.
+        backend: the fused kernels' backend (see :mod:`fastres.backends`).
+
+    Input ``(N, C, H, W)``; output of the same shape, dtype and memory format. In training, every
+    process of the group must run the forward (and backward) in step; torch.distributed must be
+    initialised, else a RuntimeError says so. Eval communicates nothing.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Optional[Any] = None, device=None, dtype=None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+        self.backend = _check_backend_name(backend)
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, process_group: Optional[Any] = None,
+                        backend: str = "auto") -> "SyncBatchNorm2d":
+        """``bn`` itself, retyped: the very same parameters, buffers, hooks and mode."""
+        if type(bn) is not nn.BatchNorm2d:
+            raise TypeError(f"SyncBatchNorm2d.from_batch_norm: bn must be an nn.BatchNorm2d, got "
+                            f"{type(bn).__name__}")
+        sync = retyped(bn, cls)
+        sync.process_group = process_group
+        sync.backend = _check_backend_name(backend)
+        return sync
+
+    def to_batch_norm(self) -> nn.BatchNorm2d:
+        """The inverse of :meth:`from_batch_norm`: an ``nn.BatchNorm2d`` on the same tensors."""
+        plain = retyped(self, nn.BatchNorm2d)
+        del plain.__dict__["process_group"], plain.__dict__["backend"]
+        return plain
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        call = _BatchNormCall(self)
+        if self.training:
+            return sync_bn_act(x, call.weight, call.bias, call.running_mean, call.running_var,
+                               training=call.training, momentum=call.momentum, eps=call.eps,
+                               relu=False, process_group=self.process_group,
+                               backend=self.backend)
+        return bn_act(x, call.weight, call.bias, call.running_mean, call.running_var,
+                      training=call.training, momentum=call.momentum, eps=call.eps, relu=False,
+                      backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+def retyped(module: nn.Module, cls: type) -> nn.Module:
+    """The same module state under another class: every parameter, buffer, submodule, hook and
+    the training flag are the very same objects, so nothing is copied or cast."""
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    return new
+
+
+def replace_modules(root: nn.Module, kind: type,
+                    make: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Replaces, in place, every module of exactly type ``kind`` under ``root`` (not ``root``
+    itself) by ``make(module)``; returns their qualified names."""
+    targets = [(f"{parent_name}.{name}" if parent_name else name, parent, name, child)
+               for parent_name, parent in root.named_modules()
+               for name, child in parent.named_children() if type(child) is kind]
+    for _, parent, name, child in targets:
+        setattr(parent, name, make(child))
+    return [qualified for qualified, *_ in targets]
+
+
+def sync_batch_norms(module: nn.Module, process_group: Optional[Any] = None,
+                     backend: str = "auto") -> list[str]:
+    """Retypes, in place, every exact ``nn.BatchNorm2d`` under ``module`` (not ``module``
+    itself) into a :class:`SyncBatchNorm2d` on the same tensors; returns their qualified names."""
+    return replace_modules(module, nn.BatchNorm2d,
+                           lambda bn: SyncBatchNorm2d.from_batch_norm(bn, process_group, backend))
 
 
 class _FastBlock:
@@ -204,7 +316,9 @@ class FastBottleneck(_FastBlock, Bottleneck):
     """torchvision's ``Bottleneck`` (ResNet v1.5: stride on the 3x3) on fused ops.
 
     Same constructor as torchvision's, plus ``backend`` (``"auto"``, ``"cpu"``, ``"cuda"``,
-    ``"triton"`` or ``"torch"``). Input ``(N, inplanes, H, W)``; output
+    ``"triton"`` or ``"torch"``) and ``sync_bn`` / ``process_group``: with ``sync_bn=True`` every
+    BatchNorm of the block, the downsample branch's included, becomes a :class:`SyncBatchNorm2d`
+    over ``process_group`` (None: the default group). Input ``(N, inplanes, H, W)``; output
     ``(N, planes * 4, H / stride, W / stride)``, dtype and memory format as torchvision's.
     """
 
@@ -214,10 +328,13 @@ class FastBottleneck(_FastBlock, Bottleneck):
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None, *,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", sync_bn: bool = False,
+                 process_group: Optional[Any] = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
         self.backend = _check_backend_name(backend)
+        if sync_bn:
+            sync_batch_norms(self, process_group, backend)
 
 
 class FastBasicBlock(_FastBlock, BasicBlock):
@@ -232,7 +349,10 @@ class FastBasicBlock(_FastBlock, BasicBlock):
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None, *,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", sync_bn: bool = False,
+                 process_group: Optional[Any] = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
         self.backend = _check_backend_name(backend)
+        if sync_bn:
+            sync_batch_norms(self, process_group, backend)

@@ -126,4 +126,28 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
   }
 }
 
+// Validates bn_act_backward_reduce's arguments.
+inline void check_backward_reduce_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                       const at::Tensor& save_mean, const at::Tensor& relu_mask,
+                                       bool relu) {
+  check_backward_args(grad_out, x, std::nullopt, save_mean, save_mean, relu_mask, relu);
+}
+
+// Validates bn_act_backward_apply's arguments.
+inline void check_backward_apply_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& weight,
+                                      const at::Tensor& save_mean, const at::Tensor& save_var,
+                                      const at::Tensor& relu_mask, const at::Tensor& sum_grad,
+                                      const at::Tensor& sum_grad_centred, int64_t count,
+                                      double eps, bool relu) {
+  check_backward_args(grad_out, x, weight, save_mean, save_var, relu_mask, relu);
+  check_channel_vector(sum_grad, "sum_grad", x);
+  check_channel_vector(sum_grad_centred, "sum_grad_centred", x);
+  TORCH_CHECK_VALUE(count >= x.size(0) * x.size(2) * x.size(3) && count > 1,
+                    "bn_act: count must be the number of values per channel over every process "
+                    "(at least this process's ", x.size(0) * x.size(2) * x.size(3),
+                    " and more than 1), got ", count);
+  TORCH_CHECK_VALUE(eps > 0, "bn_act: eps must be positive, got ", eps);
+}
+
 }  // namespace fastres

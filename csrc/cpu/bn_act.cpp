@@ -94,11 +94,95 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   return {grad_x, grad_weight, grad_bias, grad_residual};
 }
 
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  check_activation(x_in, "x");
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(param_dtype_for(x));
+  Tensor mean = at::empty({layout.c}, param_options);
+  Tensor var = at::empty({layout.c}, param_options);
+  if (layout.numel() == 0) {  // an empty batch has no statistics; PyTorch reports NaN for them
+    mean.fill_(NAN);
+    var.fill_(NAN);
+    return {mean, var};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
+    using P = opmath<scalar_t>;
+    FASTRES_CPU_DISPATCH(bn_batch_stats<scalar_t>, x.data_ptr<scalar_t>(), layout,
+                         mean.data_ptr<P>(), var.data_ptr<P>());
+  });
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
+                                                  const Tensor& save_mean_in,
+                                                  const Tensor& relu_mask, bool relu) {
+  check_backward_reduce_args(grad_out_in, x_in, save_mean_in, relu_mask, relu);
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const Tensor grad_out = dense_in(grad_out_in, format);
+  const Tensor save_mean = save_mean_in.contiguous();
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(param_dtype_for(x));
+  Tensor sum_grad = at::empty({layout.c}, param_options);
+  Tensor sum_grad_centred = at::empty({layout.c}, param_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
+    using P = opmath<scalar_t>;
+    FASTRES_CPU_DISPATCH(bn_act_backward_reduce<scalar_t>, grad_out.data_ptr<scalar_t>(),
+                         x.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr,
+                         save_mean.data_ptr<P>(), layout, sum_grad.data_ptr<P>(),
+                         sum_grad_centred.data_ptr<P>());
+  });
+  return {sum_grad, sum_grad_centred};
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_apply(
+    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
+    const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask,
+    const Tensor& sum_grad_in, const Tensor& sum_grad_centred_in, int64_t count, double eps,
+    bool relu, bool residual_grad) {
+  check_backward_apply_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask,
+                            sum_grad_in, sum_grad_centred_in, count, eps, relu);
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const Tensor grad_out = dense_in(grad_out_in, format);
+  const OptTensor weight = dense_vector(weight_in);
+  const Tensor save_mean = save_mean_in.contiguous(), save_var = save_var_in.contiguous();
+  const Tensor sum_grad = sum_grad_in.contiguous();
+  const Tensor sum_grad_centred = sum_grad_centred_in.contiguous();
+  const BnActLayout layout = layout_of(x, format);
+  const auto param_options = x.options().dtype(param_dtype_for(x));
+
+  Tensor grad_x = at::empty_like(x, format);
+  Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
+  Tensor coefficients = at::empty({4, layout.c}, param_options);  // k_grad, k_x, k_const, unused
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_apply_cpu", [&] {
+    using P = opmath<scalar_t>;
+    P* k = coefficients.data_ptr<P>();
+    const int64_t C = layout.c;
+    FASTRES_CPU_DISPATCH(bn_backward_coefficients<scalar_t>, save_mean.data_ptr<P>(),
+                         save_var.data_ptr<P>(), ptr_or_null<P>(weight), sum_grad.data_ptr<P>(),
+                         sum_grad_centred.data_ptr<P>(), eps, count, C, /*training=*/true, k,
+                         k + C, k + 2 * C, k + 3 * C);
+    FASTRES_CPU_DISPATCH(bn_act_backward_apply<scalar_t>, grad_out.data_ptr<scalar_t>(),
+                         x.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr,
+                         save_mean.data_ptr<P>(), k, k + C, k + 2 * C, layout,
+                         grad_x.data_ptr<scalar_t>(),
+                         residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);
+  });
+  return {grad_x, grad_residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward);
   m.impl("bn_act_backward", &bn_act_backward);
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
+  m.impl("bn_act_backward_apply", &bn_act_backward_apply);
 }
 
 }  // namespace fastres::cpu

@@ -128,11 +128,119 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   return {grad_x, grad_weight, grad_bias, grad_residual};
 }
 
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  check_activation(x_in, "x");
+  const ActivationType dtype = activation_type(x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const BnActLayout layout = layout_of(x, format);
+  Tensor mean = at::empty({layout.c}, x.options().dtype(at::kFloat));
+  Tensor var = at::empty({layout.c}, x.options().dtype(at::kFloat));
+  if (layout.numel() == 0) {  // an empty batch has no statistics; PyTorch reports NaN for them
+    mean.fill_(NAN);
+    var.fill_(NAN);
+    return {mean, var};
+  }
+  Tensor workspace = workspace_for(layout, x);
+  BnActForwardParams params;
+  params.x = x.data_ptr();
+  params.mean = mean.data_ptr<float>();
+  params.var = var.data_ptr<float>();
+  params.workspace = workspace.data_ptr();
+  params.layout = layout;
+  params.dtype = dtype;
+  launch_bn_stats(params, x.get_device(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {mean, var};
+}
+
+// The parameters both halves of the split backward read; the caller fills in the outputs.
+BnActBackwardParams split_backward_params(const Tensor& grad_out, const Tensor& x,
+                                          const OptTensor& weight, const Tensor& save_mean,
+                                          const Tensor& save_var, const Tensor& relu_mask,
+                                          const Tensor& workspace, const BnActLayout& layout,
+                                          double eps, bool relu) {
+  BnActBackwardParams params;
+  params.grad_out = grad_out.data_ptr();
+  params.x = x.data_ptr();
+  params.relu_mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
+  params.weight = ptr_or_null<float>(weight);
+  params.mean = save_mean.data_ptr<float>();
+  params.var = save_var.data_ptr<float>();
+  params.workspace = workspace.data_ptr();
+  params.layout = layout;
+  params.dtype = activation_type(x);
+  params.training = true;
+  params.relu = relu;
+  params.eps = static_cast<float>(eps);
+  return params;
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
+                                                  const Tensor& save_mean_in,
+                                                  const Tensor& relu_mask, bool relu) {
+  check_backward_reduce_args(grad_out_in, x_in, save_mean_in, relu_mask, relu);
+  (void)activation_type(x_in);  // float64 gets the clear error here
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const Tensor grad_out = dense_in(grad_out_in, format);
+  const Tensor save_mean = save_mean_in.contiguous();
+  const BnActLayout layout = layout_of(x, format);
+  Tensor sum_grad = at::zeros({layout.c}, x.options().dtype(at::kFloat));
+  Tensor sum_grad_centred = at::zeros({layout.c}, x.options().dtype(at::kFloat));
+  if (layout.numel() == 0) return {sum_grad, sum_grad_centred};
+  Tensor workspace = workspace_for(layout, x);
+  const BnActBackwardParams params = split_backward_params(
+      grad_out, x, std::nullopt, save_mean, save_mean, relu_mask, workspace, layout, 1.0, relu);
+  launch_bn_act_backward_reduce(params, sum_grad.data_ptr<float>(),
+                                sum_grad_centred.data_ptr<float>(), x.get_device(),
+                                at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sum_grad, sum_grad_centred};
+}
+
+std::tuple<Tensor, Tensor> bn_act_backward_apply(
+    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
+    const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask,
+    const Tensor& sum_grad_in, const Tensor& sum_grad_centred_in, int64_t count, double eps,
+    bool relu, bool residual_grad) {
+  check_backward_apply_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask,
+                            sum_grad_in, sum_grad_centred_in, count, eps, relu);
+  (void)activation_type(x_in);  // float64 gets the clear error here
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto format = memory_format_of(x_in);
+  const Tensor x = dense_in(x_in, format);
+  const Tensor grad_out = dense_in(grad_out_in, format);
+  const OptTensor weight = dense_vector(weight_in);
+  const Tensor save_mean = save_mean_in.contiguous(), save_var = save_var_in.contiguous();
+  const Tensor sum_grad = sum_grad_in.contiguous();
+  const Tensor sum_grad_centred = sum_grad_centred_in.contiguous();
+  const BnActLayout layout = layout_of(x, format);
+  Tensor grad_x = at::empty_like(x, format);
+  Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
+  if (layout.numel() == 0) return {grad_x, grad_residual};
+  Tensor workspace = workspace_for(layout, x);
+  BnActBackwardParams params = split_backward_params(grad_out, x, weight, save_mean, save_var,
+                                                     relu_mask, workspace, layout, eps, relu);
+  params.grad_x = grad_x.data_ptr();
+  params.grad_residual = residual_grad ? grad_residual.data_ptr() : nullptr;
+  launch_bn_act_backward_apply(params, sum_grad.data_ptr<float>(),
+                               sum_grad_centred.data_ptr<float>(), count, x.get_device(),
+                               at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_x, grad_residual};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("bn_act_forward", &bn_act_forward);
   m.impl("bn_act_backward", &bn_act_backward);
+  m.impl("bn_stats", &bn_stats);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
+  m.impl("bn_act_backward_apply", &bn_act_backward_apply);
 }
 
 }  // namespace fastres::cuda

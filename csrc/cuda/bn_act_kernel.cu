@@ -276,6 +276,39 @@ __global__ void finalize_forward_kernel(const Welford* partials, int splits, int
   shift[c] = bias ? bias[c] : 0.f;
 }
 
+// The per-channel results of the backward reduction for channel c: grad_weight, grad_bias (when
+// not null) and the coefficients of grad_x = k_grad * gm + k_x * (x - mean) + k_const.
+__device__ void backward_coefficients(int64_t c, double g, double gx, int64_t reduce_size,
+                                      const float* mean, const float* var, const float* weight,
+                                      float eps, bool training, float* grad_weight,
+                                      float* grad_bias, float* k_grad, float* k_x,
+                                      float* k_const) {
+  const float invstd = 1.f / sqrtf(var[c] + eps);
+  const float kg = (weight ? weight[c] : 1.f) * invstd;
+  if (grad_bias != nullptr) grad_bias[c] = static_cast<float>(g);
+  if (grad_weight != nullptr) grad_weight[c] = static_cast<float>(gx) * invstd;
+  k_grad[c] = kg;
+  if (training) {
+    // d/dx of w * (x - mean) * invstd through the batch mean and invstd.
+    const float inv_m = 1.f / static_cast<float>(reduce_size);
+    k_x[c] = -kg * invstd * invstd * static_cast<float>(gx) * inv_m;
+    k_const[c] = -kg * static_cast<float>(g) * inv_m;
+  } else {
+    k_x[c] = 0.f;
+    k_const[c] = 0.f;
+  }
+}
+
+__device__ void merged_partials(const GradSums* partials, int splits, int64_t channels, int64_t c,
+                                double& g, double& gx) {
+  g = 0;
+  gx = 0;
+  for (int s = 0; s < splits; ++s) {
+    g += partials[s * channels + c].g;
+    gx += partials[s * channels + c].gx;
+  }
+}
+
 __global__ void finalize_backward_kernel(const GradSums* partials, int splits, int64_t channels,
                                          int64_t reduce_size, const float* mean, const float* var,
                                          const float* weight, float eps, bool training,
@@ -283,26 +316,33 @@ __global__ void finalize_backward_kernel(const GradSums* partials, int splits, i
                                          float* k_x, float* k_const) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  double g = 0, gx = 0;
-  for (int s = 0; s < splits; ++s) {
-    g += partials[s * channels + c].g;
-    gx += partials[s * channels + c].gx;
-  }
-  const float invstd = 1.f / sqrtf(var[c] + eps);
-  const float kg = (weight ? weight[c] : 1.f) * invstd;
-  grad_bias[c] = static_cast<float>(g);
-  grad_weight[c] = static_cast<float>(gx) * invstd;
-  k_grad[c] = kg;
-  if (training) {
-    // d/dx of w * (x - mean) * invstd through the batch mean and invstd.
-    const float inv_m = 1.f / static_cast<float>(reduce_size);
-    const float kx = -kg * invstd * invstd * static_cast<float>(gx) * inv_m;
-    k_x[c] = kx;
-    k_const[c] = -kg * static_cast<float>(g) * inv_m;
-  } else {
-    k_x[c] = 0.f;
-    k_const[c] = 0.f;
-  }
+  double g, gx;
+  merged_partials(partials, splits, channels, c, g, gx);
+  backward_coefficients(c, g, gx, reduce_size, mean, var, weight, eps, training, grad_weight,
+                        grad_bias, k_grad, k_x, k_const);
+}
+
+// Synchronized BatchNorm: the reduction's per-channel sums, before they are all-reduced.
+__global__ void finalize_backward_sums_kernel(const GradSums* partials, int splits,
+                                              int64_t channels, float* sum_grad,
+                                              float* sum_grad_centred) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  double g, gx;
+  merged_partials(partials, splits, channels, c, g, gx);
+  sum_grad[c] = static_cast<float>(g);
+  sum_grad_centred[c] = static_cast<float>(gx);
+}
+
+// Synchronized BatchNorm: training coefficients from sums over every process.
+__global__ void coefficients_from_sums_kernel(const float* sum_grad, const float* sum_grad_centred,
+                                              int64_t channels, int64_t count, const float* mean,
+                                              const float* var, const float* weight, float eps,
+                                              float* k_grad, float* k_x, float* k_const) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  backward_coefficients(c, sum_grad[c], sum_grad_centred[c], count, mean, var, weight, eps,
+                        /*training=*/true, nullptr, nullptr, k_grad, k_x, k_const);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -433,27 +473,39 @@ size_t channel_area_bytes(const BnActLayout& layout) {
   return static_cast<size_t>(ceil_div(3 * layout.c * sizeof(float), 256) * 256);
 }
 
+unsigned channel_blocks(const BnActLayout& layout) {
+  return static_cast<unsigned>(ceil_div(layout.c, kThreads));
+}
+
+template <typename Reducer>
+void launch_reduction(const Reducer& reducer, const BnActLayout& layout, const ReduceGeometry& geo,
+                      typename Reducer::Acc* partials, cudaStream_t stream) {
+  if (layout.channels_last) {
+    reduce_nhwc_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, partials);
+  } else {
+    reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, geo.chunks_per_plane,
+                                                           partials);
+  }
+}
+
+template <typename Acc>
+Acc* partials_in(void* workspace, const BnActLayout& layout) {
+  return reinterpret_cast<Acc*>(static_cast<char*>(workspace) + channel_area_bytes(layout));
+}
+
 template <typename T>
 void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream) {
   const BnActLayout& layout = p.layout;
   float* scale = static_cast<float*>(p.workspace);
   float* shift = scale + layout.c;
-  auto* partials = reinterpret_cast<Welford*>(static_cast<char*>(p.workspace) +
-                                              channel_area_bytes(layout));
+  auto* partials = partials_in<Welford>(p.workspace, layout);
   const T* x = static_cast<const T*>(p.x);
   const ReduceGeometry geo = reduce_geometry(layout, device);
-  if (p.training) {
-    const StatsReducer<T> reducer{x};
-    if (layout.channels_last) {
-      reduce_nhwc_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, partials);
-    } else {
-      reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout,
-                                                             geo.chunks_per_plane, partials);
-    }
-  }
-  finalize_forward_kernel<<<static_cast<unsigned>(ceil_div(layout.c, kThreads)), kThreads, 0,
-                            stream>>>(partials, geo.splits, layout.c, p.weight, p.bias, p.eps,
-                                      p.training, p.mean, p.var, scale, shift);
+  if (p.training) launch_reduction(StatsReducer<T>{x}, layout, geo, partials, stream);
+  finalize_forward_kernel<<<channel_blocks(layout), kThreads, 0, stream>>>(
+      partials, geo.splits, layout.c, p.weight, p.bias, p.eps, p.training, p.mean, p.var, scale,
+      shift);
+  if (p.out == nullptr) return;  // statistics only
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
   const dim3 grid = elementwise_grid(layout, device);
@@ -467,28 +519,24 @@ void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream)
 }
 
 template <typename T>
-void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t stream) {
+void backward_reduce_typed(const BnActBackwardParams& p, int device, cudaStream_t stream,
+                           ReduceGeometry& geo) {
+  geo = reduce_geometry(p.layout, device);
+  const GradReducer<T> reducer{static_cast<const T*>(p.grad_out), static_cast<const T*>(p.x),
+                               p.relu ? p.relu_mask : nullptr, p.mean};
+  launch_reduction(reducer, p.layout, geo, partials_in<GradSums>(p.workspace, p.layout), stream);
+}
+
+// grad_x (and grad_residual) from the coefficients in the workspace's channel area.
+template <typename T>
+void backward_apply_typed(const BnActBackwardParams& p, int device, cudaStream_t stream) {
   const BnActLayout& layout = p.layout;
-  float* k_grad = static_cast<float*>(p.workspace);
-  float* k_x = k_grad + layout.c;
-  float* k_const = k_x + layout.c;
-  auto* partials = reinterpret_cast<GradSums*>(static_cast<char*>(p.workspace) +
-                                               channel_area_bytes(layout));
+  const float* k_grad = static_cast<const float*>(p.workspace);
+  const float* k_x = k_grad + layout.c;
+  const float* k_const = k_x + layout.c;
   const T* grad = static_cast<const T*>(p.grad_out);
   const T* x = static_cast<const T*>(p.x);
   const uint8_t* mask = p.relu ? p.relu_mask : nullptr;
-  const ReduceGeometry geo = reduce_geometry(layout, device);
-  const GradReducer<T> reducer{grad, x, mask, p.mean};
-  if (layout.channels_last) {
-    reduce_nhwc_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, partials);
-  } else {
-    reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, geo.chunks_per_plane,
-                                                           partials);
-  }
-  finalize_backward_kernel<<<static_cast<unsigned>(ceil_div(layout.c, kThreads)), kThreads, 0,
-                             stream>>>(partials, geo.splits, layout.c, layout.reduce_size(),
-                                       p.mean, p.var, p.weight, p.eps, p.training, p.grad_weight,
-                                       p.grad_bias, k_grad, k_x, k_const);
   T* grad_x = static_cast<T*>(p.grad_x);
   T* grad_residual = static_cast<T*>(p.grad_residual);
   const dim3 grid = elementwise_grid(layout, device);
@@ -501,6 +549,51 @@ void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t strea
   }
 }
 
+float* channel_area(const BnActBackwardParams& p, int index) {
+  return static_cast<float*>(p.workspace) + index * p.layout.c;
+}
+
+template <typename T>
+void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t stream) {
+  ReduceGeometry geo;
+  backward_reduce_typed<T>(p, device, stream, geo);
+  finalize_backward_kernel<<<channel_blocks(p.layout), kThreads, 0, stream>>>(
+      partials_in<GradSums>(p.workspace, p.layout), geo.splits, p.layout.c,
+      p.layout.reduce_size(), p.mean, p.var, p.weight, p.eps, p.training, p.grad_weight,
+      p.grad_bias, channel_area(p, 0), channel_area(p, 1), channel_area(p, 2));
+  backward_apply_typed<T>(p, device, stream);
+}
+
+template <typename T>
+void backward_sums_typed(const BnActBackwardParams& p, float* sum_grad, float* sum_grad_centred,
+                         int device, cudaStream_t stream) {
+  ReduceGeometry geo;
+  backward_reduce_typed<T>(p, device, stream, geo);
+  finalize_backward_sums_kernel<<<channel_blocks(p.layout), kThreads, 0, stream>>>(
+      partials_in<GradSums>(p.workspace, p.layout), geo.splits, p.layout.c, sum_grad,
+      sum_grad_centred);
+}
+
+template <typename T>
+void backward_from_sums_typed(const BnActBackwardParams& p, const float* sum_grad,
+                              const float* sum_grad_centred, int64_t count, int device,
+                              cudaStream_t stream) {
+  coefficients_from_sums_kernel<<<channel_blocks(p.layout), kThreads, 0, stream>>>(
+      sum_grad, sum_grad_centred, p.layout.c, count, p.mean, p.var, p.weight, p.eps,
+      channel_area(p, 0), channel_area(p, 1), channel_area(p, 2));
+  backward_apply_typed<T>(p, device, stream);
+}
+
+// Calls fn(T{}) with T the activation type of `dtype`.
+template <typename Fn>
+void dispatch_activation(ActivationType dtype, Fn&& fn) {
+  switch (dtype) {
+    case ActivationType::kFloat: return fn(float{});
+    case ActivationType::kHalf: return fn(__half{});
+    case ActivationType::kBFloat16: return fn(__nv_bfloat16{});
+  }
+}
+
 }  // namespace
 
 size_t bn_act_workspace_bytes(const BnActLayout& layout, int device) {
@@ -510,19 +603,39 @@ size_t bn_act_workspace_bytes(const BnActLayout& layout, int device) {
 }
 
 void launch_bn_act_forward(const BnActForwardParams& params, int device, cudaStream_t stream) {
-  switch (params.dtype) {
-    case ActivationType::kFloat: return forward_typed<float>(params, device, stream);
-    case ActivationType::kHalf: return forward_typed<__half>(params, device, stream);
-    case ActivationType::kBFloat16: return forward_typed<__nv_bfloat16>(params, device, stream);
-  }
+  dispatch_activation(params.dtype, [&](auto tag) {
+    forward_typed<decltype(tag)>(params, device, stream);
+  });
+}
+
+void launch_bn_stats(const BnActForwardParams& params, int device, cudaStream_t stream) {
+  BnActForwardParams stats_only = params;
+  stats_only.training = true;
+  stats_only.weight = stats_only.bias = nullptr;
+  stats_only.out = nullptr;
+  launch_bn_act_forward(stats_only, device, stream);
 }
 
 void launch_bn_act_backward(const BnActBackwardParams& params, int device, cudaStream_t stream) {
-  switch (params.dtype) {
-    case ActivationType::kFloat: return backward_typed<float>(params, device, stream);
-    case ActivationType::kHalf: return backward_typed<__half>(params, device, stream);
-    case ActivationType::kBFloat16: return backward_typed<__nv_bfloat16>(params, device, stream);
-  }
+  dispatch_activation(params.dtype, [&](auto tag) {
+    backward_typed<decltype(tag)>(params, device, stream);
+  });
+}
+
+void launch_bn_act_backward_reduce(const BnActBackwardParams& params, float* sum_grad,
+                                   float* sum_grad_centred, int device, cudaStream_t stream) {
+  dispatch_activation(params.dtype, [&](auto tag) {
+    backward_sums_typed<decltype(tag)>(params, sum_grad, sum_grad_centred, device, stream);
+  });
+}
+
+void launch_bn_act_backward_apply(const BnActBackwardParams& params, const float* sum_grad,
+                                  const float* sum_grad_centred, int64_t count, int device,
+                                  cudaStream_t stream) {
+  dispatch_activation(params.dtype, [&](auto tag) {
+    backward_from_sums_typed<decltype(tag)>(params, sum_grad, sum_grad_centred, count, device,
+                                            stream);
+  });
 }
 
 }  // namespace fastres::cuda

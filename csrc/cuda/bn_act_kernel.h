@@ -64,4 +64,19 @@ void launch_bn_act_forward(const BnActForwardParams& params, int device, cudaStr
 // finalize, and one elementwise pass writing grad_x and grad_residual.
 void launch_bn_act_backward(const BnActBackwardParams& params, int device, cudaStream_t stream);
 
+// Synchronized BatchNorm's pieces, the computation above split where per-channel values are
+// all-reduced across processes:
+// - the batch statistics alone, into params.mean / params.var (only x, mean, var, workspace,
+//   layout and dtype are read);
+void launch_bn_stats(const BnActForwardParams& params, int device, cudaStream_t stream);
+// - the backward reduction alone: per-channel sum of gm and of gm * (x - mean), C floats each
+//   (grad_x, grad_residual, grad_weight, grad_bias, weight and var are not used);
+void launch_bn_act_backward_reduce(const BnActBackwardParams& params, float* sum_grad,
+                                   float* sum_grad_centred, int device, cudaStream_t stream);
+// - the training backward's elementwise pass from sums over every process, `count` elements per
+//   channel in all (grad_weight and grad_bias are not written).
+void launch_bn_act_backward_apply(const BnActBackwardParams& params, const float* sum_grad,
+                                  const float* sum_grad_centred, int64_t count, int device,
+                                  cudaStream_t stream);
+
 }  // namespace fastres::cuda

@@ -74,7 +74,7 @@ def bn_act(
         A new tensor with the shape, dtype and memory format of ``x``. Differentiable with respect
         to ``x``, ``weight``, ``bias`` and ``residual``.
     """
-    _check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
+    check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
     name = resolve_backend(backend, x.device)
     if name == "torch":
         return bn_act_reference(x, weight, bias, running_mean, running_var, residual=residual,
@@ -126,7 +126,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 # Argument checks (every backend); each error names the argument and what was expected.
 
 
-def _check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps):
+def check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                local_batch=False):
+    """``local_batch``: x is one process's share of the batch (synchronized BatchNorm), so the
+    "more than one value per channel" rule applies to the whole batch and is checked later."""
     if not isinstance(x, Tensor):
         raise TypeError(f"bn_act: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -168,7 +171,7 @@ def _check_args(x, weight, bias, running_mean, running_var, residual, training, 
     if not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"bn_act: eps must be a positive float, got {eps!r}")
     if training:
-        if x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1 and not local_batch:
             # PyTorch's own error (torch.nn.functional._verify_batch_size).
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {x.size()}")

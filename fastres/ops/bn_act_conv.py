@@ -24,7 +24,8 @@ from fastres.ops.bn_act import BACKWARD_OPS, FORWARD_OPS
 __all__ = ["bn_act_conv2d"]
 
 
-def _conv(z: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tensor:
+def convolution(z: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tensor:
+    """ATen's convolution without bias: oneDNN on CPU, cuDNN on CUDA."""
     return torch.ops.aten.convolution(z, weight, None, stride, padding, dilation, False, [0, 0],
                                       groups)
 
@@ -53,14 +54,14 @@ def bn_act_conv2d(
     """
     z, mean, var, _ = FORWARD_OPS[backend](y, bn_weight, bn_bias, None, running_mean, running_var,
                                            training, eps, True)
-    return _conv(z, conv_weight, stride, padding, dilation, groups), mean, var
+    return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
 
 
 @bn_act_conv2d.register_fake
 def _bn_act_conv2d_fake(y, bn_weight, bn_bias, running_mean, running_var, conv_weight, stride,
                         padding, dilation, groups, training, eps, backend):
     z = torch.empty_like(y, memory_format=memory_format_of(y))
-    out = _conv(z, conv_weight, stride, padding, dilation, groups)
+    out = convolution(z, conv_weight, stride, padding, dilation, groups)
     channels = y.shape[1]
     stats = (y.new_empty((channels,), dtype=param_dtype_of(y)),
              y.new_empty((channels,), dtype=param_dtype_of(y)))

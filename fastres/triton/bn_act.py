@@ -249,85 +249,179 @@ def _channel_grid(channels: int):
     return (triton.cdiv(channels, REDUCE_BLOCK_CHANNELS),)
 
 
+class _Dense:
+    """x (and grad_out) made dense in x's memory format, with the sizes the launchers need."""
+
+    def __init__(self, x: Tensor, grad_out: Optional[Tensor] = None):
+        self.format = memory_format_of(x)
+        self.x = x.contiguous(memory_format=self.format)
+        self.grad_out = (grad_out.contiguous(memory_format=self.format)
+                         if grad_out is not None else None)
+        N, self.C, H, W = x.shape
+        self.hw, self.rows, self.numel = H * W, N * H * W, x.numel()
+        self.channels_last = self.format == torch.channels_last
+
+    def channel_vector(self) -> Tensor:
+        return torch.empty(self.C, dtype=torch.float32, device=self.x.device)
+
+
+def _check_dtype(x: Tensor) -> None:
+    if x.dtype == torch.float64:
+        raise TypeError("bn_act: the triton backend takes float32, float16 or bfloat16 x, got "
+                        "torch.float64 (float64 runs on the cpu and torch backends)")
+
+
+def _stats_partials(d: _Dense) -> Tensor:
+    """Per-split count, mean and M2 of every channel: a (3, splits, C) float32 tensor."""
+    channel_blocks = triton.cdiv(d.C, REDUCE_BLOCK_CHANNELS)
+    splits = _splits(d.rows, channel_blocks, d.x.device)
+    partials = torch.empty((3, splits, d.C), dtype=torch.float32, device=d.x.device)
+    _stats_partial_kernel[(splits, channel_blocks)](
+        d.x, partials[0], partials[1], partials[2], d.C, d.hw, d.rows, triton.cdiv(d.rows, splits),
+        CHANNELS_LAST=d.channels_last, BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    return partials
+
+
+def _finalize_stats(d: _Dense, partials: Optional[Tensor], weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float, mean: Tensor,
+                    var: Tensor) -> tuple[Tensor, Tensor]:
+    """Merges the partials into mean / var (training; ``partials`` None: eval, mean / var are
+    read) and returns the per-channel scale and shift of the elementwise pass."""
+    scale, shift = d.channel_vector(), d.channel_vector()
+    training = partials is not None
+    if partials is None:
+        partials = torch.empty((3, 1, d.C), dtype=torch.float32, device=d.x.device)  # not read
+    _stats_finalize_kernel[_channel_grid(d.C)](
+        partials[0], partials[1], partials[2], partials.shape[1], d.C, weight, bias, eps, mean,
+        var, scale, shift, TRAINING=training, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    return scale, shift
+
+
 def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    residual: Optional[Tensor], running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], training: bool, eps: float,
                    relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``fastres::bn_act_forward`` in csrc/fastres.cpp; float32/float16/bfloat16 x."""
-    if x.dtype == torch.float64:
-        raise TypeError("bn_act: the triton backend takes float32, float16 or bfloat16 x, got "
-                        "torch.float64 (float64 runs on the cpu and torch backends)")
-    fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    residual = residual.contiguous(memory_format=fmt) if residual is not None else None
-    N, C, H, W = x.shape
-    hw, rows, numel = H * W, N * H * W, x.numel()
-    channels_last = fmt == torch.channels_last
-    out = torch.empty_like(x, memory_format=fmt)
-    mask = torch.empty(((numel + 7) // 8 if relu else 0,), dtype=torch.uint8, device=x.device)
+    _check_dtype(x)
+    d = _Dense(x)
+    residual = residual.contiguous(memory_format=d.format) if residual is not None else None
+    out = torch.empty_like(d.x, memory_format=d.format)
+    mask = torch.empty(((d.numel + 7) // 8 if relu else 0,), dtype=torch.uint8, device=x.device)
     if training:
-        save_mean = torch.empty(C, dtype=torch.float32, device=x.device)
-        save_var = torch.empty(C, dtype=torch.float32, device=x.device)
+        save_mean, save_var = d.channel_vector(), d.channel_vector()
     else:  # outputs never alias inputs (a custom-op rule)
         save_mean, save_var = running_mean.clone(), running_var.clone()
-    scale = torch.empty(C, dtype=torch.float32, device=x.device)
-    shift = torch.empty(C, dtype=torch.float32, device=x.device)
-    if numel == 0:
-        if training:
+    if d.numel == 0:
+        if training:  # an empty batch has no statistics; PyTorch reports NaN for them
             save_mean.fill_(float("nan"))
             save_var.fill_(float("nan"))
         return out, save_mean, save_var, mask
-
-    channel_blocks = triton.cdiv(C, REDUCE_BLOCK_CHANNELS)
-    splits = _splits(rows, channel_blocks, x.device) if training else 1
-    partials = torch.empty((3, splits, C), dtype=torch.float32, device=x.device)
-    if training:
-        _stats_partial_kernel[(splits, channel_blocks)](
-            x, partials[0], partials[1], partials[2], C, hw, rows, triton.cdiv(rows, splits),
-            CHANNELS_LAST=channels_last, BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
-    _stats_finalize_kernel[_channel_grid(C)](
-        partials[0], partials[1], partials[2], splits, C, weight, bias, eps, save_mean, save_var,
-        scale, shift, TRAINING=training, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
-    _apply_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
-        x, residual, save_mean, scale, shift, out, mask, numel, C, hw,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu, CHANNELS_LAST=channels_last, BLOCK=ELEMENTWISE_BLOCK)
+    partials = _stats_partials(d) if training else None
+    scale, shift = _finalize_stats(d, partials, weight, bias, eps, save_mean, save_var)
+    _apply_kernel[(triton.cdiv(d.numel, ELEMENTWISE_BLOCK),)](
+        d.x, residual, save_mean, scale, shift, out, mask, d.numel, d.C, d.hw,
+        HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=d.channels_last,
+        BLOCK=ELEMENTWISE_BLOCK)
     return out, save_mean, save_var, mask
+
+
+def _grad_partials(d: _Dense, relu_mask: Tensor, save_mean: Tensor, relu: bool) -> Tensor:
+    """Per-split sums of gm and gm * (x - mean): a (2, splits, C) float32 tensor."""
+    channel_blocks = triton.cdiv(d.C, REDUCE_BLOCK_CHANNELS)
+    splits = _splits(d.rows, channel_blocks, d.x.device)
+    partials = torch.empty((2, splits, d.C), dtype=torch.float32, device=d.x.device)
+    _grad_partial_kernel[(splits, channel_blocks)](
+        d.grad_out, d.x, relu_mask, save_mean, partials[0], partials[1], d.C, d.hw, d.rows,
+        triton.cdiv(d.rows, splits), RELU=relu, CHANNELS_LAST=d.channels_last,
+        BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    return partials
+
+
+def _grad_coefficients(d: _Dense, partials: Tensor, reduce_size: int, save_var: Tensor,
+                       weight: Optional[Tensor], eps: float, training: bool, grad_weight: Tensor,
+                       grad_bias: Tensor) -> Tensor:
+    """Merges the partials into grad_weight / grad_bias and returns the (3, C) coefficients of
+    grad_x = k_grad * gm + k_x * (x - mean) + k_const."""
+    coefficients = torch.empty((3, d.C), dtype=torch.float32, device=d.x.device)
+    _grad_finalize_kernel[_channel_grid(d.C)](
+        partials[0], partials[1], partials.shape[1], d.C, reduce_size, save_var, weight, eps,
+        grad_weight, grad_bias, coefficients[0], coefficients[1], coefficients[2],
+        TRAINING=training, HAS_WEIGHT=weight is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+    return coefficients
+
+
+def _grad_apply(d: _Dense, relu_mask: Tensor, save_mean: Tensor, coefficients: Tensor,
+                relu: bool, grad_x: Tensor, grad_residual: Tensor, residual_grad: bool) -> None:
+    _backward_apply_kernel[(triton.cdiv(d.numel, ELEMENTWISE_BLOCK),)](
+        d.grad_out, d.x, relu_mask, save_mean, coefficients[0], coefficients[1], coefficients[2],
+        grad_x, grad_residual, d.numel, d.C, d.hw, RELU=relu, RESIDUAL_GRAD=residual_grad,
+        CHANNELS_LAST=d.channels_last, BLOCK=ELEMENTWISE_BLOCK)
+
+
+def _grad_outputs(d: _Dense, residual_grad: bool) -> tuple[Tensor, Tensor]:
+    grad_x = torch.empty_like(d.x, memory_format=d.format)
+    grad_residual = (torch.empty_like(d.x, memory_format=d.format) if residual_grad
+                     else d.x.new_empty((0,)))
+    return grad_x, grad_residual
 
 
 def bn_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_mean: Tensor,
                     save_var: Tensor, relu_mask: Tensor, training: bool, eps: float, relu: bool,
                     residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``fastres::bn_act_backward`` in csrc/fastres.cpp."""
-    fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    grad_out = grad_out.contiguous(memory_format=fmt)
-    N, C, H, W = x.shape
-    hw, rows, numel = H * W, N * H * W, x.numel()
-    channels_last = fmt == torch.channels_last
-    grad_x = torch.empty_like(x, memory_format=fmt)
-    grad_residual = (torch.empty_like(x, memory_format=fmt) if residual_grad
-                     else x.new_empty((0,)))
-    grad_weight = torch.zeros(C, dtype=torch.float32, device=x.device)
-    grad_bias = torch.zeros(C, dtype=torch.float32, device=x.device)
-    if numel == 0:
-        return grad_x, grad_weight, grad_bias, grad_residual
-
-    channel_blocks = triton.cdiv(C, REDUCE_BLOCK_CHANNELS)
-    splits = _splits(rows, channel_blocks, x.device)
-    partials = torch.empty((2, splits, C), dtype=torch.float32, device=x.device)
-    coefficients = torch.empty((3, C), dtype=torch.float32, device=x.device)
-    _grad_partial_kernel[(splits, channel_blocks)](
-        grad_out, x, relu_mask, save_mean, partials[0], partials[1], C, hw, rows,
-        triton.cdiv(rows, splits), RELU=relu, CHANNELS_LAST=channels_last,
-        BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
-    _grad_finalize_kernel[_channel_grid(C)](
-        partials[0], partials[1], splits, C, rows, save_var, weight, eps, grad_weight,
-        grad_bias, coefficients[0], coefficients[1], coefficients[2], TRAINING=training,
-        HAS_WEIGHT=weight is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
-    _backward_apply_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
-        grad_out, x, relu_mask, save_mean, coefficients[0], coefficients[1], coefficients[2], grad_x,
-        grad_residual, numel, C, hw, RELU=relu, RESIDUAL_GRAD=residual_grad,
-        CHANNELS_LAST=channels_last, BLOCK=ELEMENTWISE_BLOCK)
+    d = _Dense(x, grad_out)
+    grad_x, grad_residual = _grad_outputs(d, residual_grad)
+    grad_weight = torch.zeros(d.C, dtype=torch.float32, device=x.device)
+    grad_bias = torch.zeros(d.C, dtype=torch.float32, device=x.device)
+    if d.numel > 0:
+        partials = _grad_partials(d, relu_mask, save_mean, relu)
+        coefficients = _grad_coefficients(d, partials, d.rows, save_var, weight, eps, training,
+                                          grad_weight, grad_bias)
+        _grad_apply(d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual,
+                    residual_grad)
     return grad_x, grad_weight, grad_bias, grad_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronized BatchNorm's pieces (see the schemas of the same names in csrc/fastres.cpp)
+
+
+def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of x, float32 (NaN for an empty batch)."""
+    _check_dtype(x)
+    d = _Dense(x)
+    mean, var = d.channel_vector(), d.channel_vector()
+    if d.numel == 0:
+        return mean.fill_(float("nan")), var.fill_(float("nan"))
+    _finalize_stats(d, _stats_partials(d), None, None, 1e-5, mean, var)
+    return mean, var
+
+
+def bn_act_backward_reduce(grad_out: Tensor, x: Tensor, save_mean: Tensor, relu_mask: Tensor,
+                           relu: bool) -> tuple[Tensor, Tensor]:
+    """Per-channel sums of gm and gm * (x - save_mean), float32."""
+    d = _Dense(x, grad_out)
+    if d.numel == 0:
+        return (torch.zeros(d.C, dtype=torch.float32, device=x.device),
+                torch.zeros(d.C, dtype=torch.float32, device=x.device))
+    partials = _grad_partials(d, relu_mask, save_mean, relu)
+    return partials[0].sum(dim=0), partials[1].sum(dim=0)  # over the few splits
+
+
+def bn_act_backward_apply(grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
+                          save_mean: Tensor, save_var: Tensor, relu_mask: Tensor,
+                          sum_grad: Tensor, sum_grad_centred: Tensor, count: int, eps: float,
+                          relu: bool, residual_grad: bool) -> tuple[Tensor, Tensor]:
+    """Training grad_x (and grad_residual) from sums over every process, ``count`` values a
+    channel in all."""
+    d = _Dense(x, grad_out)
+    grad_x, grad_residual = _grad_outputs(d, residual_grad)
+    if d.numel > 0:
+        sums = torch.stack([sum_grad, sum_grad_centred]).unsqueeze(1)  # one "split"
+        unused = d.channel_vector()
+        coefficients = _grad_coefficients(d, sums, count, save_var, weight, eps, True, unused,
+                                          unused.clone())
+        _grad_apply(d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual,
+                    residual_grad)
+    return grad_x, grad_residual

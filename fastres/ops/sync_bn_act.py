@@ -1,0 +1,256 @@
+"""Synchronized BatchNorm in the fused ops: batch statistics over every process of a group.
+
+``sync_bn_act`` and ``sync_bn_act_conv2d`` compute what :func:`fastres.ops.bn_act` and
+:func:`fastres.ops.bn_act_conv2d` compute on the concatenation of every process's batch, as
+``nn.SyncBatchNorm`` does, with the same fused kernels (:mod:`fastres.ops.bn_act_split`):
+
+forward, per process::
+
+    local mean, var        = bn_stats(x)                        # one reduction pass
+    all_gather (count, mean, var)                              # one collective, 2C + 1 values
+    global mean, var       = Chan's merge in float64            # no cancellation: deviations only
+    out, relu_mask         = bn_act_forward(x, global stats)    # one elementwise pass
+
+backward, per process::
+
+    sum gm, sum gm * (x - mean) = bn_act_backward_reduce(...)  # one reduction pass
+    all_reduce (both sums)                                     # one collective, 2C values
+    grad_x, grad_residual       = bn_act_backward_apply(...)   # one elementwise pass
+
+``grad_weight`` and ``grad_bias`` are this process's share (the sums before the all-reduce), as
+in ``nn.SyncBatchNorm``: DistributedDataParallel all-reduces parameter gradients itself.
+
+Processes may hold different batch sizes, including none at all. Communication goes through
+``torch.distributed`` on the given process group: NCCL for CUDA tensors, gloo for CPU tensors
+(where ``nn.SyncBatchNorm`` does not run). Eval needs no communication and runs the unsynchronised
+ops. The collectives are eager Python calls: under ``torch.compile`` a synchronized BatchNorm
+is a graph break.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastres.backends import resolve_backend
+from fastres.ops.bn_act import check_args, bn_act, bn_act_reference, update_running_stats
+from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
+from fastres.ops.bn_act_split import SPLIT_OPS, SplitOps
+
+__all__ = ["sync_bn_act", "sync_bn_act_conv2d", "resolve_process_group"]
+
+
+def resolve_process_group(process_group: Optional[Any], who: str = "sync_bn") -> Any:
+    """The group to synchronise over: ``process_group``, or the default group when None.
+
+    Raises RuntimeError when torch.distributed is not initialised (statistics cannot be
+    synchronised without it), naming ``who`` in the message.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"fastres: {who} needs an initialised torch.distributed process group to compute "
+            "batch statistics over every process in training; call "
+            "torch.distributed.init_process_group() first (eval mode needs none)")
+    return dist.group.WORLD if process_group is None else process_group
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+
+
+def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance of every channel over the whole group's batch, and its size.
+
+    Each process contributes (count, mean, var); they are merged with Chan et al.'s formula
+    ``var = sum n_i (var_i + (mean_i - mean)^2) / N`` in float64, which adds only non-negative
+    terms, so nothing cancels however large the mean. Processes with an empty batch (NaN
+    statistics) contribute nothing.
+    """
+    mean, var = ops.stats(x)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    local = torch.cat([mean.new_full((1,), count), mean, var]).to(torch.float64)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered)  # (world, 1 + 2C)
+    counts, means, variances = table[:, :1], *table[:, 1:].chunk(2, dim=1)
+    total = int(counts.sum().item())
+    if total <= 1:
+        # PyTorch's own condition and message, over the whole group.
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{x.size()} on this process and {total} value(s) per channel in all "
+                         "processes")
+    has_data = counts > 0
+    means = torch.where(has_data, means, 0.0)
+    variances = torch.where(has_data, variances, 0.0)
+    global_mean = (counts * means).sum(dim=0) / total
+    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(dim=0) / total
+    return global_mean.to(mean.dtype), global_var.to(var.dtype), total
+
+
+def _all_reduce_sums(sum_grad: Tensor, sum_grad_centred: Tensor, group: Any
+                     ) -> tuple[Tensor, Tensor]:
+    both = torch.cat([sum_grad, sum_grad_centred]).to(torch.float64)
+    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+    both = both.to(sum_grad.dtype)
+    return both[: sum_grad.numel()], both[sum_grad.numel():]
+
+
+def _sync_backward(ops: SplitOps, group: Any, grad: Tensor, x: Tensor, weight: Optional[Tensor],
+                   mean: Tensor, var: Tensor, mask: Tensor, count: int, eps: float, relu: bool,
+                   residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_residual); the parameter gradients are local."""
+    sum_grad, sum_grad_centred = ops.backward_reduce(grad, x, mean, mask, relu)
+    grad_bias = sum_grad.clone()
+    grad_weight = sum_grad_centred * torch.rsqrt(var + eps)
+    global_grad, global_grad_centred = _all_reduce_sums(sum_grad, sum_grad_centred, group)
+    grad_x, grad_residual = ops.backward_apply(grad, x, weight, mean, var, mask, global_grad,
+                                               global_grad_centred, count, eps, relu,
+                                               residual_grad)
+    return grad_x, grad_weight, grad_bias, grad_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd functions (the global statistics come in as constants: their dependence on x is in
+# the backward formula)
+
+
+class _SyncBnAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, mean, var, count, eps, relu, group, ops):
+        out, _, _, mask = ops.forward(x, weight, bias, residual, mean, var, False, eps, relu)
+        ctx.save_for_backward(x, weight, mean, var, mask)
+        ctx.count, ctx.eps, ctx.relu, ctx.group, ctx.ops = count, eps, relu, group, ops
+        ctx.has_residual = residual is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, var, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        residual_grad = ctx.has_residual and needs[3]
+        grad_x, grad_weight, grad_bias, grad_residual = _sync_backward(
+            ctx.ops, ctx.group, grad_out, x, weight, mean, var, mask, ctx.count, ctx.eps,
+            ctx.relu, residual_grad)
+        return (grad_x, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
+                grad_residual if residual_grad else None) + (None,) * 7
+
+
+class _SyncBnActConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group,
+                ops):
+        z, _, _, _ = ops.forward(y, bn_weight, bn_bias, None, mean, var, False, eps, True)
+        ctx.save_for_backward(y, bn_weight, bn_bias, conv_weight, mean, var)
+        ctx.count, ctx.eps, ctx.conv_args, ctx.group, ctx.ops = count, eps, conv_args, group, ops
+        return convolution(z, conv_weight, *conv_args)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, bn_weight, bn_bias, conv_weight, mean, var = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        needs = ctx.needs_input_grad
+        # Recompute z as the forward made it (same kernel, same statistics: bit-identical).
+        z, _, _, mask = ctx.ops.forward(y, bn_weight, bn_bias, None, mean, var, False, ctx.eps,
+                                        True)
+        grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, z, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [True, needs[3], False])
+        del z
+        grad_y, grad_bn_weight, grad_bn_bias, _ = _sync_backward(
+            ctx.ops, ctx.group, grad_z, y, bn_weight, mean, var, mask, ctx.count, ctx.eps, True,
+            False)
+        return (grad_y, grad_bn_weight if needs[1] else None, grad_bn_bias if needs[2] else None,
+                grad_conv_weight if needs[3] else None) + (None,) * 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _prepare(x: Tensor, backend: str, process_group: Optional[Any]):
+    """(group, split ops), or None when one process makes the whole group: then the plain fused
+    ops compute exactly the same thing with no communication."""
+    group = resolve_process_group(process_group)
+    if dist.get_world_size(group) == 1:
+        return None
+    return group, SPLIT_OPS[resolve_backend(backend, x.device)]
+
+
+def sync_bn_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    residual: Optional[Tensor] = None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+    process_group: Optional[Any] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`fastres.ops.bn_act` with batch statistics over every process of ``process_group``.
+
+    Arguments and result as :func:`fastres.ops.bn_act`, plus ``process_group`` (a
+    ``torch.distributed`` group; None: the default group). In training every process of the
+    group must call it, in the same order (it communicates); ``x`` may hold a different number
+    of samples on each, including zero. ``running_mean`` / ``running_var`` receive the global
+    statistics, identically on every process. In eval it is :func:`fastres.ops.bn_act`.
+
+    Raises RuntimeError in training when torch.distributed is not initialised.
+    """
+    check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                local_batch=True)
+    prepared = _prepare(x, backend, process_group) if training else None
+    if prepared is None:
+        return bn_act(x, weight, bias, running_mean, running_var, residual=residual,
+                      training=training, momentum=momentum, eps=eps, relu=relu, backend=backend)
+    group, ops = prepared
+    mean, var, count = global_batch_stats(x.detach(), ops, group)
+    if running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    return _SyncBnAct.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
+
+
+def sync_bn_act_conv2d(
+    y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], conv_weight: Tensor,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, *,
+    training: bool, momentum: float, eps: float, process_group: Optional[Any] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``conv2d(relu(batch_norm(y)))`` with batch statistics over every process of
+    ``process_group``, keeping only ``y`` for backward (see :mod:`fastres.ops.bn_act_conv`).
+
+    Unlike :func:`fastres.ops.bn_act_conv2d` (an op that reads running statistics and returns
+    the batch ones), this updates ``running_mean`` / ``running_var`` itself, as
+    :func:`sync_bn_act` does, and returns the convolution output only.
+    """
+    check_args(y, bn_weight, bn_bias, running_mean, running_var, None, training, momentum, eps,
+                local_batch=True)
+    prepared = _prepare(y, backend, process_group) if training else None
+    if prepared is None:
+        name = resolve_backend(backend, y.device)
+        if name == "torch":
+            z = bn_act_reference(y, bn_weight, bn_bias, running_mean, running_var,
+                                 training=training, momentum=momentum, eps=eps)
+            return convolution(z, conv_weight, stride, padding, dilation, groups)
+        out, mean, var = bn_act_conv2d(y, bn_weight, bn_bias, running_mean, running_var,
+                                       conv_weight, stride, padding, dilation, groups, training,
+                                       eps, name)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        if training and running_mean is not None and running_var is not None and count > 0:
+            update_running_stats(running_mean, running_var, mean, var, momentum, count)
+        return out
+    group, ops = prepared
+    mean, var, count = global_batch_stats(y.detach(), ops, group)
+    if running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    conv_args = (list(stride), list(padding), list(dilation), groups)
+    return _SyncBnActConv2d.apply(y, bn_weight, bn_bias, conv_weight, mean, var, count, eps,
+                                  conv_args, group, ops)
