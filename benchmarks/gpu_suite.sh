@@ -4,13 +4,15 @@
 # compute-sanitizer on a representative subset where it exists, python -m fastres.bench and the
 # microbenchmarks in float32 and bfloat16, and write every result into one folder.
 #
-# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [all|tests|bench|kernels]
+# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [all|tests|bench|kernels|triton]
 #   tests: build, tests, compute-sanitizer; bench: build, fastres.bench fp32 and bf16; kernels:
-#   build, microbenchmarks. Each phase alone fits a 10-minute call where the whole run may not.
+#   build, bn_act microbenchmarks; triton: build, Triton convolutions vs cuDNN and bottleneck
+#   steps vs eager and torch.compile (bf16). Each phase alone fits a 10-minute call where the
+#   whole run may not.
 set -uo pipefail
-out=${1:?usage: gpu_suite.sh OUT_DIR [all|tests|bench|kernels]}
+out=${1:?usage: gpu_suite.sh OUT_DIR [all|tests|bench|kernels|triton]}
 phase=${2:-all}
-case $phase in all|tests|bench|kernels) ;; *) echo "phase must be all, tests, bench or kernels, got $phase"; exit 2;; esac
+case $phase in all|tests|bench|kernels|triton) ;; *) echo "phase must be all, tests, bench, kernels or triton, got $phase"; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -51,8 +53,15 @@ if [ "$phase" = all ] || [ "$phase" = kernels ]; then
 
 for dtype in bfloat16 float32; do
   FASTRES_BENCH_DTYPE=$dtype "$python" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+    --ignore=benchmarks/test_conv_bn_benchmark.py \
     --benchmark-json="$out/bn_act_$dtype.json" > "$out/bench_$dtype.log" 2>&1 || status=1
   "$python" benchmarks/report.py "$out/bn_act_$dtype.json" --out "$out/$dtype" | tee "$out/report_$dtype.txt"
 done
+fi
+if [ "$phase" = all ] || [ "$phase" = triton ]; then
+FASTRES_BENCH_DTYPE=bfloat16 "$python" -m pytest benchmarks/test_conv_bn_benchmark.py --benchmark-only \
+  -q -p no:cacheprovider --benchmark-json="$out/conv_bn_bfloat16.json" > "$out/bench_triton.log" 2>&1 \
+  || status=1
+"$python" benchmarks/report.py "$out/conv_bn_bfloat16.json" --out "$out/bfloat16" | tee "$out/report_triton.txt"
 fi
 exit $status

@@ -36,11 +36,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from fastres._layout import memory_format_of
 from fastres.backends import BACKEND_CHOICES, resolve_backend
 from fastres.folding import FoldedBlock, folding_available
 from fastres.ops.bn_act import bn_act, update_running_stats
 from fastres.ops.bn_act_conv import bn_act_conv2d
-from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
+from fastres.ops.conv_bn import conv2d_bn_triton
+from fastres.ops.sync_bn_act import bn_act_from_stats, sync_bn_act, sync_bn_act_conv2d
 
 __all__ = ["FastBottleneck", "FastBasicBlock", "SyncBatchNorm2d", "sync_batch_norms"]
 
@@ -252,6 +254,8 @@ class _FastBlock:
             return super().forward(x)
         if self._can_fold(x, backend):
             return self._folded_forward(x)
+        if backend == "triton" and self._triton_convolutions_apply(x):
+            return self._triton_forward(x)
         identity = x if self.downsample is None else self.downsample(x)
         norms = [getattr(self, name) for name in self._norms]
         convs = [getattr(self, name) for name in self._convs]
@@ -260,6 +264,56 @@ class _FastBlock:
             out = _bn_relu_conv(out, bn, conv, backend)
         return _bn_add_relu(out, norms[-1], identity, backend)
 
+
+    # --- triton: Triton convolutions with the BatchNorms in their prologues and epilogues -----
+
+    def _triton_convolutions_apply(self, x: Tensor) -> bool:
+        """The Triton convolutions take every block of ResNet-50 and ResNeXt: square kernels,
+        the same stride, padding and dilation along H and W; float32/16/bf16 activations.
+        Synchronized BatchNorm keeps the bn_act path (its statistics need a collective)."""
+        convs = [getattr(self, name) for name in self._convs]
+        return (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and all(type(getattr(self, name)) is nn.BatchNorm2d for name in self._norms)
+                and all(len(set(c.kernel_size)) == 1 and len(set(c.stride)) == 1
+                        and len(set(c.padding)) == 1 and len(set(c.dilation)) == 1
+                        for c in convs))
+
+    def _triton_forward(self, x: Tensor) -> Tensor:
+        """conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> ... -> BN_last + residual + ReLU: each
+        BatchNorm but the last is applied in the next convolution's prologue, each batch
+        statistic comes from the previous convolution's epilogue (fastres/ops/conv_bn.py).
+        Computed channels_last; the result has x's memory format."""
+        identity = x if self.downsample is None else self.downsample(x)
+        compute_dtype = _autocast_dtype(x) or x.dtype
+        out_format = memory_format_of(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h = x.to(compute_dtype)
+            before = None  # (call, mean, var) of the BatchNorm waiting to be applied to h
+            for conv_name, bn_name in zip(self._convs, self._norms):
+                conv, call = getattr(self, conv_name), _BatchNormCall(getattr(self, bn_name))
+                bn_args = ((before[1], before[2], before[0].weight, before[0].bias,
+                            before[0].training, before[0].eps) if before
+                           else (None, None, None, None, False, call.eps))
+                h, mean, var = conv2d_bn_triton(
+                    h, conv.weight.to(compute_dtype), *bn_args, conv.stride[0], conv.padding[0],
+                    conv.dilation[0], conv.groups, call.training)
+                if call.training:
+                    count = h.shape[0] * h.shape[2] * h.shape[3]
+                    if call.running_mean is not None and count > 0:
+                        update_running_stats(call.running_mean, call.running_var, mean, var,
+                                             call.momentum, count)
+                    before = (call, mean, var)
+                else:
+                    before = (call, call.running_mean, call.running_var)
+            call, mean, var = before
+            residual = identity.to(h.dtype)
+            if call.training:
+                out = bn_act_from_stats(h, call.weight, call.bias, mean, var, residual=residual,
+                                        eps=call.eps, relu=True, backend="triton")
+            else:
+                out = bn_act(h, call.weight, call.bias, mean, var, residual=residual,
+                             training=False, eps=call.eps, relu=True, backend="triton")
+        return out.contiguous(memory_format=out_format)
 
     # --- eval with BatchNorm folded into the convolutions (fastres/folding.py) ----------------
 

@@ -40,7 +40,7 @@ from fastres.ops.bn_act import check_args, bn_act, bn_act_reference, update_runn
 from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
 from fastres.ops.bn_act_split import SPLIT_OPS, SplitOps
 
-__all__ = ["sync_bn_act", "sync_bn_act_conv2d", "resolve_process_group"]
+__all__ = ["sync_bn_act", "sync_bn_act_conv2d", "bn_act_from_stats", "resolve_process_group"]
 
 
 def resolve_process_group(process_group: Optional[Any], who: str = "sync_bn") -> Any:
@@ -92,6 +92,8 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
 
 def _all_reduce_sums(sum_grad: Tensor, sum_grad_centred: Tensor, group: Any
                      ) -> tuple[Tensor, Tensor]:
+    if group is None:  # statistics of this process's batch alone
+        return sum_grad, sum_grad_centred
     both = torch.cat([sum_grad, sum_grad_centred]).to(torch.float64)
     dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
     both = both.to(sum_grad.dtype)
@@ -117,7 +119,10 @@ def _sync_backward(ops: SplitOps, group: Any, grad: Tensor, x: Tensor, weight: O
 # the backward formula)
 
 
-class _SyncBnAct(torch.autograd.Function):
+class _BnActFromStats(torch.autograd.Function):
+    """relu?(batch_norm(x) + residual) from given batch statistics of x (over ``group``'s batch,
+    or x's own when ``group`` is None); backward through the statistics."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, residual, mean, var, count, eps, relu, group, ops):
         out, _, _, mask = ops.forward(x, weight, bias, residual, mean, var, False, eps, relu)
@@ -214,7 +219,7 @@ def sync_bn_act(
     mean, var, count = global_batch_stats(x.detach(), ops, group)
     if running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, momentum, count)
-    return _SyncBnAct.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
+    return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
 
 
 def sync_bn_act_conv2d(
@@ -254,3 +259,29 @@ def sync_bn_act_conv2d(
     conv_args = (list(stride), list(padding), list(dilation), groups)
     return _SyncBnActConv2d.apply(y, bn_weight, bn_bias, conv_weight, mean, var, count, eps,
                                   conv_args, group, ops)
+
+
+def bn_act_from_stats(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    *,
+    residual: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Training-mode :func:`fastres.ops.bn_act` whose batch statistics were computed elsewhere.
+
+    ``mean`` and ``var`` (``(C,)``, the batch mean and biased variance of ``x``, e.g. from the
+    epilogue of the convolution that produced ``x``, see :mod:`fastres.ops.conv_bn`) are taken
+    as given: one elementwise pass forward. The backward differentiates through them as
+    functions of ``x``, exactly as bn_act's training backward does. Running statistics are the
+    caller's to update.
+    """
+    check_args(x, weight, bias, None, None, residual, True, 0.0, eps)
+    ops = SPLIT_OPS[resolve_backend(backend, x.device)]
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, None, ops)

@@ -1,0 +1,166 @@
+"""Triton convolutions with BatchNorm fused into their prologue and epilogue, as custom ops.
+
+``fastres::conv2d_bn_triton`` is one convolution of a residual block on the Triton backend
+(kernels in ``fastres/triton/conv.py``)::
+
+    out = conv2d(relu(batch_norm(x)) if a BatchNorm is given else x, weight)
+    mean, var = batch statistics of out           (when stats=True, for the next BatchNorm)
+
+The BatchNorm before the convolution is applied as its input is loaded and never written; the
+statistics come out of the convolution's epilogue. Chained, they make a bottleneck's training
+forward ``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) -> BN3 + residual
++ ReLU`` with no standalone BatchNorm or ReLU pass before the last one (see
+``fastres/modules.py``).
+
+Backward: the input gradient and the weight gradient are implicit GEMMs that recompute
+``relu(batch_norm(x))`` from the saved pre-BatchNorm ``x`` instead of loading a saved activation;
+the input-gradient epilogue applies ReLU's mask, then bn_act's Triton backward finishes the
+BatchNorm (through the batch statistics when ``bn_training``). The ``mean``/``var`` outputs are
+not differentiable: the op that consumes them (the next ``conv2d_bn_triton``, or
+:func:`fastres.ops.sync_bn_act.bn_act_from_stats`) differentiates through them as part of its
+own BatchNorm backward, which is exact because they are the batch statistics of its input.
+
+``fastres::conv2d_bias_act_triton`` is the inference form: a convolution (BatchNorm folded into
+its weight and bias) with bias, residual add and ReLU in the epilogue.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastres.ops.bn_act import BACKWARD_OPS
+
+__all__ = ["conv2d_bn_triton", "conv2d_bias_act_triton"]
+
+
+def _geometry(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, groups: int):
+    from fastres.triton.conv import ConvGeometry
+
+    return ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, groups)
+
+
+def _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps):
+    if bn_mean is None:
+        return None
+    from fastres.triton.conv import prologue_from_stats
+
+    return prologue_from_stats(bn_mean, bn_var, bn_weight, bn_bias, eps)
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("fastres::conv2d_bn_triton", mutates_args=())
+def conv2d_bn_triton(
+    x: Tensor, weight: Tensor, bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
+    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], bn_training: bool, eps: float,
+    stride: int, padding: int, dilation: int, groups: int, stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``conv2d(relu(batch_norm(x)))`` (or ``conv2d(x)`` when ``bn_mean`` is None), and the
+    batch statistics of the result.
+
+    Args:
+        x: ``(N, C_in, H, W)`` float32, float16 or bfloat16 (computed channels_last).
+        weight: ``(C_out, C_in / groups, KH, KW)``, x's dtype. No convolution bias; zero padding.
+        bn_mean, bn_var, bn_weight, bn_bias: the BatchNorm applied to x before the convolution:
+            its statistics (``(C_in,)`` float32: the batch statistics of x when ``bn_training``,
+            else the running ones) and affine parameters (or None); all None: no prologue.
+        bn_training: whether ``bn_mean``/``bn_var`` are x's batch statistics (the backward then
+            differentiates through them).
+        eps: the BatchNorm's eps.
+        stride, padding, dilation, groups: as for ``F.conv2d`` (the same along H and W).
+        stats: also return the batch mean and biased variance of the output per channel.
+
+    Returns:
+        ``(out, mean, var)``: ``(N, C_out, OH, OW)`` channels_last in x's dtype, and ``(C_out,)``
+        float32 statistics (empty when not ``stats``).
+    """
+    from fastres.triton.conv import conv_forward, finalize_stats
+
+    geometry = _geometry(x, weight, stride, padding, dilation, groups)
+    prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+    out, partials = conv_forward(_channels_last(x), weight.contiguous(), geometry,
+                                 prologue=prologue, stats=stats)
+    if not stats:
+        empty = x.new_empty((0,), dtype=torch.float32)
+        return out, empty, empty.clone()
+    mean, var, _ = finalize_stats(partials, None, None, eps)
+    return out, mean, var
+
+
+@conv2d_bn_triton.register_fake
+def _conv2d_bn_fake(x, weight, bn_mean, bn_var, bn_weight, bn_bias, bn_training, eps, stride,
+                    padding, dilation, groups, stats):
+    g = _geometry(x, weight, stride, padding, dilation, groups)
+    out = x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)
+    channels = g.C_OUT if stats else 0
+    return (out, x.new_empty((channels,), dtype=torch.float32),
+            x.new_empty((channels,), dtype=torch.float32))
+
+
+def _conv2d_bn_setup(ctx, inputs, output):
+    (x, weight, bn_mean, bn_var, bn_weight, bn_bias, bn_training, eps, stride, padding, dilation,
+     groups, _stats) = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, bn_mean, bn_var, bn_weight, bn_bias)
+    ctx.bn_training, ctx.eps = bn_training, eps
+    ctx.conv = (stride, padding, dilation, groups)
+
+
+def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+    from fastres.triton.conv import conv_input_grad, conv_weight_grad
+
+    x, weight, bn_mean, bn_var, bn_weight, bn_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    x = _channels_last(x)
+    geometry = _geometry(x, weight, *ctx.conv)
+    prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, ctx.eps)
+    grad_weight = (conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue)
+                   if needs[1] else None)
+    grad_x = grad_bn_weight = grad_bn_bias = None
+    if prologue is None:
+        grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry) if needs[0] else None
+    elif needs[0] or needs[4] or needs[5]:
+        # Gradient with respect to batch_norm(x) (ReLU's mask applied), then BatchNorm's own
+        # backward: one reduction pass and one elementwise pass.
+        grad_bn = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
+        empty_mask = x.new_empty((0,), dtype=torch.uint8)
+        grad_x, grad_bn_weight, grad_bn_bias, _ = BACKWARD_OPS["triton"](
+            grad_bn, x, bn_weight, bn_mean, bn_var, empty_mask, ctx.bn_training, ctx.eps, False,
+            False)
+    return (grad_x, grad_weight, None, None,
+            grad_bn_weight if bn_weight is not None and needs[4] else None,
+            grad_bn_bias if bn_bias is not None and needs[5] else None,
+            None, None, None, None, None, None, None)
+
+
+conv2d_bn_triton.register_autograd(_conv2d_bn_backward, setup_context=_conv2d_bn_setup)
+
+
+@torch.library.custom_op("fastres::conv2d_bias_act_triton", mutates_args=())
+def conv2d_bias_act_triton(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], relu: bool,
+    stride: int, padding: int, dilation: int, groups: int,
+) -> Tensor:
+    """``relu?(conv2d(x, weight, bias) + residual)`` in one kernel (inference; no autograd).
+
+    x and residual ``(N, C, H, W)`` (computed channels_last), weight ``(C_out, C_in / groups, KH,
+    KW)`` and bias ``(C_out,)`` in x's dtype. Returns ``(N, C_out, OH, OW)`` channels_last.
+    """
+    from fastres.triton.conv import conv_forward
+
+    geometry = _geometry(x, weight, stride, padding, dilation, groups)
+    out, _ = conv_forward(_channels_last(x), weight.contiguous(), geometry, bias=bias,
+                          residual=_channels_last(residual) if residual is not None else None,
+                          relu=relu)
+    return out
+
+
+@conv2d_bias_act_triton.register_fake
+def _conv2d_bias_act_fake(x, weight, bias, residual, relu, stride, padding, dilation, groups):
+    g = _geometry(x, weight, stride, padding, dilation, groups)
+    return x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)

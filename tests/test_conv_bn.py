@@ -1,0 +1,242 @@
+"""Triton implicit-GEMM convolutions with BatchNorm in their prologue and epilogue.
+
+Without a GPU these run under the Triton interpreter at small shapes (marked
+``triton_interpreter``); with one, on CUDA tensors, plus ResNet-50's real shapes in bfloat16
+(marked ``cuda``). Low precision follows the rule in tests/tolerances.py.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+import fastres
+from fastres.ops.conv_bn import conv2d_bias_act_triton, conv2d_bn_triton
+from tolerances import assert_within_error_factor
+
+pytestmark = pytest.mark.triton_interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): every kind of convolution in
+# ResNet-50 and ResNeXt-50, at small sizes, plus odd channel counts and a dilated 3x3.
+CONVOLUTIONS = {
+    "1x1": (2, 8, 7, 7, 16, 1, 1, 0, 1, 1),
+    "1x1-stride2": (2, 8, 7, 7, 16, 1, 2, 0, 1, 1),
+    "3x3": (2, 8, 6, 6, 12, 3, 1, 1, 1, 1),
+    "3x3-stride2": (2, 8, 9, 9, 12, 3, 2, 1, 1, 1),
+    "3x3-grouped": (2, 16, 6, 6, 16, 3, 1, 1, 1, 4),
+    "7x7-stride2-stem": (1, 3, 15, 15, 8, 7, 2, 3, 1, 1),
+    "3x3-dilated-odd": (1, 5, 7, 5, 7, 3, 1, 2, 2, 1),
+}
+LOW = [torch.float32, torch.float16]
+
+
+def _inputs(spec, dtype, seed=0):
+    n, c, h, w, c_out, k, stride, padding, dilation, groups = spec
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=gen) * 2 + 0.5).to(DEVICE)
+    weight = (torch.randn(c_out, c // groups, k, k, generator=gen) / (c * k * k) ** 0.5).to(DEVICE)
+    bn = dict(mean=torch.randn(c, generator=gen).to(DEVICE) * 0.3 + 0.5,
+              var=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
+              weight=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
+              bias=torch.randn(c, generator=gen).to(DEVICE) * 0.5)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, weight.to(dtype), bn, (stride, padding, dilation, groups)
+
+
+def _unfused(x, weight, bn, conv_args, prologue):
+    """PyTorch's composition in x's dtype: conv2d(relu(batch_norm(x)))."""
+    stride, padding, dilation, groups = conv_args
+    if prologue:
+        x = F.relu(F.batch_norm(x, bn["mean"].to(x.dtype), bn["var"].to(x.dtype),
+                                bn["weight"].to(x.dtype), bn["bias"].to(x.dtype), False, 0.0,
+                                1e-5))
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
+def _results(fn, x, weight, bn, grad):
+    """(out, grad_x, grad_weight, grad_bn_weight, grad_bn_bias) of fn in its inputs' dtype."""
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bn = {k: v.detach().clone().requires_grad_(k in ("weight", "bias")) for k, v in bn.items()}
+    out = fn(x, weight, bn)
+    out.backward(grad.to(out.dtype))
+    return [out.detach(), x.grad, weight.grad, bn["weight"].grad, bn["bias"].grad]
+
+
+def _check_against_torch(fn, spec, dtype, prologue):
+    x, weight, bn, conv_args = _inputs(spec, dtype)
+    ref_fn = lambda x_, w_, bn_: _unfused(x_, w_, bn_, conv_args, prologue)  # noqa: E731
+    grad = torch.randn_like(_unfused(x.double(), weight.double(), bn, conv_args, prologue))
+    ours = _results(fn, x, weight, bn, grad)
+    theirs = _results(ref_fn, x, weight, bn, grad)
+    bn64 = {k: v.double() for k, v in bn.items()}
+    reference = _results(ref_fn, x.double(), weight.double(), bn64, grad)
+    names = ["output", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"]
+    for name, a, t, r in zip(names, ours, theirs, reference):
+        if r is None:
+            assert a is None, name
+            continue
+        assert_within_error_factor(a.float().cpu(), t.float().cpu(), r.cpu(), name, dtype,
+                                   term_magnitude=r.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn-relu-prologue"])
+@pytest.mark.parametrize("kind", list(CONVOLUTIONS))
+def test_convolution_forward_and_gradients_match_torch(kind, prologue, dtype):
+    spec = CONVOLUTIONS[kind]
+
+    def fused(x, weight, bn):
+        bn_args = ((bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue
+                   else (None, None, None, None))
+        out, _, _ = conv2d_bn_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
+        return out
+
+    _check_against_torch(fused, spec, dtype, prologue)
+
+
+@pytest.mark.parametrize("kind", ["3x3-stride2", "3x3-grouped", "1x1"])
+def test_statistics_epilogue_gives_the_batch_mean_and_variance(kind):
+    """Far from zero mean, where E[y^2] - E[y]^2 would cancel: the per-tile M2 must not."""
+    x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
+    x = x + 100.0
+    out, mean, var = conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5,
+                                      *conv_args, True)
+    var64, mean64 = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("kind", ["1x1-stride2", "3x3-grouped"])
+def test_inference_epilogue_adds_bias_and_residual_then_relu(kind, relu):
+    x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
+    bias = torch.randn(weight.shape[0], device=DEVICE)
+    expected = F.conv2d(x, weight, bias, *conv_args)
+    residual = torch.randn_like(expected).contiguous(memory_format=torch.channels_last)
+    expected = expected + residual
+    expected = F.relu(expected) if relu else expected
+    out = conv2d_bias_act_triton(x, weight, bias, residual, relu, *conv_args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_ops_pass_opcheck():
+    x, weight, bn, conv_args = _inputs(CONVOLUTIONS["3x3-stride2"], torch.float32)
+    bn_args = (bn["mean"], bn["var"], bn["weight"].requires_grad_(), bn["bias"])
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(conv2d_bn_triton, (x.requires_grad_(), weight, *bn_args, True, 1e-5,
+                                             *conv_args, True), test_utils=tests)
+    torch.library.opcheck(conv2d_bias_act_triton, (x.detach(), weight, None, None, True,
+                                                   *conv_args), test_utils=tests)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks with backend="triton"
+
+
+def _randomise(model):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model
+
+
+BLOCKS = {
+    "bottleneck": lambda: Bottleneck(16, 4),
+    "bottleneck-stride2-downsample": lambda: Bottleneck(
+        16, 8, 2, nn.Sequential(conv1x1(16, 32, 2), nn.BatchNorm2d(32))),
+    "resnext-bottleneck": lambda: Bottleneck(16, 4, groups=4, base_width=64),
+    "basic": lambda: BasicBlock(16, 16),
+}
+
+
+def _block_step(model, x, grad):
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(grad.to(out.dtype))
+    return ([out.detach(), x.grad] + [p.grad for p in model.parameters()]
+            + [b.detach().clone() for b in model.buffers()])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_block_on_triton_matches_torchvision(block, training):
+    torch.manual_seed(0)
+    reference = _randomise(BLOCKS[block]()).to(DEVICE).train(training)
+    fast = fastres.convert(copy.deepcopy(reference), backend="triton")
+    reference64 = copy.deepcopy(reference).double()
+    x = torch.randn(2, 16, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(reference(x))
+    ours = _block_step(fast, x, grad)
+    theirs = _block_step(reference, x, grad)
+    expected = _block_step(reference64, x.double(), grad)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    for i, (a, t, r) in enumerate(zip(ours, theirs, expected)):
+        if not r.dtype.is_floating_point:
+            assert torch.equal(a, r), f"tensor {i}"  # num_batches_tracked
+            continue
+        assert_within_error_factor(a.cpu(), t.cpu(), r.cpu(), f"tensor {i}", torch.float32,
+                                   term_magnitude=r.abs().max().item())
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_last():
+    """conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) -> BN3 + add + ReLU."""
+    block = fastres.FastBottleneck(16, 4, backend="triton").to(DEVICE).train()
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with _OpLog() as log:
+        block(x)
+    kernels = [op for op in log.ops if op.startswith("fastres.")]
+    assert kernels == ["fastres.conv2d_bn_triton"] * 3 + ["fastres.bn_act_forward_triton"], log.ops
+    assert not [op for op in log.ops if "batch_norm" in op or "relu" in op or "convolution" in op]
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet-50's real shapes, on a GPU
+
+RESNET50_CONVOLUTIONS = {
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups) at batch 32
+    "stem": (32, 3, 224, 224, 64, 7, 2, 3, 1, 1),
+    "layer1-1x1": (32, 64, 56, 56, 64, 1, 1, 0, 1, 1),
+    "layer1-3x3": (32, 64, 56, 56, 64, 3, 1, 1, 1, 1),
+    "layer2-3x3-stride2": (32, 128, 56, 56, 128, 3, 2, 1, 1, 1),
+    "layer2-downsample": (32, 256, 56, 56, 512, 1, 2, 0, 1, 1),
+    "layer3-1x1-expand": (32, 256, 14, 14, 1024, 1, 1, 0, 1, 1),
+    "layer4-3x3": (32, 512, 7, 7, 512, 3, 1, 1, 1, 1),
+    "resnext-layer1-grouped": (32, 128, 56, 56, 128, 3, 1, 1, 1, 32),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", list(RESNET50_CONVOLUTIONS))
+def test_resnet50_convolutions_on_gpu(kind, dtype):
+    spec = RESNET50_CONVOLUTIONS[kind]
+    prologue = spec[1] != 3  # every convolution but the stem's follows a BatchNorm + ReLU
+
+    def fused(x, weight, bn):
+        bn_args = ((bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue
+                   else (None, None, None, None))
+        out, _, _ = conv2d_bn_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
+        return out
+
+    _check_against_torch(fused, spec, dtype, prologue)
