@@ -194,7 +194,7 @@ def measure(config: Config, reference: nn.Module, args, device, dtype) -> Result
         model = copy.deepcopy(reference)
     else:
         model = build_fast(reference, config.backend)
-    runner = torch.compile(model) if config.compile else model
+    runner = torch.compile(model, mode=args.compile_mode) if config.compile else model
     images = args.batch_size
     x = torch.randn(images, 3, args.image_size, args.image_size, device=device).contiguous(
         memory_format=torch.channels_last)
@@ -283,6 +283,7 @@ def _fmt(value, spec) -> str:
 
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, batch {meta['batch_size']}, "
+          f"torch.compile mode {meta.get('compile_mode', 'default')}, "
           f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}")
     header = (f"{'configuration':<26}{'parity':>8}{'train img/s':>13}{'x tv':>7}"
               f"{'infer img/s':>13}{'x tv':>7}{'saved MiB':>11}{'x tv':>7}{'peak MiB':>10}  target")
@@ -363,6 +364,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure torch.compile of both models (default: on; compiling "
                              "ResNet-50 takes about two minutes on a 2-core CPU)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode for the compiled configurations (the GPU "
+                             "inference target compares with max-autotune)")
     parser.add_argument("--out", default="benchmarks/results/local", help="folder for CSV and PNG")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -399,6 +405,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = {"model": args.model, "device": device_name(args.device),
             "device_type": args.device, "dtype": args.dtype,
             "batch_size": args.batch_size, "image_size": args.image_size,
+            "compile_mode": args.compile_mode,
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": fastres.info()["triton"], "fastres_commit": fastres_commit()}
     rows = rows_of(results, meta)

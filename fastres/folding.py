@@ -2,8 +2,10 @@
 
 In eval mode a BatchNorm is an affine map, so ``bn(conv(x))`` is one convolution with a new weight
 and bias (:func:`fold_bn`). The fast blocks use that to run each convolution once, with its
-bias, the residual add and the ReLU fused into the convolution (oneDNN post-ops on CPU, reached
-through ATen's ``mkldnn::_convolution_pointwise``), from weights folded and prepacked once.
+bias, the residual add and the ReLU fused into the convolution, from weights folded once: oneDNN
+post-ops on CPU (``mkldnn::_convolution_pointwise``, weights prepacked), cuDNN's fused
+convolution + bias + add + ReLU on CUDA (``aten::cudnn_convolution_add_relu``), or the Triton
+convolution's epilogue on the triton backend.
 
 The folded weights are cached per block under a key built from every tensor they depend on
 (identity, version counter, dtype, device), so any change — an optimizer step, ``load_state_dict``,
@@ -12,6 +14,7 @@ an in-place edit, ``.to()`` — is seen on the next call and the weights are fol
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -51,15 +54,52 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 
 
 class _Stage:
-    """One folded convolution: its weight and bias, prepacked for oneDNN on first use."""
+    """One folded convolution: its weight and bias, and the fused kernel that runs it.
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        self.conv = conv
+    ``kind`` is ``"onednn"`` (CPU: ``mkldnn::_convolution_pointwise``, the weight prepacked on
+    first use), ``"cudnn"`` (CUDA: ``aten::cudnn_convolution_relu`` /
+    ``cudnn_convolution_add_relu``, one fused cuDNN call each) or ``"triton"`` (the Triton
+    implicit-GEMM convolution with its bias + residual + ReLU epilogue).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, kind: str):
+        self.conv, self.kind = conv, kind
         with torch.no_grad():
             self.weight, self.bias = fold_bn(conv, bn)
         self.packed: Optional[Tensor] = None
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     def run(self, x: Tensor, *, relu: bool, residual: Optional[Tensor] = None) -> Tensor:
+        if self.kind == "onednn":
+            return self._run_onednn(x, relu, residual)
+        weight, bias = self._in_dtype(x.dtype)
+        c = self.conv
+        if self.kind == "triton":
+            from fastres.ops.conv_bn import conv2d_bias_act_triton
+
+            return conv2d_bias_act_triton(x, weight, bias, residual, relu, c.stride[0],
+                                          c.padding[0], c.dilation[0], c.groups)
+        geometry = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
+        if residual is not None:
+            # relu(conv(x) + bias + alpha * residual); the blocks always ReLU after the add.
+            assert relu, "the residual add is always followed by ReLU in a residual block"
+            return torch.ops.aten.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias,
+                                                             *geometry)
+        if relu:
+            return torch.ops.aten.cudnn_convolution_relu(x, weight, bias, *geometry)
+        return torch.ops.aten.convolution(x, weight, bias, *geometry[:3], False, [0, 0],
+                                          c.groups)
+
+    def _in_dtype(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The folded weight (channels_last) and bias in the activations' dtype (autocast runs
+        the convolutions in float16 / bfloat16), cast once."""
+        if dtype not in self._cast:
+            self._cast[dtype] = (
+                self.weight.to(dtype).contiguous(memory_format=torch.channels_last),
+                self.bias.to(dtype))
+        return self._cast[dtype]
+
+    def _run_onednn(self, x: Tensor, relu: bool, residual: Optional[Tensor]) -> Tensor:
         c = self.conv
         geometry = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
         if self.packed is None:
@@ -94,20 +134,31 @@ class FoldedBlock:
         self._stages: list[_Stage] = []
         self._downsample: Optional[_Stage] = None
 
-    def stages(self, pairs, downsample) -> tuple[list[_Stage], Optional[_Stage]]:
+    def stages(self, pairs, downsample, kind: str) -> tuple[list[_Stage], Optional[_Stage]]:
+        """The stages running on ``kind`` (see :class:`_Stage`), folded again if anything they
+        depend on changed since the last call."""
         modules = list(pairs) + ([downsample] if downsample else [])
         tensors = [t for conv, bn in modules
                    for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                              bn.running_var)]
-        key = _state_key(tensors) + tuple(bn.eps for _, bn in modules)
+        key = _state_key(tensors) + tuple(bn.eps for _, bn in modules) + (kind,)
         if key != self._key:
-            self._stages = [_Stage(conv, bn) for conv, bn in pairs]
-            self._downsample = _Stage(*downsample) if downsample else None
+            self._stages = [_Stage(conv, bn, kind) for conv, bn in pairs]
+            self._downsample = _Stage(*downsample, kind) if downsample else None
             self._key = key
         return self._stages, self._downsample
 
 
-def folding_available() -> bool:
-    """oneDNN's fused convolutions are in every x86 and Arm CPU build of torch; check anyway."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                            "_convolution_pointwise")
+@functools.lru_cache(maxsize=None)
+def folding_kind(backend: str) -> Optional[str]:
+    """The fused convolution that folded inference uses for a fastres backend, or None where
+    there is none: oneDNN for ``cpu``, cuDNN for ``cuda``, the Triton epilogue for ``triton``."""
+    if backend == "cpu":
+        available = torch.backends.mkldnn.is_available() and hasattr(
+            torch.ops.mkldnn, "_convolution_pointwise")
+        return "onednn" if available else None
+    if backend == "cuda":
+        return "cudnn" if torch.backends.cudnn.is_available() else None
+    if backend == "triton":
+        return "triton"
+    return None

@@ -38,7 +38,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from fastres._layout import memory_format_of
 from fastres.backends import BACKEND_CHOICES, resolve_backend
-from fastres.folding import FoldedBlock, folding_available
+from fastres.folding import FoldedBlock, folding_kind
 from fastres.ops.bn_act import bn_act, update_running_stats
 from fastres.ops.bn_act_conv import bn_act_conv2d
 from fastres.ops.conv_bn import conv2d_bn_triton
@@ -253,7 +253,7 @@ class _FastBlock:
         if backend == "torch" or not self.fused():
             return super().forward(x)
         if self._can_fold(x, backend):
-            return self._folded_forward(x)
+            return self._folded_forward(x, backend)
         if backend == "triton" and self._triton_convolutions_apply(x):
             return self._triton_forward(x)
         identity = x if self.downsample is None else self.downsample(x)
@@ -327,12 +327,17 @@ class _FastBlock:
 
     def _can_fold(self, x: Tensor, backend: str) -> bool:
         """Folded inference runs where it gives exactly the eval computation and nothing needs
-        gradients: CPU float32 without autocast, every BatchNorm in eval with running stats.
-        Anything else (autograd in eval, autocast, torch.compile tracing) takes the unfused
-        eval path, which keeps gradients."""
-        if backend != "cpu" or self.training or x.dtype != torch.float32:
+        gradients: every BatchNorm in eval with running statistics; on cpu in float32 without
+        autocast (oneDNN), on cuda and triton in float32, float16 or bfloat16, autocast
+        included. Anything else (autograd in eval, torch.compile tracing, ...) takes the
+        unfused eval path, which keeps gradients."""
+        if self.training or torch.compiler.is_compiling() or folding_kind(backend) is None:
             return False
-        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        if backend == "cpu":
+            if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+                return False
+        elif (_autocast_dtype(x) or x.dtype) not in (torch.float32, torch.float16,
+                                                     torch.bfloat16):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in self.parameters())):
@@ -340,21 +345,31 @@ class _FastBlock:
         norms = [getattr(self, name) for name in self._norms]
         if self.downsample is not None and self._downsample_pair() is not None:
             norms.append(self.downsample[1])
-        return folding_available() and all(
-            not bn.training and bn.running_mean is not None for bn in norms)
+        return all(not bn.training and bn.running_mean is not None for bn in norms)
 
-    def _folded_forward(self, x: Tensor) -> Tensor:
+    def _folded_forward(self, x: Tensor, backend: str) -> Tensor:
         pairs = [(getattr(self, c), getattr(self, n)) for c, n in zip(self._convs, self._norms)]
         cache = _FOLDED.setdefault(self, FoldedBlock())
-        stages, downsample = cache.stages(pairs, self._downsample_pair())
-        out = x
-        for stage in stages[:-1]:
-            out = stage.run(out, relu=True)
-        if downsample is not None:
-            identity = downsample.run(x, relu=False)
-        else:
-            identity = x if self.downsample is None else self.downsample(x)
-        return stages[-1].run(out, relu=True, residual=identity)
+        stages, downsample = cache.stages(pairs, self._downsample_pair(), folding_kind(backend))
+        # A downsample branch that is not (conv, BatchNorm) runs as itself, under autocast.
+        unfolded_identity = (self.downsample(x) if downsample is None and self.downsample
+                             is not None else None)
+        compute_dtype = _autocast_dtype(x) or x.dtype
+        out_format = memory_format_of(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h = x.to(compute_dtype)
+            if backend != "cpu":  # cuDNN's and Triton's fused convolutions want channels_last
+                h = h.contiguous(memory_format=torch.channels_last)
+            out = h
+            for stage in stages[:-1]:
+                out = stage.run(out, relu=True)
+            if downsample is not None:
+                identity = downsample.run(h, relu=False)
+            else:
+                identity = h if unfolded_identity is None else unfolded_identity
+            identity = identity.to(compute_dtype).contiguous(memory_format=memory_format_of(out))
+            out = stages[-1].run(out, relu=True, residual=identity)
+        return out.contiguous(memory_format=out_format)
 
     def train(self, mode: bool = True):
         _FOLDED.pop(self, None)  # folded weights are for eval only; free them

@@ -11,6 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 import fastres
 from fastres import fold_bn
 from fastres.modules import _FOLDED
+from tolerances import assert_within_error_factor
 
 
 def _realistic(model: nn.Module, seed=0) -> nn.Module:
@@ -68,14 +69,55 @@ def test_eval_outputs_match_torchvision(builder, memory_format):
     assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
 
 
-def _pair():
+def _pair(backend="cpu"):
     reference = _realistic(torchvision.models.resnet18(num_classes=10))
-    return reference, fastres.convert(reference, backend="cpu")
+    if backend == "triton":
+        reference = reference.to(DEVICE)
+    return reference, fastres.convert(reference, backend=backend)
 
 
-def test_cache_sees_in_place_edits():
-    reference, fast = _pair()
-    x = torch.randn(2, 3, 48, 48)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpreter)]
+
+
+@pytest.mark.triton_interpreter
+@pytest.mark.parametrize("builder", ["resnet18"])
+def test_eval_outputs_match_torchvision_on_triton(builder):
+    """The Triton convolution's bias + residual + ReLU epilogue, from folded weights (grouped
+    convolutions: tests/test_conv_bn.py)."""
+    reference = _realistic(getattr(torchvision.models, builder)(num_classes=10)).to(DEVICE)
+    fast = fastres.convert(reference, backend="triton")
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    _assert_eval_matches(fast, reference, x)
+    assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_eval_outputs_match_torchvision_on_cudnn(builder, dtype):
+    """cuDNN's fused convolution + bias + add + ReLU, float32 and under autocast, against
+    torchvision in the same setting (error-factor rule against float64)."""
+    reference = _realistic(getattr(torchvision.models, builder)(num_classes=10)).cuda()
+    reference = reference.to(memory_format=torch.channels_last)
+    fast = fastres.convert(reference, backend="cuda")
+    reference64 = copy.deepcopy(reference).double()
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    low = dtype != torch.float32
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=low):
+        got, theirs = fast(x), reference(x)
+    with torch.no_grad():
+        expected = reference64(x.double())
+    assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
+    assert_within_error_factor(got.float().cpu(), theirs.float().cpu(), expected.cpu(), "logits",
+                               dtype if low else torch.float32,
+                               term_magnitude=expected.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_sees_in_place_edits(backend):
+    reference, fast = _pair(backend)
+    x = torch.randn(1, 3, 32, 32, device=reference.fc.weight.device)
     _assert_eval_matches(fast, reference, x)
     with torch.no_grad():
         for model in (reference, fast):
@@ -87,7 +129,7 @@ def test_cache_sees_in_place_edits():
 
 def test_cache_sees_optimizer_steps_and_training():
     reference, fast = _pair()
-    x = torch.randn(4, 3, 48, 48)
+    x = torch.randn(4, 3, 32, 32)
     _assert_eval_matches(fast, reference, x)
     for model in (reference, fast):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
