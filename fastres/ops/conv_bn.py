@@ -14,8 +14,9 @@ forward ``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) ->
 
 Backward: the input gradient and the weight gradient are implicit GEMMs that recompute
 ``relu(batch_norm(x))`` from the saved pre-BatchNorm ``x`` instead of loading a saved activation;
-the input-gradient epilogue applies ReLU's mask, then bn_act's Triton backward finishes the
-BatchNorm (through the batch statistics when ``bn_training``). The ``mean``/``var`` outputs are
+the input-gradient epilogue applies ReLU's mask and computes BatchNorm's two backward
+reductions, and bn_act's Triton elementwise pass finishes the BatchNorm (through the batch
+statistics when ``bn_training``). The ``mean``/``var`` outputs are
 not differentiable: the op that consumes them (the next ``conv2d_bn_triton``, or
 :func:`fastres.ops.sync_bn_act.bn_act_from_stats`) differentiates through them as part of its
 own BatchNorm backward, which is exact because they are the batch statistics of its input.
@@ -30,8 +31,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-from fastres.ops.bn_act import BACKWARD_OPS
 
 __all__ = ["conv2d_bn_triton", "conv2d_bias_act_triton"]
 
@@ -112,6 +111,7 @@ def _conv2d_bn_setup(ctx, inputs, output):
 
 
 def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+    from fastres.triton.bn_act import bn_backward_from_partials
     from fastres.triton.conv import conv_input_grad, conv_weight_grad
 
     x, weight, bn_mean, bn_var, bn_weight, bn_bias = ctx.saved_tensors
@@ -123,15 +123,13 @@ def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
                    if needs[1] else None)
     grad_x = grad_bn_weight = grad_bn_bias = None
     if prologue is None:
-        grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry) if needs[0] else None
+        grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0] if needs[0] else None
     elif needs[0] or needs[4] or needs[5]:
-        # Gradient with respect to batch_norm(x) (ReLU's mask applied), then BatchNorm's own
-        # backward: one reduction pass and one elementwise pass.
-        grad_bn = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
-        empty_mask = x.new_empty((0,), dtype=torch.uint8)
-        grad_x, grad_bn_weight, grad_bn_bias, _ = BACKWARD_OPS["triton"](
-            grad_bn, x, bn_weight, bn_mean, bn_var, empty_mask, ctx.bn_training, ctx.eps, False,
-            False)
+        # Gradient with respect to batch_norm(x) (ReLU's mask applied) with BatchNorm's backward
+        # reductions in the same kernel's epilogue; then BatchNorm's elementwise pass.
+        grad_bn, sums = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
+        grad_x, grad_bn_weight, grad_bn_bias = bn_backward_from_partials(
+            grad_bn, x, bn_weight, bn_mean, bn_var, sums, ctx.bn_training, ctx.eps)
     return (grad_x, grad_weight, None, None,
             grad_bn_weight if bn_weight is not None and needs[4] else None,
             grad_bn_bias if bn_bias is not None and needs[5] else None,

@@ -425,3 +425,21 @@ def bn_act_backward_apply(grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
         _grad_apply(d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual,
                     residual_grad)
     return grad_x, grad_residual
+
+
+def bn_backward_from_partials(grad: Tensor, x: Tensor, weight: Optional[Tensor],
+                              save_mean: Tensor, save_var: Tensor, partials: Tensor,
+                              training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm's backward (no ReLU) when its reductions are already done: ``partials`` is a
+    (2, splits, C) float32 tensor of partial sums of ``grad`` and ``grad * (x - save_mean)``
+    (from the epilogue of a convolution's input gradient). Returns (grad_x, grad_weight,
+    grad_bias); one finalize and one elementwise pass."""
+    d = _Dense(x, grad)
+    grad_x, unused = _grad_outputs(d, False)
+    grad_weight = torch.zeros(d.C, dtype=torch.float32, device=x.device)
+    grad_bias = torch.zeros(d.C, dtype=torch.float32, device=x.device)
+    if d.numel > 0:
+        coefficients = _grad_coefficients(d, partials, d.rows, save_var, weight, eps, training,
+                                          grad_weight, grad_bias)
+        _grad_apply(d, unused, save_mean, coefficients, False, grad_x, unused, False)
+    return grad_x, grad_weight, grad_bias

@@ -16,7 +16,9 @@ materialises an im2col matrix:
 * input gradient ``dx[m', ci] = sum dy[m, co] W[co, ci, kh, kw]`` over the (kh, kw, co) that reach
   input pixel m' (a stride-s convolution reaches it only where ``ih + pad - kh * dil`` is a
   multiple of s). With a prologue, the epilogue recomputes ``z = relu(scale * (x - mean) +
-  shift)`` at m' and keeps the gradient only where z > 0: ReLU's backward without a saved mask.
+  shift)`` at m' and keeps the gradient only where z > 0 (ReLU's backward without a saved
+  mask), and sums that gradient and its product with ``x - mean`` per channel: BatchNorm's
+  backward reductions, so that only BatchNorm's elementwise pass is left.
 * weight gradient ``dW[k, co] = sum_m A[m, k] dy[m, co]``, A gathered as in forward, prologue
   included (recomputed, not loaded), the sum over m split across programs and added atomically.
 
@@ -141,17 +143,21 @@ def _conv_forward_kernel(
 # Input gradient
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY)
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
+                 reset_to_zero=["sum_grad_ptr", "sum_grad_centred_ptr"])
 @triton.jit
 def _conv_input_grad_kernel(
-    grad_ptr, w_ptr, grad_x_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr,
+    grad_ptr, w_ptr, grad_x_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, sum_grad_ptr,
+    sum_grad_centred_ptr,
     N, H, W, C_IN, OH, OW, C_OUT, GROUPS, KH: tl.constexpr, KW: tl.constexpr, STRIDE, PADDING,
     DILATION,
     PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Rows: input pixels (n, ih, iw); columns: input channels of one group; reduction: the
-    (kh, kw, co) that reach each input pixel. w_ptr is the weight as (KH, KW, C_OUT, C_IN/g)."""
+    (kh, kw, co) that reach each input pixel. w_ptr is the weight as (KH, KW, C_OUT, C_IN/g).
+    With a prologue, the epilogue also writes this tile's per-channel sums of the masked
+    gradient gm and of gm * (x - mean): BatchNorm's backward reductions, fused here."""
     pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,7 +193,15 @@ def _conv_input_grad_kernel(
                      tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :],
                      tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :])
         acc = tl.where(z.to(x_ptr.dtype.element_ty).to(tl.float32) > 0.0, acc, 0.0)
-    tl.store(grad_x_ptr + offsets, acc.to(grad_x_ptr.dtype.element_ty), mask=out_ok)
+    stored = acc.to(grad_x_ptr.dtype.element_ty)
+    tl.store(grad_x_ptr + offsets, stored, mask=out_ok)
+    if PROLOGUE:
+        # Of the values as stored, which BatchNorm's elementwise backward pass reads.
+        gm = tl.where(out_ok, stored.to(tl.float32), 0.0)
+        centred = x - tl.load(mean_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        slot = pid_m * C_IN + cols
+        tl.store(sum_grad_ptr + slot, tl.sum(gm, axis=0), mask=col_ok)
+        tl.store(sum_grad_centred_ptr + slot, tl.sum(gm * centred, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,10 +381,13 @@ def prologue_from_stats(mean: Tensor, var: Tensor, weight: Optional[Tensor],
 
 
 def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
-                    x: Optional[Tensor] = None, prologue: Optional[Prologue] = None) -> Tensor:
-    """Gradient with respect to the convolution's input, channels_last. With a prologue (and
-    the pre-BatchNorm x it was applied to), the gradient with respect to relu(bn(x)) masked by
-    where that was positive, i.e. with respect to bn(x)."""
+                    x: Optional[Tensor] = None, prologue: Optional[Prologue] = None
+                    ) -> tuple[Tensor, Optional[Tensor]]:
+    """Gradient with respect to the convolution's input, channels_last, and None. With a
+    prologue (and the pre-BatchNorm x it was applied to): the gradient gm with respect to
+    bn(x) (relu(bn(x))'s gradient masked where that was positive), and the (2, tiles, C_in)
+    float32 per-tile sums of gm and gm * (x - mean) for BatchNorm's backward (tiles a larger
+    tiling leaves out are zero)."""
     g = geometry
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     grad_x = torch.empty((g.N, g.C_IN, g.H, g.W), dtype=grad_out.dtype, device=grad_out.device,
@@ -378,14 +395,20 @@ def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
     w_t = weight.permute(2, 3, 0, 1).contiguous()  # (KH, KW, C_out, C_in / groups)
     mean, scale, shift = _prologue_args(prologue, grad_out)
     rows = g.N * g.H * g.W
+    sums = None
+    if prologue is not None:
+        smallest = min(c.kwargs["BLOCK_M"] for c in _conv_input_grad_kernel.configs)
+        sums = torch.zeros((2, max(1, triton.cdiv(rows, smallest)), g.C_IN), dtype=torch.float32,
+                           device=grad_out.device)
     if rows > 0:
         _conv_input_grad_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),
                                               triton.cdiv(g.C_IN // g.GROUPS, meta["BLOCK_N"]),
                                               g.GROUPS)](
             grad_out, w_t, grad_x, x if x is not None else grad_out, mean, scale, shift,
+            *(sums if sums is not None else (grad_out, grad_out)),
             **g.args(), PROLOGUE=prologue is not None,
             INPUT_PRECISION=_input_precision(grad_out.dtype))
-    return grad_x
+    return grad_x, sums
 
 
 def _weight_grad_split(geometry: ConvGeometry, device: torch.device) -> int:
