@@ -20,6 +20,9 @@ backward, per process::
 ``grad_weight`` and ``grad_bias`` are this process's share (the sums before the all-reduce), as
 in ``nn.SyncBatchNorm``: DistributedDataParallel all-reduces parameter gradients itself.
 
+:func:`bn_act_from_stats` is the same autograd function without communication, for batch
+statistics computed elsewhere (the Triton convolutions' epilogue, fastres/ops/conv_bn.py).
+
 Processes may hold different batch sizes, including none at all. Communication goes through
 ``torch.distributed`` on the given process group: NCCL for CUDA tensors, gloo for CPU tensors
 (where ``nn.SyncBatchNorm`` does not run). Eval needs no communication and runs the unsynchronised
