@@ -309,6 +309,12 @@ class Prologue:
     shift: Tensor
 
 
+def _scratch(device: torch.device) -> Tensor:
+    """A stand-in for an output the kernel does not write. Never a caller's tensor: autotuning
+    zeroes the statistics outputs (reset_to_zero) whether or not the kernel uses them."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
 def _prologue_args(prologue: Optional[Prologue], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if prologue is None:
         return like, like, like  # not read
@@ -345,7 +351,7 @@ def conv_forward(x: Tensor, weight: Tensor, geometry: ConvGeometry,
                                            g.GROUPS)](
             x, w_k, out, mean, scale, shift, bias if bias is not None else x,
             residual if residual is not None else x,
-            *(partials if stats else (x, x, x)),
+            *(partials if stats else [_scratch(x.device)] * 3),
             **g.args(), PROLOGUE=prologue is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats,
             INPUT_PRECISION=_input_precision(x.dtype))
@@ -405,7 +411,7 @@ def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
                                               triton.cdiv(g.C_IN // g.GROUPS, meta["BLOCK_N"]),
                                               g.GROUPS)](
             grad_out, w_t, grad_x, x if x is not None else grad_out, mean, scale, shift,
-            *(sums if sums is not None else (grad_out, grad_out)),
+            *(sums if sums is not None else [_scratch(grad_out.device)] * 2),
             **g.args(), PROLOGUE=prologue is not None,
             INPUT_PRECISION=_input_precision(grad_out.dtype))
     return grad_x, sums
