@@ -79,11 +79,14 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->mark_non_differentiable({mean, var, mask});
+    // The statistics and the mask never receive gradients: do not fill zeros for them.
+    ctx->set_materialize_grads(false);
     return {out, mean, var, mask};
   }
 
   // One gradient per forward argument, undefined where none is needed or possible.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(9);  // out did not reach the loss
     const auto saved = ctx->get_saved_variables();
     const Tensor& weight = saved[1];
     const bool weight_grad = needs_grad(ctx, ctx->saved_data["weight_edge"].toInt());
