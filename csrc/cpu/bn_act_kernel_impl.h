@@ -40,6 +40,10 @@ constexpr int64_t kGrainBlocks = 4;
 // Elements per channels_last reduction tile: large enough to amortise the per-channel merges,
 // small enough (64 KiB of float) that the tile's second pass reads from L2.
 constexpr int64_t kReduceTile = 16384;
+// ... and at least a few rows, so that the per-channel merge at the end of each tile stays
+// small against the tile's work. Not many more: the column reductions walk a tile down its
+// rows with a stride of C values, and with thousands of channels a tall tile no longer fits L1.
+constexpr int64_t kMinTileRows = 8;
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
@@ -200,6 +204,54 @@ void pack_relu_mask(const T* out, int64_t begin, int64_t end, uint8_t* mask) {
   }
 }
 
+// Column reductions of a channels_last tile (nr rows of C values, row stride C) into out[C]:
+//   out[c] = sum_r f(r, c)   where f is given the vectors of one row's columns c .. c + width.
+// Blocks of 4 vectors of columns keep their accumulators in registers across all rows, so each
+// element is loaded once and each result stored once (accumulating into memory row by row
+// costs a load and a store per vector per row).
+template <typename V, typename Fn>
+void column_sums(int64_t nr, int64_t C, V* out, Fn&& f) {
+  using Vec = Vectorized<V>;
+  constexpr int64_t W = Vec::size();
+  int64_t c = 0;
+  for (; c + 4 * W <= C; c += 4 * W) {
+    Vec a0(V(0)), a1(V(0)), a2(V(0)), a3(V(0));
+    for (int64_t r = 0; r < nr; ++r) {
+      a0 += f(r, c);
+      a1 += f(r, c + W);
+      a2 += f(r, c + 2 * W);
+      a3 += f(r, c + 3 * W);
+    }
+    a0.store(out + c);
+    a1.store(out + c + W);
+    a2.store(out + c + 2 * W);
+    a3.store(out + c + 3 * W);
+  }
+  for (; c + W <= C; c += W) {
+    Vec a(V(0));
+    for (int64_t r = 0; r < nr; ++r) a += f(r, c);
+    a.store(out + c);
+  }
+  if (c < C) {  // the last C % W columns: full-width loads would run past the row
+    alignas(64) V lanes[W];
+    Vec a(V(0));
+    for (int64_t r = 0; r < nr; ++r) a += f(r, c, C - c);
+    a.store(lanes);
+    for (int64_t k = 0; k < C - c; ++k) out[c + k] = lanes[k];
+  }
+}
+
+// Rows per channels_last reduction tile: about kReduceTile elements and at least kMinTileRows
+// rows, evened out so that every thread gets the same number of tiles (with ResNet's small
+// late-stage activations there are only a handful of tiles).
+inline int64_t nhwc_tile_rows(int64_t rows, int64_t channels) {
+  const int64_t wanted = std::max(kMinTileRows, kReduceTile / std::max<int64_t>(1, channels));
+  const int64_t threads = at::get_num_threads();
+  int64_t tiles = std::max<int64_t>(1, (rows + wanted - 1) / wanted);
+  tiles = (tiles + threads - 1) / threads * threads;
+  return std::max<int64_t>(1, (rows + tiles - 1) / tiles);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward statistics
 
@@ -232,7 +284,7 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
   using Vec = Vectorized<V>;
   const int64_t C = layout.c;
   const int64_t rows = layout.reduce_size();
-  const int64_t tile_rows = std::max<int64_t>(1, kReduceTile / C);
+  const int64_t tile_rows = nhwc_tile_rows(rows, C);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     auto buf = scratch_buffer<V>(tile_rows * C);
@@ -245,16 +297,15 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
       const int64_t r0 = t * tile_rows;
       const int64_t nr = std::min(tile_rows, rows - r0);
       const V* v = as_opmath(x + r0 * C, nr * C, buf.get());
-      std::fill(mean.begin(), mean.end(), V(0));
-      std::fill(m2.begin(), m2.end(), V(0));
-      for (int64_t r = 0; r < nr; ++r) {
-        at::vec::map2([](Vec a, Vec b) { return a + b; }, mean.data(), mean.data(), v + r * C, C);
-      }
-      for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<V>(nr);
-      for (int64_t r = 0; r < nr; ++r) {
-        at::vec::map3([](Vec s, Vec a, Vec m) { return at::vec::fmadd(a - m, a - m, s); },
-                      m2.data(), m2.data(), v + r * C, mean.data(), C);
-      }
+      column_sums<V>(nr, C, mean.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
+        return Vec::loadu(v + r * C + c, n);
+      });
+      const Vec inv_rows(V(1) / static_cast<V>(nr));
+      at::vec::map([&](Vec a) { return a * inv_rows; }, mean.data(), mean.data(), C);
+      column_sums<V>(nr, C, m2.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
+        const Vec d = Vec::loadu(v + r * C + c, n) - Vec::loadu(mean.data() + c, n);
+        return d * d;
+      });
       const double total = count + static_cast<double>(nr);
       const double w_mean = static_cast<double>(nr) / total;
       const double w_m2 = count * static_cast<double>(nr) / total;
@@ -318,7 +369,7 @@ void backward_reduce_nhwc(const T* grad, const T* x, const uint8_t* mask, const 
   using Vec = Vectorized<V>;
   const int64_t C = layout.c;
   const int64_t rows = layout.reduce_size();
-  const int64_t tile_rows = std::max<int64_t>(1, kReduceTile / C);
+  const int64_t tile_rows = nhwc_tile_rows(rows, C);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     auto gm = scratch_buffer<V>(tile_rows * C), xbuf = scratch_buffer<V>(tile_rows * C);
@@ -329,14 +380,13 @@ void backward_reduce_nhwc(const T* grad, const T* x, const uint8_t* mask, const 
       const int64_t nr = std::min(tile_rows, rows - t * tile_rows);
       load_masked_grad(grad + first, mask, first, nr * C, gm.get());
       const V* xv = as_opmath(x + first, nr * C, xbuf.get());
-      std::fill(sg.begin(), sg.end(), V(0));
-      std::fill(sgx.begin(), sgx.end(), V(0));
-      for (int64_t r = 0; r < nr; ++r) {
-        const V* g_row = gm.get() + r * C;
-        at::vec::map2([](Vec s, Vec g) { return s + g; }, sg.data(), sg.data(), g_row, C);
-        at::vec::map4([](Vec s, Vec g, Vec xx, Vec m) { return at::vec::fmadd(g, xx - m, s); },
-                      sgx.data(), sgx.data(), g_row, xv + r * C, mean, C);
-      }
+      const V* g = gm.get();
+      column_sums<V>(nr, C, sg.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
+        return Vec::loadu(g + r * C + c, n);
+      });
+      column_sums<V>(nr, C, sgx.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
+        return Vec::loadu(g + r * C + c, n) * (Vec::loadu(xv + r * C + c, n) - Vec::loadu(mean + c, n));
+      });
       for (int64_t c = 0; c < C; ++c) {
         mine[c] += sg[c];
         mine[C + c] += sgx[c];
