@@ -241,6 +241,46 @@ void column_sums(int64_t nr, int64_t C, V* out, Fn&& f) {
   }
 }
 
+// Two column reductions in one walk over the tile: f returns the pair of vectors to add to
+// out_a and out_b (blocks of 2 vectors of columns: 4 accumulators in registers).
+template <typename V, typename Fn>
+void column_sums2(int64_t nr, int64_t C, V* out_a, V* out_b, Fn&& f) {
+  using Vec = Vectorized<V>;
+  constexpr int64_t W = Vec::size();
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) {
+    Vec a0(V(0)), a1(V(0)), b0(V(0)), b1(V(0));
+    for (int64_t r = 0; r < nr; ++r) {
+      const auto [p0, q0] = f(r, c, W);
+      const auto [p1, q1] = f(r, c + W, W);
+      a0 += p0;
+      b0 += q0;
+      a1 += p1;
+      b1 += q1;
+    }
+    a0.store(out_a + c);
+    a1.store(out_a + c + W);
+    b0.store(out_b + c);
+    b1.store(out_b + c + W);
+  }
+  for (; c < C; c += W) {  // the last C % (2 W) columns, partial loads past C
+    const int64_t n = std::min(W, C - c);
+    alignas(64) V lanes_a[W], lanes_b[W];
+    Vec a(V(0)), b(V(0));
+    for (int64_t r = 0; r < nr; ++r) {
+      const auto [p, q] = f(r, c, n);
+      a += p;
+      b += q;
+    }
+    a.store(lanes_a);
+    b.store(lanes_b);
+    for (int64_t k = 0; k < n; ++k) {
+      out_a[c + k] = lanes_a[k];
+      out_b[c + k] = lanes_b[k];
+    }
+  }
+}
+
 // Rows per channels_last reduction tile: about kReduceTile elements and at least kMinTileRows
 // rows, evened out so that every thread gets the same number of tiles (with ResNet's small
 // late-stage activations there are only a handful of tiles).
@@ -381,11 +421,9 @@ void backward_reduce_nhwc(const T* grad, const T* x, const uint8_t* mask, const 
       load_masked_grad(grad + first, mask, first, nr * C, gm.get());
       const V* xv = as_opmath(x + first, nr * C, xbuf.get());
       const V* g = gm.get();
-      column_sums<V>(nr, C, sg.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
-        return Vec::loadu(g + r * C + c, n);
-      });
-      column_sums<V>(nr, C, sgx.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
-        return Vec::loadu(g + r * C + c, n) * (Vec::loadu(xv + r * C + c, n) - Vec::loadu(mean + c, n));
+      column_sums2<V>(nr, C, sg.data(), sgx.data(), [&](int64_t r, int64_t c, int64_t n) {
+        const Vec gv = Vec::loadu(g + r * C + c, n);
+        return std::make_pair(gv, gv * (Vec::loadu(xv + r * C + c, n) - Vec::loadu(mean + c, n)));
       });
       for (int64_t c = 0; c < C; ++c) {
         mine[c] += sg[c];
