@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fastres
-from fastres.ops.conv_bn import conv2d_bias_act_triton, conv2d_bn_triton
+from fastres.ops.conv_bn import (conv2d_bias_act_triton, conv2d_bn_backward_triton,
+                                 conv2d_bn_triton)
 from tolerances import assert_within_error_factor
 
 pytestmark = pytest.mark.triton_interpreter
@@ -135,6 +136,17 @@ def test_conv_ops_pass_opcheck():
                                                    *conv_args), test_utils=tests)
 
 
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn-relu-prologue"])
+def test_conv_backward_op_passes_opcheck(prologue):
+    x, weight, bn, conv_args = _inputs(CONVOLUTIONS["3x3-grouped"], torch.float32)
+    bn_args = ((bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue
+               else (None, None, None, None))
+    grad = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(conv2d_bn_backward_triton,
+                          (grad, x, weight, *bn_args, True, 1e-5, *conv_args, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks with backend="triton"
 
@@ -208,6 +220,23 @@ def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_las
     kernels = [op for op in log.ops if op.startswith("fastres.")]
     assert kernels == ["fastres.conv2d_bn_triton"] * 3 + ["fastres.bn_act_forward_triton"], log.ops
     assert not [op for op in log.ops if "batch_norm" in op or "relu" in op or "convolution" in op]
+
+
+def test_bottleneck_on_triton_under_torch_compile_fullgraph():
+    """Forward and backward traced whole: every kernel launch is inside a custom op."""
+    torch._dynamo.reset()
+    block = fastres.FastBottleneck(16, 4, backend="triton").to(DEVICE).train()
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    results = []
+    for model in (eager, compiled):
+        inp = x.clone().requires_grad_()
+        out = model(inp)
+        out.sum().backward()
+        results.append([out.detach(), inp.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

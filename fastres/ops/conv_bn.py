@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["conv2d_bn_triton", "conv2d_bias_act_triton"]
+__all__ = ["conv2d_bn_triton", "conv2d_bn_backward_triton", "conv2d_bias_act_triton"]
 
 
 def _geometry(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, groups: int):
@@ -110,27 +110,62 @@ def _conv2d_bn_setup(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups)
 
 
-def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+@torch.library.custom_op("fastres::conv2d_bn_backward_triton", mutates_args=())
+def conv2d_bn_backward_triton(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bn_mean: Optional[Tensor],
+    bn_var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    bn_training: bool, eps: float, stride: int, padding: int, dilation: int, groups: int,
+    input_grad: bool, weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``conv2d_bn_triton``: ``(grad_x, grad_weight, grad_bn_weight, grad_bn_bias)``.
+
+    ``grad_x`` (and, with a BatchNorm prologue, the BatchNorm parameters' gradients) only when
+    ``input_grad``, ``grad_weight`` only when ``weight_grad``; the others are empty. An op of its
+    own, so that autograd's tracing (torch.compile) sees one node instead of raw kernel launches.
+    """
     from fastres.triton.bn_act import bn_backward_from_partials
     from fastres.triton.conv import conv_input_grad, conv_weight_grad
 
-    x, weight, bn_mean, bn_var, bn_weight, bn_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad
     x = _channels_last(x)
-    geometry = _geometry(x, weight, *ctx.conv)
-    prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, ctx.eps)
+    geometry = _geometry(x, weight, stride, padding, dilation, groups)
+    prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+    def empty(dtype=x.dtype):  # a fresh one each time: outputs must not alias each other
+        return x.new_empty((0,), dtype=dtype)
+
     grad_weight = (conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue)
-                   if needs[1] else None)
-    grad_x = grad_bn_weight = grad_bn_bias = None
-    if prologue is None:
-        grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0] if needs[0] else None
-    elif needs[0] or needs[4] or needs[5]:
+                   if weight_grad else empty())
+    grad_x, grad_bn_weight, grad_bn_bias = empty(), empty(torch.float32), empty(torch.float32)
+    if input_grad and prologue is None:
+        grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0]
+    elif input_grad:
         # Gradient with respect to batch_norm(x) (ReLU's mask applied) with BatchNorm's backward
         # reductions in the same kernel's epilogue; then BatchNorm's elementwise pass.
         grad_bn, sums = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
         grad_x, grad_bn_weight, grad_bn_bias = bn_backward_from_partials(
-            grad_bn, x, bn_weight, bn_mean, bn_var, sums, ctx.bn_training, ctx.eps)
-    return (grad_x, grad_weight, None, None,
+            grad_bn, x, bn_weight, bn_mean, bn_var, sums, bn_training, eps)
+    return grad_x, grad_weight, grad_bn_weight, grad_bn_bias
+
+
+@conv2d_bn_backward_triton.register_fake
+def _conv2d_bn_backward_fake(grad_out, x, weight, bn_mean, bn_var, bn_weight, bn_bias,
+                             bn_training, eps, stride, padding, dilation, groups, input_grad,
+                             weight_grad):
+    empty = x.new_empty((0,))
+    channels = x.shape[1] if input_grad and bn_mean is not None else 0
+    return (torch.empty_like(x, memory_format=torch.channels_last) if input_grad else empty,
+            torch.empty_like(weight) if weight_grad else empty,
+            x.new_empty((channels,), dtype=torch.float32),
+            x.new_empty((channels,), dtype=torch.float32))
+
+
+def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, weight, bn_mean, bn_var, bn_weight, bn_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    input_grad = needs[0] or needs[4] or needs[5]
+    grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv2d_bn_backward_triton(
+        grad_out, x, weight, bn_mean, bn_var, bn_weight, bn_bias, ctx.bn_training, ctx.eps,
+        *ctx.conv, input_grad, needs[1])
+    return (grad_x if needs[0] else None, grad_weight if needs[1] else None, None, None,
             grad_bn_weight if bn_weight is not None and needs[4] else None,
             grad_bn_bias if bn_bias is not None and needs[5] else None,
             None, None, None, None, None, None, None)
