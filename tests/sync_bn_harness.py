@@ -7,7 +7,8 @@ with ``sync_bn=True`` under DistributedDataParallel, and compares, on its own sl
 own buffers, against torchvision's model trained in one process on the whole batch: outputs,
 input gradients, every parameter gradient after DDP's all-reduce, parameters after an SGD step,
 and every buffer (running statistics, num_batches_tracked). The parent gets, per scenario and
-rank, "ok" or the failure's traceback.
+rank, "ok" or the failure's traceback. Scenarios cover default BatchNorms and ("variants")
+momentum=None, affine=False with another eps, and another momentum.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import time
 import traceback
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ SCENARIOS = {
     "resnet-cpu-float64": ("resnet", "cpu", torch.float64),
     "resnet-cpu-float32": ("resnet", "cpu", torch.float32),
     "blocks-torch-float64": ("blocks", "torch", torch.float64),
+    "variants-cpu-float64": ("variants", "cpu", torch.float64),
     "resnet-torch-float64": ("resnet", "torch", torch.float64),
     "blocks-triton-float32": ("blocks", "triton", torch.float32),
     "blocks-cuda-float32": ("blocks", "cuda", torch.float32),
@@ -60,24 +63,35 @@ def _randomise_batch_norms(model: nn.Module, generator: torch.Generator) -> None
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.uniform_(-0.5, 0.5, generator=generator)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.uniform_(-0.5, 0.5, generator=generator)
                 m.running_mean.uniform_(-0.2, 0.2, generator=generator)
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
 
 
-def _reference_blocks() -> nn.Module:
-    """Two torchvision Bottlenecks, the second with stride 2 and a downsample branch."""
-    downsample = nn.Sequential(conv1x1(16, 32, stride=2), nn.BatchNorm2d(32))
-    return nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 8, stride=2, downsample=downsample))
+# BatchNorm settings of the two blocks and the downsample branch: the defaults, or ("variants")
+# momentum=None (a cumulative average), affine=False with another eps, and another momentum.
+NORMS = {
+    "blocks": (nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm2d),
+    "variants": (partial(nn.BatchNorm2d, momentum=None),
+                 partial(nn.BatchNorm2d, affine=False, eps=1e-3),
+                 partial(nn.BatchNorm2d, momentum=0.3)),
+}
 
 
-def _fast_blocks(reference: nn.Module, backend: str) -> nn.Module:
+def _stack(kind: str, block=Bottleneck, **options) -> nn.Module:
+    """Two Bottlenecks, the second with stride 2 and a downsample branch."""
+    first, second, branch = NORMS[kind]
+    downsample = nn.Sequential(conv1x1(16, 32, stride=2), branch(32))
+    return nn.Sequential(block(16, 4, norm_layer=first, **options),
+                         block(16, 8, stride=2, downsample=downsample, norm_layer=second,
+                               **options))
+
+
+def _fast_blocks(kind: str, reference: nn.Module, backend: str) -> nn.Module:
     """The same stack built from FastBottleneck(sync_bn=True), loaded from the reference."""
-    downsample = nn.Sequential(conv1x1(16, 32, stride=2), nn.BatchNorm2d(32))
-    fast = nn.Sequential(
-        FastBottleneck(16, 4, backend=backend, sync_bn=True),
-        FastBottleneck(16, 8, stride=2, downsample=downsample, backend=backend, sync_bn=True))
+    fast = _stack(kind, FastBottleneck, backend=backend, sync_bn=True)
     fast.load_state_dict(reference.state_dict())
     return fast
 
@@ -86,14 +100,14 @@ def _models(kind: str, backend: str, dtype: torch.dtype, device: torch.device):
     """(fast model, float64 reference, reference in ``dtype``), all with the same weights."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    if kind == "blocks":
-        reference = _reference_blocks()
+    if kind in NORMS:
+        reference = _stack(kind)
     else:
         reference = torchvision.models.resnet18(num_classes=5)
     _randomise_batch_norms(reference, generator)
     reference = reference.to(device=device, memory_format=torch.channels_last)
-    if kind == "blocks":
-        fast = _fast_blocks(reference, backend)
+    if kind in NORMS:
+        fast = _fast_blocks(kind, reference, backend)
     else:
         fast = fastres.convert(reference, backend=backend, sync_bn=True)
     assert all(type(m) is not nn.BatchNorm2d for m in fast.modules()), "a BatchNorm is not synced"
@@ -107,8 +121,8 @@ def _batches(kind: str, device: torch.device):
     """STEPS global batches of inputs and output weights (the loss is sum(out * weights))."""
     generator = torch.Generator().manual_seed(1)
     total = 5
-    shape = (total, 16, 8, 8) if kind == "blocks" else (total, 3, 32, 32)
-    out_shape = (total, 32, 4, 4) if kind == "blocks" else (total, 5)
+    shape = (total, 16, 8, 8) if kind in NORMS else (total, 3, 32, 32)
+    out_shape = (total, 32, 4, 4) if kind in NORMS else (total, 5)
     xs = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(STEPS)]
     ws = [torch.randn(out_shape, generator=generator, dtype=torch.float64) for _ in range(STEPS)]
     return ([x.to(device).contiguous(memory_format=torch.channels_last) for x in xs],

@@ -195,8 +195,8 @@ def test_sync_bn_in_eval_needs_no_process_group_and_matches_torchvision():
 GLOO_SCENARIOS = {
     2: ["blocks-cpu-float64", "resnet-cpu-float64", "resnet-cpu-float32", "blocks-torch-float64",
         "blocks-triton-float32"],
-    3: ["blocks-cpu-float64", "resnet-cpu-float64", "resnet-torch-float64",
-        "blocks-triton-float32"],
+    3: ["blocks-cpu-float64", "variants-cpu-float64", "resnet-cpu-float64",
+        "resnet-torch-float64", "blocks-triton-float32"],
 }
 NCCL_SCENARIOS = ["blocks-cuda-float32", "resnet-cuda-float32", "blocks-triton-float32"]
 
