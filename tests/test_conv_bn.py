@@ -32,6 +32,10 @@ CONVOLUTIONS = {
     "3x3-grouped": (2, 16, 6, 6, 16, 3, 1, 1, 1, 4),
     "7x7-stride2-stem": (1, 3, 15, 15, 8, 7, 2, 3, 1, 1),
     "3x3-dilated-odd": (1, 5, 7, 5, 7, 3, 1, 2, 2, 1),
+    # 16+ channels per group: the kernels' channel-block reduction (fewer: one flat index)
+    "3x3-wide": (2, 24, 6, 6, 32, 3, 1, 1, 1, 1),
+    "1x1-stride2-wide": (2, 32, 7, 7, 16, 1, 2, 0, 1, 1),
+    "3x3-stride2-wide-odd": (1, 17, 9, 7, 19, 3, 2, 1, 1, 1),
 }
 LOW = [torch.float32, torch.float16]
 

@@ -41,6 +41,9 @@ from torch import Tensor
 from fastres.triton.bn_act import REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# Reduce over one flat (kh, kw, channel) index when a group has fewer channels than this (the
+# stem's 3, ResNeXt's 4 per group), over channel blocks per (kh, kw) otherwise.
+FLAT_K_BELOW = 16
 
 
 def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
@@ -68,6 +71,17 @@ def _bn_relu(x, mean, scale, shift):
     return tl.where(y < 0.0, 0.0, y)
 
 
+@triton.jit
+def _apply_prologue(a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr):
+    """relu(bn(a)) for a tile of x whose columns are ``channel``; zero where a_ok is not (the
+    padding stays zero, as when the normalised activation is padded), in a's dtype."""
+    z = _bn_relu(a.to(tl.float32),
+                 tl.load(mean_ptr + channel, mask=channel_ok, other=0.0)[None, :],
+                 tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)[None, :],
+                 tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)[None, :])
+    return tl.where(a_ok, z, 0.0).to(a.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 
@@ -81,7 +95,8 @@ def _conv_forward_kernel(
     N, H, W, C_IN, OH, OW, C_OUT, GROUPS, KH: tl.constexpr, KW: tl.constexpr, STRIDE, PADDING,
     DILATION,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RELU: tl.constexpr, STATS: tl.constexpr, FLAT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -94,27 +109,43 @@ def _conv_forward_kernel(
     cols = group * cout_g + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) < cout_g
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih, iw = ih0 + kh * DILATION, iw0 + kw * DILATION
-            pixel_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row_base = ((n * H + ih) * W + iw) * C_IN + group * cin_g
-            for ci0 in range(0, cin_g, BLOCK_K):
-                ci = ci0 + tl.arange(0, BLOCK_K)
-                ci_ok = ci < cin_g
-                a_ok = pixel_ok[:, None] & ci_ok[None, :]
-                a = tl.load(x_ptr + row_base[:, None] + ci[None, :], mask=a_ok, other=0.0)
-                if PROLOGUE:
-                    channel = group * cin_g + ci
-                    z = _bn_relu(a.to(tl.float32),
-                                 tl.load(mean_ptr + channel, mask=ci_ok, other=0.0)[None, :],
-                                 tl.load(scale_ptr + channel, mask=ci_ok, other=0.0)[None, :],
-                                 tl.load(shift_ptr + channel, mask=ci_ok, other=0.0)[None, :])
-                    a = tl.where(a_ok, z, 0.0).to(x_ptr.dtype.element_ty)  # padding stays 0
-                k = (kh * KW + kw) * cin_g + ci
-                b = tl.load(w_ptr + k[:, None] * C_OUT + cols[None, :],
-                            mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if FLAT_K:
+        # Few channels per group (the stem's 3, ResNeXt's 4): one reduction index over
+        # (kh, kw, ci) fills the tile, where a channel block per (kh, kw) would be mostly masked.
+        for k0 in range(0, KH * KW * cin_g, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # = (kh * KW + kw) * cin_g + ci, w_ptr's row
+            k_ok = k < KH * KW * cin_g
+            ci, kpos = k % cin_g, k // cin_g
+            ih = ih0[:, None] + ((kpos // KW) * DILATION)[None, :]
+            iw = iw0[:, None] + ((kpos % KW) * DILATION)[None, :]
+            a_ok = (row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
+                    & (iw < W))
+            channel = group * cin_g + ci
+            a = tl.load(x_ptr + ((n[:, None] * H + ih) * W + iw) * C_IN + channel[None, :],
+                        mask=a_ok, other=0.0)
+            if PROLOGUE:
+                a = _apply_prologue(a, a_ok, channel, k_ok, mean_ptr, scale_ptr, shift_ptr)
+            b = tl.load(w_ptr + k[:, None] * C_OUT + cols[None, :],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                ih, iw = ih0 + kh * DILATION, iw0 + kw * DILATION
+                pixel_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                row_base = ((n * H + ih) * W + iw) * C_IN + group * cin_g
+                for ci0 in range(0, cin_g, BLOCK_K):
+                    ci = ci0 + tl.arange(0, BLOCK_K)
+                    ci_ok = ci < cin_g
+                    a_ok = pixel_ok[:, None] & ci_ok[None, :]
+                    a = tl.load(x_ptr + row_base[:, None] + ci[None, :], mask=a_ok, other=0.0)
+                    if PROLOGUE:
+                        a = _apply_prologue(a, a_ok, group * cin_g + ci, ci_ok, mean_ptr,
+                                            scale_ptr, shift_ptr)
+                    k = (kh * KW + kw) * cin_g + ci
+                    b = tl.load(w_ptr + k[:, None] * C_OUT + cols[None, :],
+                                mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -151,11 +182,12 @@ def _conv_input_grad_kernel(
     sum_grad_centred_ptr,
     N, H, W, C_IN, OH, OW, C_OUT, GROUPS, KH: tl.constexpr, KW: tl.constexpr, STRIDE, PADDING,
     DILATION,
-    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PROLOGUE: tl.constexpr, FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Rows: input pixels (n, ih, iw); columns: input channels of one group; reduction: the
-    (kh, kw, co) that reach each input pixel. w_ptr is the weight as (KH, KW, C_OUT, C_IN/g).
+    (kh, kw, co) that reach each input pixel (one flat index when a group has few output
+    channels, as in forward). w_ptr is the weight as (KH, KW, C_OUT, C_IN/g).
     With a prologue, the epilogue also writes this tile's per-channel sums of the masked
     gradient gm and of gm * (x - mean): BatchNorm's backward reductions, fused here."""
     pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -167,22 +199,39 @@ def _conv_input_grad_kernel(
     cols = group * cin_g + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) < cin_g
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            oh_s, ow_s = ih + PADDING - kh * DILATION, iw + PADDING - kw * DILATION
+    if FLAT_K:
+        for k0 in range(0, KH * KW * cout_g, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # = (kh * KW + kw) * cout_g + co
+            k_ok = k < KH * KW * cout_g
+            co, kpos = k % cout_g, k // cout_g
+            oh_s = ih[:, None] + PADDING - ((kpos // KW) * DILATION)[None, :]
+            ow_s = iw[:, None] + PADDING - ((kpos % KW) * DILATION)[None, :]
             oh, ow = oh_s // STRIDE, ow_s // STRIDE
-            reach = (row_ok & (oh_s >= 0) & (ow_s >= 0) & (oh_s % STRIDE == 0)
-                     & (ow_s % STRIDE == 0) & (oh < OH) & (ow < OW))
-            row_base = ((n * OH + oh) * OW + ow) * C_OUT + group * cout_g
-            for co0 in range(0, cout_g, BLOCK_K):
-                co = co0 + tl.arange(0, BLOCK_K)
-                co_ok = co < cout_g
-                a = tl.load(grad_ptr + row_base[:, None] + co[None, :],
-                            mask=reach[:, None] & co_ok[None, :], other=0.0)
-                k = (kh * KW + kw) * C_OUT + group * cout_g + co
-                b = tl.load(w_ptr + k[:, None] * cin_g + (cols - group * cin_g)[None, :],
-                            mask=co_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            reach = (row_ok[:, None] & k_ok[None, :] & (oh_s >= 0) & (ow_s >= 0)
+                     & (oh_s % STRIDE == 0) & (ow_s % STRIDE == 0) & (oh < OH) & (ow < OW))
+            a = tl.load(grad_ptr + ((n[:, None] * OH + oh) * OW + ow) * C_OUT
+                        + (group * cout_g + co)[None, :], mask=reach, other=0.0)
+            w_row = kpos * C_OUT + group * cout_g + co
+            b = tl.load(w_ptr + w_row[:, None] * cin_g + (cols - group * cin_g)[None, :],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                oh_s, ow_s = ih + PADDING - kh * DILATION, iw + PADDING - kw * DILATION
+                oh, ow = oh_s // STRIDE, ow_s // STRIDE
+                reach = (row_ok & (oh_s >= 0) & (ow_s >= 0) & (oh_s % STRIDE == 0)
+                         & (ow_s % STRIDE == 0) & (oh < OH) & (ow < OW))
+                row_base = ((n * OH + oh) * OW + ow) * C_OUT + group * cout_g
+                for co0 in range(0, cout_g, BLOCK_K):
+                    co = co0 + tl.arange(0, BLOCK_K)
+                    co_ok = co < cout_g
+                    a = tl.load(grad_ptr + row_base[:, None] + co[None, :],
+                                mask=reach[:, None] & co_ok[None, :], other=0.0)
+                    k = (kh * KW + kw) * C_OUT + group * cout_g + co
+                    b = tl.load(w_ptr + k[:, None] * cin_g + (cols - group * cin_g)[None, :],
+                                mask=co_ok[:, None] & col_ok[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * C_IN + cols[None, :]
     if PROLOGUE:
@@ -354,7 +403,7 @@ def conv_forward(x: Tensor, weight: Tensor, geometry: ConvGeometry,
             *(partials if stats else [_scratch(x.device)] * 3),
             **g.args(), PROLOGUE=prologue is not None, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats,
-            INPUT_PRECISION=_input_precision(x.dtype))
+            FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW, INPUT_PRECISION=_input_precision(x.dtype))
     return out, partials
 
 
@@ -413,6 +462,7 @@ def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
             grad_out, w_t, grad_x, x if x is not None else grad_out, mean, scale, shift,
             *(sums if sums is not None else [_scratch(grad_out.device)] * 2),
             **g.args(), PROLOGUE=prologue is not None,
+            FLAT_K=g.C_OUT // g.GROUPS < FLAT_K_BELOW,
             INPUT_PRECISION=_input_precision(grad_out.dtype))
     return grad_x, sums
 
