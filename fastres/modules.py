@@ -256,12 +256,14 @@ class _FastBlock:
             return self._folded_forward(x, backend)
         if backend == "triton" and self._triton_convolutions_apply(x):
             return self._triton_forward(x)
-        identity = x if self.downsample is None else self.downsample(x)
         norms = [getattr(self, name) for name in self._norms]
         convs = [getattr(self, name) for name in self._convs]
         out = convs[0](x)
         for bn, conv in zip(norms[:-1], convs[1:]):
             out = _bn_relu_conv(out, bn, conv, backend)
+        # After the main branch, as in torchvision: an error there leaves the downsample
+        # branch's BatchNorm untouched.
+        identity = x if self.downsample is None else self.downsample(x)
         return _bn_add_relu(out, norms[-1], identity, backend)
 
 
@@ -283,7 +285,6 @@ class _FastBlock:
         BatchNorm but the last is applied in the next convolution's prologue, each batch
         statistic comes from the previous convolution's epilogue (fastres/ops/conv_bn.py).
         Computed channels_last; the result has x's memory format."""
-        identity = x if self.downsample is None else self.downsample(x)
         compute_dtype = _autocast_dtype(x) or x.dtype
         out_format = memory_format_of(x)
         with torch.autocast(x.device.type, enabled=False):
@@ -299,12 +300,19 @@ class _FastBlock:
                     conv.dilation[0], conv.groups, call.training)
                 if call.training:
                     count = h.shape[0] * h.shape[2] * h.shape[3]
+                    if count == 1:  # where, and as, torchvision's block would raise
+                        raise ValueError("Expected more than 1 value per channel when "
+                                         f"training, got input size {h.size()}")
                     if call.running_mean is not None and count > 0:
                         update_running_stats(call.running_mean, call.running_var, mean, var,
                                              call.momentum, count)
                     before = (call, mean, var)
                 else:
                     before = (call, call.running_mean, call.running_var)
+        # After the main branch, as in torchvision (an error there leaves the downsample
+        # branch's BatchNorm untouched), and under the caller's autocast.
+        identity = x if self.downsample is None else self.downsample(x)
+        with torch.autocast(x.device.type, enabled=False):
             call, mean, var = before
             residual = identity.to(h.dtype)
             if call.training:

@@ -205,6 +205,18 @@ def test_block_on_triton_matches_torchvision(block, training):
                                    term_magnitude=r.abs().max().item())
 
 
+def test_block_on_triton_raises_like_torchvision_on_one_value_per_channel():
+    torch.manual_seed(0)
+    reference = _randomise(BLOCKS["bottleneck-stride2-downsample"]()).to(DEVICE).train()
+    fast = fastres.convert(copy.deepcopy(reference), backend="triton")
+    x = torch.randn(1, 16, 2, 2, device=DEVICE)  # stride 2: one value per channel after conv2
+    for model in (reference, fast):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            model(x)
+    for a, b in zip(fast.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the same partial update as torchvision's
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()

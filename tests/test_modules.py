@@ -228,3 +228,17 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, b), c in zip(block.named_buffers(), twin.buffers()):
         torch.testing.assert_close(c, b, msg=name)
+
+
+def test_one_value_per_channel_raises_and_updates_state_like_torchvision():
+    """Stride 2 leaves one value per channel: both raise at bn2, after the same updates."""
+    torch.manual_seed(0)
+    downsample = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    reference = Bottleneck(16, 8, 2, downsample).train()
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    x = torch.randn(1, 16, 2, 2)
+    for model in (reference, fast):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            model(x)
+    for (name, a), b in zip(fast.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -74,7 +74,9 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     """
     mean, var = ops.stats(x)
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    local = torch.cat([mean.new_full((1,), count), mean, var]).to(torch.float64)
+    # float64 throughout: the count stays exact (float32 would round counts past 2^24).
+    local = torch.cat([mean.new_full((1,), count, dtype=torch.float64), mean.double(),
+                       var.double()])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered)  # (world, 1 + 2C)
