@@ -23,7 +23,9 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     # With a GPU the interpreter is off (it must be chosen before triton is imported); the same
     # Triton cases then run on CUDA tensors instead.
-    skip_interpreter = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+    skip_interpreter = pytest.mark.skip(
+        reason="a GPU is present: the interpreter is off and these Triton cases run on CUDA "
+               "tensors in their cuda-marked twins")
     for item in items:
         if "cuda" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)

@@ -1,6 +1,5 @@
 """The package, its build and fastres.info()."""
 
-import shutil
 import subprocess
 import sys
 
@@ -31,10 +30,9 @@ def test_info_command_prints_backends():
     assert "Warning" not in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None,
-                    reason="no CUDA toolkit or a CPU-only torch: the CUDA sources cannot be built")
 def test_cuda_sources_were_compiled():
-    """With nvcc and a CUDA torch (CI has both), the CUDA kernels must have been built."""
+    """The set-up installs the CUDA build of torch and CI has nvcc: the CUDA kernels are built
+    in every run, GPU or not (a missing toolkit is a set-up defect, not a reason to skip)."""
     cuda = fastres.info()["backends"]["cuda"]
     assert cuda["built"], cuda["reason"]
     assert fastres.info()["cuda_archs"]

@@ -1,8 +1,8 @@
 """Triton implicit-GEMM convolutions with BatchNorm in their prologue and epilogue.
 
-Without a GPU these run under the Triton interpreter at small shapes (marked
-``triton_interpreter``); with one, on CUDA tensors, plus ResNet-50's real shapes in bfloat16
-(marked ``cuda``). Low precision follows the rule in tests/tolerances.py.
+Without a GPU these run under the Triton interpreter at small shapes (tests/conftest.py turns it
+on); with one, the same tests run on CUDA tensors, plus ResNet-50's real shapes in bfloat16 and
+float16 (marked ``cuda``). Low precision follows the rule in tests/tolerances.py.
 """
 
 import copy
@@ -19,7 +19,6 @@ from fastres.ops.conv_bn import (conv2d_bias_act_triton, conv2d_bn_backward_trit
                                  conv2d_bn_triton)
 from tolerances import assert_within_error_factor
 
-pytestmark = pytest.mark.triton_interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): every kind of convolution in

@@ -20,19 +20,14 @@ from torch import nn
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
-from fastres.backends import STATUS
 from fastres.ops.bn_act_split import SPLIT_OPS
 from sync_bn_harness import SCENARIOS, run_group
 
 # ---------------------------------------------------------------------------------------------
 # The split ops, one process: they compose to bn_act's training forward and backward
 
-SPLIT_BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not STATUS["cpu"].built, reason="no fastres._C")),
-    "torch",
-    pytest.param("triton", marks=pytest.mark.triton_interpreter),
-    pytest.param("cuda", marks=pytest.mark.cuda),
-]
+# triton runs on CUDA tensors with a GPU, else under the interpreter (tests/conftest.py).
+SPLIT_BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _device(backend):
@@ -99,20 +94,19 @@ def test_split_ops_on_an_empty_batch(backend):
 
 
 @pytest.mark.parametrize("name", ["bn_stats", "bn_act_backward_reduce", "bn_act_backward_apply"])
-@pytest.mark.parametrize("family", [
-    pytest.param("", marks=pytest.mark.skipif(not STATUS["cpu"].built, reason="no fastres._C")),
-    pytest.param("_triton", marks=pytest.mark.triton_interpreter),
-])
+@pytest.mark.parametrize("family", ["", "_triton"])
 def test_split_ops_pass_opcheck(name, family):
-    x = torch.randn(2, 3, 4, 5)
+    device = _device("triton" if family else "cpu")
+    x = torch.randn(2, 3, 4, 5, device=device)
     grad = torch.randn_like(x)
-    mean, var = torch.zeros(3), torch.ones(3)
-    mask = torch.full(((x.numel() + 7) // 8,), 0xAA, dtype=torch.uint8)
+    mean, var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    mask = torch.full(((x.numel() + 7) // 8,), 0xAA, dtype=torch.uint8, device=device)
+    vector = lambda: torch.randn(3, device=device)  # noqa: E731
     args = {
         "bn_stats": (x,),
         "bn_act_backward_reduce": (grad, x, mean, mask, True),
-        "bn_act_backward_apply": (grad, x, torch.rand(3), mean, var, mask, torch.randn(3),
-                                  torch.randn(3), 40, 1e-5, True, True),
+        "bn_act_backward_apply": (grad, x, vector().abs(), mean, var, mask, vector(), vector(),
+                                  40, 1e-5, True, True),
     }[name]
     op = getattr(torch.ops.fastres, name + family)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -204,9 +198,9 @@ NCCL_SCENARIOS = ["blocks-cuda-float32", "resnet-cuda-float32", "blocks-triton-f
 def _scenario_params(world_size):
     params = []
     for name in GLOO_SCENARIOS[world_size]:
+        # Triton on CPU tensors needs the interpreter, i.e. no GPU; with GPUs the Triton
+        # scenario runs on them in the NCCL test.
         marks = [pytest.mark.triton_interpreter] if "triton" in name else []
-        if "-cpu-" in name and not STATUS["cpu"].built:
-            marks.append(pytest.mark.skip(reason="no fastres._C"))
         params.append(pytest.param(name, marks=marks))
     return params
 
