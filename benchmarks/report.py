@@ -37,6 +37,16 @@ def load(path: str) -> tuple[list[dict], dict]:
     return rows, data.get("commit_info", {})
 
 
+def _by_case(rows: list[dict], op: str, case) -> dict[tuple, dict[str, dict]]:
+    """The rows of ``op`` grouped by ``case(row)``, then by implementation: the side-by-side
+    measurements a ratio is taken between."""
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["op"] == op:
+            groups[case(r)][r["impl"]] = r
+    return groups
+
+
 def _verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
@@ -44,10 +54,7 @@ def _verdict(met: bool) -> str:
 def summarise(rows: list[dict]) -> tuple[list[dict], float | None]:
     copy = [r for r in rows if r["op"] == "copy"]
     copy_gbs = copy[0]["gb_per_s"] if copy else None
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in rows:
-        if r["op"] == "bn_act":
-            groups[(tuple(r["shape"]), r["residual"], r["mode"])][r["impl"]] = r
+    groups = _by_case(rows, "bn_act", lambda r: (tuple(r["shape"]), r["residual"], r["mode"]))
     table = []
     for (shape, residual, mode), impls in groups.items():
         ours = impls.get("fastres")
@@ -106,10 +113,7 @@ def print_table(table: list[dict], copy_gbs: float | None) -> None:
 def summarise_conv(rows: list[dict]) -> list[dict]:
     """bn_act_conv2d rows with TFLOP/s against the matmul measured in the same run."""
     peak = next((r["flops"] / r["median_s"] for r in rows if r["op"] == "matmul"), None)
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in rows:
-        if r["op"] == "bn_act_conv2d":
-            groups[(tuple(r["shape"]), r["mode"])][r["impl"]] = r
+    groups = _by_case(rows, "bn_act_conv2d", lambda r: (tuple(r["shape"]), r["mode"]))
     table = []
     for (shape, mode), impls in groups.items():
         ours, eager, compiled = impls.get("fastres"), impls.get("eager"), impls.get("compile")
@@ -147,10 +151,7 @@ def print_conv(table: list[dict]) -> None:
 
 def summarise_triton_conv(rows: list[dict]) -> list[dict]:
     """Triton convolution layers against cuDNN (issue 4: at least 0.8x its throughput)."""
-    layers: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in rows:
-        if r["op"] == "conv_layer":
-            layers[tuple(r["shape"])][r["impl"]] = r
+    layers = _by_case(rows, "conv_layer", lambda r: tuple(r["shape"]))
     table = []
     for shape, impls in layers.items():
         ours, cudnn = impls.get("triton"), impls.get("cudnn")
@@ -170,10 +171,7 @@ def summarise_triton_conv(rows: list[dict]) -> list[dict]:
 
 def summarise_block_steps(rows: list[dict]) -> list[dict]:
     """Bottleneck training steps on the Triton convolutions against eager and max-autotune."""
-    blocks: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in rows:
-        if r["op"] == "block_train_step":
-            blocks[tuple(r["shape"])][r["impl"]] = r
+    blocks = _by_case(rows, "block_train_step", lambda r: tuple(r["shape"]))
     table = []
     for shape, impls in blocks.items():
         ours, eager = impls.get("fastres-triton"), impls.get("eager")

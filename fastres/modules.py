@@ -241,6 +241,12 @@ class _FastBlock:
     _norms: tuple[str, ...]
     _convs: tuple[str, ...]
 
+    def _configure(self, backend: str, sync_bn: bool, process_group: Optional[Any]) -> None:
+        """The fast blocks' own constructor options (after torchvision's constructor)."""
+        self.backend = _check_backend_name(backend)
+        if sync_bn:
+            sync_batch_norms(self, process_group, backend)
+
     def fused(self) -> bool:
         """Whether forward can use the fused ops (else it runs torchvision's forward)."""
         return (all(_fusable_batch_norm(getattr(self, name)) for name in self._norms)
@@ -409,9 +415,7 @@ class FastBottleneck(_FastBlock, Bottleneck):
                  process_group: Optional[Any] = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
-        self.backend = _check_backend_name(backend)
-        if sync_bn:
-            sync_batch_norms(self, process_group, backend)
+        self._configure(backend, sync_bn, process_group)
 
 
 class FastBasicBlock(_FastBlock, BasicBlock):
@@ -430,6 +434,4 @@ class FastBasicBlock(_FastBlock, BasicBlock):
                  process_group: Optional[Any] = None) -> None:
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
-        self.backend = _check_backend_name(backend)
-        if sync_bn:
-            sync_batch_norms(self, process_group, backend)
+        self._configure(backend, sync_bn, process_group)

@@ -80,12 +80,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   return {out, save_mean, save_var, relu_mask};
 }
 
+// The inputs of every backward launch (whole or split); the caller fills in the outputs.
+BnActBackwardParams backward_params(const Tensor& grad_out, const Tensor& x,
+                                    const OptTensor& weight, const Tensor& save_mean,
+                                    const Tensor& save_var, const Tensor& relu_mask,
+                                    const Tensor& workspace, const BnActLayout& layout,
+                                    bool training, double eps, bool relu) {
+  BnActBackwardParams params;
+  params.grad_out = grad_out.data_ptr();
+  params.x = x.data_ptr();
+  params.relu_mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
+  params.weight = ptr_or_null<float>(weight);
+  params.mean = save_mean.data_ptr<float>();
+  params.var = save_var.data_ptr<float>();
+  params.workspace = workspace.data_ptr();
+  params.layout = layout;
+  params.dtype = activation_type(x);
+  params.training = training;
+  params.relu = relu;
+  params.eps = static_cast<float>(eps);
+  return params;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
     const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask, bool training,
     double eps, bool relu, bool residual_grad) {
   check_backward_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask, relu);
-  const ActivationType dtype = activation_type(x_in);
+  (void)activation_type(x_in);  // float64 gets the clear error here
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto format = memory_format_of(x_in);
   const Tensor x = dense_in(x_in, format);
@@ -106,23 +128,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   }
   Tensor workspace = workspace_for(layout, x);
 
-  BnActBackwardParams params;
-  params.grad_out = grad_out.data_ptr();
-  params.x = x.data_ptr();
-  params.relu_mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
-  params.weight = ptr_or_null<float>(weight);
-  params.mean = save_mean.data_ptr<float>();
-  params.var = save_var.data_ptr<float>();
+  BnActBackwardParams params = backward_params(grad_out, x, weight, save_mean, save_var,
+                                               relu_mask, workspace, layout, training, eps, relu);
   params.grad_x = grad_x.data_ptr();
   params.grad_residual = residual_grad ? grad_residual.data_ptr() : nullptr;
   params.grad_weight = grad_weight.data_ptr<float>();
   params.grad_bias = grad_bias.data_ptr<float>();
-  params.workspace = workspace.data_ptr();
-  params.layout = layout;
-  params.dtype = dtype;
-  params.training = training;
-  params.relu = relu;
-  params.eps = static_cast<float>(eps);
   launch_bn_act_backward(params, x.get_device(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_x, grad_weight, grad_bias, grad_residual};
@@ -155,28 +166,6 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
   return {mean, var};
 }
 
-// The parameters both halves of the split backward read; the caller fills in the outputs.
-BnActBackwardParams split_backward_params(const Tensor& grad_out, const Tensor& x,
-                                          const OptTensor& weight, const Tensor& save_mean,
-                                          const Tensor& save_var, const Tensor& relu_mask,
-                                          const Tensor& workspace, const BnActLayout& layout,
-                                          double eps, bool relu) {
-  BnActBackwardParams params;
-  params.grad_out = grad_out.data_ptr();
-  params.x = x.data_ptr();
-  params.relu_mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
-  params.weight = ptr_or_null<float>(weight);
-  params.mean = save_mean.data_ptr<float>();
-  params.var = save_var.data_ptr<float>();
-  params.workspace = workspace.data_ptr();
-  params.layout = layout;
-  params.dtype = activation_type(x);
-  params.training = true;
-  params.relu = relu;
-  params.eps = static_cast<float>(eps);
-  return params;
-}
-
 std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
                                                   const Tensor& save_mean_in,
                                                   const Tensor& relu_mask, bool relu) {
@@ -192,8 +181,9 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, con
   Tensor sum_grad_centred = at::zeros({layout.c}, x.options().dtype(at::kFloat));
   if (layout.numel() == 0) return {sum_grad, sum_grad_centred};
   Tensor workspace = workspace_for(layout, x);
-  const BnActBackwardParams params = split_backward_params(
-      grad_out, x, std::nullopt, save_mean, save_mean, relu_mask, workspace, layout, 1.0, relu);
+  const BnActBackwardParams params = backward_params(grad_out, x, std::nullopt, save_mean,
+                                                     save_mean, relu_mask, workspace, layout,
+                                                     /*training=*/true, 1.0, relu);
   launch_bn_act_backward_reduce(params, sum_grad.data_ptr<float>(),
                                 sum_grad_centred.data_ptr<float>(), x.get_device(),
                                 at::cuda::getCurrentCUDAStream());
@@ -222,8 +212,9 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(
   Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
   if (layout.numel() == 0) return {grad_x, grad_residual};
   Tensor workspace = workspace_for(layout, x);
-  BnActBackwardParams params = split_backward_params(grad_out, x, weight, save_mean, save_var,
-                                                     relu_mask, workspace, layout, eps, relu);
+  BnActBackwardParams params = backward_params(grad_out, x, weight, save_mean, save_var,
+                                               relu_mask, workspace, layout, /*training=*/true,
+                                               eps, relu);
   params.grad_x = grad_x.data_ptr();
   params.grad_residual = residual_grad ? grad_residual.data_ptr() : nullptr;
   launch_bn_act_backward_apply(params, sum_grad.data_ptr<float>(),
