@@ -1,0 +1,247 @@
+"""Compiles fastres's Triton kernels for a real GPU target, on a machine without a GPU.
+
+The Triton interpreter (what the CPU tests run) executes a kernel's Python body with NumPy: it
+never lowers the kernel through Triton's compiler, so it cannot see what only compilation
+checks: types and layouts of ``tl.dot`` operands, constexpr-dependent control flow, the shared
+memory each autotuning configuration needs, the tensor-core instructions chosen. This
+script runs the Triton ops of fastres (``fastres/ops/bn_act.py``, ``bn_act_split.py``,
+``conv_bn.py``) on CPU tensors with Triton's launch replaced by a compile-only one: every kernel
+launch those ops make is compiled to a cubin for the target architecture (ptxas included) and
+never run. The tensors' values are meaningless; nothing reads them.
+
+Run in a fresh interpreter with ``TRITON_INTERPRET`` unset (it must not be chosen before triton is
+imported, and the interpreter would skip compilation)::
+
+    python tests/triton_compile_harness.py OUT.json [--arch 90] [--shard i/n]
+
+What compiles in which precision and configuration is ``PLAN`` below. OUT.json gets one record
+per launch: kernel, dtype, case, configuration, shared memory bytes and whether Hopper's
+warpgroup MMA (wgmma) was chosen for its ``tl.dot``; and every convolution kernel's autotuning
+configurations. tests/test_triton_compile.py runs it (two shards at once) and checks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CompileOnlyDriver:
+    """The few driver calls a Triton launch makes before it would touch a GPU, answered for a
+    fixed target: the launch compiles for it, and the compile-only patches below stop there."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int = 0) -> int:
+        return 0
+
+
+def _config_of(kwargs: dict) -> dict:
+    """The tile sizes, warps and pipeline stages among a launch's keyword arguments."""
+    return {k: v for k, v in sorted(kwargs.items())
+            if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
+
+
+@contextmanager
+def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> Iterator[None]:
+    """Within the block, launching a ``@triton.jit`` kernel compiles it for ``sm_<arch>`` and
+    appends a record; an autotuned kernel compiles every configuration when ``all_configs()``,
+    else its first one."""
+    run, autotuned_run = JITFunction.run, Autotuner.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        started = time.perf_counter()
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        records.append({
+            "kernel": self.fn.__name__,
+            "config": _config_of(kwargs),
+            "shared": kernel.metadata.shared,
+            "wgmma": "warp_group_dot" in kernel.asm["ttgir"],
+            "seconds": round(time.perf_counter() - started, 2),
+        })
+        return kernel
+
+    def compile_configs(self, *args, grid, warmup, **kwargs):
+        configs = self.configs if all_configs() else self.configs[:1]
+        for config in configs:
+            self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+
+    active = driver._active  # no public getter that does not create the default driver
+    driver.set_active(CompileOnlyDriver(arch))
+    JITFunction.run, Autotuner.run = compile_instead, compile_configs
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run = run, autotuned_run
+        driver._active = active
+
+
+# ---------------------------------------------------------------------------------------------
+# What the Triton ops launch: bn_act (every flag that selects another kernel body) and the
+# convolutions of a ResNet-50 / ResNeXt-50 bottleneck, training and inference.
+
+
+def _channel(c: int, value: float = 0.0) -> torch.Tensor:
+    return torch.full((c,), value, dtype=torch.float32)
+
+
+def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    ops = torch.ops.fastres
+    cases = {}
+    for layout in ("contiguous", "channels_last"):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.zeros(2, 64, 4, 4, dtype=dtype).contiguous(memory_format=fmt)
+        c = x.shape[1]
+        mask = torch.zeros(x.numel() // 8, dtype=torch.uint8)
+        cases[f"bn_act train residual relu {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
+            x, _channel(c, 1), _channel(c), torch.zeros_like(x), _channel(c), _channel(c, 1),
+            True, 1e-5, True)
+        cases[f"bn_act eval plain {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
+            x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, False)
+        cases[f"bn_act backward train {layout}"] = (
+            lambda x=x, c=c, mask=mask: ops.bn_act_backward_triton(
+                x, x, _channel(c, 1), _channel(c), _channel(c, 1), mask, True, 1e-5, True, True))
+        cases[f"bn_act backward eval {layout}"] = (
+            lambda x=x, c=c, mask=mask: ops.bn_act_backward_triton(
+                x, x, None, _channel(c), _channel(c, 1), mask, False, 1e-5, False, False))
+        cases[f"bn_stats {layout}"] = lambda x=x: ops.bn_stats_triton(x)
+        cases[f"bn_act backward reduce {layout}"] = (
+            lambda x=x, c=c, mask=mask: ops.bn_act_backward_reduce_triton(
+                x, x, _channel(c), mask, True))
+        cases[f"bn_act backward apply {layout}"] = (
+            lambda x=x, c=c, mask=mask: ops.bn_act_backward_apply_triton(
+                x, x, _channel(c, 1), _channel(c), _channel(c, 1), mask, _channel(c),
+                _channel(c), x.numel() // c, 1e-5, True, True))
+    return cases
+
+
+# (name, C_in, C_out, kernel, stride, padding, groups, input size)
+CONVOLUTIONS = [
+    ("stem 7x7/2", 3, 64, 7, 2, 3, 1, 16),
+    ("1x1", 64, 64, 1, 1, 0, 1, 8),
+    ("3x3/2", 64, 64, 3, 2, 1, 1, 8),
+    ("grouped 3x3 (32 groups)", 128, 128, 3, 1, 1, 32, 8),
+]
+
+
+def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    from fastres.triton.conv import ConvGeometry
+
+    ops = torch.ops.fastres
+    cases = {}
+    for name, c_in, c_out, k, stride, padding, groups, size in CONVOLUTIONS:
+        x = torch.zeros(2, c_in, size, size, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.zeros(c_out, c_in // groups, k, k, dtype=dtype)
+        geometry = (stride, padding, 1, groups)
+        g = ConvGeometry.of(x.shape, w.shape, stride, padding, 1, groups)
+        out = torch.zeros(g.N, g.C_OUT, g.OH, g.OW, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        # The stem's input is the image: no BatchNorm before it, no input gradient.
+        bn = [None] * 4 if c_in == 3 else [_channel(c_in), _channel(c_in, 1), _channel(c_in, 1),
+                                            _channel(c_in)]
+        kind = "plain" if c_in == 3 else "bn-relu prologue"
+        cases[f"{name} {kind} + stats"] = lambda x=x, w=w, bn=bn, geometry=geometry: (
+            ops.conv2d_bn_triton(x, w, *bn, True, 1e-5, *geometry, True))
+        cases[f"{name} {kind} backward"] = (
+            lambda x=x, w=w, bn=bn, geometry=geometry, out=out: ops.conv2d_bn_backward_triton(
+                torch.zeros_like(out), x, w, *bn, True, 1e-5, *geometry, c_in != 3, True))
+        cases[f"{name} bias + residual + relu"] = (
+            lambda x=x, w=w, geometry=geometry, out=out: ops.conv2d_bias_act_triton(
+                x, w, torch.zeros(out.shape[1], dtype=dtype), torch.zeros_like(out), True,
+                *geometry))
+    # conv1 of a bottleneck: no BatchNorm before it, statistics after; its input gradient.
+    x = torch.zeros(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(64, 64, 1, 1, dtype=dtype)
+    cases["1x1 plain + stats"] = lambda: ops.conv2d_bn_triton(
+        x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True)
+    cases["1x1 plain backward"] = lambda: ops.conv2d_bn_backward_triton(
+        x, x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True, True)
+    return cases
+
+
+# (family, dtype, precision, case names or None for all, every autotuning config): every case in
+# bfloat16 (the dtype of the targets); the most involved convolution (3x3 stride 2 with a
+# BatchNorm prologue, forward and backward) in the other precisions; and a 1x1 one with a
+# prologue in every tile configuration (the 3x3's forward takes 15 s a configuration). All of it
+# in every precision and configuration would take 20 minutes on 2 cores.
+INVOLVED = ["3x3/2 bn-relu prologue + stats", "3x3/2 bn-relu prologue backward"]
+CONFIG_SWEEP = ["1x1 bn-relu prologue + stats", "1x1 bn-relu prologue backward"]
+PLAN = ([("bn_act", dtype, "", None, False) for dtype in DTYPES]
+        + [("conv", "bfloat16", "", None, False),
+           ("conv", "float32", "tf32", INVOLVED, False),
+           ("conv", "float32", "ieee", INVOLVED, False),
+           ("conv", "float16", "", INVOLVED, False),
+           ("conv", "bfloat16", "", CONFIG_SWEEP, True)])
+
+
+def jobs() -> list[tuple[str, str, str, str, bool]]:
+    """(family, dtype, precision, case, every config), in a fixed order."""
+    out = []
+    for family, dtype, precision, names, all_configs in PLAN:
+        cases = (bn_act_cases if family == "bn_act" else conv_cases)(DTYPES[dtype])
+        out += [(family, dtype, precision, case, all_configs)
+                for case in (names if names is not None else cases)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="JSON file for the records")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/n: compile every n-th job from the i-th (to run n at once)")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("triton_compile_harness: run with TRITON_INTERPRET unset (the interpreter never "
+                 "compiles)")
+    shard, shards = map(int, args.shard.split("/"))
+
+    import fastres  # noqa: F401  (registers the ops)
+    from fastres.triton import conv
+
+    records: list = []
+    every_config = {"now": False}
+    with compile_only(args.arch, lambda: every_config["now"], records):
+        for family, dtype, precision, case, all_configs in jobs()[shard::shards]:
+            # float32 convolutions use TF32 where torch lets cuDNN do so, exact products else.
+            torch.backends.cudnn.allow_tf32 = precision != "ieee"
+            every_config["now"] = all_configs
+            cases = (bn_act_cases if family == "bn_act" else conv_cases)(DTYPES[dtype])
+            first = len(records)
+            cases[case]()
+            for record in records[first:]:
+                record.update(dtype=dtype, precision=precision, case=case)
+            print(f"{dtype} {precision} {case}: {len(records) - first} launches compiled",
+                  flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"arch": args.arch, "triton": __import__("triton").__version__,
+                   "records": records,
+                   "autotune_configs": {
+                       kernel.base_fn.__name__: [_config_of(c.all_kwargs()) for c in kernel.configs]
+                       for kernel in (conv._conv_forward_kernel, conv._conv_input_grad_kernel,
+                                      conv._conv_weight_grad_kernel)}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
