@@ -16,6 +16,7 @@ import copy
 import csv
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -105,13 +106,17 @@ def make_train_step(model: nn.Module, x, labels, device, dtype) -> Callable[[], 
 
 
 def throughput(fn: Callable[[], object], images: int, steps: int, device: str) -> float:
+    """Images per second of the median step: each step is timed alone (synchronised), so that
+    one step slowed by something else on the machine does not move the figure."""
     fn()  # warm-up: compilation, algorithm selection, allocator
     _sync(device)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         fn()
-    _sync(device)
-    return images * steps / (time.perf_counter() - start)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return images / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------
