@@ -1,6 +1,8 @@
 """fastres: fused conv / BatchNorm / ReLU / residual-add kernels for residual networks.
 
 * :class:`FastBottleneck`, :class:`FastBasicBlock`: torchvision's blocks on fused ops;
+* :class:`FastResNet`: torchvision's ResNet with its stem folded in eval (what the builders
+  return);
 * :class:`SyncBatchNorm2d`: BatchNorm with statistics over every process (CPU and CUDA);
 * :func:`resnet50` (and the other ResNet builders), :func:`convert`, :func:`revert`;
 * :func:`fold_bn`: a convolution's weight and bias with an eval-mode BatchNorm folded in;
@@ -15,7 +17,7 @@ from fastres.folding import fold_bn
 from fastres.models import (ConversionReport, convert, resnet18, resnet34, resnet50, resnet101,
                             resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, revert,
                             wide_resnet50_2, wide_resnet101_2)
-from fastres.modules import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
+from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet, SyncBatchNorm2d
 
 
 def info() -> dict:
@@ -25,7 +27,7 @@ def info() -> dict:
     return _info()
 
 __all__ = [
-    "FastBasicBlock", "FastBottleneck", "SyncBatchNorm2d", "ConversionReport", "convert", "revert", "fold_bn", "info",
+    "FastBasicBlock", "FastBottleneck", "FastResNet", "SyncBatchNorm2d", "ConversionReport", "convert", "revert", "fold_bn", "info",
     "ops",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",

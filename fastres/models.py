@@ -10,9 +10,9 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 from torchvision import models as tv
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from fastres.modules import (FastBasicBlock, FastBottleneck, SyncBatchNorm2d,
+from fastres.modules import (FastBasicBlock, FastBottleneck, FastResNet, SyncBatchNorm2d,
                              _check_backend_name, replace_modules, retyped, sync_batch_norms)
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
 
 logger = logging.getLogger("fastres")
 
-_FAST_OF = {Bottleneck: FastBottleneck, BasicBlock: FastBasicBlock}
+_FAST_OF = {Bottleneck: FastBottleneck, BasicBlock: FastBasicBlock, ResNet: FastResNet}
 _TORCHVISION_OF = {fast: plain for plain, fast in _FAST_OF.items()}
 
 
@@ -31,13 +31,16 @@ _TORCHVISION_OF = {fast: plain for plain, fast in _FAST_OF.items()}
 class ConversionReport:
     """What :func:`convert` or :func:`revert` replaced, and what it left alone and why."""
 
-    converted: list[str] = field(default_factory=list)  # qualified module names
+    converted: list[str] = field(default_factory=list)  # qualified names of the blocks
+    resnets: list[str] = field(default_factory=list)  # ResNets made FastResNet (or back)
     left_alone: dict[str, str] = field(default_factory=dict)  # name -> reason
     # BatchNorms made SyncBatchNorm2d (convert with sync_bn=True) or made plain again (revert)
     batch_norms: list[str] = field(default_factory=list)
 
     def summary(self, verb: str = "converted") -> str:
         text = f"fastres: {verb} {len(self.converted)} block(s)"
+        if self.resnets:
+            text += f", {len(self.resnets)} ResNet stem(s)"
         if self.batch_norms:
             text += f" and {len(self.batch_norms)} BatchNorm layer(s)"
         if self.left_alone:
@@ -52,12 +55,18 @@ def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type |
 
     def visit(module: nn.Module, name: str) -> nn.Module:
         cls, why_not = pick(module, name)
-        if cls is not None:
-            new = retyped(module, cls)
-            configure(new)
+        if cls is not None and issubclass(cls, ResNet):
+            # A whole model, maybe the one the caller holds (convert(inplace=True) returns the
+            # caller's object): its class changes in place; its blocks are visited below.
+            module.__class__ = cls
+            configure(module)
+            report.resnets.append(name or "<model>")
+        elif cls is not None:
+            block = retyped(module, cls)
+            configure(block)
             report.converted.append(name or "<model>")
-            return new
-        if why_not:
+            return block
+        elif why_not:
             report.left_alone[name or "<model>"] = why_not
         for child_name, child in module.named_children():
             replacement = visit(child, f"{name}.{child_name}" if name else child_name)
@@ -73,10 +82,11 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     """Replaces every torchvision ``Bottleneck`` and ``BasicBlock`` in ``model`` by the fast blocks.
 
     Works anywhere in a model (plain ResNets, ResNeXt, Wide ResNet, backbones nested in other
-    models). Every parameter and buffer is kept as the same tensor (bit for bit), with its device,
-    dtype, memory format and requires_grad, and each block keeps its training mode. A subclass of
-    torchvision's blocks with a forward of its own is left alone (its computation is not known
-    to be the block's). The outcome is logged on the ``fastres`` logger, and a warning says so
+    models). A torchvision ``ResNet`` itself becomes a :class:`fastres.modules.FastResNet`, whose
+    stem convolution is folded in eval like the blocks'. Every parameter and buffer is kept as the
+    same tensor (bit for bit), with its device, dtype, memory format and requires_grad, and each
+    module keeps its training mode. A subclass of torchvision's blocks or ResNet is left alone
+    (its computation is not known to be the original's). The outcome is logged on the ``fastres`` logger, and a warning says so
     when nothing was converted.
 
     Args:
@@ -102,9 +112,9 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     def pick(module: nn.Module, name: str):
         if type(module) in _FAST_OF:
             return _FAST_OF[type(module)], ""
-        if isinstance(module, (Bottleneck, BasicBlock)) and not isinstance(
-                module, (FastBottleneck, FastBasicBlock)):
-            return None, f"{type(module).__name__} subclasses torchvision's block"
+        for plain, fast in _FAST_OF.items():
+            if isinstance(module, plain) and not isinstance(module, fast):
+                return None, f"{type(module).__name__} subclasses torchvision's {plain.__name__}"
         return None, ""
 
     def configure(block: nn.Module) -> None:

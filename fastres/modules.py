@@ -12,9 +12,10 @@ Training forward of a bottleneck::
     out = bn_act(y3; bn3, residual=downsample(x) or x)
 
 so autograd keeps y1, y2, y3 and 1-bit ReLU masks where torchvision also keeps both ReLU outputs.
-Eval on CPU in float32 without autograd runs each convolution once with its BatchNorm folded in
-and bias, residual add and ReLU fused (fastres/folding.py); otherwise eval runs the same fused
-ops as training, with the running statistics.
+Eval without autograd runs each convolution once with its BatchNorm folded in and bias, residual
+add and ReLU fused (fastres/folding.py; oneDNN on cpu, cuDNN on cuda, the Triton epilogue on
+triton); otherwise eval runs the same fused ops as training, with the running statistics.
+``FastResNet`` (what the builders return) folds the stem's convolution the same way.
 
 With ``sync_bn=True`` (or after ``fastres.convert(model, sync_bn=True)``) every BatchNorm of a
 block is a :class:`SyncBatchNorm2d`: in training the fused ops compute batch statistics over every
@@ -34,7 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from fastres._layout import memory_format_of
 from fastres.backends import BACKEND_CHOICES, resolve_backend
@@ -44,7 +45,7 @@ from fastres.ops.bn_act_conv import bn_act_conv2d
 from fastres.ops.conv_bn import conv2d_bn_triton
 from fastres.ops.sync_bn_act import bn_act_from_stats, sync_bn_act, sync_bn_act_conv2d
 
-__all__ = ["FastBottleneck", "FastBasicBlock", "SyncBatchNorm2d", "sync_batch_norms"]
+__all__ = ["FastBottleneck", "FastBasicBlock", "FastResNet", "SyncBatchNorm2d", "sync_batch_norms"]
 
 
 def _check_backend_name(backend: str) -> str:
@@ -340,26 +341,10 @@ class _FastBlock:
         return None
 
     def _can_fold(self, x: Tensor, backend: str) -> bool:
-        """Folded inference runs where it gives exactly the eval computation and nothing needs
-        gradients: every BatchNorm in eval with running statistics; on cpu in float32 without
-        autocast (oneDNN), on cuda and triton in float32, float16 or bfloat16, autocast
-        included. Anything else (autograd in eval, torch.compile tracing, ...) takes the
-        unfused eval path, which keeps gradients."""
-        if self.training or torch.compiler.is_compiling() or folding_kind(backend) is None:
-            return False
-        if backend == "cpu":
-            if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-                return False
-        elif (_autocast_dtype(x) or x.dtype) not in (torch.float32, torch.float16,
-                                                     torch.bfloat16):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters())):
-            return False
         norms = [getattr(self, name) for name in self._norms]
         if self.downsample is not None and self._downsample_pair() is not None:
             norms.append(self.downsample[1])
-        return all(not bn.training and bn.running_mean is not None for bn in norms)
+        return not self.training and _foldable(x, backend, [self], norms)
 
     def _folded_forward(self, x: Tensor, backend: str) -> Tensor:
         pairs = [(getattr(self, c), getattr(self, n)) for c, n in zip(self._convs, self._norms)]
@@ -368,12 +353,8 @@ class _FastBlock:
         # A downsample branch that is not (conv, BatchNorm) runs as itself, under autocast.
         unfolded_identity = (self.downsample(x) if downsample is None and self.downsample
                              is not None else None)
-        compute_dtype = _autocast_dtype(x) or x.dtype
-        out_format = memory_format_of(x)
         with torch.autocast(x.device.type, enabled=False):
-            h = x.to(compute_dtype)
-            if backend != "cpu":  # cuDNN's and Triton's fused convolutions want channels_last
-                h = h.contiguous(memory_format=torch.channels_last)
+            h = _folding_input(x, backend)
             out = h
             for stage in stages[:-1]:
                 out = stage.run(out, relu=True)
@@ -381,16 +362,43 @@ class _FastBlock:
                 identity = downsample.run(h, relu=False)
             else:
                 identity = h if unfolded_identity is None else unfolded_identity
-            identity = identity.to(compute_dtype).contiguous(memory_format=memory_format_of(out))
+            identity = identity.to(h.dtype).contiguous(memory_format=memory_format_of(out))
             out = stages[-1].run(out, relu=True, residual=identity)
-        return out.contiguous(memory_format=out_format)
+        return out.contiguous(memory_format=memory_format_of(x))
 
     def train(self, mode: bool = True):
         _FOLDED.pop(self, None)  # folded weights are for eval only; free them
         return super().train(mode)
 
 
-# Folded weights of each block, kept beside the module (not in it: they are neither state to
+def _foldable(x: Tensor, backend: str, layers: list[nn.Module],
+              norms: list[nn.BatchNorm2d]) -> bool:
+    """Whether eval of ``layers`` (in eval mode) may run with their BatchNorms ``norms`` folded:
+    where that gives exactly the eval computation and nothing needs gradients. Every BatchNorm
+    in eval with running statistics; on cpu in float32 without autocast (oneDNN), on cuda and
+    triton in float32, float16 or bfloat16, autocast included. Anything else (autograd in eval,
+    torch.compile tracing, ...) takes the unfused eval path, which keeps gradients."""
+    if torch.compiler.is_compiling() or folding_kind(backend) is None:
+        return False
+    if backend == "cpu":
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return False
+    elif (_autocast_dtype(x) or x.dtype) not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for layer in layers for p in layer.parameters())):
+        return False
+    return all(not bn.training and bn.running_mean is not None for bn in norms)
+
+
+def _folding_input(x: Tensor, backend: str) -> Tensor:
+    """x as folded convolutions take it: in the autocast dtype if any, and channels_last for
+    cuDNN's and Triton's fused convolutions."""
+    h = x.to(_autocast_dtype(x) or x.dtype)
+    return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
+
+
+# Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are neither state to
 # save nor something deepcopy should duplicate).
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, FoldedBlock]" = weakref.WeakKeyDictionary()
 
@@ -435,3 +443,48 @@ class FastBasicBlock(_FastBlock, BasicBlock):
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
                          norm_layer)
         self._configure(backend, sync_bn, process_group)
+
+
+class FastResNet(ResNet):
+    """torchvision's ``ResNet`` whose stem runs like the fast blocks in eval: ``relu(bn1(conv1(x)))``
+    as one convolution with bn1 folded in and the ReLU fused (fastres/folding.py), so that every
+    convolution of the model is folded. Everything else (training, attributes, state dict, the
+    blocks, pooling, fc) is ResNet's. :func:`fastres.resnet50` and the other builders return one;
+    :func:`fastres.convert` retypes an exact ``ResNet`` into one on the same tensors and
+    :func:`fastres.revert` back.
+    """
+
+    backend: str
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        if not self._stem_folds(x):
+            return super()._forward_impl(x)
+        x = self._folded_stem(x, resolve_backend(self.backend, x.device))
+        x = self.maxpool(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def _stem_folds(self, x: Tensor) -> bool:
+        """Whether the stem runs folded: a (N, C, H, W) input the stem takes (anything else
+        gets ResNet's own errors), the usual stem layers, and :func:`_foldable`."""
+        if not (isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == self.conv1.in_channels
+                and _fusable_conv(self.conv1) and _fusable_batch_norm(self.bn1)
+                and type(self.relu) is nn.ReLU and not self.training):
+            return False
+        backend = resolve_backend(self.backend, x.device)
+        return backend != "torch" and _foldable(x, backend, [self.conv1, self.bn1], [self.bn1])
+
+    def _folded_stem(self, x: Tensor, backend: str) -> Tensor:
+        cache = _FOLDED.setdefault(self, FoldedBlock())
+        (stage,), _ = cache.stages([(self.conv1, self.bn1)], None, folding_kind(backend))
+        with torch.autocast(x.device.type, enabled=False):
+            out = stage.run(_folding_input(x, backend), relu=True)
+        return out.contiguous(memory_format=memory_format_of(x))
+
+    def train(self, mode: bool = True):
+        _FOLDED.pop(self, None)  # folded weights are for eval only; free them
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fastres
 from fastres.ops.conv_bn import (conv2d_bias_act_triton, conv2d_bn_backward_triton,
                                  conv2d_bn_triton)
+from op_log import OpLog
 from tolerances import assert_within_error_factor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -216,21 +216,11 @@ def test_block_on_triton_raises_like_torchvision_on_one_value_per_channel():
         torch.testing.assert_close(a, b)  # the same partial update as torchvision's
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_last():
     """conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) -> BN3 + add + ReLU."""
     block = fastres.FastBottleneck(16, 4, backend="triton").to(DEVICE).train()
     x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    with _OpLog() as log:
+    with OpLog() as log:
         block(x)
     kernels = [op for op in log.ops if op.startswith("fastres.")]
     assert kernels == ["fastres.conv2d_bn_triton"] * 3 + ["fastres.bn_act_forward_triton"], log.ops

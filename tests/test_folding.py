@@ -11,6 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 import fastres
 from fastres import fold_bn
 from fastres.modules import _FOLDED
+from op_log import OpLog
 from tolerances import assert_within_error_factor
 
 
@@ -69,6 +70,24 @@ def test_eval_outputs_match_torchvision(builder, memory_format):
     assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
 
 
+@pytest.mark.parametrize("builder", ["resnet50", "resnext50_32x4d"])
+def test_every_convolution_runs_folded_in_eval(builder):
+    """Each convolution of the model, the stem's included, is one oneDNN convolution with its
+    BatchNorm folded in and its ReLU / residual add fused: no BatchNorm, ReLU, add or plain
+    convolution is left, and nothing is folded again on the second call."""
+    model = _realistic(getattr(fastres, builder)(num_classes=10, backend="cpu"))
+    convolutions = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)  # folds and prepacks the weights: once
+        with OpLog() as log:
+            model(x)
+    assert log.ops.count("mkldnn._convolution_pointwise") == convolutions
+    leftovers = [op for op in log.ops if "batch_norm" in op or "relu" in op
+                 or op in ("aten.convolution", "aten.add", "aten.add_")]
+    assert not leftovers
+
+
 def _pair(backend="cpu"):
     reference = _realistic(torchvision.models.resnet18(num_classes=10))
     if backend == "triton":
@@ -120,6 +139,8 @@ def test_cache_sees_in_place_edits(backend):
     _assert_eval_matches(fast, reference, x)
     with torch.no_grad():
         for model in (reference, fast):
+            model.conv1.weight.mul_(1.3)  # the stem's
+            model.bn1.running_mean.add_(0.2)
             model.layer1[0].conv1.weight.mul_(1.7)
             model.layer2[0].bn2.running_var.add_(0.5)
             model.layer3[0].downsample[1].bias.add_(0.3)

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet50_Weights
 
 import fastres
-from fastres import FastBasicBlock, FastBottleneck
+from fastres import FastBasicBlock, FastBottleneck, FastResNet
 from fastres.memory import saved_tensor_bytes
 
 ACTIVATION_BYTES_TARGET = 0.86  # of torchvision's, for a converted ResNet-50 in training
@@ -133,6 +133,7 @@ def test_convert_every_block_and_revert(builder):
     assert not _blocks(fast, (Bottleneck, BasicBlock))
     assert len(_blocks(fast, (FastBottleneck, FastBasicBlock))) == len(
         _blocks(reference, (Bottleneck, BasicBlock)))
+    assert type(fast) is FastResNet and fast.backend == "auto"
     back = fastres.revert(fast)
     assert [type(m) for m in back.modules()] == [type(m) for m in reference.modules()]
     for (name, a), b in zip(reference.state_dict().items(), back.state_dict().values()):
@@ -145,7 +146,7 @@ def test_convert_keeps_every_tensor_and_its_properties():
     model.layer2[0].conv1.weight.requires_grad_(False)
     before = {name: t for name, t in model.state_dict(keep_vars=True).items()}
     converted = fastres.convert(model, inplace=True)
-    assert converted is model
+    assert converted is model and type(model) is FastResNet
     after = model.state_dict(keep_vars=True)
     assert list(after) == list(before)
     for name, t in after.items():
@@ -181,7 +182,7 @@ def test_convert_finds_nested_backbones_and_reports(caplog):
     assert len(_blocks(converted, (FastBottleneck,))) == 16
     assert type(converted.extra) is CustomBlock
     assert "converted 16 block(s)" in caplog.text
-    assert "extra: CustomBlock subclasses torchvision's block" in caplog.text
+    assert "extra: CustomBlock subclasses torchvision's BasicBlock" in caplog.text
 
 
 def test_convert_without_blocks_returns_the_model_and_says_so():
@@ -203,12 +204,13 @@ def test_convert_rejects_bad_arguments():
 
 def test_resnet50_builder_is_torchvisions_model_on_fast_blocks():
     model = fastres.resnet50(backend="cpu")
-    assert isinstance(model, ResNet)
+    assert type(model) is FastResNet and model.backend == "cpu"
     assert len(_blocks(model, (FastBottleneck,))) == 16
     assert all(b.backend == "cpu" for b in _blocks(model, (FastBottleneck,)))
     reference = torchvision.models.resnet50()
     model.load_state_dict(reference.state_dict())  # strict: the same keys and shapes
     back = fastres.revert(model)
+    assert type(back) is ResNet
     for (name, a), b in zip(reference.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
 
