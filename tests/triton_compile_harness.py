@@ -18,6 +18,9 @@ What compiles in which precision and configuration is ``PLAN`` below. OUT.json g
 per launch: kernel, dtype, case, configuration, shared memory bytes and whether Hopper's
 warpgroup MMA (wgmma) was chosen for its ``tl.dot``; and every convolution kernel's autotuning
 configurations. tests/test_triton_compile.py runs it (two shards at once) and checks them.
+
+It hooks Triton's launch path (``JITFunction.run``, ``Autotuner.run`` and the active driver), as
+of triton 3.7.1 (what torch 2.13.0 installs); another Triton version may need it adjusted.
 """
 
 from __future__ import annotations
