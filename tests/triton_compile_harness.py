@@ -15,9 +15,10 @@ imported, and the interpreter would skip compilation)::
     python tests/triton_compile_harness.py OUT.json [--arch 90] [--shard i/n]
 
 What compiles in which precision and configuration is ``PLAN`` below. OUT.json gets one record
-per launch: kernel, dtype, case, configuration, shared memory bytes and whether Hopper's
-warpgroup MMA (wgmma) was chosen for its ``tl.dot``; and every convolution kernel's autotuning
-configurations. tests/test_triton_compile.py runs it (two shards at once) and checks them.
+per launch: kernel, dtype, case, configuration, shared memory bytes, registers per thread and
+spilled bytes (cuobjdump), and whether Hopper's warpgroup MMA (wgmma) was chosen for its
+``tl.dot``; and every convolution kernel's autotuning configurations.
+tests/test_triton_compile.py runs it (two shards at once) and checks them.
 
 It hooks Triton's launch path (``JITFunction.run``, ``Autotuner.run`` and the active driver), as
 of triton 3.7.1 (what torch 2.13.0 installs); another Triton version may need it adjusted.
@@ -28,16 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
-import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,6 +63,19 @@ class CompileOnlyDriver:
 
     def get_current_stream(self, device: int = 0) -> int:
         return 0
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and spill bytes (the stack frame) of a cubin, as cuobjdump (shipped
+    with Triton) reports them."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                                capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return {"registers": int(usage.group(1)), "spill_bytes": int(usage.group(2))}
 
 
 def _config_of(kwargs: dict) -> dict:
@@ -80,6 +99,7 @@ def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> I
             "config": _config_of(kwargs),
             "shared": kernel.metadata.shared,
             "wgmma": "warp_group_dot" in kernel.asm["ttgir"],
+            **_resource_usage(kernel.asm["cubin"]),
             "seconds": round(time.perf_counter() - started, 2),
         })
         return kernel
@@ -238,7 +258,7 @@ def main() -> None:
             print(f"{dtype} {precision} {case}: {len(records) - first} launches compiled",
                   flush=True)
     with open(args.out, "w") as f:
-        json.dump({"arch": args.arch, "triton": __import__("triton").__version__,
+        json.dump({"arch": args.arch, "triton": triton.__version__,
                    "records": records,
                    "autotune_configs": {
                        kernel.base_fn.__name__: [_config_of(c.all_kwargs()) for c in kernel.configs]
