@@ -457,23 +457,26 @@ class FastResNet(ResNet):
     backend: str
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        if not self._stem_folds(x):
+        backend = self._stem_folding_backend(x)
+        if backend is None:
             return super()._forward_impl(x)
-        x = self._folded_stem(x, resolve_backend(self.backend, x.device))
-        x = self.maxpool(x)
+        x = self.maxpool(self._folded_stem(x, backend))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    def _stem_folds(self, x: Tensor) -> bool:
-        """Whether the stem runs folded: a (N, C, H, W) input the stem takes (anything else
-        gets ResNet's own errors), the usual stem layers, and :func:`_foldable`."""
+    def _stem_folding_backend(self, x: Tensor) -> Optional[str]:
+        """The backend the stem runs folded on, or None to run ResNet's own forward: for a
+        (N, C, H, W) input the stem takes (anything else gets ResNet's own errors), the usual
+        stem layers, in eval, where :func:`_foldable` allows."""
         if not (isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == self.conv1.in_channels
                 and _fusable_conv(self.conv1) and _fusable_batch_norm(self.bn1)
                 and type(self.relu) is nn.ReLU and not self.training):
-            return False
+            return None
         backend = resolve_backend(self.backend, x.device)
-        return backend != "torch" and _foldable(x, backend, [self.conv1, self.bn1], [self.bn1])
+        if backend == "torch" or not _foldable(x, backend, [self.conv1, self.bn1], [self.bn1]):
+            return None
+        return backend
 
     def _folded_stem(self, x: Tensor, backend: str) -> Tensor:
         cache = _FOLDED.setdefault(self, FoldedBlock())
