@@ -27,8 +27,8 @@ def info() -> dict:
     return _info()
 
 __all__ = [
-    "FastBasicBlock", "FastBottleneck", "FastResNet", "SyncBatchNorm2d", "ConversionReport", "convert", "revert", "fold_bn", "info",
-    "ops",
+    "FastBasicBlock", "FastBottleneck", "FastResNet", "SyncBatchNorm2d", "ConversionReport",
+    "convert", "revert", "fold_bn", "info", "ops",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]

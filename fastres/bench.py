@@ -359,7 +359,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fastres.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model", choices=MODELS, default="resnet50")
-    parser.add_argument("--batch-size", type=int, help="default: 16 on CPU, 256 on a GPU (the settings of the inference targets)")
+    parser.add_argument("--batch-size", type=int,
+                        help="default: 16 on CPU, 256 on a GPU (the inference targets' settings)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 3 on CPU, 20 on a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",

@@ -86,8 +86,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     stem convolution is folded in eval like the blocks'. Every parameter and buffer is kept as the
     same tensor (bit for bit), with its device, dtype, memory format and requires_grad, and each
     module keeps its training mode. A subclass of torchvision's blocks or ResNet is left alone
-    (its computation is not known to be the original's). The outcome is logged on the ``fastres`` logger, and a warning says so
-    when nothing was converted.
+    (its computation is not known to be the original's). The outcome is logged on the
+    ``fastres`` logger, and a warning says so when nothing was converted.
 
     Args:
         model: any module.

@@ -398,8 +398,8 @@ def _folding_input(x: Tensor, backend: str) -> Tensor:
     return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
 
 
-# Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are neither state to
-# save nor something deepcopy should duplicate).
+# Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are
+# neither state to save nor something deepcopy should duplicate).
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, FoldedBlock]" = weakref.WeakKeyDictionary()
 
 
@@ -446,12 +446,12 @@ class FastBasicBlock(_FastBlock, BasicBlock):
 
 
 class FastResNet(ResNet):
-    """torchvision's ``ResNet`` whose stem runs like the fast blocks in eval: ``relu(bn1(conv1(x)))``
-    as one convolution with bn1 folded in and the ReLU fused (fastres/folding.py), so that every
-    convolution of the model is folded. Everything else (training, attributes, state dict, the
-    blocks, pooling, fc) is ResNet's. :func:`fastres.resnet50` and the other builders return one;
-    :func:`fastres.convert` retypes an exact ``ResNet`` into one on the same tensors and
-    :func:`fastres.revert` back.
+    """torchvision's ``ResNet`` whose stem runs like the fast blocks in eval:
+    ``relu(bn1(conv1(x)))`` as one convolution with bn1 folded in and the ReLU fused
+    (fastres/folding.py), so that every convolution of the model is folded. Everything else
+    (training, attributes, state dict, the blocks, pooling, fc) is ResNet's.
+    :func:`fastres.resnet50` and the other builders return one; :func:`fastres.convert` retypes
+    an exact ``ResNet`` into one on the same tensors and :func:`fastres.revert` back.
     """
 
     backend: str
