@@ -112,9 +112,59 @@ class _Stage:
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self.packed, self.bias, *geometry, "relu" if relu else "none", [], "")
+        weight = self.packed
+        if residual.shape[-2:] == (1, 1) and not onednn_binary_takes_packed_weight_at_1x1():
+            # See onednn_binary_takes_packed_weight_at_1x1: NCHW input and plain weight there.
+            x, weight = _nchw(x), self.weight.contiguous()
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, self.packed, self.bias, *geometry, "add", 1.0,
+            x, residual, weight, self.bias, *geometry, "add", 1.0,
             "relu" if relu else "none", [], "")
+
+
+def _nchw(x: Tensor) -> Tensor:
+    """x with NCHW strides; at 1x1 spatially a view (the bytes of NCHW and NHWC are the same
+    there, only the strides of the size-1 dimensions differ), otherwise a copy if needed."""
+    if x.shape[-2:] == (1, 1):
+        return x.reshape(x.shape[0], x.shape[1]).view(x.shape)
+    return x.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_binary_takes_packed_weight_at_1x1() -> bool:
+    """Whether this torch's fused oneDNN convolution + add (+ ReLU) runs from a prepacked weight
+    and a channels_last input when the output is 1x1 spatially (a small image's last stage).
+
+    torch 2.11's ``mkldnn::_convolution_pointwise.binary`` raises "could not create a memory"
+    there (torch 2.13's does not); with an NCHW-strided input and the plain weight it is correct
+    on both, oneDNN then reordering the weight on each call, which at 1x1 costs little. Probed
+    once, on a tiny convolution; reported by ``fastres.info()``.
+    """
+    x = torch.zeros(1, 8, 1, 1).as_strided((1, 8, 1, 1), (8, 1, 8, 8))  # channels_last strides
+    weight = torch.zeros(8, 8, 1, 1)
+    geometry = ([0, 0], [1, 1], [1, 1], 1)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape))
+    try:
+        torch.ops.mkldnn._convolution_pointwise.binary(x, torch.zeros(1, 8, 1, 1), packed, None,
+                                                       *geometry, "add", 1.0, "relu", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def folding_description(backend: str) -> str:
+    """What folded inference runs on ``backend``, for ``fastres.info()``."""
+    kind = folding_kind(backend)
+    if kind is None:
+        return "not available (no fused convolution for this backend here): eval runs unfolded"
+    if kind == "onednn":
+        text = "oneDNN fused convolution + bias (+ add) (+ ReLU), prepacked weights"
+        if not onednn_binary_takes_packed_weight_at_1x1():
+            text += ("; where the output is 1x1 the residual-add convolution takes the plain "
+                     "weight and an NCHW input (this torch's prepacked binary op fails there)")
+        return text
+    if kind == "cudnn":
+        return "cuDNN fused convolution + bias (+ add) + ReLU"
+    return "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU) epilogue"
 
 
 def _state_key(tensors: list[Optional[Tensor]]) -> tuple:

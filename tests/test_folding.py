@@ -51,6 +51,16 @@ def test_fold_bn_matches_torch(conv_bias, affine):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_eval_at_a_one_by_one_last_stage_matches_torchvision():
+    """32 px images leave layer4 1x1: the residual-add convolution that torch 2.11's prepacked
+    oneDNN binary op cannot run (fastres.folding.onednn_binary_takes_packed_weight_at_1x1)."""
+    reference = _realistic(torchvision.models.resnet18())
+    fast = fastres.convert(reference).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    _assert_eval_matches(fast, reference, x)
+    assert "oneDNN" in fastres.info()["folded_eval"]["cpu"]
+
+
 def test_fold_bn_rejects_what_cannot_be_folded():
     with pytest.raises(ValueError, match="no running statistics"):
         fold_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
