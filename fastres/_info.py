@@ -10,6 +10,7 @@ import platform
 import torch
 
 from fastres import backends
+from fastres.folding import folding_description
 
 
 def info() -> dict:
@@ -17,8 +18,11 @@ def info() -> dict:
 
     Keys: ``"fastres"``, ``"torch"``, ``"cuda"`` (torch's CUDA version or None), ``"triton"``
     (version or None), ``"gpu"`` (device name or None), ``"cuda_archs"`` (what the CUDA kernels
-    were compiled for), ``"triton_interpreter"`` and ``"backends"``:
-    ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch.
+    were compiled for), ``"triton_interpreter"`` (``"off"``, or ``"on"`` with how it runs
+    run-time loop bounds: see fastres/triton/interpreter.py) and ``"backends"``:
+    ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch,
+    and ``"folded_eval"``: for each available compiled backend, what eval runs with BatchNorm
+    folded (fastres/folding.py), including any path this torch version makes it take.
     """
     from fastres import __version__
 
@@ -37,16 +41,33 @@ def info() -> dict:
         "triton": triton_version,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cuda_archs": build["CUDA_ARCHS"] or None,
-        "triton_interpreter": backends.triton_interpreting(),
+        "triton_interpreter": _triton_interpreter(triton_version),
         "backends": {name: status.as_dict() for name, status in backends.STATUS.items()},
+        "folded_eval": {name: folding_description(name) for name in ("cpu", "cuda", "triton")
+                        if backends.STATUS[name].available},
     }
 
 
+def _triton_interpreter(triton_version) -> str:
+    if not backends.triton_interpreting() or triton_version is None:
+        return "off"
+    from fastres.triton.interpreter import loop_bounds_status
+
+    if loop_bounds_status() == "native":
+        return "on"
+    return (f"on; run-time loop bounds repaired (triton {triton_version}'s interpreter cannot "
+            "turn a one-element array into an int with this NumPy; squeezed as Triton 3.7 does)")
+
+
 def format_info(facts: dict) -> str:
-    lines = [f"{key:>18}: {facts[key]}" for key in facts if key != "backends"]
+    lines = [f"{key:>18}: {facts[key]}" for key in facts
+             if key not in ("backends", "folded_eval")]
     lines.append("          backends:")
     for name, status in facts["backends"].items():
         state = "available" if status["available"] else ("built" if status["built"] else "missing")
         why = f"  ({status['reason']})" if status["reason"] else ""
         lines.append(f"{name:>18}: {state}{why}")
+    lines.append("       folded eval:")
+    for name, description in facts["folded_eval"].items():
+        lines.append(f"{name:>18}: {description}")
     return "\n".join(lines)
