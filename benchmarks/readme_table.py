@@ -4,7 +4,8 @@ Usage: python benchmarks/readme_table.py   (from the repository root)
 
 Reads every benchmarks/results/<device>/<model>_<device>_<dtype>.csv written by
 ``python -m fastres.bench --out benchmarks/results/<device>`` and replaces the lines between the
-README's perf-table markers. The table is never typed by hand.
+README's perf-table markers. The table is never typed by hand. Speed-ups are medians of
+per-round ratios from interleaved rounds, with their interquartile range.
 """
 
 from __future__ import annotations
@@ -23,10 +24,21 @@ def _fmt(value: str, spec: str) -> str:
     return format(float(value), spec) if value not in ("", None) else "-"
 
 
+def _ratio(row: dict, mode: str) -> str:
+    """Median speed-up over torchvision [interquartile range], 'n.s.' when not significant."""
+    if not row.get(f"{mode}_vs_torchvision"):
+        return "-"
+    text = (f"{float(row[f'{mode}_vs_torchvision']):.2f} "
+            f"[{float(row[f'{mode}_vs_torchvision_low']):.2f}-"
+            f"{float(row[f'{mode}_vs_torchvision_high']):.2f}]")
+    return text + ("" if row[f"{mode}_significant"] == "True" else " n.s.")
+
+
 def table_lines() -> list[str]:
-    lines = ["| device | model | dtype | batch | configuration | train img/s | x torchvision "
-             "| infer img/s | x torchvision | activation bytes x torchvision | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | model | dtype | batch | rounds | configuration | train img/s "
+             "| x torchvision [IQR] | infer img/s | x torchvision [IQR] "
+             "| activation bytes x torchvision | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     paths = []
     for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
         paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
@@ -36,12 +48,14 @@ def table_lines() -> list[str]:
         for r in rows:
             if r["parity_ok"] != "True":
                 lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
-                             f"| {r['config']} | parity failed | | | | | {r['fastres_commit']} |")
+                             f"| | {r['config']} | parity failed | | | | | "
+                             f"{r['fastres_commit']} |")
                 continue
             lines.append(
-                f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} | {r['config']} "
-                f"| {_fmt(r['train_img_s'], '.2f')} | {_fmt(r.get('train_vs_torchvision'), '.2f')} "
-                f"| {_fmt(r['infer_img_s'], '.2f')} | {_fmt(r.get('infer_vs_torchvision'), '.2f')} "
+                f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
+                f"| {r['rounds']} | {r['config']} "
+                f"| {_fmt(r['train_img_s'], '.2f')} | {_ratio(r, 'train')} "
+                f"| {_fmt(r['infer_img_s'], '.2f')} | {_ratio(r, 'infer')} "
                 f"| {_fmt(r.get('saved_vs_torchvision'), '.3f')} | {r['fastres_commit']} |")
     return lines
 

@@ -5,8 +5,11 @@ It builds torchvision's model and the fastres one from the same weights, checks 
 as failed, its speed is not measured, and the command exits non-zero), then measures side by
 side in one run: training-step and inference throughput, peak memory on CUDA, and the activation
 bytes kept for backward, for torchvision eager, torchvision + torch.compile, fastres eager on each
-available backend, and fastres + torch.compile. It prints a table with ratios against torchvision
-eager and the targets, and writes a CSV and a PNG chart under ``--out``.
+available backend, and fastres + torch.compile. Steps are timed in interleaved rounds (one step
+of every configuration per round, in a rotating order; fastres.interleaved), so that a machine
+that slows down or speeds up mid-run moves every configuration alike. It prints medians with
+their interquartile ranges, speed-ups over torchvision eager paired round by round (marked
+"n.s." when not significant) and the targets, and writes a CSV and a PNG chart under ``--out``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,8 @@ import copy
 import csv
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -30,6 +31,7 @@ from torch import nn
 
 import fastres
 from fastres.backends import STATUS
+from fastres.interleaved import Spread, paired_speedups, spread_of, time_interleaved
 from fastres.memory import saved_tensor_bytes
 
 MODELS = ("resnet50", "resnet18", "resnext50_32x4d")
@@ -59,11 +61,22 @@ class Result:
     config: Config
     parity: dict = field(default_factory=dict)
     parity_ok: bool = True
-    train_img_s: Optional[float] = None
-    infer_img_s: Optional[float] = None
+    train_seconds: list[float] = field(default_factory=list)  # one per round
+    infer_seconds: list[float] = field(default_factory=list)
     peak_mem_mib: Optional[float] = None
     saved_mib: Optional[float] = None
-    error: str = ""
+
+
+@dataclass
+class Prepared:
+    """One configuration ready to time: its model (compiled or not) and its two steps."""
+
+    result: Result
+    model: nn.Module
+    runner: nn.Module
+    batch: torch.Tensor
+    train_step: Callable[[], object]
+    infer_step: Callable[[], object]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,20 +116,6 @@ def make_train_step(model: nn.Module, x, labels, device, dtype) -> Callable[[], 
         return loss
 
     return step
-
-
-def throughput(fn: Callable[[], object], images: int, steps: int, device: str) -> float:
-    """Images per second of the median step: each step is timed alone (synchronised), so that
-    one step slowed by something else on the machine does not move the figure."""
-    fn()  # warm-up: compilation, algorithm selection, allocator
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return images / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +192,15 @@ def available_backends(device: str, requested: str) -> list[str]:
     return [name for name in names if STATUS[name].available] or ["torch"]
 
 
-def measure(config: Config, reference: nn.Module, args, device, dtype) -> Result:
+def prepare(config: Config, reference: nn.Module, args, device: str,
+            dtype: torch.dtype) -> Prepared:
+    """Builds the configuration's model from the reference's weights (a copy of its own, so the
+    configurations' optimizer steps never touch each other), checks its parity, and returns its
+    training and inference steps on one fixed channels_last batch."""
     result = Result(config)
-    if config.family == "torchvision":
-        model = copy.deepcopy(reference)
-    else:
-        model = build_fast(reference, config.backend)
+    model = copy.deepcopy(reference)  # channels_last, like the reference and the input
+    if config.family == "fastres":
+        model = build_fast(model, config.backend)
     runner = torch.compile(model, mode=args.compile_mode) if config.compile else model
     images = args.batch_size
     x = torch.randn(images, 3, args.image_size, args.image_size, device=device).contiguous(
@@ -209,29 +211,53 @@ def measure(config: Config, reference: nn.Module, args, device, dtype) -> Result
         result.parity = check_parity(reference, runner, x[:parity_images],
                                      labels[:parity_images], device, dtype)
         result.parity_ok = parity_passes(result.parity, dtype)
-        if not result.parity_ok:
-            return result
-    runner.train()
     train_step = make_train_step(runner, x, labels, device, dtype)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    result.train_img_s = throughput(train_step, images, args.steps, device)
-    if device == "cuda":
-        result.peak_mem_mib = torch.cuda.max_memory_allocated() / 2**20
 
-    def forward():
-        with _autocast(device, dtype):
-            return model(x)
-
-    result.saved_mib = saved_tensor_bytes(forward, exclude=model.parameters()) / 2**20
-    runner.eval()
-
-    def infer():
+    def infer_step():
         with torch.no_grad(), _autocast(device, dtype):
             return runner(x)
 
-    result.infer_img_s = throughput(infer, images, args.steps, device)
-    return result
+    return Prepared(result, model, runner, x, train_step, infer_step)
+
+
+def measure_memory(prepared: Prepared, device: str, dtype: torch.dtype) -> None:
+    """Activation bytes kept for backward, and on CUDA the training step's peak memory above
+    what was allocated before it (so the other configurations' weights do not count)."""
+    model, result = prepared.model, prepared.result
+    model.train()
+
+    def forward():
+        with _autocast(device, dtype):
+            return model(prepared.batch)
+
+    result.saved_mib = saved_tensor_bytes(forward, exclude=model.parameters()) / 2**20
+    if device == "cuda":
+        prepared.runner.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        prepared.train_step()
+        torch.cuda.synchronize()
+        result.peak_mem_mib = (torch.cuda.max_memory_allocated() - resident) / 2**20
+
+
+def measure_all(prepared: list[Prepared], args, device: str, dtype: torch.dtype) -> None:
+    """Times every configuration whose parity passed, in interleaved rounds: training steps
+    first, then inference steps in eval mode."""
+    timed = [p for p in prepared if p.result.parity_ok]
+    warmup = 3 if device == "cuda" else 1
+    for p in timed:
+        p.runner.train()
+    train = time_interleaved({p.result.config.name: p.train_step for p in timed},
+                             args.rounds, lambda: _sync(device), warmup)
+    for p in timed:
+        p.result.train_seconds = train[p.result.config.name]
+        measure_memory(p, device, dtype)
+        p.runner.eval()
+    infer = time_interleaved({p.result.config.name: p.infer_step for p in timed},
+                             args.rounds, lambda: _sync(device), warmup)
+    for p in timed:
+        p.result.infer_seconds = infer[p.result.config.name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,23 +285,42 @@ def fastres_commit() -> str:
         return "unknown"
 
 
+def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:
+    """Images per second (median, interquartile range) of training and inference, and the
+    speed-up over torchvision eager from steps paired round by round."""
+    row: dict = {"rounds": len(result.train_seconds) or None}
+    for mode in ("train", "infer"):
+        seconds, base_seconds = getattr(result, f"{mode}_seconds"), getattr(base, f"{mode}_seconds")
+        if not seconds:
+            row[f"{mode}_img_s"] = None
+            continue
+        rate = spread_of(seconds).scaled(batch_size)
+        row.update({f"{mode}_img_s": rate.median, f"{mode}_img_s_low": rate.low,
+                    f"{mode}_img_s_high": rate.high})
+        if base_seconds:
+            ratio = spread_of(paired_speedups(base_seconds, seconds))
+            row.update({f"{mode}_vs_torchvision": ratio.median,
+                        f"{mode}_vs_torchvision_low": ratio.low,
+                        f"{mode}_vs_torchvision_high": ratio.high,
+                        f"{mode}_significant": result is base or ratio.significant})
+    return row
+
+
 def rows_of(results: list[Result], meta: dict) -> list[dict]:
     base = next(r for r in results if r.config.name == "torchvision")
     rows = []
     for r in results:
         row = {**meta, "config": r.config.name, "parity_ok": r.parity_ok,
-               "train_img_s": r.train_img_s, "infer_img_s": r.infer_img_s,
+               **_timing_columns(r, base, meta["batch_size"]),
                "peak_mem_mib": r.peak_mem_mib, "saved_mib": r.saved_mib,
                **{f"parity_{k.replace(' ', '_')}": ours for k, (ours, _) in r.parity.items()},
                **{f"torchvision_error_{k.replace(' ', '_')}": theirs
                   for k, (_, theirs) in r.parity.items()}}
-        if r.train_img_s and base.train_img_s:
-            row["train_vs_torchvision"] = r.train_img_s / base.train_img_s
-            row["infer_vs_torchvision"] = r.infer_img_s / base.infer_img_s
+        if r.saved_mib is not None and base.saved_mib:
             row["saved_vs_torchvision"] = r.saved_mib / base.saved_mib
         if r.config.family == "fastres" and "saved_vs_torchvision" in row:
             row["saved_target_met"] = row["saved_vs_torchvision"] <= ACTIVATION_BYTES_TARGET
-            if not r.config.compile:
+            if not r.config.compile and "infer_vs_torchvision" in row:
                 target = INFERENCE_TARGET[meta["device_type"]]
                 row["infer_target_met"] = row["infer_vs_torchvision"] >= target
         rows.append(row)
@@ -286,12 +331,27 @@ def _fmt(value, spec) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ratio(row: dict, mode: str) -> str:
+    """'1.29 [1.21-1.33]', the median speed-up over torchvision and its interquartile range,
+    with 'n.s.' when that range contains 1.0."""
+    median = row.get(f"{mode}_vs_torchvision")
+    if median is None:
+        return "-"
+    text = (f"{median:.2f} [{row[f'{mode}_vs_torchvision_low']:.2f}-"
+            f"{row[f'{mode}_vs_torchvision_high']:.2f}]")
+    return text + ("" if row[f"{mode}_significant"] else " n.s.")
+
+
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, batch {meta['batch_size']}, "
           f"torch.compile mode {meta.get('compile_mode', 'default')}, "
           f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}")
-    header = (f"{'configuration':<26}{'parity':>8}{'train img/s':>13}{'x tv':>7}"
-              f"{'infer img/s':>13}{'x tv':>7}{'saved MiB':>11}{'x tv':>7}{'peak MiB':>10}  target")
+    print(f"{rows[0]['rounds'] or 0} interleaved rounds; img/s is the median round, x tv the "
+          "median of per-round speed-ups over torchvision [interquartile range]; n.s.: not "
+          "significant (the range contains 1.0)")
+    header = (f"{'configuration':<26}{'parity':>8}{'train img/s':>13}  {'x tv':<22}"
+              f"{'infer img/s':>13}  {'x tv':<22}{'saved MiB':>10}{'x tv':>7}{'peak MiB':>10}  "
+              "target")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -304,10 +364,10 @@ def print_table(rows: list[dict], meta: dict) -> None:
             verdict = "met" if row["infer_target_met"] else "NOT met"
             targets.append(f"infer >= {INFERENCE_TARGET[meta['device_type']]} x tv: {verdict}")
         target = "; ".join(targets)
-        print(f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}"
-              f"{_fmt(row.get('train_vs_torchvision'), '.2f'):>7}"
-              f"{_fmt(row['infer_img_s'], '.2f'):>13}{_fmt(row.get('infer_vs_torchvision'), '.2f'):>7}"
-              f"{_fmt(row['saved_mib'], '.0f'):>11}{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
+        print(f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}  "
+              f"{_ratio(row, 'train'):<22}{_fmt(row['infer_img_s'], '.2f'):>13}  "
+              f"{_ratio(row, 'infer'):<22}{_fmt(row['saved_mib'], '.0f'):>10}"
+              f"{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
               f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}")
     print(f"\nparity, relative error against torchvision in float64 (torchvision's own error in "
           f"brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):")
@@ -341,10 +401,14 @@ def write_chart(rows: list[dict], meta: dict, path: str) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(names) + 2))
     for ax, key, title in ((axes[0], "train_img_s", "training img/s"),
                            (axes[1], "infer_img_s", "inference img/s")):
-        ax.barh(names, [r[key] for r in measured], color="tab:blue")
+        medians = [r[key] for r in measured]
+        errors = [[m - r[key + "_low"] for m, r in zip(medians, measured)],
+                  [r[key + "_high"] - m for m, r in zip(medians, measured)]]
+        ax.barh(names, medians, xerr=errors, color="tab:blue", capsize=3)
         ax.set_title(title)
         ax.invert_yaxis()
-    fig.suptitle(f"{meta['model']}, {meta['device']}, {meta['dtype']}, batch {meta['batch_size']}")
+    fig.suptitle(f"{meta['model']}, {meta['device']}, {meta['dtype']}, batch {meta['batch_size']} "
+                 "(median and interquartile range of interleaved rounds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -362,7 +426,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int,
                         help="default: 16 on CPU, 256 on a GPU (the inference targets' settings)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 3 on CPU, 20 on a GPU)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved timing rounds, each one step of every configuration "
+                             "(default: 5 on CPU, 20 on a GPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="fp32, or bf16/fp16 autocast")
     parser.add_argument("--backend", default="all", choices=["all", "cpu", "cuda", "triton", "torch"],
@@ -376,6 +442,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="torch.compile mode for the compiled configurations (the GPU "
                              "inference target compares with max-autotune)")
     parser.add_argument("--out", default="benchmarks/results/local", help="folder for CSV and PNG")
+    parser.add_argument("--csv", help="the CSV's path (default: OUT/<model>_<device>_<dtype>.csv)")
+    parser.add_argument("--chart", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write a PNG chart beside the CSV (default: on)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -384,12 +453,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     on_gpu = args.device == "cuda"
     if args.batch_size is None:
         args.batch_size = 256 if on_gpu else 16
-    if args.steps is None:
-        args.steps = 20 if on_gpu else 3
-    for name in ("batch_size", "steps", "image_size"):
+    if args.rounds is None:
+        args.rounds = 20 if on_gpu else 5
+    for name in ("batch_size", "rounds", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def _triton_autotune() -> str:
+    """The Triton convolutions' autotuning set (FASTRES_TRITON_AUTOTUNE), recorded with the
+    figures: a quick set can pick a slower tile than the full one."""
+    return os.environ.get("FASTRES_TRITON_AUTOTUNE", "full")
 
 
 def _progress(items):
@@ -405,24 +480,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     dtype = DTYPES[args.dtype]
     reference = build_reference(args.model, args.device)
     configs = configurations(args.device, available_backends(args.device, args.backend), args.compile)
-    results = []
-    for config in _progress(configs):
-        results.append(measure(config, reference, args, args.device, dtype))
+    prepared = [prepare(config, reference, args, args.device, dtype)
+                for config in _progress(configs)]
+    measure_all(prepared, args, args.device, dtype)
+    results = [p.result for p in prepared]
     meta = {"model": args.model, "device": device_name(args.device),
             "device_type": args.device, "dtype": args.dtype,
             "batch_size": args.batch_size, "image_size": args.image_size,
             "compile_mode": args.compile_mode,
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": fastres.info()["triton"], "fastres_commit": fastres_commit()}
+            "triton": fastres.info()["triton"], "triton_autotune": _triton_autotune(),
+            "fastres_commit": fastres_commit()}
     rows = rows_of(results, meta)
     print_table(rows, meta)
     if not args.compile:
         print("torch.compile not measured (--no-compile)")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.model}_{args.device}_{args.dtype}")
-    write_csv(rows, stem + ".csv")
-    wrote_chart = write_chart(rows, meta, stem + ".png")
-    print(f"wrote {stem}.csv" + (f" and {stem}.png" if wrote_chart else ""))
+    csv_path = args.csv or os.path.join(args.out, f"{args.model}_{args.device}_{args.dtype}.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    write_csv(rows, csv_path)
+    chart_path = os.path.splitext(csv_path)[0] + ".png"
+    wrote_chart = args.chart and write_chart(rows, meta, chart_path)
+    print(f"wrote {csv_path}" + (f" and {chart_path}" if wrote_chart else ""))
     failed = [r.config.name for r in results if not r.parity_ok]
     if failed:
         print(f"parity check FAILED for {', '.join(failed)}: no speed reported for them")

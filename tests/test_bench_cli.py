@@ -10,7 +10,7 @@ import torch
 from fastres import bench
 
 TINY = ["--device", "cpu", "--model", "resnet18", "--batch-size", "2", "--image-size", "32",
-        "--steps", "1", "--no-compile"]
+        "--rounds", "2", "--no-compile"]
 
 
 def _rows(path):
@@ -26,6 +26,14 @@ def test_bench_runs_checks_parity_and_writes_csv_and_png(tmp_path):
     rows = _rows(tmp_path / "resnet18_cpu_fp32.csv")
     assert [r["config"] for r in rows] == ["torchvision", "fastres[cpu]"]
     assert all(r["parity_ok"] == "True" and float(r["train_img_s"]) > 0 for r in rows)
+    for row in rows:  # medians inside their interquartile ranges, from 2 interleaved rounds
+        assert row["rounds"] == "2"
+        for mode in ("train", "infer"):
+            low, median, high = (float(row[f"{mode}_img_s{k}"]) for k in ("_low", "", "_high"))
+            assert 0 < low <= median <= high
+    assert rows[0]["train_vs_torchvision"] == "1.0" and rows[0]["train_significant"] == "True"
+    assert rows[1]["infer_significant"] in ("True", "False")
+    assert "interleaved rounds" in result.stdout
     assert rows[1]["device"] and rows[1]["torch"] == torch.__version__
     assert (tmp_path / "resnet18_cpu_fp32.png").stat().st_size > 0
 
@@ -44,7 +52,7 @@ def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatc
     assert failed["parity_ok"] == "False" and failed["train_img_s"] == ""
 
 
-@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--steps", "0"], ["--model", "vgg16"],
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--rounds", "0"], ["--model", "vgg16"],
                                  ["--dtype", "fp8"]])
 def test_bad_arguments_exit_with_usage(bad):
     with pytest.raises(SystemExit) as error:
