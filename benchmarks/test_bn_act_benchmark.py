@@ -19,14 +19,8 @@ from conftest import BATCH, DEVICE, DTYPE, ON_GPU, timed
 from fastres.backends import STATUS
 from fastres.ops import bn_act
 from fastres.ops.bn_act import bn_act_reference
+from resnet50_layers import RESNET50_BN_SHAPES
 
-# ResNet-50's distinct BatchNorm shapes (channels, height = width), and whether a residual is
-# added there (the last BatchNorm of each bottleneck).
-RESNET50_BN_SHAPES = [
-    (64, 112, False), (64, 56, False), (128, 56, False), (256, 56, True), (128, 28, False),
-    (256, 28, False), (512, 28, True), (256, 14, False), (512, 14, False), (1024, 14, True),
-    (512, 7, False), (2048, 7, True),
-]
 MODES = ["forward-train", "forward-eval", "forward_backward-train", "forward_backward-eval"]
 
 

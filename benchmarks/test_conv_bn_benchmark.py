@@ -20,34 +20,17 @@ from torchvision.models.resnet import Bottleneck, conv1x1
 import fastres
 from conftest import BATCH, DTYPE, ON_GPU, timed
 from fastres.ops.conv_bn import conv2d_bn_triton
+from resnet50_layers import RESNET50_CONVOLUTIONS, conv_id
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="Triton convolutions are timed on a GPU only")
 
-# (C_in, side, C_out, kernel, stride, groups): every distinct convolution of ResNet-50 (and the
-# grouped 3x3 of ResNeXt-50's first stage).
-RESNET50_CONVOLUTIONS = [
-    (3, 224, 64, 7, 2, 1),
-    (64, 56, 64, 1, 1, 1), (64, 56, 64, 3, 1, 1), (64, 56, 256, 1, 1, 1), (256, 56, 64, 1, 1, 1),
-    (256, 56, 128, 1, 1, 1), (128, 56, 128, 3, 2, 1), (128, 28, 512, 1, 1, 1),
-    (256, 56, 512, 1, 2, 1), (512, 28, 128, 1, 1, 1), (128, 28, 128, 3, 1, 1),
-    (512, 28, 256, 1, 1, 1), (256, 28, 256, 3, 2, 1), (256, 14, 1024, 1, 1, 1),
-    (512, 28, 1024, 1, 2, 1), (1024, 14, 256, 1, 1, 1), (256, 14, 256, 3, 1, 1),
-    (1024, 14, 512, 1, 1, 1), (512, 14, 512, 3, 2, 1), (512, 7, 2048, 1, 1, 1),
-    (1024, 14, 2048, 1, 2, 1), (2048, 7, 512, 1, 1, 1), (512, 7, 512, 3, 1, 1),
-    (128, 56, 128, 3, 1, 32),
-]
 # (inplanes, planes, stride, side): the first block of each ResNet-50 stage and a repeated one.
 BLOCKS = [(64, 64, 1, 56), (256, 64, 1, 56), (256, 128, 2, 56), (512, 256, 2, 28),
           (1024, 512, 2, 14), (2048, 512, 1, 7)]
 
 
-def _conv_id(spec):
-    c, s, o, k, st, g = spec
-    return f"{c}x{s}-{k}x{k}s{st}" + (f"g{g}" if g > 1 else "") + f"-{o}"
-
-
 @pytest.mark.parametrize("impl", ["triton", "cudnn"])
-@pytest.mark.parametrize("spec", RESNET50_CONVOLUTIONS, ids=[_conv_id(s) for s in RESNET50_CONVOLUTIONS])
+@pytest.mark.parametrize("spec", RESNET50_CONVOLUTIONS, ids=[conv_id(s) for s in RESNET50_CONVOLUTIONS])
 def test_convolution(benchmark, describe, spec, impl):
     channels, side, out_channels, kernel, stride, groups = spec
     padding = kernel // 2
