@@ -41,6 +41,12 @@ from torch import Tensor
 from fastres.triton.bn_act import REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# Which tile configurations to autotune over on a GPU: "full" (the default, for speed) or "quick"
+# (two of them, a large and a small tile, for runs that only check correctness: the GPU check's
+# tests and sanitizer phases, where compiling all eight per kernel would not fit).
+AUTOTUNE = os.environ.get("FASTRES_TRITON_AUTOTUNE", "full")
+if AUTOTUNE not in ("full", "quick"):
+    raise ValueError(f"FASTRES_TRITON_AUTOTUNE must be 'full' or 'quick', got {AUTOTUNE!r}")
 # Reduce over one flat (kh, kw, channel) index when a group has fewer channels than this (the
 # stem's 3, ResNeXt's 4 per group), over channel blocks per (kh, kw) otherwise.
 FLAT_K_BELOW = 16
@@ -55,6 +61,8 @@ def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
         shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                   (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (32, 64, 32, 4, 4),
                   (64, 32, 16, 2, 4), (32, 32, 16, 2, 4)]
+        if AUTOTUNE == "quick":
+            shapes = [shapes[0], shapes[3]]
     return [triton.Config({names[0]: bm, names[1]: bn, names[2]: bk}, num_warps=warps,
                           num_stages=stages) for bm, bn, bk, warps, stages in shapes]
 
