@@ -1,0 +1,147 @@
+"""Writes OUT/summary.md for benchmarks/gpu_check.sh from what its phases left in OUT.
+
+Usage: python benchmarks/gpu_check_summary.py OUT [--dry-run]
+
+Reads OUT/.phases (name|status|seconds per phase), tests.xml (JUnit), the compute-sanitizer
+summaries in gpu_check.log, every resnet50_*.csv (fastres.bench) and layers.csv. A file a phase
+did not get to write is reported as missing, never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import os
+import re
+import xml.etree.ElementTree as ElementTree
+
+
+def phase_lines(out: str) -> list[str]:
+    lines = ["| phase | status | seconds |", "|---|---|---|"]
+    try:
+        with open(os.path.join(out, ".phases")) as f:
+            for record in f:
+                name, status, seconds = record.rstrip("\n").split("|")
+                lines.append(f"| {name} | {status} | {seconds} |")
+    except FileNotFoundError:
+        lines.append("| (no phase record) | | |")
+    return lines
+
+
+def test_lines(out: str) -> list[str]:
+    path = os.path.join(out, "tests.xml")
+    if not os.path.exists(path):
+        return ["tests.xml missing: the tests phase wrote no JUnit file."]
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as error:
+        return [f"tests.xml unreadable ({error})."]
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    totals = {key: sum(int(s.get(key, 0)) for s in suites)
+              for key in ("tests", "failures", "errors", "skipped")}
+    passed = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+    lines = [f"{passed} passed, {totals['failures']} failed, {totals['errors']} errors, "
+             f"{totals['skipped']} skipped."]
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            lines.append(f"- FAILED `{case.get('classname')}::{case.get('name')}`")
+    return lines
+
+
+def sanitizer_lines(out: str) -> list[str]:
+    try:
+        with open(os.path.join(out, "gpu_check.log"), errors="replace") as f:
+            log = f.read()
+    except FileNotFoundError:
+        return ["gpu_check.log missing."]
+    found = re.findall(r"^== (sanitizer \w+) \(.*?\n(.*?)^== \1: (.*?)$", log, re.M | re.S)
+    if not found:
+        return ["No compute-sanitizer run in the log."]
+    lines = []
+    for name, body, status in found:
+        summary = re.findall(r"ERROR SUMMARY: .*", body)
+        lines.append(f"- {name}: {status}; {summary[-1] if summary else 'no ERROR SUMMARY line'}")
+    return lines
+
+
+def _ratio(row: dict, mode: str) -> str:
+    if not row.get(f"{mode}_vs_torchvision"):
+        return "-"
+    text = (f"{float(row[f'{mode}_vs_torchvision']):.2f} "
+            f"[{float(row[f'{mode}_vs_torchvision_low']):.2f}-"
+            f"{float(row[f'{mode}_vs_torchvision_high']):.2f}]")
+    return text + ("" if row[f"{mode}_significant"] == "True" else " n.s.")
+
+
+def _number(value: str, spec: str) -> str:
+    return format(float(value), spec) if value else "-"
+
+
+def headline_lines(out: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(out, "resnet50_*.csv")))
+    if not paths:
+        return ["No fastres.bench CSV: the headline phase wrote nothing."]
+    lines = ["| run | configuration | parity | train img/s | x torchvision | infer img/s "
+             "| x torchvision | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                lines.append(
+                    f"| {os.path.basename(path)} | {row['config']} | "
+                    f"{'ok' if row['parity_ok'] == 'True' else 'FAILED'} | "
+                    f"{_number(row.get('train_img_s', ''), '.0f')} | {_ratio(row, 'train')} | "
+                    f"{_number(row.get('infer_img_s', ''), '.0f')} | {_ratio(row, 'infer')} | "
+                    f"{_number(row.get('peak_mem_mib', ''), '.0f')} |")
+    first = paths[0]
+    with open(first) as f:
+        meta = next(csv.DictReader(f), {})
+    lines.append(f"\n{meta.get('device', '?')}, {meta.get('dtype', '?')}, batch "
+                 f"{meta.get('batch_size', '?')}, torch {meta.get('torch', '?')}, triton "
+                 f"{meta.get('triton', '?')} (autotune {meta.get('triton_autotune', '?')}), "
+                 f"{meta.get('rounds', '?')} interleaved rounds; ratios are medians of per-round "
+                 "speed-ups [interquartile range].")
+    return lines
+
+
+def layer_lines(out: str) -> list[str]:
+    path = os.path.join(out, "layers.csv")
+    if not os.path.exists(path):
+        return ["layers.csv missing: the layers phase wrote nothing."]
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return ["layers.csv is empty."]
+    lines = [f"Copy bandwidth in the same run: {float(rows[0]['copy_gb_s']):.0f} GB/s.", "",
+             "| layer | implementation | us per call | rate | speed-up over |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        rate = (f"{float(row['tflop_s']):.1f} TFLOP/s" if row.get("tflop_s") else
+                f"{float(row['gb_s']):.0f} GB/s ({float(row['of_copy_bandwidth']):.2f} of copy)")
+        mark = "" if row["significant"] == "True" else " n.s."
+        lines.append(f"| {row['layer']} | {row['impl']} | {float(row['median_us']):.1f} | {rate} "
+                     f"| {row['vs']} {float(row['speedup']):.2f} [{float(row['speedup_low']):.2f}-"
+                     f"{float(row['speedup_high']):.2f}]{mark} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    title = "# GPU check" + (" (dry run: no GPU, nothing here is a measurement)"
+                             if args.dry_run else "")
+    sections = [[title], ["## Phases", *phase_lines(args.out)],
+                ["## Tests", *test_lines(args.out)],
+                ["## compute-sanitizer", *sanitizer_lines(args.out)],
+                ["## ResNet-50 headline", *headline_lines(args.out)],
+                ["## Layers", *layer_lines(args.out)]]
+    text = "\n\n".join("\n".join(section) for section in sections) + "\n"
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
