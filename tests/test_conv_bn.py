@@ -116,6 +116,26 @@ def test_statistics_epilogue_gives_the_batch_mean_and_variance(kind):
     torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=1e-6)
 
 
+def test_statistics_rows_with_no_elements_are_ignored_whatever_they_hold():
+    """Autotuning leaves rows written by a configuration with shorter tiles than the winner's;
+    the finalize must merge only rows whose count is positive (stale M2 inflated the variance)."""
+    from fastres.triton.conv import finalize_stats
+
+    torch.manual_seed(0)
+    channels = 5
+    values = torch.randn(3, 8, channels, device=DEVICE) * 3 + 7  # 3 rows of 8 elements
+    rows = torch.stack([values.new_full((3, channels), 8.0), values.mean(1),
+                        values.var(1, correction=0) * 8])
+    stale = torch.stack([torch.zeros(2, channels, device=DEVICE),  # no elements, stale values
+                         torch.full((2, channels), 123.0, device=DEVICE),
+                         torch.full((2, channels), 4567.0, device=DEVICE)], 0)
+    partials = torch.cat([rows[:, :1], stale, rows[:, 1:]], 1).contiguous()
+    mean, var, _ = finalize_stats(partials, None, None, 1e-5)
+    var64, mean64 = torch.var_mean(values.double().reshape(-1, channels), dim=0, correction=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("kind", ["1x1-stride2", "3x3-grouped"])
 def test_inference_epilogue_adds_bias_and_residual_then_relu(kind, relu):

@@ -90,6 +90,10 @@ def _stats_finalize_kernel(count_ptr, mean_ptr, m2_ptr, splits, C, weight_ptr, b
             part_n = tl.load(count_ptr + s * C + channels, mask=ok, other=0.0)
             part_mean = tl.load(mean_ptr + s * C + channels, mask=ok, other=0.0)
             part_m2 = tl.load(m2_ptr + s * C + channels, mask=ok, other=0.0)
+            # A row with no elements adds nothing, whatever it holds: the Triton convolution's
+            # tiles fill only the rows of their own height, and autotuning tries other heights.
+            part_m2 = tl.where(part_n > 0, part_m2, 0.0)
+            part_mean = tl.where(part_n > 0, part_mean, 0.0)
             total = n + part_n
             safe_total = tl.where(total > 0, total, 1.0)
             delta = part_mean - mean

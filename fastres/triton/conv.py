@@ -94,8 +94,10 @@ def _apply_prologue(a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr
 # Forward
 
 
+# Every statistics row is zeroed before each configuration runs while autotuning: a tile height
+# writes only its own rows, and rows left by a configuration tried earlier must not count.
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
-                 reset_to_zero=["stat_count_ptr"])
+                 reset_to_zero=["stat_count_ptr", "stat_mean_ptr", "stat_m2_ptr"])
 @triton.jit
 def _conv_forward_kernel(
     x_ptr, w_ptr, out_ptr, mean_ptr, scale_ptr, shift_ptr, bias_ptr, residual_ptr,
