@@ -9,6 +9,7 @@ PIP := $(VENV)/bin/python -m pip
 
 TORCH_VERSION ?= 2.13.0
 TORCHVISION_VERSION ?= 0.28.0
+TRITON_VERSION ?= 3.7.1
 # Some package mirrors serve a CPU-only torch first, which cannot import torchvision or link a
 # CUDA extension. The CUDA build runs fine without a GPU, so install it from the plain index,
 # ignoring local pip configuration (certificate settings in the environment are kept).
@@ -24,17 +25,20 @@ MAX_JOBS ?= 2
 export FASTRES_CUDA FASTRES_CUDA_ARCHS MAX_JOBS
 
 DEPS_STAMP := $(VENV)/.fastres-deps-torch-$(TORCH_VERSION)
-BUILD_STAMP := build/.fastres-built
+# One stamp per venv: the pinned and the compat venv build their own extension
+# (fastres/_C.cpython-3XX-*.so), side by side in the same checkout.
+BUILD_STAMP := $(VENV)/.fastres-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BENCH_DIR ?= benchmarks/results/local
 
-.PHONY: setup build test bench bench-kernels info clean
+.PHONY: setup build test test-compat bench bench-kernels gpu-check-dry-run info clean
 
 setup: $(DEPS_STAMP)
 
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(TORCH_PIP_ENV) $(PIP) install --quiet torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) -r requirements-dev.txt
+	$(TORCH_PIP_ENV) $(PIP) install --quiet torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) \
+		triton==$(TRITON_VERSION) -r requirements-dev.txt
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'expected the CUDA build of torch, got ' + torch.__version__)"
 	touch $@
 
@@ -42,7 +46,7 @@ build: $(BUILD_STAMP)
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
-	mkdir -p build && touch $@
+	touch $@
 
 info: build
 	$(PY) -m fastres.info
@@ -50,6 +54,19 @@ info: build
 test: build
 	$(PY) -m fastres.info
 	$(PY) -m pytest
+
+# The same suite on the GPU machine's versions (Python 3.12, torch 2.11.0, torchvision 0.26.0,
+# triton 3.6.0), in a venv of its own, so that what passes here also passes there.
+COMPAT_VENV ?= .venv-compat
+COMPAT_PYTHON ?= $(or $(shell command -v python3.12 2>/dev/null),$(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12)))
+test-compat:
+	@test -n "$(COMPAT_PYTHON)" || { echo "test-compat needs Python 3.12: put python3.12 on PATH or set COMPAT_PYTHON"; exit 1; }
+	$(MAKE) test VENV=$(COMPAT_VENV) PYTHON=$(COMPAT_PYTHON) TORCH_VERSION=2.11.0 \
+		TORCHVISION_VERSION=0.26.0 TRITON_VERSION=3.6.0
+
+# The GPU check's plan and every phase that needs no GPU (CI runs it through the tests too).
+gpu-check-dry-run: build
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh --dry-run $(BENCH_DIR)/gpu-check-dry-run
 
 # The main job: ResNet-50 parity check, then training and inference throughput, memory and
 # activation bytes against torchvision, on whatever device is here (BENCH_ARGS adds options,
@@ -66,4 +83,4 @@ bench-kernels: build
 	$(PY) benchmarks/report.py $(BENCH_DIR)/bn_act.json
 
 clean:
-	rm -rf build $(VENV) fastres/_C*.so fastres/_build_info.py *.egg-info
+	rm -rf build $(VENV) $(COMPAT_VENV) fastres/_C*.so fastres/_build_info.py *.egg-info
