@@ -42,6 +42,8 @@ def table_lines() -> list[str]:
     paths = []
     for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
         paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
+    # results/local/ is every run's scratch folder (not committed); the table is what is.
+    paths = [p for p in paths if os.path.basename(os.path.dirname(p)) != "local"]
     for path in sorted(paths):
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if "config" in r]
