@@ -12,8 +12,9 @@ Backends:
 ``torch``
     The plain PyTorch composition, also the numerical reference. Always available.
 
-``auto`` picks the fastest available backend for the tensor's device: ``cpu`` for CPU tensors,
-``cuda`` then ``triton`` for CUDA tensors. When the preferred compiled backend is missing, importing
+``auto`` picks the fastest available backend for the tensor's device and dtype: ``cpu`` for CPU
+tensors, ``cuda`` then ``triton`` for CUDA tensors, and ``torch`` for float64 CUDA tensors, which
+neither GPU backend takes (they compute in float32). When the preferred compiled backend is missing, importing
 fastres warns once and says why; nothing falls back silently at call time.
 """
 
@@ -24,10 +25,13 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
+# The activation dtypes of the GPU kernels; cpu and torch also take float64.
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
@@ -112,8 +116,14 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Returns the concrete backend to run for a tensor on ``device``.
+def _takes(backend: str, dtype: Optional[torch.dtype]) -> bool:
+    return dtype is None or backend not in ("cuda", "triton") or dtype in _GPU_DTYPES
+
+
+def resolve_backend(backend: str, device: torch.device,
+                    dtype: Optional[torch.dtype] = None) -> str:
+    """Returns the concrete backend to run for a tensor on ``device`` (of ``dtype``, if given:
+    ``auto`` then skips backends that do not take it).
 
     Raises ValueError for an unknown name, RuntimeError when the backend is not available here
     (with the reason), and ValueError when it cannot run tensors on ``device``.
@@ -121,7 +131,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         preferred = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
         for name in preferred:
-            if STATUS[name].available:
+            if STATUS[name].available and _takes(name, dtype):
                 return name
         return "torch"
     if backend not in BACKENDS:

@@ -256,7 +256,7 @@ class _FastBlock:
 
     def forward(self, x: Tensor) -> Tensor:
         _check_block_input(x, self.conv1, type(self).__name__)
-        backend = resolve_backend(self.backend, x.device)
+        backend = resolve_backend(self.backend, x.device, x.dtype)
         if backend == "torch" or not self.fused():
             return super().forward(x)
         if self._can_fold(x, backend):
@@ -473,7 +473,7 @@ class FastResNet(ResNet):
                 and _fusable_conv(self.conv1) and _fusable_batch_norm(self.bn1)
                 and type(self.relu) is nn.ReLU and not self.training):
             return None
-        backend = resolve_backend(self.backend, x.device)
+        backend = resolve_backend(self.backend, x.device, x.dtype)
         if backend == "torch" or not _foldable(x, backend, [self.conv1, self.bn1], [self.bn1]):
             return None
         return backend

@@ -116,6 +116,25 @@ def test_backend_for_another_device():
                backend="cpu")
 
 
+def test_auto_skips_gpu_backends_that_do_not_take_the_dtype(monkeypatch):
+    from fastres import backends
+
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(backends.STATUS, name, backends.BackendStatus(True, True, ""))
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda, torch.float64) == "torch"
+    assert backends.resolve_backend("auto", cuda, torch.bfloat16) == "cuda"
+    assert backends.resolve_backend("auto", cuda) == "cuda"
+    assert backends.resolve_backend("auto", torch.device("cpu"), torch.float64) == "cpu"
+
+
+@pytest.mark.cuda
+def test_auto_runs_float64_cuda_tensors():
+    args = {k: v.double().cuda() for k, v in _args().items()}
+    expected = _call({k: v.clone() for k, v in args.items()}, "torch")
+    torch.testing.assert_close(_call(args, "auto"), expected)
+
+
 @pytest.mark.triton_interpreter
 def test_triton_rejects_float64():
     args = {k: v.double() for k, v in _args().items()}
@@ -143,3 +162,35 @@ def test_compiled_backward_checks_the_mask():
     with pytest.raises(ValueError, match="relu_mask must be the uint8 tensor of 9 bytes"):
         torch.ops.fastres.bn_act_backward(torch.ones_like(x), x, None, *stats,
                                           torch.zeros(3, dtype=torch.uint8), True, 1e-5, True, False)
+
+
+def test_compiled_backward_rejects_a_strided_mask():
+    x = torch.randn(2, 4, 3, 3)
+    stats = torch.zeros(4), torch.ones(4)
+    strided = torch.zeros(18, dtype=torch.uint8)[::2]  # 9 bytes, but every other one
+    with pytest.raises(ValueError, match="relu_mask must be contiguous"):
+        torch.ops.fastres.bn_act_backward(torch.ones_like(x), x, None, *stats, strided, True,
+                                          1e-5, True, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["bn_act_backward", "bn_act_backward_reduce"])
+def test_cuda_binding_rejects_a_cpu_x_next_to_a_cuda_mask(op):
+    x = torch.randn(2, 4, 3, 3)
+    stats = torch.zeros(4), torch.ones(4)
+    mask = torch.zeros(9, dtype=torch.uint8, device="cuda")
+    args = {"bn_act_backward": (torch.ones_like(x), x, None, *stats, mask, True, 1e-5, True, False),
+            "bn_act_backward_reduce": (torch.ones_like(x), x, stats[0], mask, True)}[op]
+    with pytest.raises(ValueError, match="x must be a cuda tensor"):
+        getattr(torch.ops.fastres, op)(*args)
+
+
+@pytest.mark.triton_interpreter
+def test_triton_rejects_more_elements_than_int32_offsets_reach():
+    """ResNet-50's first BatchNorm at batch 2,700 has 2**31 elements or more: a clear error, not
+    offsets that wrap. Meta tensors: nothing is allocated."""
+    from fastres.triton.bn_act import bn_act_forward
+
+    x = torch.empty(2700, 64, 112, 112, device="meta")
+    with pytest.raises(ValueError, match="bn_act: the triton backend addresses x with 32-bit"):
+        bn_act_forward(x, None, None, None, None, None, True, 1e-5, True)

@@ -14,6 +14,15 @@
 
 namespace fastres {
 
+// The binding registered for a dispatch key runs whenever any argument has that key's device, so
+// x itself may be elsewhere (a CUDA mask next to a CPU x reaches the CUDA binding).
+inline void check_x_device_type(const at::Tensor& x, c10::DeviceType expected) {
+  TORCH_CHECK_VALUE(x.device().type() == expected, "bn_act: x must be a ",
+                    c10::DeviceTypeName(expected, /*lower_case=*/true),
+                    " tensor for this kernel (every tensor argument on one device), got x on ",
+                    x.device());
+}
+
 inline void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, "bn_act: ", name, " must be a 4-D (N, C, H, W) tensor, got ",
                     t.dim(), "-D with shape ", t.sizes());
@@ -123,6 +132,9 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                       "bn_act: relu_mask must be the uint8 tensor of ", relu_mask_bytes(x.numel()),
                       " bytes returned by bn_act_forward for this x, got ", relu_mask.scalar_type(),
                       " of shape ", relu_mask.sizes(), " on ", relu_mask.device());
+    // The kernels read the mask as dense bytes; a strided view would be misread.
+    TORCH_CHECK_VALUE(relu_mask.is_contiguous(), "bn_act: relu_mask must be contiguous (the dense "
+                      "tensor bn_act_forward returned), got strides ", relu_mask.strides());
   }
 }
 

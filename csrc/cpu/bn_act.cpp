@@ -14,6 +14,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
     bool training, double eps, bool relu) {
+  check_x_device_type(x_in, at::kCPU);
   check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
                      eps);
   const auto format = memory_format_of(x_in);
@@ -57,6 +58,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
     const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask, bool training,
     double eps, bool relu, bool residual_grad) {
+  check_x_device_type(x_in, at::kCPU);
   check_backward_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask, relu);
   const auto format = memory_format_of(x_in);
   const Tensor x = dense_in(x_in, format);
@@ -95,6 +97,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
 }
 
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  check_x_device_type(x_in, at::kCPU);
   check_activation(x_in, "x");
   const auto format = memory_format_of(x_in);
   const Tensor x = dense_in(x_in, format);
@@ -118,6 +121,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
 std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
                                                   const Tensor& save_mean_in,
                                                   const Tensor& relu_mask, bool relu) {
+  check_x_device_type(x_in, at::kCPU);
   check_backward_reduce_args(grad_out_in, x_in, save_mean_in, relu_mask, relu);
   const auto format = memory_format_of(x_in);
   const Tensor x = dense_in(x_in, format);
@@ -142,6 +146,7 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(
     const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask,
     const Tensor& sum_grad_in, const Tensor& sum_grad_centred_in, int64_t count, double eps,
     bool relu, bool residual_grad) {
+  check_x_device_type(x_in, at::kCPU);
   check_backward_apply_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask,
                             sum_grad_in, sum_grad_centred_in, count, eps, relu);
   const auto format = memory_format_of(x_in);

@@ -34,6 +34,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
     bool training, double eps, bool relu) {
+  check_x_device_type(x_in, at::kCUDA);
   check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
                      eps);
   const ActivationType dtype = activation_type(x_in);
@@ -106,6 +107,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
     const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask, bool training,
     double eps, bool relu, bool residual_grad) {
+  check_x_device_type(x_in, at::kCUDA);
   check_backward_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask, relu);
   (void)activation_type(x_in);  // float64 gets the clear error here
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -140,6 +142,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
 }
 
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
+  check_x_device_type(x_in, at::kCUDA);
   check_activation(x_in, "x");
   const ActivationType dtype = activation_type(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -169,6 +172,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
 std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, const Tensor& x_in,
                                                   const Tensor& save_mean_in,
                                                   const Tensor& relu_mask, bool relu) {
+  check_x_device_type(x_in, at::kCUDA);
   check_backward_reduce_args(grad_out_in, x_in, save_mean_in, relu_mask, relu);
   (void)activation_type(x_in);  // float64 gets the clear error here
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -196,6 +200,7 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(
     const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask,
     const Tensor& sum_grad_in, const Tensor& sum_grad_centred_in, int64_t count, double eps,
     bool relu, bool residual_grad) {
+  check_x_device_type(x_in, at::kCUDA);
   check_backward_apply_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask,
                             sum_grad_in, sum_grad_centred_in, count, eps, relu);
   (void)activation_type(x_in);  // float64 gets the clear error here

@@ -186,7 +186,7 @@ def _prepare(x: Tensor, backend: str, process_group: Optional[Any]):
     group = resolve_process_group(process_group)
     if dist.get_world_size(group) == 1:
         return None
-    return group, SPLIT_OPS[resolve_backend(backend, x.device)]
+    return group, SPLIT_OPS[resolve_backend(backend, x.device, x.dtype)]
 
 
 def sync_bn_act(
@@ -245,7 +245,7 @@ def sync_bn_act_conv2d(
                 local_batch=True)
     prepared = _prepare(y, backend, process_group) if training else None
     if prepared is None:
-        name = resolve_backend(backend, y.device)
+        name = resolve_backend(backend, y.device, y.dtype)
         if name == "torch":
             z = bn_act_reference(y, bn_weight, bn_bias, running_mean, running_var,
                                  training=training, momentum=momentum, eps=eps)
@@ -287,6 +287,6 @@ def bn_act_from_stats(
     caller's to update.
     """
     check_args(x, weight, bias, None, None, residual, True, 0.0, eps)
-    ops = SPLIT_OPS[resolve_backend(backend, x.device)]
+    ops = SPLIT_OPS[resolve_backend(backend, x.device, x.dtype)]
     count = x.shape[0] * x.shape[2] * x.shape[3]
     return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, None, ops)

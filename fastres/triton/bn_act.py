@@ -253,10 +253,26 @@ def _channel_grid(channels: int):
     return (triton.cdiv(channels, REDUCE_BLOCK_CHANNELS),)
 
 
+INT32_OFFSET_LIMIT = 2**31  # the kernels compute element offsets in int32
+
+
+def check_int32_offsets(op: str, name: str, shape) -> None:
+    """Raises ValueError when a tensor of ``shape`` has more elements than the Triton kernels'
+    int32 offsets reach (ResNet-50 at batch 2,700 and 224 px, say), instead of wrapping."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    if numel >= INT32_OFFSET_LIMIT:
+        raise ValueError(f"{op}: the triton backend addresses {name} with 32-bit offsets, so it "
+                         f"takes fewer than 2**31 elements; got {numel} (shape {tuple(shape)}). "
+                         "Split the batch.")
+
+
 class _Dense:
     """x (and grad_out) made dense in x's memory format, with the sizes the launchers need."""
 
     def __init__(self, x: Tensor, grad_out: Optional[Tensor] = None):
+        check_int32_offsets("bn_act", "x", x.shape)
         self.format = memory_format_of(x)
         self.x = x.contiguous(memory_format=self.format)
         self.grad_out = (grad_out.contiguous(memory_format=self.format)
