@@ -116,6 +116,59 @@ def test_statistics_epilogue_gives_the_batch_mean_and_variance(kind):
     torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_ops_launch_on_their_tensors_device_not_the_current_one():
+    spec = CONVOLUTIONS["3x3-grouped"]
+    x, weight, bn, conv_args = _inputs(spec, torch.float32)
+    x1, weight1 = x.to("cuda:1").requires_grad_(), weight.to("cuda:1").requires_grad_()
+    with torch.cuda.device(0):  # cuda:0 current, tensors on cuda:1
+        out, mean, var = conv2d_bn_triton(x1, weight1, None, None, None, None, False, 1e-5,
+                                          *conv_args, True)
+        grad_x, grad_w = torch.autograd.grad(out.sum(), (x1, weight1))
+    expected = F.conv2d(x1, weight1, None, *conv_args)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad_w, torch.autograd.grad(expected.sum(), weight1)[0],
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_deterministic_mode_gives_each_weight_gradient_element_one_atomic_add():
+    from fastres.triton.conv import ConvGeometry, _weight_grad_split
+
+    geometry = ConvGeometry.of((2, 16, 6, 6), (16, 16, 3, 3), 1, 1, 1, 1)
+    assert _weight_grad_split(geometry, torch.device("cpu")) == 2
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _weight_grad_split(geometry, torch.device("cpu")) == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+def test_weight_gradient_is_bitwise_reproducible_in_deterministic_mode():
+    x, weight, _, conv_args = _inputs(CONVOLUTIONS["3x3-stride2"], torch.float32)
+    weight.requires_grad_()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            out, _, _ = conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5,
+                                         *conv_args, False)
+            grads.append(torch.autograd.grad(out.sum(), weight)[0])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_more_elements_than_int32_offsets_reach_is_a_clear_error():
+    """The stem at batch 2,700 and 224 px (meta tensors: nothing is allocated; the fake kernel
+    runs the same geometry check, so torch.compile sees the error too)."""
+    x = torch.empty(2700, 64, 224, 224, device="meta")
+    weight = torch.empty(64, 64, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="conv2d: the triton backend addresses the input"):
+        conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5, 1, 1, 1, 1, False)
+
+
 def test_statistics_rows_with_no_elements_are_ignored_whatever_they_hold():
     """Autotuning leaves rows written by a configuration with shorter tiles than the winner's;
     the finalize must merge only rows whose count is positive (stale M2 inflated the variance)."""

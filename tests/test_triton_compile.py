@@ -105,3 +105,11 @@ def test_resnet50_convolutions_do_not_spill_registers_in_bfloat16(compiled):
                 if r["dtype"] == "bfloat16" and r["kernel"].startswith("_conv")
                 and not r["case"].startswith("grouped") and r["spill_bytes"] > 0]
     assert not spilling
+
+
+def test_weight_gradient_atomics_are_relaxed(compiled):
+    """The weight gradient's split sums need atomic adds, not memory ordering: acq_rel atomics
+    fence every add (Triton's default)."""
+    weight_grad = [r for r in compiled["records"] if r["kernel"] == "_conv_weight_grad_kernel"]
+    assert weight_grad and all(r["atomics"] > 0 for r in weight_grad)
+    assert not [(r["dtype"], r["case"]) for r in weight_grad if r["ordered_atomics"]]

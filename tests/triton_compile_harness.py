@@ -84,6 +84,14 @@ def _config_of(kwargs: dict) -> dict:
             if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
 
 
+def _atomics(ptx: str) -> dict:
+    """How many atomic instructions (atom / red) the PTX holds, and how many of them order
+    memory (acquire, release, acq_rel) where a relaxed one would do."""
+    atomics = re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.[\w.]+", ptx, re.M)
+    ordered = [a for a in atomics if re.search(r"\.(acq_rel|acquire|release)\b", a)]
+    return {"atomics": len(atomics), "ordered_atomics": len(ordered)}
+
+
 @contextmanager
 def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> Iterator[None]:
     """Within the block, launching a ``@triton.jit`` kernel compiles it for ``sm_<arch>`` and
@@ -99,6 +107,7 @@ def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> I
             "config": _config_of(kwargs),
             "shared": kernel.metadata.shared,
             "wgmma": "warp_group_dot" in kernel.asm["ttgir"],
+            **_atomics(kernel.asm["ptx"]),
             **_resource_usage(kernel.asm["cubin"]),
             "seconds": round(time.perf_counter() - started, 2),
         })

@@ -75,7 +75,7 @@ def bn_act(
         to ``x``, ``weight``, ``bias`` and ``residual``.
     """
     check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, x.dtype)
     if name == "torch":
         return bn_act_reference(x, weight, bias, running_mean, running_var, residual=residual,
                                 training=training, momentum=momentum, eps=eps, relu=relu)
@@ -255,10 +255,11 @@ def bn_act_forward_triton(
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_forward`` (same arguments and results)."""
-    from fastres.triton import bn_act as kernels
+    from fastres.triton import bn_act as kernels, launch_device
 
-    return kernels.bn_act_forward(x, weight, bias, residual, running_mean, running_var,
-                                  training, eps, relu)
+    with launch_device(x):
+        return kernels.bn_act_forward(x, weight, bias, residual, running_mean, running_var,
+                                      training, eps, relu)
 
 
 @torch.library.custom_op("fastres::bn_act_backward_triton", mutates_args=())
@@ -267,10 +268,11 @@ def bn_act_backward_triton(
     relu_mask: Tensor, training: bool, eps: float, relu: bool, residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_backward`` (same arguments and results)."""
-    from fastres.triton import bn_act as kernels
+    from fastres.triton import bn_act as kernels, launch_device
 
-    return kernels.bn_act_backward(grad_out, x, weight, save_mean, save_var, relu_mask,
-                                   training, eps, relu, residual_grad)
+    with launch_device(x):
+        return kernels.bn_act_backward(grad_out, x, weight, save_mean, save_var, relu_mask,
+                                       training, eps, relu, residual_grad)
 
 
 _register(bn_act_forward_triton, bn_act_backward_triton, autograd=True)

@@ -77,18 +77,20 @@ _FAKES = {"bn_stats": _stats_fake, "bn_act_backward_reduce": _backward_reduce_fa
 @torch.library.custom_op("fastres::bn_stats_triton", mutates_args=())
 def bn_stats_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     """Triton twin of ``fastres::bn_stats``."""
-    from fastres.triton import bn_act as kernels
+    from fastres.triton import bn_act as kernels, launch_device
 
-    return kernels.bn_stats(x)
+    with launch_device(x):
+        return kernels.bn_stats(x)
 
 
 @torch.library.custom_op("fastres::bn_act_backward_reduce_triton", mutates_args=())
 def bn_act_backward_reduce_triton(grad_out: Tensor, x: Tensor, save_mean: Tensor,
                                   relu_mask: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_backward_reduce``."""
-    from fastres.triton import bn_act as kernels
+    from fastres.triton import bn_act as kernels, launch_device
 
-    return kernels.bn_act_backward_reduce(grad_out, x, save_mean, relu_mask, relu)
+    with launch_device(x):
+        return kernels.bn_act_backward_reduce(grad_out, x, save_mean, relu_mask, relu)
 
 
 @torch.library.custom_op("fastres::bn_act_backward_apply_triton", mutates_args=())
@@ -98,11 +100,12 @@ def bn_act_backward_apply_triton(
     relu: bool, residual_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_backward_apply``."""
-    from fastres.triton import bn_act as kernels
+    from fastres.triton import bn_act as kernels, launch_device
 
-    return kernels.bn_act_backward_apply(grad_out, x, weight, save_mean, save_var, relu_mask,
-                                         sum_grad, sum_grad_centred, count, eps, relu,
-                                         residual_grad)
+    with launch_device(x):
+        return kernels.bn_act_backward_apply(grad_out, x, weight, save_mean, save_var,
+                                             relu_mask, sum_grad, sum_grad_centred, count, eps,
+                                             relu, residual_grad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,16 +78,18 @@ def conv2d_bn_triton(
         ``(out, mean, var)``: ``(N, C_out, OH, OW)`` channels_last in x's dtype, and ``(C_out,)``
         float32 statistics (empty when not ``stats``).
     """
+    from fastres.triton import launch_device
     from fastres.triton.conv import conv_forward, finalize_stats
 
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
-    prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
-    out, partials = conv_forward(_channels_last(x), weight.contiguous(), geometry,
-                                 prologue=prologue, stats=stats)
-    if not stats:
-        empty = x.new_empty((0,), dtype=torch.float32)
-        return out, empty, empty.clone()
-    mean, var, _ = finalize_stats(partials, None, None, eps)
+    with launch_device(x):
+        prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+        out, partials = conv_forward(_channels_last(x), weight.contiguous(), geometry,
+                                     prologue=prologue, stats=stats)
+        if not stats:
+            empty = x.new_empty((0,), dtype=torch.float32)
+            return out, empty, empty.clone()
+        mean, var, _ = finalize_stats(partials, None, None, eps)
     return out, mean, var
 
 
@@ -123,6 +125,17 @@ def conv2d_bn_backward_triton(
     ``input_grad``, ``grad_weight`` only when ``weight_grad``; the others are empty. An op of its
     own, so that autograd's tracing (torch.compile) sees one node instead of raw kernel launches.
     """
+    from fastres.triton import launch_device
+
+    with launch_device(x):
+        return _conv2d_bn_backward_launch(grad_out, x, weight, bn_mean, bn_var, bn_weight,
+                                          bn_bias, bn_training, eps, stride, padding, dilation,
+                                          groups, input_grad, weight_grad)
+
+
+def _conv2d_bn_backward_launch(grad_out, x, weight, bn_mean, bn_var, bn_weight, bn_bias,
+                               bn_training, eps, stride, padding, dilation, groups, input_grad,
+                               weight_grad):
     from fastres.triton.bn_act import bn_backward_from_partials
     from fastres.triton.conv import conv_input_grad, conv_weight_grad
 
@@ -184,12 +197,14 @@ def conv2d_bias_act_triton(
     x and residual ``(N, C, H, W)`` (computed channels_last), weight ``(C_out, C_in / groups, KH,
     KW)`` and bias ``(C_out,)`` in x's dtype. Returns ``(N, C_out, OH, OW)`` channels_last.
     """
+    from fastres.triton import launch_device
     from fastres.triton.conv import conv_forward
 
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
-    out, _ = conv_forward(_channels_last(x), weight.contiguous(), geometry, bias=bias,
-                          residual=_channels_last(residual) if residual is not None else None,
-                          relu=relu)
+    with launch_device(x):
+        out, _ = conv_forward(_channels_last(x), weight.contiguous(), geometry, bias=bias,
+                              residual=_channels_last(residual) if residual is not None else None,
+                              relu=relu)
     return out
 
 

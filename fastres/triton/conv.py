@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastres.triton.bn_act import REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel
+from fastres.triton.bn_act import (REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel,
+                                   check_int32_offsets)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Which tile configurations to autotune over on a GPU: "full" (the default, for speed) or "quick"
@@ -311,8 +312,10 @@ def _conv_weight_grad_kernel(
         g = tl.load(grad_ptr + rows[:, None] * C_OUT + cols[None, :],
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, g, acc, input_precision=INPUT_PRECISION)
+    # Relaxed: the sums need atomicity, not ordering (nothing reads grad_w in this launch).
     tl.atomic_add(grad_w_ptr + (group * KH * KW * cin_g + k)[:, None] * cout_g
-                  + (cols - group * cout_g)[None, :], acc, mask=k_ok[:, None] & col_ok[None, :])
+                  + (cols - group * cout_g)[None, :], acc, mask=k_ok[:, None] & col_ok[None, :],
+                  sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +348,8 @@ class ConvGeometry:
         c_out, _, kh, kw = weight_shape
         oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
         ow = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+        check_int32_offsets("conv2d", "the input", (n, c_in, h, w))
+        check_int32_offsets("conv2d", "the output", (n, c_out, oh, ow))
         return cls(n, h, w, c_in, oh, ow, c_out, groups, kh, kw, stride, padding, dilation)
 
     def args(self) -> dict:
@@ -478,7 +483,13 @@ def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
 
 
 def _weight_grad_split(geometry: ConvGeometry, device: torch.device) -> int:
-    """How many ways to split the sum over output pixels: enough programs to fill the GPU."""
+    """How many ways to split the sum over output pixels: enough programs to fill the GPU.
+
+    One under ``torch.use_deterministic_algorithms(True)``: each weight-gradient element then
+    gets a single atomic add onto zero, so the result does not depend on the order the programs
+    run in (the split sums are added in whatever order they finish)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
     if device.type != "cuda":
         return 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
