@@ -25,8 +25,9 @@ import tempfile
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Ampere (A100, RTX 30), Ada (L4, RTX 40), Hopper (H100/H200), Blackwell (B200, RTX 50).
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0"
+# Ampere (A100, RTX 30), Ada (L4, RTX 40), Hopper (H100/H200), Blackwell (B200, RTX 50), and PTX
+# of the last, which the driver compiles for GPUs newer than any listed.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
 
 def _is_toolkit_root(path: str | None) -> bool:

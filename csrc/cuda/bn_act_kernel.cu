@@ -16,6 +16,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 
 #include "bn_act_kernel.h"
@@ -417,12 +419,25 @@ __global__ void backward_apply_kernel(const T* grad, const T* x, const uint8_t* 
 // ----------------------------------------------------------------------------------------------
 // Launch geometry
 
+// The multiprocessor count of `device`, asked once per device and cached (it is needed several
+// times per op). A failed query is cleared with cudaGetLastError, so that it cannot surface later
+// as the error of an unrelated launch; the fallback only shapes the grid.
 int multiprocessors(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cached{};
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int count = 0;
   if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
     count = 80;
   }
-  return std::max(count, 1);
+  count = std::max(count, 1);
+  if (cacheable) cached[device].store(count, std::memory_order_relaxed);
+  return count;
 }
 
 struct ReduceGeometry {
