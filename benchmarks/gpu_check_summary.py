@@ -16,6 +16,8 @@ import os
 import re
 import xml.etree.ElementTree as ElementTree
 
+from fastres.bench import row_speedup_text, speedup_text
+
 
 def phase_lines(out: str) -> list[str]:
     lines = ["| phase | status | seconds |", "|---|---|---|"]
@@ -65,15 +67,6 @@ def sanitizer_lines(out: str) -> list[str]:
     return lines
 
 
-def _ratio(row: dict, mode: str) -> str:
-    if not row.get(f"{mode}_vs_torchvision"):
-        return "-"
-    text = (f"{float(row[f'{mode}_vs_torchvision']):.2f} "
-            f"[{float(row[f'{mode}_vs_torchvision_low']):.2f}-"
-            f"{float(row[f'{mode}_vs_torchvision_high']):.2f}]")
-    return text + ("" if row[f"{mode}_significant"] == "True" else " n.s.")
-
-
 def _number(value: str, spec: str) -> str:
     return format(float(value), spec) if value else "-"
 
@@ -90,8 +83,10 @@ def headline_lines(out: str) -> list[str]:
                 lines.append(
                     f"| {os.path.basename(path)} | {row['config']} | "
                     f"{'ok' if row['parity_ok'] == 'True' else 'FAILED'} | "
-                    f"{_number(row.get('train_img_s', ''), '.0f')} | {_ratio(row, 'train')} | "
-                    f"{_number(row.get('infer_img_s', ''), '.0f')} | {_ratio(row, 'infer')} | "
+                    f"{_number(row.get('train_img_s', ''), '.0f')} | "
+                    f"{row_speedup_text(row, 'train')} | "
+                    f"{_number(row.get('infer_img_s', ''), '.0f')} | "
+                    f"{row_speedup_text(row, 'infer')} | "
                     f"{_number(row.get('peak_mem_mib', ''), '.0f')} |")
     first = paths[0]
     with open(first) as f:
@@ -118,10 +113,10 @@ def layer_lines(out: str) -> list[str]:
     for row in rows:
         rate = (f"{float(row['tflop_s']):.1f} TFLOP/s" if row.get("tflop_s") else
                 f"{float(row['gb_s']):.0f} GB/s ({float(row['of_copy_bandwidth']):.2f} of copy)")
-        mark = "" if row["significant"] == "True" else " n.s."
+        speedup = speedup_text(float(row["speedup"]), float(row["speedup_low"]),
+                               float(row["speedup_high"]), row["significant"] == "True")
         lines.append(f"| {row['layer']} | {row['impl']} | {float(row['median_us']):.1f} | {rate} "
-                     f"| {row['vs']} {float(row['speedup']):.2f} [{float(row['speedup_low']):.2f}-"
-                     f"{float(row['speedup_high']):.2f}]{mark} |")
+                     f"| {row['vs']} {speedup} |")
     return lines
 
 

@@ -157,7 +157,7 @@ def measure(args) -> tuple[list[dict], float]:
 def main() -> None:
     args = parse_args()
     import fastres  # noqa: F401  (after the interpreter choice: it imports triton)
-    from fastres.bench import device_name
+    from fastres.bench import device_name, speedup_text
 
     torch.manual_seed(0)
     rows, copy_bytes_per_s = measure(args)
@@ -175,10 +175,10 @@ def main() -> None:
     for row in rows:
         rate = (f"{row['tflop_s']:.1f} TFLOP/s" if "tflop_s" in row else
                 f"{row['gb_s']:.0f} GB/s ({row['of_copy_bandwidth']:.2f} of copy)")
-        mark = "" if row["significant"] else " n.s."
+        speedup = speedup_text(row["speedup"], row["speedup_low"], row["speedup_high"],
+                               row["significant"])
         print(f"{row['layer']:<36}{row['impl']:<8}{row['median_us']:>10.1f} us  {rate:<24}"
-              f"vs {row['vs']} {row['speedup']:.2f} [{row['speedup_low']:.2f}-"
-              f"{row['speedup_high']:.2f}]{mark}")
+              f"vs {row['vs']} {speedup}")
     print(f"wrote {args.csv}")
 
 

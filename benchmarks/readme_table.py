@@ -14,7 +14,7 @@ import csv
 import glob
 import os
 
-from fastres.bench import MODELS
+from fastres.bench import MODELS, row_speedup_text
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,16 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _fmt(value: str, spec: str) -> str:
     return format(float(value), spec) if value not in ("", None) else "-"
-
-
-def _ratio(row: dict, mode: str) -> str:
-    """Median speed-up over torchvision [interquartile range], 'n.s.' when not significant."""
-    if not row.get(f"{mode}_vs_torchvision"):
-        return "-"
-    text = (f"{float(row[f'{mode}_vs_torchvision']):.2f} "
-            f"[{float(row[f'{mode}_vs_torchvision_low']):.2f}-"
-            f"{float(row[f'{mode}_vs_torchvision_high']):.2f}]")
-    return text + ("" if row[f"{mode}_significant"] == "True" else " n.s.")
 
 
 def table_lines() -> list[str]:
@@ -56,8 +46,8 @@ def table_lines() -> list[str]:
             lines.append(
                 f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
                 f"| {r['rounds']} | {r['config']} "
-                f"| {_fmt(r['train_img_s'], '.2f')} | {_ratio(r, 'train')} "
-                f"| {_fmt(r['infer_img_s'], '.2f')} | {_ratio(r, 'infer')} "
+                f"| {_fmt(r['train_img_s'], '.2f')} | {row_speedup_text(r, 'train')} "
+                f"| {_fmt(r['infer_img_s'], '.2f')} | {row_speedup_text(r, 'infer')} "
                 f"| {_fmt(r.get('saved_vs_torchvision'), '.3f')} | {r['fastres_commit']} |")
     return lines
 

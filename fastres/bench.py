@@ -331,15 +331,22 @@ def _fmt(value, spec) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _ratio(row: dict, mode: str) -> str:
-    """'1.29 [1.21-1.33]', the median speed-up over torchvision and its interquartile range,
-    with 'n.s.' when that range contains 1.0."""
+def speedup_text(median: float, low: float, high: float, significant: bool) -> str:
+    """'1.29 [1.21-1.33]': a median speed-up and its interquartile range, with ' n.s.' when the
+    range contains 1.0 (not significant)."""
+    return f"{median:.2f} [{low:.2f}-{high:.2f}]" + ("" if significant else " n.s.")
+
+
+def row_speedup_text(row: dict, mode: str) -> str:
+    """speedup_text of ``mode`` ("train" or "infer") for a row of the table, as built here or as
+    read back from the CSV (strings); '-' where it was not measured."""
     median = row.get(f"{mode}_vs_torchvision")
-    if median is None:
+    if median in (None, ""):
         return "-"
-    text = (f"{median:.2f} [{row[f'{mode}_vs_torchvision_low']:.2f}-"
-            f"{row[f'{mode}_vs_torchvision_high']:.2f}]")
-    return text + ("" if row[f"{mode}_significant"] else " n.s.")
+    significant = row[f"{mode}_significant"]
+    return speedup_text(float(median), float(row[f"{mode}_vs_torchvision_low"]),
+                        float(row[f"{mode}_vs_torchvision_high"]),
+                        significant in (True, "True"))
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
@@ -365,8 +372,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
             targets.append(f"infer >= {INFERENCE_TARGET[meta['device_type']]} x tv: {verdict}")
         target = "; ".join(targets)
         print(f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}  "
-              f"{_ratio(row, 'train'):<22}{_fmt(row['infer_img_s'], '.2f'):>13}  "
-              f"{_ratio(row, 'infer'):<22}{_fmt(row['saved_mib'], '.0f'):>10}"
+              f"{row_speedup_text(row, 'train'):<22}{_fmt(row['infer_img_s'], '.2f'):>13}  "
+              f"{row_speedup_text(row, 'infer'):<22}{_fmt(row['saved_mib'], '.0f'):>10}"
               f"{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
               f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}")
     print(f"\nparity, relative error against torchvision in float64 (torchvision's own error in "
