@@ -49,10 +49,10 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	touch $@
 
 info: build
-	$(PY) -m fastres.info
+	$(PY) -m fastres
 
 test: build
-	$(PY) -m fastres.info
+	$(PY) -m fastres
 	$(PY) -m pytest
 
 # The same suite on the GPU machine's versions (Python 3.12, torch 2.11.0, torchvision 0.26.0,

@@ -90,7 +90,7 @@ else 'the CUDA kernels were not built')"
 else
   run_phase build 100 env FASTRES_CUDA=1 FASTRES_CUDA_ARCHS=9.0 MAX_JOBS=16 \
     "$python" -m pip install --no-build-isolation --no-deps -e .
-  "$python" -m fastres.info >> "$log" 2>&1
+  "$python" -m fastres >> "$log" 2>"$python" -m fastres.info >> "$log" 2>&11
 fi
 
 # 2. Tests (on a GPU the Triton kernels run for real: the compile-only check is for CPUs).

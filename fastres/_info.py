@@ -1,6 +1,6 @@
 """``fastres.info()``: what was built, what can run here, and why anything is missing.
 
-``python -m fastres.info`` prints it readably (fastres/info.py).
+``python -m fastres`` prints it readably (fastres/__main__.py).
 """
 
 from __future__ import annotations

@@ -23,11 +23,22 @@ def test_info_reports_every_backend():
 
 
 def test_info_command_prints_backends():
-    result = subprocess.run([sys.executable, "-m", "fastres.info"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "fastres"], capture_output=True, text=True,
                             check=True)
     for name in BACKENDS:
         assert name in result.stdout
     assert "Warning" not in result.stderr
+
+
+def test_info_stays_a_function_whatever_submodules_are_imported():
+    """A submodule named ``info`` would replace the function once imported (it did)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(fastres.__path__, "fastres."):
+        if module.name != "fastres.__main__":
+            importlib.import_module(module.name)
+    assert callable(fastres.info) and fastres.info()["backends"]["torch"]["available"]
 
 
 def test_cuda_sources_were_compiled():
