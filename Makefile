@@ -31,7 +31,7 @@ BUILD_STAMP := $(VENV)/.fastres-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BENCH_DIR ?= benchmarks/results/local
 
-.PHONY: setup build test test-compat bench bench-kernels gpu-check-dry-run info clean
+.PHONY: setup build lint format test test-compat bench bench-kernels gpu-check-dry-run info clean
 
 setup: $(DEPS_STAMP)
 
@@ -50,6 +50,21 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 info: build
 	$(PY) -m fastres
+
+CXX_SOURCES = $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+
+# Lint, format and type checks (ruff, clang-format, mypy; settings in pyproject.toml and
+# .clang-format); CI runs it before the tests. `make format` rewrites what lint would flag.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 test: build
 	$(PY) -m fastres
