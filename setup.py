@@ -46,7 +46,10 @@ def _toolkit_root_from_nvcc(nvcc: str) -> str | None:
         try:
             result = subprocess.run(
                 [nvcc, "--dryrun", "-c", source, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True, text=True, timeout=60, check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
         except (OSError, subprocess.SubprocessError):
             return None
@@ -83,8 +86,13 @@ def pip_cuda_include_dirs() -> list[str]:
         return []
     dirs = []
     for base in nvidia.__path__:
-        for sub in ("cu13/include", "cu12/include", "cudnn/include", "cublas/include",
-                    "cusparse/include"):
+        for sub in (
+            "cu13/include",
+            "cu12/include",
+            "cudnn/include",
+            "cublas/include",
+            "cusparse/include",
+        ):
             path = os.path.join(base, sub)
             if os.path.isdir(path):
                 dirs.append(path)
@@ -100,7 +108,9 @@ def cuda_build_decision(torch_module) -> tuple[bool, str]:
         return False, "disabled with FASTRES_CUDA=0 at build time"
     reason = ""
     if torch_module.version.cuda is None:
-        reason = f"torch {torch_module.__version__} is a CPU-only build (torch.version.cuda is None)"
+        reason = (
+            f"torch {torch_module.__version__} is a CPU-only build (torch.version.cuda is None)"
+        )
     else:
         root, reason = find_cuda_home()
         if root is not None:
@@ -150,8 +160,9 @@ def extensions():
             extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("fastres._C", sources, extra_compile_args={"cxx": cxx_flags},
-                           extra_link_args=link_flags)
+        ext = CppExtension(
+            "fastres._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     write_build_info(build_cuda, archs, reason)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -56,8 +56,13 @@ def describe(benchmark):
     """Stores the facts report.py needs beside each measurement."""
 
     def record(**facts):
-        benchmark.extra_info.update(device=device_name(), device_type=DEVICE, batch=BATCH,
-                                    dtype=str(DTYPE).replace("torch.", ""),
-                                    torch=torch.__version__, **facts)
+        benchmark.extra_info.update(
+            device=device_name(),
+            device_type=DEVICE,
+            batch=BATCH,
+            dtype=str(DTYPE).replace("torch.", ""),
+            torch=torch.__version__,
+            **facts,
+        )
 
     return record

@@ -40,11 +40,15 @@ def test_lines(out: str) -> list[str]:
     except ElementTree.ParseError as error:
         return [f"tests.xml unreadable ({error})."]
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    totals = {key: sum(int(s.get(key, 0)) for s in suites)
-              for key in ("tests", "failures", "errors", "skipped")}
+    totals = {
+        key: sum(int(s.get(key, 0)) for s in suites)
+        for key in ("tests", "failures", "errors", "skipped")
+    }
     passed = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
-    lines = [f"{passed} passed, {totals['failures']} failed, {totals['errors']} errors, "
-             f"{totals['skipped']} skipped."]
+    lines = [
+        f"{passed} passed, {totals['failures']} failed, {totals['errors']} errors, "
+        f"{totals['skipped']} skipped."
+    ]
     for case in root.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
             lines.append(f"- FAILED `{case.get('classname')}::{case.get('name')}`")
@@ -75,8 +79,11 @@ def headline_lines(out: str) -> list[str]:
     paths = sorted(glob.glob(os.path.join(out, "resnet50_*.csv")))
     if not paths:
         return ["No fastres.bench CSV: the headline phase wrote nothing."]
-    lines = ["| run | configuration | parity | train img/s | x torchvision | infer img/s "
-             "| x torchvision | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | configuration | parity | train img/s | x torchvision | infer img/s "
+        "| x torchvision | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for path in paths:
         with open(path) as f:
             for row in csv.DictReader(f):
@@ -87,15 +94,18 @@ def headline_lines(out: str) -> list[str]:
                     f"{row_speedup_text(row, 'train')} | "
                     f"{_number(row.get('infer_img_s', ''), '.0f')} | "
                     f"{row_speedup_text(row, 'infer')} | "
-                    f"{_number(row.get('peak_mem_mib', ''), '.0f')} |")
+                    f"{_number(row.get('peak_mem_mib', ''), '.0f')} |"
+                )
     first = paths[0]
     with open(first) as f:
         meta = next(csv.DictReader(f), {})
-    lines.append(f"\n{meta.get('device', '?')}, {meta.get('dtype', '?')}, batch "
-                 f"{meta.get('batch_size', '?')}, torch {meta.get('torch', '?')}, triton "
-                 f"{meta.get('triton', '?')} (autotune {meta.get('triton_autotune', '?')}), "
-                 f"{meta.get('rounds', '?')} interleaved rounds; ratios are medians of per-round "
-                 "speed-ups [interquartile range].")
+    lines.append(
+        f"\n{meta.get('device', '?')}, {meta.get('dtype', '?')}, batch "
+        f"{meta.get('batch_size', '?')}, torch {meta.get('torch', '?')}, triton "
+        f"{meta.get('triton', '?')} (autotune {meta.get('triton_autotune', '?')}), "
+        f"{meta.get('rounds', '?')} interleaved rounds; ratios are medians of per-round "
+        "speed-ups [interquartile range]."
+    )
     return lines
 
 
@@ -107,16 +117,28 @@ def layer_lines(out: str) -> list[str]:
         rows = list(csv.DictReader(f))
     if not rows:
         return ["layers.csv is empty."]
-    lines = [f"Copy bandwidth in the same run: {float(rows[0]['copy_gb_s']):.0f} GB/s.", "",
-             "| layer | implementation | us per call | rate | speed-up over |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"Copy bandwidth in the same run: {float(rows[0]['copy_gb_s']):.0f} GB/s.",
+        "",
+        "| layer | implementation | us per call | rate | speed-up over |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
-        rate = (f"{float(row['tflop_s']):.1f} TFLOP/s" if row.get("tflop_s") else
-                f"{float(row['gb_s']):.0f} GB/s ({float(row['of_copy_bandwidth']):.2f} of copy)")
-        speedup = speedup_text(float(row["speedup"]), float(row["speedup_low"]),
-                               float(row["speedup_high"]), row["significant"] == "True")
-        lines.append(f"| {row['layer']} | {row['impl']} | {float(row['median_us']):.1f} | {rate} "
-                     f"| {row['vs']} {speedup} |")
+        rate = (
+            f"{float(row['tflop_s']):.1f} TFLOP/s"
+            if row.get("tflop_s")
+            else f"{float(row['gb_s']):.0f} GB/s ({float(row['of_copy_bandwidth']):.2f} of copy)"
+        )
+        speedup = speedup_text(
+            float(row["speedup"]),
+            float(row["speedup_low"]),
+            float(row["speedup_high"]),
+            row["significant"] == "True",
+        )
+        lines.append(
+            f"| {row['layer']} | {row['impl']} | {float(row['median_us']):.1f} | {rate} "
+            f"| {row['vs']} {speedup} |"
+        )
     return lines
 
 
@@ -125,13 +147,17 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
-    title = "# GPU check" + (" (dry run: no GPU, nothing here is a measurement)"
-                             if args.dry_run else "")
-    sections = [[title], ["## Phases", *phase_lines(args.out)],
-                ["## Tests", *test_lines(args.out)],
-                ["## compute-sanitizer", *sanitizer_lines(args.out)],
-                ["## ResNet-50 headline", *headline_lines(args.out)],
-                ["## Layers", *layer_lines(args.out)]]
+    title = "# GPU check" + (
+        " (dry run: no GPU, nothing here is a measurement)" if args.dry_run else ""
+    )
+    sections = [
+        [title],
+        ["## Phases", *phase_lines(args.out)],
+        ["## Tests", *test_lines(args.out)],
+        ["## compute-sanitizer", *sanitizer_lines(args.out)],
+        ["## ResNet-50 headline", *headline_lines(args.out)],
+        ["## Layers", *layer_lines(args.out)],
+    ]
     text = "\n\n".join("\n".join(section) for section in sections) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)

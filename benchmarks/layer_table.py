@@ -26,7 +26,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from resnet50_layers import RESNET50_BN_SHAPES, RESNET50_CONVOLUTIONS, conv_id
 
 # A 1x1 and a 3x3 of the first stage, a strided 3x3, a wide 1x1 of the third stage.
@@ -39,11 +38,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], required=True)
     parser.add_argument("--batch-size", type=int, help="default: 256 on a GPU, 2 on CPU")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on CPU")
-    parser.add_argument("--scale", type=int, default=1,
-                        help="divide every layer's height and width by this (toy runs on CPU)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=1,
+        help="divide every layer's height and width by this (toy runs on CPU)",
+    )
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--repeat", type=int, help="calls per timed step (default: 20 on a GPU, 1 on CPU)")
+    parser.add_argument(
+        "--repeat", type=int, help="calls per timed step (default: 20 on a GPU, 1 on CPU)"
+    )
     parser.add_argument("--csv", required=True, help="where to write the table")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
@@ -62,7 +69,8 @@ def parse_args() -> argparse.Namespace:
 
 def _channels_last(*shape, args) -> torch.Tensor:
     return torch.randn(*shape, device=args.device, dtype=args.dtype).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
 
 
 def convolution_layers(args):
@@ -80,9 +88,11 @@ def convolution_layers(args):
         reference = "cudnn" if args.device == "cuda" else "torch"
         calls = {
             "triton": lambda x=x, w=weight, s=stride, p=padding, g=groups: conv2d_bn_triton(
-                x, w, None, None, None, None, False, 1e-5, s, p, 1, g, False),
+                x, w, None, None, None, None, False, 1e-5, s, p, 1, g, False
+            ),
             reference: lambda x=x, w=weight, s=stride, p=padding, g=groups: F.conv2d(
-                x, w, None, s, p, 1, g),
+                x, w, None, s, p, 1, g
+            ),
         }
         yield f"conv {conv_id(spec)}", reference, calls, flop, None
 
@@ -98,7 +108,10 @@ def bn_act_layers(args):
         residual = torch.randn_like(x) if has_residual else None
         weight = torch.rand(channels, device=args.device) + 0.5
         bias = torch.randn(channels, device=args.device)
-        stats = (torch.zeros(channels, device=args.device), torch.ones(channels, device=args.device))
+        stats = (
+            torch.zeros(channels, device=args.device),
+            torch.ones(channels, device=args.device),
+        )
         element = x.element_size()
         bytes_moved = x.numel() * element * (2 + has_residual) + x.numel() // 8
 
@@ -110,7 +123,8 @@ def bn_act_layers(args):
         for backend in (compiled, "triton"):
             if STATUS[backend].available:
                 calls[backend] = lambda b=backend, x=x, r=residual, w=weight, bi=bias, st=stats: (
-                    bn_act(x, w, bi, *st, residual=r, training=True, backend=b))
+                    bn_act(x, w, bi, *st, residual=r, training=True, backend=b)
+                )
         name = f"bn_act {channels}x{side}x{side}" + ("+residual" if has_residual else "")
         yield name, "eager", calls, None, bytes_moved
 
@@ -134,17 +148,26 @@ def measure(args) -> tuple[list[dict], float]:
     rows = []
     for layers in (convolution_layers(args), bn_act_layers(args)):
         for layer, reference, calls, flop, bytes_moved in layers:
-            steps = {impl: (lambda call=call: [call() for _ in range(args.repeat)])
-                     for impl, call in calls.items()}
+            steps = {
+                impl: (lambda call=call: [call() for _ in range(args.repeat)])
+                for impl, call in calls.items()
+            }
             times = time_interleaved(steps, args.rounds, sync, warmup=2)
             for impl, seconds in times.items():
                 per_call = spread_of([s / args.repeat for s in seconds])
                 speedup = spread_of(paired_speedups(times[reference], seconds))
-                row = {"layer": layer, "impl": impl, "median_us": per_call.median * 1e6,
-                       "low_us": per_call.low * 1e6, "high_us": per_call.high * 1e6,
-                       "vs": reference, "speedup": speedup.median, "speedup_low": speedup.low,
-                       "speedup_high": speedup.high,
-                       "significant": impl == reference or speedup.significant}
+                row = {
+                    "layer": layer,
+                    "impl": impl,
+                    "median_us": per_call.median * 1e6,
+                    "low_us": per_call.low * 1e6,
+                    "high_us": per_call.high * 1e6,
+                    "vs": reference,
+                    "speedup": speedup.median,
+                    "speedup_low": speedup.low,
+                    "speedup_high": speedup.high,
+                    "significant": impl == reference or speedup.significant,
+                }
                 if flop:
                     row["tflop_s"] = flop / per_call.median / 1e12
                 if bytes_moved:
@@ -161,24 +184,39 @@ def main() -> None:
 
     torch.manual_seed(0)
     rows, copy_bytes_per_s = measure(args)
-    meta = {"device": device_name(args.device), "dtype": str(args.dtype).replace("torch.", ""),
-            "batch": args.batch_size, "scale": args.scale, "rounds": args.rounds,
-            "repeat": args.repeat, "copy_gb_s": copy_bytes_per_s / 1e9, "torch": torch.__version__}
+    meta = {
+        "device": device_name(args.device),
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "batch": args.batch_size,
+        "scale": args.scale,
+        "rounds": args.rounds,
+        "repeat": args.repeat,
+        "copy_gb_s": copy_bytes_per_s / 1e9,
+        "torch": torch.__version__,
+    }
     rows = [{**meta, **row} for row in rows]
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{meta['device']}, {meta['dtype']}, batch {args.batch_size}, copy "
-          f"{meta['copy_gb_s']:.0f} GB/s, {args.rounds} interleaved rounds of {args.repeat} calls")
+    print(
+        f"{meta['device']}, {meta['dtype']}, batch {args.batch_size}, copy "
+        f"{meta['copy_gb_s']:.0f} GB/s, {args.rounds} interleaved rounds of {args.repeat} calls"
+    )
     for row in rows:
-        rate = (f"{row['tflop_s']:.1f} TFLOP/s" if "tflop_s" in row else
-                f"{row['gb_s']:.0f} GB/s ({row['of_copy_bandwidth']:.2f} of copy)")
-        speedup = speedup_text(row["speedup"], row["speedup_low"], row["speedup_high"],
-                               row["significant"])
-        print(f"{row['layer']:<36}{row['impl']:<8}{row['median_us']:>10.1f} us  {rate:<24}"
-              f"vs {row['vs']} {speedup}")
+        rate = (
+            f"{row['tflop_s']:.1f} TFLOP/s"
+            if "tflop_s" in row
+            else f"{row['gb_s']:.0f} GB/s ({row['of_copy_bandwidth']:.2f} of copy)"
+        )
+        speedup = speedup_text(
+            row["speedup"], row["speedup_low"], row["speedup_high"], row["significant"]
+        )
+        print(
+            f"{row['layer']:<36}{row['impl']:<8}{row['median_us']:>10.1f} us  {rate:<24}"
+            f"vs {row['vs']} {speedup}"
+        )
     print(f"wrote {args.csv}")
 
 

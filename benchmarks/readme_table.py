@@ -25,10 +25,12 @@ def _fmt(value: str, spec: str) -> str:
 
 
 def table_lines() -> list[str]:
-    lines = ["| device | model | dtype | batch | rounds | configuration | train img/s "
-             "| x torchvision [IQR] | infer img/s | x torchvision [IQR] "
-             "| activation bytes x torchvision | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| device | model | dtype | batch | rounds | configuration | train img/s "
+        "| x torchvision [IQR] | infer img/s | x torchvision [IQR] "
+        "| activation bytes x torchvision | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     paths = []
     for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
         paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
@@ -39,16 +41,19 @@ def table_lines() -> list[str]:
             rows = [r for r in csv.DictReader(f) if "config" in r]
         for r in rows:
             if r["parity_ok"] != "True":
-                lines.append(f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
-                             f"| | {r['config']} | parity failed | | | | | "
-                             f"{r['fastres_commit']} |")
+                lines.append(
+                    f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
+                    f"| | {r['config']} | parity failed | | | | | "
+                    f"{r['fastres_commit']} |"
+                )
                 continue
             lines.append(
                 f"| {r['device']} | {r['model']} | {r['dtype']} | {r['batch_size']} "
                 f"| {r['rounds']} | {r['config']} "
                 f"| {_fmt(r['train_img_s'], '.2f')} | {row_speedup_text(r, 'train')} "
                 f"| {_fmt(r['infer_img_s'], '.2f')} | {row_speedup_text(r, 'infer')} "
-                f"| {_fmt(r.get('saved_vs_torchvision'), '.3f')} | {r['fastres_commit']} |")
+                f"| {_fmt(r.get('saved_vs_torchvision'), '.3f')} | {r['fastres_commit']} |"
+            )
     return lines
 
 

@@ -62,9 +62,13 @@ def summarise(rows: list[dict]) -> tuple[list[dict], float | None]:
         if ours is None or eager is None:
             continue
         row = {
-            "device": ours["device"], "dtype": ours["dtype"], "shape": "x".join(map(str, shape)),
-            "residual": residual, "mode": mode,
-            "fastres_ms": ours["median_s"] * 1e3, "eager_ms": eager["median_s"] * 1e3,
+            "device": ours["device"],
+            "dtype": ours["dtype"],
+            "shape": "x".join(map(str, shape)),
+            "residual": residual,
+            "mode": mode,
+            "fastres_ms": ours["median_s"] * 1e3,
+            "eager_ms": eager["median_s"] * 1e3,
             "compile_ms": compiled["median_s"] * 1e3 if compiled else None,
             "speedup_vs_eager": eager["median_s"] / ours["median_s"],
             "speedup_vs_compile": compiled["median_s"] / ours["median_s"] if compiled else None,
@@ -80,7 +84,8 @@ def summarise(rows: list[dict]) -> tuple[list[dict], float | None]:
         else:
             row["target"] = f">= {GPU_BANDWIDTH_TARGET:.0%} copy BW, <= compile time"
             row["target_met"] = (row["fraction_of_copy_bw"] or 0) >= GPU_BANDWIDTH_TARGET and (
-                row["speedup_vs_compile"] is None or row["speedup_vs_compile"] >= 1.0)
+                row["speedup_vs_compile"] is None or row["speedup_vs_compile"] >= 1.0
+            )
         table.append(row)
     table.sort(key=lambda r: (r["mode"], r["shape"]))
     return table, copy_gbs
@@ -90,10 +95,16 @@ def print_table(table: list[dict], copy_gbs: float | None) -> None:
     if not table:
         print("no bn_act results")
         return
-    print(f"device: {table[0]['device']}   dtype: {table[0]['dtype']}   "
-          f"copy bandwidth: {copy_gbs:.1f} GB/s" if copy_gbs else "")
-    header = (f"{'mode':<24}{'shape':<20}{'fastres ms':>11}{'eager ms':>10}{'compile ms':>11}"
-              f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'of copy':>8}  target")
+    print(
+        f"device: {table[0]['device']}   dtype: {table[0]['dtype']}   "
+        f"copy bandwidth: {copy_gbs:.1f} GB/s"
+        if copy_gbs
+        else ""
+    )
+    header = (
+        f"{'mode':<24}{'shape':<20}{'fastres ms':>11}{'eager ms':>10}{'compile ms':>11}"
+        f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'of copy':>8}  target"
+    )
     print(header)
     print("-" * len(header))
     for r in table:
@@ -102,9 +113,11 @@ def print_table(table: list[dict], copy_gbs: float | None) -> None:
         of_copy = f"{r['fraction_of_copy_bw']:.0%}" if r["fraction_of_copy_bw"] else "-"
         target = f"{r['target']}: {_verdict(r['target_met'])}" if "target" in r else ""
         shape = r["shape"] + ("+res" if r["residual"] else "")
-        print(f"{r['mode']:<24}{shape:<20}{r['fastres_ms']:>11.3f}{r['eager_ms']:>10.3f}"
-              f"{compile_ms:>11}{r['speedup_vs_eager']:>9.2f}{vs_compile:>10}"
-              f"{r['fastres_gb_per_s']:>8.1f}{of_copy:>8}  {target}")
+        print(
+            f"{r['mode']:<24}{shape:<20}{r['fastres_ms']:>11.3f}{r['eager_ms']:>10.3f}"
+            f"{compile_ms:>11}{r['speedup_vs_eager']:>9.2f}{vs_compile:>10}"
+            f"{r['fastres_gb_per_s']:>8.1f}{of_copy:>8}  {target}"
+        )
     judged = [r for r in table if "target" in r]
     met = sum(r["target_met"] for r in judged)
     print(f"\ntargets met: {met} of {len(judged)}")
@@ -120,33 +133,42 @@ def summarise_conv(rows: list[dict]) -> list[dict]:
         if ours is None or eager is None:
             continue
         tflops = ours["flops"] / ours["median_s"] / 1e12
-        table.append({
-            "device": ours["device"], "dtype": ours["dtype"], "mode": mode,
-            "shape": "bn{1}x{3}x{3}->conv{5}x{5}/s{6}->{4} (N={0})".format(*shape),
-            "fastres_ms": ours["median_s"] * 1e3, "eager_ms": eager["median_s"] * 1e3,
-            "compile_ms": compiled["median_s"] * 1e3 if compiled else None,
-            "speedup_vs_eager": eager["median_s"] / ours["median_s"],
-            "speedup_vs_compile": compiled["median_s"] / ours["median_s"] if compiled else None,
-            "fastres_tflops": tflops,
-            "fraction_of_matmul_peak": tflops * 1e12 / peak if peak else None,
-        })
+        table.append(
+            {
+                "device": ours["device"],
+                "dtype": ours["dtype"],
+                "mode": mode,
+                "shape": "bn{1}x{3}x{3}->conv{5}x{5}/s{6}->{4} (N={0})".format(*shape),
+                "fastres_ms": ours["median_s"] * 1e3,
+                "eager_ms": eager["median_s"] * 1e3,
+                "compile_ms": compiled["median_s"] * 1e3 if compiled else None,
+                "speedup_vs_eager": eager["median_s"] / ours["median_s"],
+                "speedup_vs_compile": compiled["median_s"] / ours["median_s"] if compiled else None,
+                "fastres_tflops": tflops,
+                "fraction_of_matmul_peak": tflops * 1e12 / peak if peak else None,
+            }
+        )
     table.sort(key=lambda r: (r["mode"], r["shape"]))
     return table
 
 
 def print_conv(table: list[dict]) -> None:
     print("\nbn_act_conv2d (TFLOP/s of the convolution, against a matmul measured in the same run)")
-    header = (f"{'mode':<24}{'shape':<42}{'fastres ms':>11}{'eager ms':>10}{'compile ms':>11}"
-              f"{'x eager':>9}{'x compile':>10}{'TFLOP/s':>9}{'of mm':>7}")
+    header = (
+        f"{'mode':<24}{'shape':<42}{'fastres ms':>11}{'eager ms':>10}{'compile ms':>11}"
+        f"{'x eager':>9}{'x compile':>10}{'TFLOP/s':>9}{'of mm':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in table:
         compile_ms = f"{r['compile_ms']:.3f}" if r["compile_ms"] is not None else "-"
         vs_compile = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
         of_peak = f"{r['fraction_of_matmul_peak']:.0%}" if r["fraction_of_matmul_peak"] else "-"
-        print(f"{r['mode']:<24}{r['shape']:<42}{r['fastres_ms']:>11.3f}{r['eager_ms']:>10.3f}"
-              f"{compile_ms:>11}{r['speedup_vs_eager']:>9.2f}{vs_compile:>10}"
-              f"{r['fastres_tflops']:>9.3f}{of_peak:>7}")
+        print(
+            f"{r['mode']:<24}{r['shape']:<42}{r['fastres_ms']:>11.3f}{r['eager_ms']:>10.3f}"
+            f"{compile_ms:>11}{r['speedup_vs_eager']:>9.2f}{vs_compile:>10}"
+            f"{r['fastres_tflops']:>9.3f}{of_peak:>7}"
+        )
 
 
 def summarise_triton_conv(rows: list[dict]) -> list[dict]:
@@ -158,14 +180,18 @@ def summarise_triton_conv(rows: list[dict]) -> list[dict]:
         if ours is None or cudnn is None:
             continue
         ratio = cudnn["median_s"] / ours["median_s"]
-        table.append({
-            "device": ours["device"], "dtype": ours["dtype"],
-            "layer": "{0}x{1}x{1} {3}x{3}/s{4} g{5} -> {2}".format(*shape),
-            "triton_tflops": ours["flops"] / ours["median_s"] / 1e12,
-            "cudnn_tflops": cudnn["flops"] / cudnn["median_s"] / 1e12,
-            "of_cudnn": ratio, "target": f">= {TRITON_CONV_TARGET}x cuDNN",
-            "target_met": ratio >= TRITON_CONV_TARGET,
-        })
+        table.append(
+            {
+                "device": ours["device"],
+                "dtype": ours["dtype"],
+                "layer": "{0}x{1}x{1} {3}x{3}/s{4} g{5} -> {2}".format(*shape),
+                "triton_tflops": ours["flops"] / ours["median_s"] / 1e12,
+                "cudnn_tflops": cudnn["flops"] / cudnn["median_s"] / 1e12,
+                "of_cudnn": ratio,
+                "target": f">= {TRITON_CONV_TARGET}x cuDNN",
+                "target_met": ratio >= TRITON_CONV_TARGET,
+            }
+        )
     return table
 
 
@@ -180,14 +206,20 @@ def summarise_block_steps(rows: list[dict]) -> list[dict]:
             continue
         vs_eager = eager["median_s"] / ours["median_s"]
         vs_compile = compiled["median_s"] / ours["median_s"]
-        table.append({
-            "device": ours["device"], "dtype": ours["dtype"],
-            "block": "N={0} in={1} planes={2} s{3} {4}x{4}".format(*shape),
-            "fastres_ms": ours["median_s"] * 1e3, "eager_ms": eager["median_s"] * 1e3,
-            "compile_ms": compiled["median_s"] * 1e3, "speedup_vs_eager": vs_eager,
-            "speedup_vs_compile": vs_compile, "target": "faster than eager and compile",
-            "target_met": vs_eager > 1.0 and vs_compile > 1.0,
-        })
+        table.append(
+            {
+                "device": ours["device"],
+                "dtype": ours["dtype"],
+                "block": "N={0} in={1} planes={2} s{3} {4}x{4}".format(*shape),
+                "fastres_ms": ours["median_s"] * 1e3,
+                "eager_ms": eager["median_s"] * 1e3,
+                "compile_ms": compiled["median_s"] * 1e3,
+                "speedup_vs_eager": vs_eager,
+                "speedup_vs_compile": vs_compile,
+                "target": "faster than eager and compile",
+                "target_met": vs_eager > 1.0 and vs_compile > 1.0,
+            }
+        )
     return table
 
 
@@ -209,27 +241,35 @@ def summarise_resnet50(rows: list[dict]) -> list[dict]:
         return []
     tv, ours = steps["torchvision"], steps["fastres"]
     bytes_ratio = ours["saved_bytes"] / tv["saved_bytes"]
-    return [{
-        "device": ours["device"], "dtype": ours["dtype"], "batch": ours["images"],
-        "torchvision_img_per_s": tv["images"] / tv["median_s"],
-        "fastres_img_per_s": ours["images"] / ours["median_s"],
-        "speedup_vs_torchvision": tv["median_s"] / ours["median_s"],
-        "torchvision_saved_mib": tv["saved_bytes"] / 2**20,
-        "fastres_saved_mib": ours["saved_bytes"] / 2**20,
-        "saved_bytes_ratio": bytes_ratio,
-        "target": f"saved bytes <= {ACTIVATION_BYTES_TARGET} of torchvision",
-        "target_met": bytes_ratio <= ACTIVATION_BYTES_TARGET,
-    }]
+    return [
+        {
+            "device": ours["device"],
+            "dtype": ours["dtype"],
+            "batch": ours["images"],
+            "torchvision_img_per_s": tv["images"] / tv["median_s"],
+            "fastres_img_per_s": ours["images"] / ours["median_s"],
+            "speedup_vs_torchvision": tv["median_s"] / ours["median_s"],
+            "torchvision_saved_mib": tv["saved_bytes"] / 2**20,
+            "fastres_saved_mib": ours["saved_bytes"] / 2**20,
+            "saved_bytes_ratio": bytes_ratio,
+            "target": f"saved bytes <= {ACTIVATION_BYTES_TARGET} of torchvision",
+            "target_met": bytes_ratio <= ACTIVATION_BYTES_TARGET,
+        }
+    ]
 
 
 def print_resnet50(table: list[dict]) -> None:
     for r in table:
         print(f"\nResNet-50 training step, batch {r['batch']}, {r['dtype']}, {r['device']}:")
-        print(f"  torchvision {r['torchvision_img_per_s']:.2f} img/s, fastres "
-              f"{r['fastres_img_per_s']:.2f} img/s ({r['speedup_vs_torchvision']:.2f}x)")
-        print(f"  kept for backward: torchvision {r['torchvision_saved_mib']:.0f} MiB, fastres "
-              f"{r['fastres_saved_mib']:.0f} MiB ({r['saved_bytes_ratio']:.3f}); "
-              f"{r['target']}: {_verdict(r['target_met'])}")
+        print(
+            f"  torchvision {r['torchvision_img_per_s']:.2f} img/s, fastres "
+            f"{r['fastres_img_per_s']:.2f} img/s ({r['speedup_vs_torchvision']:.2f}x)"
+        )
+        print(
+            f"  kept for backward: torchvision {r['torchvision_saved_mib']:.0f} MiB, fastres "
+            f"{r['fastres_saved_mib']:.0f} MiB ({r['saved_bytes_ratio']:.3f}); "
+            f"{r['target']}: {_verdict(r['target_met'])}"
+        )
 
 
 def write_csv(table: list[dict], commit: dict, path: str) -> None:
@@ -258,18 +298,31 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     triton_conv, block_steps = summarise_triton_conv(rows), summarise_block_steps(rows)
     printers = {
-        "bn_act": lambda t: print_table(t, copy_gbs), "bn_act_conv2d": print_conv,
+        "bn_act": lambda t: print_table(t, copy_gbs),
+        "bn_act_conv2d": print_conv,
         "resnet50_train": print_resnet50,
-        "triton_conv": print_targets("Triton convolution vs cuDNN",
-                                     ["layer", "triton_tflops", "cudnn_tflops", "of_cudnn"]),
+        "triton_conv": print_targets(
+            "Triton convolution vs cuDNN", ["layer", "triton_tflops", "cudnn_tflops", "of_cudnn"]
+        ),
         "block_train_step": print_targets(
             "Bottleneck training step on Triton convolutions",
-            ["block", "fastres_ms", "eager_ms", "compile_ms", "speedup_vs_eager",
-             "speedup_vs_compile"]),
+            [
+                "block",
+                "fastres_ms",
+                "eager_ms",
+                "compile_ms",
+                "speedup_vs_eager",
+                "speedup_vs_compile",
+            ],
+        ),
     }
-    for name, rows_out in (("bn_act", table), ("bn_act_conv2d", conv),
-                           ("resnet50_train", resnet50), ("triton_conv", triton_conv),
-                           ("block_train_step", block_steps)):
+    for name, rows_out in (
+        ("bn_act", table),
+        ("bn_act_conv2d", conv),
+        ("resnet50_train", resnet50),
+        ("triton_conv", triton_conv),
+        ("block_train_step", block_steps),
+    ):
         if not rows_out:
             continue
         printers[name](rows_out)

@@ -21,8 +21,12 @@ import torch
 import torch.nn.functional as F
 
 # (N, C, H, W, channels_last, storage offset in elements)
-BN_ACT_CASES = [(2, 13, 7, 5, False, 0), (3, 24, 9, 9, True, 0), (2, 40, 5, 3, True, 1),
-                (1, 7, 33, 31, False, 3)]
+BN_ACT_CASES = [
+    (2, 13, 7, 5, False, 0),
+    (3, 24, 9, 9, True, 0),
+    (2, 40, 5, 3, True, 1),
+    (1, 7, 33, 31, False, 3),
+]
 # (N, C_in, side, C_out, kernel, stride, groups)
 CONV_CASES = [(2, 13, 9, 24, 3, 1, 1), (3, 40, 7, 17, 1, 2, 1), (2, 16, 10, 16, 3, 2, 4)]
 
@@ -39,7 +43,7 @@ def _input(shape, channels_last: bool, offset: int, device: str) -> torch.Tensor
 
 
 def _check(name: str, ours, reference, tolerance: float = 1e-4) -> None:
-    for index, (a, b) in enumerate(zip(ours, reference)):
+    for index, (a, b) in enumerate(zip(ours, reference, strict=True)):
         if not torch.allclose(a, b, rtol=tolerance, atol=tolerance):
             error = (a - b).abs().max().item()
             sys.exit(f"{name}: result {index} differs from PyTorch's by {error:.3g}")
@@ -59,26 +63,37 @@ def bn_act_case(backend: str, device: str, n, c, h, w, channels_last, offset) ->
         stats = [torch.zeros(c, device=device), torch.ones(c, device=device)]
         out = bn_act(x, weight, bias, *stats, residual=residual, training=True, backend=op_backend)
         results.append([out, *torch.autograd.grad(out, (x, weight, bias), grad), *stats])
-    _check(f"bn_act[{backend}] {n}x{c}x{h}x{w} channels_last={channels_last} offset={offset}",
-           *results)
+    _check(
+        f"bn_act[{backend}] {n}x{c}x{h}x{w} channels_last={channels_last} offset={offset}", *results
+    )
 
 
 def conv_case(device: str, n, c_in, side, c_out, kernel, stride, groups) -> None:
     from fastres.ops.conv_bn import conv2d_bn_triton
 
     x = _input((n, c_in, side, side), True, 0, device)
-    weight = (torch.randn(c_out, c_in // groups, kernel, kernel, device=device) * 0.1)
+    weight = torch.randn(c_out, c_in // groups, kernel, kernel, device=device) * 0.1
     weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
     padding = kernel // 2
-    out, mean, var = conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5, stride,
-                                      padding, 1, groups, True)
+    out, mean, var = conv2d_bn_triton(
+        x, weight, None, None, None, None, False, 1e-5, stride, padding, 1, groups, True
+    )
     expected = F.conv2d(x, weight, None, stride, padding, 1, groups)
     grad = torch.randn(out.shape, device=device)
     ours = [out, mean, var, *torch.autograd.grad(out, (x, weight), grad)]
-    reference = [expected, expected.mean((0, 2, 3)), expected.var((0, 2, 3), unbiased=False),
-                 *torch.autograd.grad(expected, (x, weight), grad)]
-    _check(f"conv2d_bn_triton {n}x{c_in}x{side}x{side} -> {c_out}, {kernel}x{kernel}/{stride} "
-           f"groups={groups}", ours, reference, tolerance=1e-3)
+    reference = [
+        expected,
+        expected.mean((0, 2, 3)),
+        expected.var((0, 2, 3), unbiased=False),
+        *torch.autograd.grad(expected, (x, weight), grad),
+    ]
+    _check(
+        f"conv2d_bn_triton {n}x{c_in}x{side}x{side} -> {c_out}, {kernel}x{kernel}/{stride} "
+        f"groups={groups}",
+        ours,
+        reference,
+        tolerance=1e-3,
+    )
 
 
 def main() -> None:

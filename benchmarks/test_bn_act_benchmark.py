@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import BATCH, DEVICE, DTYPE, ON_GPU, timed
+from resnet50_layers import RESNET50_BN_SHAPES
+
 from fastres.backends import STATUS
 from fastres.ops import bn_act
 from fastres.ops.bn_act import bn_act_reference
-from resnet50_layers import RESNET50_BN_SHAPES
 
 MODES = ["forward-train", "forward-eval", "forward_backward-train", "forward_backward-eval"]
 
@@ -58,8 +58,9 @@ def _model_bytes(t: dict, backward: bool) -> int:
 
 def _function(impl: str, training: bool):
     def composed(x, weight, bias, running_mean, running_var, residual):
-        return bn_act_reference(x, weight, bias, running_mean, running_var, residual=residual,
-                                training=training)
+        return bn_act_reference(
+            x, weight, bias, running_mean, running_var, residual=residual, training=training
+        )
 
     if impl == "eager":
         return composed
@@ -71,16 +72,27 @@ def _function(impl: str, training: bool):
     backend = "triton" if impl == "fastres-triton" else "auto"
 
     def fused(x, weight, bias, running_mean, running_var, residual):
-        return bn_act(x, weight, bias, running_mean, running_var, residual=residual,
-                      training=training, backend=backend)
+        return bn_act(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual=residual,
+            training=training,
+            backend=backend,
+        )
 
     return fused
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", _implementations())
-@pytest.mark.parametrize("channels,side,residual", RESNET50_BN_SHAPES,
-                         ids=[f"{c}x{s}x{s}{'+res' if r else ''}" for c, s, r in RESNET50_BN_SHAPES])
+@pytest.mark.parametrize(
+    "channels,side,residual",
+    RESNET50_BN_SHAPES,
+    ids=[f"{c}x{s}x{s}{'+res' if r else ''}" for c, s, r in RESNET50_BN_SHAPES],
+)
 def test_bn_act(benchmark, describe, channels, side, residual, impl, mode):
     backward = mode.startswith("forward_backward")
     training = mode.endswith("train")
@@ -101,8 +113,14 @@ def test_bn_act(benchmark, describe, channels, side, residual, impl, mode):
 
     for _ in range(3):  # warm-up: compilation, autotuning, allocator
         timed(step)()
-    describe(op="bn_act", shape=[BATCH, channels, side, side], residual=residual, impl=impl,
-             mode=mode, bytes=_model_bytes(t, backward))
+    describe(
+        op="bn_act",
+        shape=[BATCH, channels, side, side],
+        residual=residual,
+        impl=impl,
+        mode=mode,
+        bytes=_model_bytes(t, backward),
+    )
     benchmark(timed(step))
 
 
@@ -111,6 +129,11 @@ def test_copy_bandwidth(benchmark, describe):
     src = torch.randn(BATCH, 64, 112, 112, device=DEVICE, dtype=DTYPE)
     dst = torch.empty_like(src)
     timed(lambda: dst.copy_(src))()
-    describe(op="copy", shape=list(src.shape), impl="torch", mode="copy",
-             bytes=2 * src.numel() * src.element_size())
+    describe(
+        op="copy",
+        shape=list(src.shape),
+        impl="torch",
+        mode="copy",
+        bytes=2 * src.numel() * src.element_size(),
+    )
     benchmark(timed(lambda: dst.copy_(src)))

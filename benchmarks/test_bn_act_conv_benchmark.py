@@ -11,17 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import BATCH, DEVICE, DTYPE, timed
+
 from fastres.backends import resolve_backend
 from fastres.ops import bn_act_conv2d
 
 # (BatchNorm channels, its side, conv out channels, kernel, stride): ResNet-50's bn -> conv pairs.
 RESNET50_BN_CONV = [
-    (64, 56, 64, 3, 1), (64, 56, 256, 1, 1),
-    (128, 56, 128, 3, 2), (128, 28, 128, 3, 1), (128, 28, 512, 1, 1),
-    (256, 28, 256, 3, 2), (256, 14, 256, 3, 1), (256, 14, 1024, 1, 1),
-    (512, 14, 512, 3, 2), (512, 7, 512, 3, 1), (512, 7, 2048, 1, 1),
+    (64, 56, 64, 3, 1),
+    (64, 56, 256, 1, 1),
+    (128, 56, 128, 3, 2),
+    (128, 28, 128, 3, 1),
+    (128, 28, 512, 1, 1),
+    (256, 28, 256, 3, 2),
+    (256, 14, 256, 3, 1),
+    (256, 14, 1024, 1, 1),
+    (512, 14, 512, 3, 2),
+    (512, 7, 512, 3, 1),
+    (512, 7, 2048, 1, 1),
 ]
 MODES = ["forward-train", "forward_backward-train"]
 
@@ -38,16 +45,23 @@ def _conv_flops(channels, side, out_channels, kernel, stride) -> int:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", ["fastres", "eager", "compile"])
 @pytest.mark.parametrize("channels,side,out_channels,kernel,stride", RESNET50_BN_CONV, ids=_ids())
-def test_bn_act_conv2d(benchmark, describe, channels, side, out_channels, kernel, stride, impl,
-                       mode):
+def test_bn_act_conv2d(
+    benchmark, describe, channels, side, out_channels, kernel, stride, impl, mode
+):
     backward = mode.startswith("forward_backward")
     make = dict(device=DEVICE, dtype=DTYPE)
-    y = torch.randn(BATCH, channels, side, side, **make).contiguous(
-        memory_format=torch.channels_last).requires_grad_(backward)
+    y = (
+        torch.randn(BATCH, channels, side, side, **make)
+        .contiguous(memory_format=torch.channels_last)
+        .requires_grad_(backward)
+    )
     weight = torch.rand(channels, device=DEVICE).add_(0.5).requires_grad_(backward)
     bias = torch.randn(channels, device=DEVICE).requires_grad_(backward)
-    conv_weight = (torch.randn(out_channels, channels, kernel, kernel, **make) * 0.05).contiguous(
-        memory_format=torch.channels_last).requires_grad_(backward)
+    conv_weight = (
+        (torch.randn(out_channels, channels, kernel, kernel, **make) * 0.05)
+        .contiguous(memory_format=torch.channels_last)
+        .requires_grad_(backward)
+    )
     padding = kernel // 2
     backend = resolve_backend("auto", y.device)
 
@@ -56,8 +70,21 @@ def test_bn_act_conv2d(benchmark, describe, channels, side, out_channels, kernel
         return F.conv2d(z, conv_weight, None, stride, padding)
 
     def fused(y, weight, bias, conv_weight):
-        return bn_act_conv2d(y, weight, bias, None, None, conv_weight, [stride] * 2,
-                             [padding] * 2, [1, 1], 1, True, 1e-5, backend)[0]
+        return bn_act_conv2d(
+            y,
+            weight,
+            bias,
+            None,
+            None,
+            conv_weight,
+            [stride] * 2,
+            [padding] * 2,
+            [1, 1],
+            1,
+            True,
+            1e-5,
+            backend,
+        )[0]
 
     if impl == "compile":
         torch._dynamo.reset()
@@ -82,8 +109,15 @@ def test_bn_act_conv2d(benchmark, describe, channels, side, out_channels, kernel
     for _ in range(3):  # warm-up: compilation, algorithm selection, allocator
         timed(step)()
     flops = _conv_flops(channels, side, out_channels, kernel, stride) * (3 if backward else 1)
-    describe(op="bn_act_conv2d", shape=[BATCH, channels, side, side, out_channels, kernel, stride],
-             residual=False, impl=impl, mode=mode, flops=flops, bytes=0)
+    describe(
+        op="bn_act_conv2d",
+        shape=[BATCH, channels, side, side, out_channels, kernel, stride],
+        residual=False,
+        impl=impl,
+        mode=mode,
+        flops=flops,
+        bytes=0,
+    )
     benchmark(timed(step))
 
 

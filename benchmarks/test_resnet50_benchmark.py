@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import BATCH, DEVICE, DTYPE, timed
 
 import fastres
-from conftest import BATCH, DEVICE, DTYPE, timed
 from fastres.memory import saved_tensor_bytes
 
 
@@ -44,6 +44,14 @@ def test_resnet50_training_step(benchmark, describe, impl):
 
     timed(step)()  # warm-up: allocator, oneDNN / cuDNN algorithm choice
     saved = saved_tensor_bytes(forward, exclude=model.parameters())
-    describe(op="resnet50_train_step", shape=[BATCH, 3, 224, 224], impl=impl, mode="train",
-             images=BATCH, saved_bytes=saved, bytes=0, residual=False)
+    describe(
+        op="resnet50_train_step",
+        shape=[BATCH, 3, 224, 224],
+        impl=impl,
+        mode="train",
+        images=BATCH,
+        saved_bytes=saved,
+        bytes=0,
+        residual=False,
+    )
     benchmark(timed(step))

@@ -27,22 +27,22 @@ using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 ForwardResult call_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& residual, const OptTensor& running_mean,
                            const OptTensor& running_var, bool training, double eps, bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastres::bn_act_forward", "")
-                       .typed<ForwardResult(const Tensor&, const OptTensor&, const OptTensor&,
-                                            const OptTensor&, const OptTensor&, const OptTensor&,
-                                            bool, double, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastres::bn_act_forward", "")
+          .typed<ForwardResult(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                               const OptTensor&, const OptTensor&, bool, double, bool)>();
   return op.call(x, weight, bias, residual, running_mean, running_var, training, eps, relu);
 }
 
 ForwardResult call_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& weight,
                             const Tensor& mean, const Tensor& var, const Tensor& mask,
                             bool training, double eps, bool relu, bool residual_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastres::bn_act_backward", "")
-                       .typed<ForwardResult(const Tensor&, const Tensor&, const OptTensor&,
-                                            const Tensor&, const Tensor&, const Tensor&, bool,
-                                            double, bool, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastres::bn_act_backward", "")
+          .typed<ForwardResult(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                               const Tensor&, const Tensor&, bool, double, bool, bool)>();
   return op.call(grad_out, x, weight, mean, var, mask, training, eps, relu, residual_grad);
 }
 
@@ -70,8 +70,8 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
         call_forward(x, weight, bias, residual, running_mean, running_var, training, eps, relu);
     // Saved: the input, the per-channel statistics and the 1-bit ReLU mask; never the output.
     ctx->save_for_backward({x, weight.value_or(Tensor()), mean, var, mask});
-    const auto edges = edge_indices({true, weight.has_value(), bias.has_value(),
-                                     residual.has_value()});
+    const auto edges =
+        edge_indices({true, weight.has_value(), bias.has_value(), residual.has_value()});
     ctx->saved_data["weight_edge"] = edges[1];
     ctx->saved_data["bias_edge"] = edges[2];
     ctx->saved_data["residual_edge"] = edges[3];
@@ -93,14 +93,18 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     const bool bias_grad = needs_grad(ctx, ctx->saved_data["bias_edge"].toInt());
     const bool residual_grad = needs_grad(ctx, ctx->saved_data["residual_edge"].toInt());
     auto [grad_x, grad_weight, grad_bias, grad_residual] = call_backward(
-        grads[0], saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, saved[2],
-        saved[3], saved[4], ctx->saved_data["training"].toBool(),
-        ctx->saved_data["eps"].toDouble(), ctx->saved_data["relu"].toBool(), residual_grad);
+        grads[0], saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, saved[2], saved[3],
+        saved[4], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+        ctx->saved_data["relu"].toBool(), residual_grad);
     return {ctx->needs_input_grad(0) ? grad_x : Tensor(),
             weight_grad ? grad_weight : Tensor(),
             bias_grad ? grad_bias : Tensor(),
             residual_grad ? grad_residual : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor()};
   }
 };
 
@@ -115,8 +119,6 @@ ForwardResult bn_act_forward_autograd(const Tensor& x, const OptTensor& weight,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastres, Autograd, m) {
-  m.impl("bn_act_forward", &bn_act_forward_autograd);
-}
+TORCH_LIBRARY_IMPL(fastres, Autograd, m) { m.impl("bn_act_forward", &bn_act_forward_autograd); }
 
 }  // namespace fastres

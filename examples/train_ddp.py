@@ -1,4 +1,5 @@
-"""Train a ResNet-50 on fastres's fused blocks with DistributedDataParallel and synchronized BatchNorm.
+"""Train a ResNet-50 on fastres's fused blocks with DistributedDataParallel and synchronized
+BatchNorm.
 
 Start one process per GPU (or several on a CPU machine) with torchrun::
 
@@ -35,8 +36,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="images per process per step")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=0.1,
-                        help="for a global batch of 256, scaled linearly with the global batch")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.1,
+        help="for a global batch of 256, scaled linearly with the global batch",
+    )
     parser.add_argument("--backend", default="auto", help="fastres backend for the blocks")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
     parser.add_argument("--workers", type=int, default=4, help="data loading processes")
@@ -60,15 +65,21 @@ class SyntheticImages(Dataset):
 
 def make_dataset(args: argparse.Namespace, world_size: int) -> Dataset:
     if args.data is None:
-        return SyntheticImages(args.steps * args.batch_size * world_size, args.image_size,
-                               args.num_classes)
+        return SyntheticImages(
+            args.steps * args.batch_size * world_size, args.image_size, args.num_classes
+        )
     transforms = torchvision.transforms
-    return torchvision.datasets.ImageFolder(args.data, transforms.Compose([
-        transforms.RandomResizedCrop(args.image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ]))
+    return torchvision.datasets.ImageFolder(
+        args.data,
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(args.image_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]
+        ),
+    )
 
 
 def setup() -> tuple[torch.device, int, int]:
@@ -78,8 +89,10 @@ def setup() -> tuple[torch.device, int, int]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"process {local_rank} has no GPU of its own (this machine has "
-                             f"{torch.cuda.device_count()}): start one process per GPU")
+            raise SystemExit(
+                f"process {local_rank} has no GPU of its own (this machine has "
+                f"{torch.cuda.device_count()}): start one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", device_id=device)
@@ -97,12 +110,19 @@ def main() -> None:
     model = fastres.convert(model, backend=args.backend, sync_bn=True)
     model = model.to(device, memory_format=torch.channels_last)
     ddp_model = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
     dataset = make_dataset(args, world_size)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
     lr = args.lr * args.batch_size * world_size / 256
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
 
@@ -121,8 +141,11 @@ def main() -> None:
             step += 1
             if rank == 0 and (step % 10 == 0 or step in (1, args.steps)):
                 images_per_s = step * args.batch_size * world_size / (time.perf_counter() - started)
-                print(f"step {step}/{args.steps}  loss {loss.item():.4f}  "
-                      f"{images_per_s:.1f} images/s over {world_size} processes", flush=True)
+                print(
+                    f"step {step}/{args.steps}  loss {loss.item():.4f}  "
+                    f"{images_per_s:.1f} images/s over {world_size} processes",
+                    flush=True,
+                )
             if step == args.steps:
                 break
         epoch += 1

@@ -11,12 +11,24 @@
 * :func:`info`: which kernel backends were built and which can run here.
 """
 
-from fastres import backends as _backends  # loads fastres._C first: it defines torch.ops.fastres.*
+from fastres import backends as _backends  # noqa: F401  (loads fastres._C: torch.ops.fastres.*)
 from fastres import ops
 from fastres.folding import fold_bn
-from fastres.models import (ConversionReport, convert, resnet18, resnet34, resnet50, resnet101,
-                            resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, revert,
-                            wide_resnet50_2, wide_resnet101_2)
+from fastres.models import (
+    ConversionReport,
+    convert,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    revert,
+    wide_resnet50_2,
+    wide_resnet101_2,
+)
 from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet, SyncBatchNorm2d
 
 
@@ -26,10 +38,27 @@ def info() -> dict:
 
     return _info()
 
+
 __all__ = [
-    "FastBasicBlock", "FastBottleneck", "FastResNet", "SyncBatchNorm2d", "ConversionReport",
-    "convert", "revert", "fold_bn", "info", "ops",
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "FastBasicBlock",
+    "FastBottleneck",
+    "FastResNet",
+    "SyncBatchNorm2d",
+    "ConversionReport",
+    "convert",
+    "revert",
+    "fold_bn",
+    "info",
+    "ops",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
 ]
 __version__ = "0.1.0"

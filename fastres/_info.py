@@ -43,8 +43,11 @@ def info() -> dict:
         "cuda_archs": build["CUDA_ARCHS"] or None,
         "triton_interpreter": _triton_interpreter(triton_version),
         "backends": {name: status.as_dict() for name, status in backends.STATUS.items()},
-        "folded_eval": {name: folding_description(name) for name in ("cpu", "cuda", "triton")
-                        if backends.STATUS[name].available},
+        "folded_eval": {
+            name: folding_description(name)
+            for name in ("cpu", "cuda", "triton")
+            if backends.STATUS[name].available
+        },
     }
 
 
@@ -55,13 +58,14 @@ def _triton_interpreter(triton_version) -> str:
 
     if loop_bounds_status() == "native":
         return "on"
-    return (f"on; run-time loop bounds repaired (triton {triton_version}'s interpreter cannot "
-            "turn a one-element array into an int with this NumPy; squeezed as Triton 3.7 does)")
+    return (
+        f"on; run-time loop bounds repaired (triton {triton_version}'s interpreter cannot "
+        "turn a one-element array into an int with this NumPy; squeezed as Triton 3.7 does)"
+    )
 
 
 def format_info(facts: dict) -> str:
-    lines = [f"{key:>18}: {facts[key]}" for key in facts
-             if key not in ("backends", "folded_eval")]
+    lines = [f"{key:>18}: {facts[key]}" for key in facts if key not in ("backends", "folded_eval")]
     lines.append("          backends:")
     for name, status in facts["backends"].items():
         state = "available" if status["available"] else ("built" if status["built"] else "missing")

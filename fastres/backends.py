@@ -14,8 +14,8 @@ Backends:
 
 ``auto`` picks the fastest available backend for the tensor's device and dtype: ``cpu`` for CPU
 tensors, ``cuda`` then ``triton`` for CUDA tensors, and ``torch`` for float64 CUDA tensors, which
-neither GPU backend takes (they compute in float32). When the preferred compiled backend is missing, importing
-fastres warns once and says why; nothing falls back silently at call time.
+neither GPU backend takes (they compute in float32). When the preferred compiled backend is
+missing, importing fastres warns once and says why; nothing falls back silently at call time.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -57,8 +56,14 @@ def _build_info() -> dict:
     try:
         from fastres import _build_info as info
     except ImportError:
-        return {"CUDA_BUILT": False, "CUDA_ARCHS": "", "CUDA_NOT_BUILT_REASON": "no build information"}
-    return {name: getattr(info, name) for name in ("CUDA_BUILT", "CUDA_ARCHS", "CUDA_NOT_BUILT_REASON")}
+        return {
+            "CUDA_BUILT": False,
+            "CUDA_ARCHS": "",
+            "CUDA_NOT_BUILT_REASON": "no build information",
+        }
+    return {
+        name: getattr(info, name) for name in ("CUDA_BUILT", "CUDA_ARCHS", "CUDA_NOT_BUILT_REASON")
+    }
 
 
 def triton_interpreting() -> bool:
@@ -86,10 +91,14 @@ def _probe() -> tuple[object, dict[str, BackendStatus]]:
     if not has_triton:
         reason = "the triton package is not installed"
     elif not gpu and not triton_interpreting():
-        reason = "installed, but it needs a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU for tests)"
+        reason = (
+            "installed, but it needs a CUDA GPU (or TRITON_INTERPRET=1 to run on CPU for tests)"
+        )
     else:
         reason = ""
-    status["triton"] = BackendStatus(has_triton, has_triton and (gpu or triton_interpreting()), reason)
+    status["triton"] = BackendStatus(
+        has_triton, has_triton and (gpu or triton_interpreting()), reason
+    )
 
     status["torch"] = BackendStatus(True, True, "")
     return extension, status
@@ -116,12 +125,11 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return True
 
 
-def _takes(backend: str, dtype: Optional[torch.dtype]) -> bool:
+def _takes(backend: str, dtype: torch.dtype | None) -> bool:
     return dtype is None or backend not in ("cuda", "triton") or dtype in _GPU_DTYPES
 
 
-def resolve_backend(backend: str, device: torch.device,
-                    dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Returns the concrete backend to run for a tensor on ``device`` (of ``dtype``, if given:
     ``auto`` then skips backends that do not take it).
 
@@ -137,7 +145,9 @@ def resolve_backend(backend: str, device: torch.device,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if not STATUS[backend].available:
-        raise RuntimeError(f"fastres backend {backend!r} is not available: {STATUS[backend].reason}")
+        raise RuntimeError(
+            f"fastres backend {backend!r} is not available: {STATUS[backend].reason}"
+        )
     if not _runs_on(backend, device):
         raise ValueError(f"fastres backend {backend!r} cannot run tensors on {device.type}")
     return backend

@@ -21,8 +21,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 
 import fastres
 from fastres.backends import STATUS
-from fastres.interleaved import Spread, paired_speedups, spread_of, time_interleaved
+from fastres.interleaved import paired_speedups, spread_of, time_interleaved
 from fastres.memory import saved_tensor_bytes
 
 MODELS = ("resnet50", "resnet18", "resnext50_32x4d")
@@ -52,7 +53,7 @@ FLOOR_ULPS = 4
 class Config:
     name: str  # e.g. "torchvision", "fastres[cpu]+compile"
     family: str  # "torchvision" or "fastres"
-    backend: Optional[str]
+    backend: str | None
     compile: bool
 
 
@@ -63,8 +64,8 @@ class Result:
     parity_ok: bool = True
     train_seconds: list[float] = field(default_factory=list)  # one per round
     infer_seconds: list[float] = field(default_factory=list)
-    peak_mem_mib: Optional[float] = None
-    saved_mib: Optional[float] = None
+    peak_mem_mib: float | None = None
+    saved_mib: float | None = None
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _relative_norm(a: list, b: list) -> float:
-    diff = torch.cat([(x.float() - y.float()).flatten() for x, y in zip(a, b)])
+    diff = torch.cat([(x.float() - y.float()).flatten() for x, y in zip(a, b, strict=True)])
     return (diff.norm() / torch.cat([y.float().flatten() for y in b]).norm()).item()
 
 
@@ -141,8 +142,11 @@ def _train_and_eval(model: nn.Module, x, labels, device, dtype, autocast=True):
     model.eval()
     with torch.no_grad(), _autocast(device, dtype if autocast else torch.float32):
         eval_logits = model(x)
-    return {"train output": logits.detach(), "gradients": [p.grad for p in model.parameters()],
-            "eval output": eval_logits}
+    return {
+        "train output": logits.detach(),
+        "gradients": [p.grad for p in model.parameters()],
+        "eval output": eval_logits,
+    }
 
 
 def _error(values, exact) -> float:
@@ -157,12 +161,14 @@ def check_parity(reference: nn.Module, candidate: nn.Module, x, labels, device, 
 
     Returns {quantity: (candidate error, torchvision error)}.
     """
-    exact = _train_and_eval(copy.deepcopy(reference).double(), x.double(), labels, device,
-                            dtype, autocast=False)
+    exact = _train_and_eval(
+        copy.deepcopy(reference).double(), x.double(), labels, device, dtype, autocast=False
+    )
     theirs = _train_and_eval(copy.deepcopy(reference), x, labels, device, dtype)
     ours = _train_and_eval(candidate, x, labels, device, dtype)
-    return {name: (_error(ours[name], exact[name]), _error(theirs[name], exact[name]))
-            for name in exact}
+    return {
+        name: (_error(ours[name], exact[name]), _error(theirs[name], exact[name])) for name in exact
+    }
 
 
 def parity_passes(parity: dict, dtype: torch.dtype) -> bool:
@@ -192,24 +198,30 @@ def available_backends(device: str, requested: str) -> list[str]:
     return [name for name in names if STATUS[name].available] or ["torch"]
 
 
-def prepare(config: Config, reference: nn.Module, args, device: str,
-            dtype: torch.dtype) -> Prepared:
+def prepare(
+    config: Config, reference: nn.Module, args, device: str, dtype: torch.dtype
+) -> Prepared:
     """Builds the configuration's model from the reference's weights (a copy of its own, so the
     configurations' optimizer steps never touch each other), checks its parity, and returns its
     training and inference steps on one fixed channels_last batch."""
     result = Result(config)
     model = copy.deepcopy(reference)  # channels_last, like the reference and the input
     if config.family == "fastres":
+        assert config.backend is not None  # every fastres configuration names its backend
         model = build_fast(model, config.backend)
-    runner = torch.compile(model, mode=args.compile_mode) if config.compile else model
+    runner = (
+        cast(nn.Module, torch.compile(model, mode=args.compile_mode)) if config.compile else model
+    )
     images = args.batch_size
     x = torch.randn(images, 3, args.image_size, args.image_size, device=device).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     labels = torch.randint(0, 1000, (images,), device=device)
     if config.name != "torchvision":  # the baseline is the reference itself
         parity_images = max(2, min(images, 4))
-        result.parity = check_parity(reference, runner, x[:parity_images],
-                                     labels[:parity_images], device, dtype)
+        result.parity = check_parity(
+            reference, runner, x[:parity_images], labels[:parity_images], device, dtype
+        )
         result.parity_ok = parity_passes(result.parity, dtype)
     train_step = make_train_step(runner, x, labels, device, dtype)
 
@@ -248,14 +260,22 @@ def measure_all(prepared: list[Prepared], args, device: str, dtype: torch.dtype)
     warmup = 3 if device == "cuda" else 1
     for p in timed:
         p.runner.train()
-    train = time_interleaved({p.result.config.name: p.train_step for p in timed},
-                             args.rounds, lambda: _sync(device), warmup)
+    train = time_interleaved(
+        {p.result.config.name: p.train_step for p in timed},
+        args.rounds,
+        lambda: _sync(device),
+        warmup,
+    )
     for p in timed:
         p.result.train_seconds = train[p.result.config.name]
         measure_memory(p, device, dtype)
         p.runner.eval()
-    infer = time_interleaved({p.result.config.name: p.infer_step for p in timed},
-                             args.rounds, lambda: _sync(device), warmup)
+    infer = time_interleaved(
+        {p.result.config.name: p.infer_step for p in timed},
+        args.rounds,
+        lambda: _sync(device),
+        warmup,
+    )
     for p in timed:
         p.result.infer_seconds = infer[p.result.config.name]
 
@@ -270,7 +290,9 @@ def device_name(device: str) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     return f"{model} ({torch.get_num_threads()} threads)"
@@ -279,8 +301,13 @@ def device_name(device: str) -> str:
 def fastres_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
-                              capture_output=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -295,14 +322,23 @@ def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:
             row[f"{mode}_img_s"] = None
             continue
         rate = spread_of(seconds).scaled(batch_size)
-        row.update({f"{mode}_img_s": rate.median, f"{mode}_img_s_low": rate.low,
-                    f"{mode}_img_s_high": rate.high})
+        row.update(
+            {
+                f"{mode}_img_s": rate.median,
+                f"{mode}_img_s_low": rate.low,
+                f"{mode}_img_s_high": rate.high,
+            }
+        )
         if base_seconds:
             ratio = spread_of(paired_speedups(base_seconds, seconds))
-            row.update({f"{mode}_vs_torchvision": ratio.median,
-                        f"{mode}_vs_torchvision_low": ratio.low,
-                        f"{mode}_vs_torchvision_high": ratio.high,
-                        f"{mode}_significant": result is base or ratio.significant})
+            row.update(
+                {
+                    f"{mode}_vs_torchvision": ratio.median,
+                    f"{mode}_vs_torchvision_low": ratio.low,
+                    f"{mode}_vs_torchvision_high": ratio.high,
+                    f"{mode}_significant": result is base or ratio.significant,
+                }
+            )
     return row
 
 
@@ -310,12 +346,19 @@ def rows_of(results: list[Result], meta: dict) -> list[dict]:
     base = next(r for r in results if r.config.name == "torchvision")
     rows = []
     for r in results:
-        row = {**meta, "config": r.config.name, "parity_ok": r.parity_ok,
-               **_timing_columns(r, base, meta["batch_size"]),
-               "peak_mem_mib": r.peak_mem_mib, "saved_mib": r.saved_mib,
-               **{f"parity_{k.replace(' ', '_')}": ours for k, (ours, _) in r.parity.items()},
-               **{f"torchvision_error_{k.replace(' ', '_')}": theirs
-                  for k, (_, theirs) in r.parity.items()}}
+        row = {
+            **meta,
+            "config": r.config.name,
+            "parity_ok": r.parity_ok,
+            **_timing_columns(r, base, meta["batch_size"]),
+            "peak_mem_mib": r.peak_mem_mib,
+            "saved_mib": r.saved_mib,
+            **{f"parity_{k.replace(' ', '_')}": ours for k, (ours, _) in r.parity.items()},
+            **{
+                f"torchvision_error_{k.replace(' ', '_')}": theirs
+                for k, (_, theirs) in r.parity.items()
+            },
+        }
         if r.saved_mib is not None and base.saved_mib:
             row["saved_vs_torchvision"] = r.saved_mib / base.saved_mib
         if r.config.family == "fastres" and "saved_vs_torchvision" in row:
@@ -344,21 +387,30 @@ def row_speedup_text(row: dict, mode: str) -> str:
     if median in (None, ""):
         return "-"
     significant = row[f"{mode}_significant"]
-    return speedup_text(float(median), float(row[f"{mode}_vs_torchvision_low"]),
-                        float(row[f"{mode}_vs_torchvision_high"]),
-                        significant in (True, "True"))
+    return speedup_text(
+        float(median),
+        float(row[f"{mode}_vs_torchvision_low"]),
+        float(row[f"{mode}_vs_torchvision_high"]),
+        significant in (True, "True"),
+    )
 
 
 def print_table(rows: list[dict], meta: dict) -> None:
-    print(f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, batch {meta['batch_size']}, "
-          f"torch.compile mode {meta.get('compile_mode', 'default')}, "
-          f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}")
-    print(f"{rows[0]['rounds'] or 0} interleaved rounds; img/s is the median round, x tv the "
-          "median of per-round speed-ups over torchvision [interquartile range]; n.s.: not "
-          "significant (the range contains 1.0)")
-    header = (f"{'configuration':<26}{'parity':>8}{'train img/s':>13}  {'x tv':<22}"
-              f"{'infer img/s':>13}  {'x tv':<22}{'saved MiB':>10}{'x tv':>7}{'peak MiB':>10}  "
-              "target")
+    print(
+        f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, batch {meta['batch_size']}, "
+        f"torch.compile mode {meta.get('compile_mode', 'default')}, "
+        f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}"
+    )
+    print(
+        f"{rows[0]['rounds'] or 0} interleaved rounds; img/s is the median round, x tv the "
+        "median of per-round speed-ups over torchvision [interquartile range]; n.s.: not "
+        "significant (the range contains 1.0)"
+    )
+    header = (
+        f"{'configuration':<26}{'parity':>8}{'train img/s':>13}  {'x tv':<22}"
+        f"{'infer img/s':>13}  {'x tv':<22}{'saved MiB':>10}{'x tv':>7}{'peak MiB':>10}  "
+        "target"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -371,18 +423,27 @@ def print_table(rows: list[dict], meta: dict) -> None:
             verdict = "met" if row["infer_target_met"] else "NOT met"
             targets.append(f"infer >= {INFERENCE_TARGET[meta['device_type']]} x tv: {verdict}")
         target = "; ".join(targets)
-        print(f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}  "
-              f"{row_speedup_text(row, 'train'):<22}{_fmt(row['infer_img_s'], '.2f'):>13}  "
-              f"{row_speedup_text(row, 'infer'):<22}{_fmt(row['saved_mib'], '.0f'):>10}"
-              f"{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
-              f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}")
-    print(f"\nparity, relative error against torchvision in float64 (torchvision's own error in "
-          f"brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):")
+        print(
+            f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}  "
+            f"{row_speedup_text(row, 'train'):<22}{_fmt(row['infer_img_s'], '.2f'):>13}  "
+            f"{row_speedup_text(row, 'infer'):<22}{_fmt(row['saved_mib'], '.0f'):>10}"
+            f"{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
+            f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}"
+        )
+    print(
+        f"\nparity, relative error against torchvision in float64 (torchvision's own error in "
+        f"brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):"
+    )
     for row in rows:
         if "parity_train_output" in row:
-            parts = [f"{name} {row['parity_' + key]:.2e} ({row['torchvision_error_' + key]:.2e})"
-                     for name, key in (("train output", "train_output"),
-                                       ("eval output", "eval_output"), ("gradients", "gradients"))]
+            parts = [
+                f"{name} {row['parity_' + key]:.2e} ({row['torchvision_error_' + key]:.2e})"
+                for name, key in (
+                    ("train output", "train_output"),
+                    ("eval output", "eval_output"),
+                    ("gradients", "gradients"),
+                )
+            ]
             print(f"  {row['config']}: " + ", ".join(parts))
 
 
@@ -406,16 +467,22 @@ def write_chart(rows: list[dict], meta: dict, path: str) -> bool:
     measured = [r for r in rows if r["train_img_s"]]
     names = [r["config"] for r in measured]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(names) + 2))
-    for ax, key, title in ((axes[0], "train_img_s", "training img/s"),
-                           (axes[1], "infer_img_s", "inference img/s")):
+    for ax, key, title in (
+        (axes[0], "train_img_s", "training img/s"),
+        (axes[1], "infer_img_s", "inference img/s"),
+    ):
         medians = [r[key] for r in measured]
-        errors = [[m - r[key + "_low"] for m, r in zip(medians, measured)],
-                  [r[key + "_high"] - m for m, r in zip(medians, measured)]]
+        errors = [
+            [m - r[key + "_low"] for m, r in zip(medians, measured, strict=True)],
+            [r[key + "_high"] - m for m, r in zip(medians, measured, strict=True)],
+        ]
         ax.barh(names, medians, xerr=errors, color="tab:blue", capsize=3)
         ax.set_title(title)
         ax.invert_yaxis()
-    fig.suptitle(f"{meta['model']}, {meta['device']}, {meta['dtype']}, batch {meta['batch_size']} "
-                 "(median and interquartile range of interleaved rounds)")
+    fig.suptitle(
+        f"{meta['model']}, {meta['device']}, {meta['dtype']}, batch {meta['batch_size']} "
+        "(median and interquartile range of interleaved rounds)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -426,32 +493,55 @@ def write_chart(rows: list[dict], meta: dict, path: str) -> bool:
 # Command line
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fastres.bench", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastres.bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model", choices=MODELS, default="resnet50")
-    parser.add_argument("--batch-size", type=int,
-                        help="default: 16 on CPU, 256 on a GPU (the inference targets' settings)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="default: 16 on CPU, 256 on a GPU (the inference targets' settings)",
+    )
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int,
-                        help="interleaved timing rounds, each one step of every configuration "
-                             "(default: 5 on CPU, 20 on a GPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="fp32, or bf16/fp16 autocast")
-    parser.add_argument("--backend", default="all", choices=["all", "cpu", "cuda", "triton", "torch"],
-                        help="fastres backends to measure (default: every available one)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure torch.compile of both models (default: on; compiling "
-                             "ResNet-50 takes about two minutes on a 2-core CPU)")
-    parser.add_argument("--compile-mode", default="default",
-                        choices=["default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode for the compiled configurations (the GPU "
-                             "inference target compares with max-autotune)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved timing rounds, each one step of every configuration "
+        "(default: 5 on CPU, 20 on a GPU)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or bf16/fp16 autocast"
+    )
+    parser.add_argument(
+        "--backend",
+        default="all",
+        choices=["all", "cpu", "cuda", "triton", "torch"],
+        help="fastres backends to measure (default: every available one)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure torch.compile of both models (default: on; compiling "
+        "ResNet-50 takes about two minutes on a 2-core CPU)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode for the compiled configurations (the GPU "
+        "inference target compares with max-autotune)",
+    )
     parser.add_argument("--out", default="benchmarks/results/local", help="folder for CSV and PNG")
     parser.add_argument("--csv", help="the CSV's path (default: OUT/<model>_<device>_<dtype>.csv)")
-    parser.add_argument("--chart", action=argparse.BooleanOptionalAction, default=True,
-                        help="also write a PNG chart beside the CSV (default: on)")
+    parser.add_argument(
+        "--chart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write a PNG chart beside the CSV (default: on)",
+    )
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -482,22 +572,32 @@ def _progress(items):
     return tqdm(items, desc="fastres.bench", unit="config", file=sys.stderr)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype]
     reference = build_reference(args.model, args.device)
-    configs = configurations(args.device, available_backends(args.device, args.backend), args.compile)
-    prepared = [prepare(config, reference, args, args.device, dtype)
-                for config in _progress(configs)]
+    configs = configurations(
+        args.device, available_backends(args.device, args.backend), args.compile
+    )
+    prepared = [
+        prepare(config, reference, args, args.device, dtype) for config in _progress(configs)
+    ]
     measure_all(prepared, args, args.device, dtype)
     results = [p.result for p in prepared]
-    meta = {"model": args.model, "device": device_name(args.device),
-            "device_type": args.device, "dtype": args.dtype,
-            "batch_size": args.batch_size, "image_size": args.image_size,
-            "compile_mode": args.compile_mode,
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": fastres.info()["triton"], "triton_autotune": _triton_autotune(),
-            "fastres_commit": fastres_commit()}
+    meta = {
+        "model": args.model,
+        "device": device_name(args.device),
+        "device_type": args.device,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "compile_mode": args.compile_mode,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": fastres.info()["triton"],
+        "triton_autotune": _triton_autotune(),
+        "fastres_commit": fastres_commit(),
+    }
     rows = rows_of(results, meta)
     print_table(rows, meta)
     if not args.compile:

@@ -15,7 +15,6 @@ an in-place edit, ``.to()`` — is seen on the next call and the weights are fol
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +35,15 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         ``torch.nn.utils.fusion.fuse_conv_bn_weights``.
     """
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("fold_bn: bn has no running statistics (track_running_stats=False), "
-                         "so eval-mode BatchNorm is not an affine map to fold")
+        raise ValueError(
+            "fold_bn: bn has no running statistics (track_running_stats=False), "
+            "so eval-mode BatchNorm is not an affine map to fold"
+        )
     if bn.num_features != conv.out_channels:
-        raise ValueError(f"fold_bn: bn has {bn.num_features} channels but conv has "
-                         f"{conv.out_channels} output channels")
+        raise ValueError(
+            f"fold_bn: bn has {bn.num_features} channels but conv has "
+            f"{conv.out_channels} output channels"
+        )
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = bn.weight * scale
@@ -66,10 +69,10 @@ class _Stage:
         self.conv, self.kind = conv, kind
         with torch.no_grad():
             self.weight, self.bias = fold_bn(conv, bn)
-        self.packed: Optional[Tensor] = None
+        self.packed: Tensor | None = None
         self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
-    def run(self, x: Tensor, *, relu: bool, residual: Optional[Tensor] = None) -> Tensor:
+    def run(self, x: Tensor, *, relu: bool, residual: Tensor | None = None) -> Tensor:
         if self.kind == "onednn":
             return self._run_onednn(x, relu, residual)
         weight, bias = self._in_dtype(x.dtype)
@@ -77,18 +80,19 @@ class _Stage:
         if self.kind == "triton":
             from fastres.ops.conv_bn import conv2d_bias_act_triton
 
-            return conv2d_bias_act_triton(x, weight, bias, residual, relu, c.stride[0],
-                                          c.padding[0], c.dilation[0], c.groups)
+            return conv2d_bias_act_triton(
+                x, weight, bias, residual, relu, c.stride[0], c.padding[0], c.dilation[0], c.groups
+            )
         geometry = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
         if residual is not None:
             # relu(conv(x) + bias + alpha * residual); the blocks always ReLU after the add.
             assert relu, "the residual add is always followed by ReLU in a residual block"
-            return torch.ops.aten.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias,
-                                                             *geometry)
+            return torch.ops.aten.cudnn_convolution_add_relu(
+                x, weight, residual, 1.0, bias, *geometry
+            )
         if relu:
             return torch.ops.aten.cudnn_convolution_relu(x, weight, bias, *geometry)
-        return torch.ops.aten.convolution(x, weight, bias, *geometry[:3], False, [0, 0],
-                                          c.groups)
+        return torch.ops.aten.convolution(x, weight, bias, *geometry[:3], False, [0, 0], c.groups)
 
     def _in_dtype(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The folded weight (channels_last) and bias in the activations' dtype (autocast runs
@@ -96,10 +100,11 @@ class _Stage:
         if dtype not in self._cast:
             self._cast[dtype] = (
                 self.weight.to(dtype).contiguous(memory_format=torch.channels_last),
-                self.bias.to(dtype))
+                self.bias.to(dtype),
+            )
         return self._cast[dtype]
 
-    def _run_onednn(self, x: Tensor, relu: bool, residual: Optional[Tensor]) -> Tensor:
+    def _run_onednn(self, x: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
         c = self.conv
         geometry = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
         if self.packed is None:
@@ -107,18 +112,31 @@ class _Stage:
             # really arrives avoids a reorder on every call. Other batch sizes stay correct.
             with torch.no_grad():
                 self.packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    self.weight.contiguous(memory_format=torch.channels_last), *geometry[:3],
-                    c.groups, list(x.shape))
+                    self.weight.contiguous(memory_format=torch.channels_last),
+                    *geometry[:3],
+                    c.groups,
+                    list(x.shape),
+                )
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed, self.bias, *geometry, "relu" if relu else "none", [], "")
+                x, self.packed, self.bias, *geometry, "relu" if relu else "none", [], ""
+            )
         weight = self.packed
         if residual.shape[-2:] == (1, 1) and not onednn_binary_takes_packed_weight_at_1x1():
             # See onednn_binary_takes_packed_weight_at_1x1: NCHW input and plain weight there.
             x, weight = _nchw(x), self.weight.contiguous()
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, self.bias, *geometry, "add", 1.0,
-            "relu" if relu else "none", [], "")
+            x,
+            residual,
+            weight,
+            self.bias,
+            *geometry,
+            "add",
+            1.0,
+            "relu" if relu else "none",
+            [],
+            "",
+        )
 
 
 def _nchw(x: Tensor) -> Tensor:
@@ -129,7 +147,7 @@ def _nchw(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_binary_takes_packed_weight_at_1x1() -> bool:
     """Whether this torch's fused oneDNN convolution + add (+ ReLU) runs from a prepacked weight
     and a channels_last input when the output is 1x1 spatially (a small image's last stage).
@@ -144,8 +162,9 @@ def onednn_binary_takes_packed_weight_at_1x1() -> bool:
     geometry = ([0, 0], [1, 1], [1, 1], 1)
     packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape))
     try:
-        torch.ops.mkldnn._convolution_pointwise.binary(x, torch.zeros(1, 8, 1, 1), packed, None,
-                                                       *geometry, "add", 1.0, "relu", [], "")
+        torch.ops.mkldnn._convolution_pointwise.binary(
+            x, torch.zeros(1, 8, 1, 1), packed, None, *geometry, "add", 1.0, "relu", [], ""
+        )
     except RuntimeError:
         return False
     return True
@@ -159,17 +178,21 @@ def folding_description(backend: str) -> str:
     if kind == "onednn":
         text = "oneDNN fused convolution + bias (+ add) (+ ReLU), prepacked weights"
         if not onednn_binary_takes_packed_weight_at_1x1():
-            text += ("; where the output is 1x1 the residual-add convolution takes the plain "
-                     "weight and an NCHW input (this torch's prepacked binary op fails there)")
+            text += (
+                "; where the output is 1x1 the residual-add convolution takes the plain "
+                "weight and an NCHW input (this torch's prepacked binary op fails there)"
+            )
         return text
     if kind == "cudnn":
         return "cuDNN fused convolution + bias (+ add) + ReLU"
     return "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU) epilogue"
 
 
-def _state_key(tensors: list[Optional[Tensor]]) -> tuple:
-    return tuple((None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device))
-                 for t in tensors)
+def _state_key(tensors: list[Tensor | None]) -> tuple:
+    return tuple(
+        (None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device))
+        for t in tensors
+    )
 
 
 class FoldedBlock:
@@ -179,33 +202,36 @@ class FoldedBlock:
     downsample branch or None.
     """
 
-    def __init__(self):
-        self._key: Optional[tuple] = None
+    def __init__(self) -> None:
+        self._key: tuple | None = None
         self._stages: list[_Stage] = []
-        self._downsample: Optional[_Stage] = None
+        self._downsample: _Stage | None = None
 
-    def stages(self, pairs, downsample, kind: str) -> tuple[list[_Stage], Optional[_Stage]]:
+    def stages(self, pairs, downsample, kind: str) -> tuple[list[_Stage], _Stage | None]:
         """The stages running on ``kind`` (see :class:`_Stage`), folded again if anything they
         depend on changed since the last call."""
         modules = list(pairs) + ([downsample] if downsample else [])
-        tensors = [t for conv, bn in modules
-                   for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                             bn.running_var)]
+        tensors = [
+            t
+            for conv, bn in modules
+            for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        ]
         key = _state_key(tensors) + tuple(bn.eps for _, bn in modules) + (kind,)
         if key != self._key:
             self._stages = [_Stage(conv, bn, kind) for conv, bn in pairs]
-            self._downsample = _Stage(*downsample, kind) if downsample else None
+            self._downsample = _Stage(downsample[0], downsample[1], kind) if downsample else None
             self._key = key
         return self._stages, self._downsample
 
 
-@functools.lru_cache(maxsize=None)
-def folding_kind(backend: str) -> Optional[str]:
+@functools.cache
+def folding_kind(backend: str) -> str | None:
     """The fused convolution that folded inference uses for a fastres backend, or None where
     there is none: oneDNN for ``cpu``, cuDNN for ``cuda``, the Triton epilogue for ``triton``."""
     if backend == "cpu":
         available = torch.backends.mkldnn.is_available() and hasattr(
-            torch.ops.mkldnn, "_convolution_pointwise")
+            torch.ops.mkldnn, "_convolution_pointwise"
+        )
         return "onednn" if available else None
     if backend == "cuda":
         return "cudnn" if torch.backends.cudnn.is_available() else None

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 __all__ = ["Spread", "time_interleaved", "paired_speedups", "spread_of"]
 
@@ -31,7 +31,7 @@ class Spread:
         """For a ratio: True when the whole interquartile range lies on one side of 1.0."""
         return not (self.low <= 1.0 <= self.high)
 
-    def scaled(self, factor: float) -> "Spread":
+    def scaled(self, factor: float) -> Spread:
         """The same spread of ``factor / sample`` (e.g. seconds per step -> images per second);
         the order of low and high flips with the reciprocal."""
         return Spread(factor / self.median, factor / self.high, factor / self.low, self.samples)
@@ -48,9 +48,12 @@ def spread_of(samples: Sequence[float]) -> Spread:
     return Spread(statistics.median(values), low, high, len(values))
 
 
-def time_interleaved(steps: Mapping[str, Callable[[], object]], rounds: int,
-                     sync: Callable[[], None] = lambda: None,
-                     warmup: int = 1) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    sync: Callable[[], None] = lambda: None,
+    warmup: int = 1,
+) -> dict[str, list[float]]:
     """Seconds of each step of each configuration, timed in interleaved rounds.
 
     Args:
@@ -87,6 +90,8 @@ def paired_speedups(baseline_seconds: Sequence[float], seconds: Sequence[float])
     """Per round, the baseline's step time over the other configuration's (above 1.0: the other
     is faster). Both lists come from the same :func:`time_interleaved` run."""
     if len(baseline_seconds) != len(seconds):
-        raise ValueError(f"paired_speedups: {len(baseline_seconds)} baseline rounds but "
-                         f"{len(seconds)} rounds to compare")
-    return [base / own for base, own in zip(baseline_seconds, seconds)]
+        raise ValueError(
+            f"paired_speedups: {len(baseline_seconds)} baseline rounds but "
+            f"{len(seconds)} rounds to compare"
+        )
+    return [base / own for base, own in zip(baseline_seconds, seconds, strict=True)]

@@ -5,19 +5,38 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from fastres.modules import (FastBasicBlock, FastBottleneck, FastResNet, SyncBatchNorm2d,
-                             _check_backend_name, replace_modules, retyped, sync_batch_norms)
+from fastres.modules import (
+    FastBasicBlock,
+    FastBottleneck,
+    FastResNet,
+    SyncBatchNorm2d,
+    _check_backend_name,
+    replace_modules,
+    retyped,
+    sync_batch_norms,
+)
 
 __all__ = [
-    "convert", "revert", "ConversionReport", "resnet18", "resnet34", "resnet50", "resnet101",
-    "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
+    "convert",
+    "revert",
+    "ConversionReport",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
     "wide_resnet101_2",
 ]
 
@@ -49,8 +68,11 @@ class ConversionReport:
         return text
 
 
-def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type | None, str]],
-                 configure: Callable[[nn.Module], None]) -> tuple[nn.Module, ConversionReport]:
+def _swap_blocks(
+    model: nn.Module,
+    pick: Callable[[nn.Module, str], tuple[type | None, str]],
+    configure: Callable[[nn.Module], None],
+) -> tuple[nn.Module, ConversionReport]:
     report = ConversionReport()
 
     def visit(module: nn.Module, name: str) -> nn.Module:
@@ -77,8 +99,14 @@ def _swap_blocks(model: nn.Module, pick: Callable[[nn.Module, str], tuple[type |
     return visit(model, ""), report
 
 
-def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
-            sync_bn: bool = False, process_group: Optional[Any] = None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    inplace: bool = False,
+    sync_bn: bool = False,
+    process_group: Any | None = None,
+) -> nn.Module:
     """Replaces every torchvision ``Bottleneck`` and ``BasicBlock`` in ``model`` by the fast blocks.
 
     Works anywhere in a model (plain ResNets, ResNeXt, Wide ResNet, backbones nested in other
@@ -147,8 +175,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         del block.__dict__["backend"]
 
     model, report = _swap_blocks(model, pick, configure)
-    report.batch_norms = replace_modules(model, SyncBatchNorm2d,
-                                         SyncBatchNorm2d.to_batch_norm)
+    report.batch_norms = replace_modules(model, SyncBatchNorm2d, SyncBatchNorm2d.to_batch_norm)
     _report(report, "reverted")
     return model
 
@@ -157,19 +184,32 @@ def _report(report: ConversionReport, verb: str) -> None:
     if report.converted:
         logger.info(report.summary(verb))
     else:
-        warnings.warn(f"{report.summary(verb)}: the model has no block to {verb[:-2]} and is "
-                      "returned unchanged", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{report.summary(verb)}: the model has no block to {verb[:-2]} and is "
+            "returned unchanged",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _builder(torchvision_builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     name = torchvision_builder.__name__
 
-    def build(*, weights: Any = None, progress: bool = True, backend: str = "auto",
-              sync_bn: bool = False, process_group: Optional[Any] = None,
-              **kwargs: Any) -> nn.Module:
+    def build(
+        *,
+        weights: Any = None,
+        progress: bool = True,
+        backend: str = "auto",
+        sync_bn: bool = False,
+        process_group: Any | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
         model = torchvision_builder(weights=weights, progress=progress, **kwargs)
-        model, _ = _swap_blocks(model, lambda m, n: (_FAST_OF.get(type(m)), ""),
-                                lambda block: setattr(block, "backend", _check_backend_name(backend)))
+        model, _ = _swap_blocks(
+            model,
+            lambda m, n: (_FAST_OF.get(type(m)), ""),
+            lambda block: setattr(block, "backend", _check_backend_name(backend)),
+        )
         if sync_bn:
             sync_batch_norms(model, process_group, backend)
         return model
@@ -179,7 +219,8 @@ def _builder(torchvision_builder: Callable[..., nn.Module]) -> Callable[..., nn.
         f"torchvision's ``{name}`` built from fast blocks.\n\n"
         f"Takes torchvision's arguments (``weights`` as torchvision's weights enum, ``progress``, "
         f"and ``ResNet`` keyword arguments) plus ``backend``, ``sync_bn`` and ``process_group`` "
-        f"(as for :func:`convert`); loads any torchvision {name} state_dict unchanged.")
+        f"(as for :func:`convert`); loads any torchvision {name} state_dict unchanged."
+    )
     return build
 
 

@@ -31,7 +31,8 @@ A block whose layers the fused ops cannot reproduce (a norm layer other than an 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,11 +59,15 @@ def _check_block_input(x: Tensor, conv: nn.Conv2d, block: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{block}: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{block}: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D with "
-                         f"shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{block}: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D with "
+            f"shape {tuple(x.shape)}"
+        )
     if x.shape[1] != conv.in_channels:
-        raise ValueError(f"{block}: x must have {conv.in_channels} channels (the block's "
-                         f"inplanes), got {x.shape[1]}")
+        raise ValueError(
+            f"{block}: x must have {conv.in_channels} channels (the block's "
+            f"inplanes), got {x.shape[1]}"
+        )
 
 
 def _fusable_batch_norm(module: nn.Module) -> bool:
@@ -76,8 +81,12 @@ def _synchronised(bn: nn.Module) -> bool:
 
 
 def _fusable_conv(module: nn.Module) -> bool:
-    return (type(module) is nn.Conv2d and module.bias is None and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+    return (
+        type(module) is nn.Conv2d
+        and module.bias is None
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
 
 
 class _BatchNormCall:
@@ -100,7 +109,7 @@ class _BatchNormCall:
         self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
 
 
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
@@ -117,14 +126,37 @@ def _bn_relu_conv(y: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, backend: str) 
     with torch.autocast(y.device.type, enabled=False):
         if _synchronised(bn):
             return sync_bn_act_conv2d(
-                y, call.weight, call.bias, call.running_mean, call.running_var, weight,
-                list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
-                training=call.training, momentum=call.momentum, eps=call.eps,
-                process_group=bn.process_group, backend=backend)
+                y,
+                call.weight,
+                call.bias,
+                call.running_mean,
+                call.running_var,
+                weight,
+                list(conv.stride),
+                list(conv.padding),
+                list(conv.dilation),
+                conv.groups,
+                training=call.training,
+                momentum=call.momentum,
+                eps=call.eps,
+                process_group=bn.process_group,
+                backend=backend,
+            )
         out, mean, var = bn_act_conv2d(
-            y, call.weight, call.bias, call.running_mean, call.running_var, weight,
-            list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
-            call.training, call.eps, backend)
+            y,
+            call.weight,
+            call.bias,
+            call.running_mean,
+            call.running_var,
+            weight,
+            list(conv.stride),
+            list(conv.padding),
+            list(conv.dilation),
+            conv.groups,
+            call.training,
+            call.eps,
+            backend,
+        )
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if call.training and call.running_mean is not None and count > 0:
         update_running_stats(call.running_mean, call.running_var, mean, var, call.momentum, count)
@@ -137,13 +169,33 @@ def _bn_add_relu(y: Tensor, bn: nn.BatchNorm2d, residual: Tensor, backend: str) 
     if residual.dtype != y.dtype:  # autocast: the residual path may be in another precision
         residual = residual.to(y.dtype)
     if _synchronised(bn):
-        return sync_bn_act(y, call.weight, call.bias, call.running_mean, call.running_var,
-                           residual=residual, training=call.training, momentum=call.momentum,
-                           eps=call.eps, relu=True, process_group=bn.process_group,
-                           backend=backend)
-    return bn_act(y, call.weight, call.bias, call.running_mean, call.running_var,
-                  residual=residual, training=call.training, momentum=call.momentum,
-                  eps=call.eps, relu=True, backend=backend)
+        return sync_bn_act(
+            y,
+            call.weight,
+            call.bias,
+            call.running_mean,
+            call.running_var,
+            residual=residual,
+            training=call.training,
+            momentum=call.momentum,
+            eps=call.eps,
+            relu=True,
+            process_group=bn.process_group,
+            backend=backend,
+        )
+    return bn_act(
+        y,
+        call.weight,
+        call.bias,
+        call.running_mean,
+        call.running_var,
+        residual=residual,
+        training=call.training,
+        momentum=call.momentum,
+        eps=call.eps,
+        relu=True,
+        backend=backend,
+    )
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -165,21 +217,33 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     initialised, else a RuntimeError says so. Eval communicates nothing.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True,
-                 process_group: Optional[Any] = None, device=None, dtype=None, *,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
         self.backend = _check_backend_name(backend)
 
     @classmethod
-    def from_batch_norm(cls, bn: nn.BatchNorm2d, process_group: Optional[Any] = None,
-                        backend: str = "auto") -> "SyncBatchNorm2d":
+    def from_batch_norm(
+        cls, bn: nn.BatchNorm2d, process_group: Any | None = None, backend: str = "auto"
+    ) -> SyncBatchNorm2d:
         """``bn`` itself, retyped: the very same parameters, buffers, hooks and mode."""
         if type(bn) is not nn.BatchNorm2d:
-            raise TypeError(f"SyncBatchNorm2d.from_batch_norm: bn must be an nn.BatchNorm2d, got "
-                            f"{type(bn).__name__}")
+            raise TypeError(
+                f"SyncBatchNorm2d.from_batch_norm: bn must be an nn.BatchNorm2d, got "
+                f"{type(bn).__name__}"
+            )
         sync = retyped(bn, cls)
         sync.process_group = process_group
         sync.backend = _check_backend_name(backend)
@@ -195,13 +259,31 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         call = _BatchNormCall(self)
         if self.training:
-            return sync_bn_act(x, call.weight, call.bias, call.running_mean, call.running_var,
-                               training=call.training, momentum=call.momentum, eps=call.eps,
-                               relu=False, process_group=self.process_group,
-                               backend=self.backend)
-        return bn_act(x, call.weight, call.bias, call.running_mean, call.running_var,
-                      training=call.training, momentum=call.momentum, eps=call.eps, relu=False,
-                      backend=self.backend)
+            return sync_bn_act(
+                x,
+                call.weight,
+                call.bias,
+                call.running_mean,
+                call.running_var,
+                training=call.training,
+                momentum=call.momentum,
+                eps=call.eps,
+                relu=False,
+                process_group=self.process_group,
+                backend=self.backend,
+            )
+        return bn_act(
+            x,
+            call.weight,
+            call.bias,
+            call.running_mean,
+            call.running_var,
+            training=call.training,
+            momentum=call.momentum,
+            eps=call.eps,
+            relu=False,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
@@ -215,24 +297,32 @@ def retyped(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-def replace_modules(root: nn.Module, kind: type,
-                    make: Callable[[nn.Module], nn.Module]) -> list[str]:
+def replace_modules(
+    root: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module]
+) -> list[str]:
     """Replaces, in place, every module of exactly type ``kind`` under ``root`` (not ``root``
     itself) by ``make(module)``; returns their qualified names."""
-    targets = [(f"{parent_name}.{name}" if parent_name else name, parent, name, child)
-               for parent_name, parent in root.named_modules()
-               for name, child in parent.named_children() if type(child) is kind]
+    targets = [
+        (f"{parent_name}.{name}" if parent_name else name, parent, name, child)
+        for parent_name, parent in root.named_modules()
+        for name, child in parent.named_children()
+        if type(child) is kind
+    ]
     for _, parent, name, child in targets:
         setattr(parent, name, make(child))
     return [qualified for qualified, *_ in targets]
 
 
-def sync_batch_norms(module: nn.Module, process_group: Optional[Any] = None,
-                     backend: str = "auto") -> list[str]:
+def sync_batch_norms(
+    module: nn.Module, process_group: Any | None = None, backend: str = "auto"
+) -> list[str]:
     """Retypes, in place, every exact ``nn.BatchNorm2d`` under ``module`` (not ``module``
     itself) into a :class:`SyncBatchNorm2d` on the same tensors; returns their qualified names."""
-    return replace_modules(module, nn.BatchNorm2d,
-                           lambda bn: SyncBatchNorm2d.from_batch_norm(bn, process_group, backend))
+    return replace_modules(
+        module,
+        nn.BatchNorm2d,
+        lambda bn: SyncBatchNorm2d.from_batch_norm(bn, process_group, backend),
+    )
 
 
 class _FastBlock:
@@ -242,7 +332,7 @@ class _FastBlock:
     _norms: tuple[str, ...]
     _convs: tuple[str, ...]
 
-    def _configure(self, backend: str, sync_bn: bool, process_group: Optional[Any]) -> None:
+    def _configure(self, backend: str, sync_bn: bool, process_group: Any | None) -> None:
         """The fast blocks' own constructor options (after torchvision's constructor)."""
         self.backend = _check_backend_name(backend)
         if sync_bn:
@@ -250,9 +340,11 @@ class _FastBlock:
 
     def fused(self) -> bool:
         """Whether forward can use the fused ops (else it runs torchvision's forward)."""
-        return (all(_fusable_batch_norm(getattr(self, name)) for name in self._norms)
-                and all(_fusable_conv(getattr(self, name)) for name in self._convs)
-                and type(self.relu) is nn.ReLU)
+        return (
+            all(_fusable_batch_norm(getattr(self, name)) for name in self._norms)
+            and all(_fusable_conv(getattr(self, name)) for name in self._convs)
+            and type(self.relu) is nn.ReLU
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         _check_block_input(x, self.conv1, type(self).__name__)
@@ -266,13 +358,12 @@ class _FastBlock:
         norms = [getattr(self, name) for name in self._norms]
         convs = [getattr(self, name) for name in self._convs]
         out = convs[0](x)
-        for bn, conv in zip(norms[:-1], convs[1:]):
+        for bn, conv in zip(norms[:-1], convs[1:], strict=True):
             out = _bn_relu_conv(out, bn, conv, backend)
         # After the main branch, as in torchvision: an error there leaves the downsample
         # branch's BatchNorm untouched.
         identity = x if self.downsample is None else self.downsample(x)
         return _bn_add_relu(out, norms[-1], identity, backend)
-
 
     # --- triton: Triton convolutions with the BatchNorms in their prologues and epilogues -----
 
@@ -281,11 +372,17 @@ class _FastBlock:
         the same stride, padding and dilation along H and W; float32/16/bf16 activations.
         Synchronized BatchNorm keeps the bn_act path (its statistics need a collective)."""
         convs = [getattr(self, name) for name in self._convs]
-        return (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and all(type(getattr(self, name)) is nn.BatchNorm2d for name in self._norms)
-                and all(len(set(c.kernel_size)) == 1 and len(set(c.stride)) == 1
-                        and len(set(c.padding)) == 1 and len(set(c.dilation)) == 1
-                        for c in convs))
+        return (
+            x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and all(type(getattr(self, name)) is nn.BatchNorm2d for name in self._norms)
+            and all(
+                len(set(c.kernel_size)) == 1
+                and len(set(c.stride)) == 1
+                and len(set(c.padding)) == 1
+                and len(set(c.dilation)) == 1
+                for c in convs
+            )
+        )
 
     def _triton_forward(self, x: Tensor) -> Tensor:
         """conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> ... -> BN_last + residual + ReLU: each
@@ -297,22 +394,41 @@ class _FastBlock:
         with torch.autocast(x.device.type, enabled=False):
             h = x.to(compute_dtype)
             before = None  # (call, mean, var) of the BatchNorm waiting to be applied to h
-            for conv_name, bn_name in zip(self._convs, self._norms):
+            for conv_name, bn_name in zip(self._convs, self._norms, strict=True):
                 conv, call = getattr(self, conv_name), _BatchNormCall(getattr(self, bn_name))
-                bn_args = ((before[1], before[2], before[0].weight, before[0].bias,
-                            before[0].training, before[0].eps) if before
-                           else (None, None, None, None, False, call.eps))
+                bn_args = (
+                    (
+                        before[1],
+                        before[2],
+                        before[0].weight,
+                        before[0].bias,
+                        before[0].training,
+                        before[0].eps,
+                    )
+                    if before
+                    else (None, None, None, None, False, call.eps)
+                )
                 h, mean, var = conv2d_bn_triton(
-                    h, conv.weight.to(compute_dtype), *bn_args, conv.stride[0], conv.padding[0],
-                    conv.dilation[0], conv.groups, call.training)
+                    h,
+                    conv.weight.to(compute_dtype),
+                    *bn_args,
+                    conv.stride[0],
+                    conv.padding[0],
+                    conv.dilation[0],
+                    conv.groups,
+                    call.training,
+                )
                 if call.training:
                     count = h.shape[0] * h.shape[2] * h.shape[3]
                     if count == 1:  # where, and as, torchvision's block would raise
-                        raise ValueError("Expected more than 1 value per channel when "
-                                         f"training, got input size {h.size()}")
+                        raise ValueError(
+                            "Expected more than 1 value per channel when "
+                            f"training, got input size {h.size()}"
+                        )
                     if call.running_mean is not None and count > 0:
-                        update_running_stats(call.running_mean, call.running_var, mean, var,
-                                             call.momentum, count)
+                        update_running_stats(
+                            call.running_mean, call.running_var, mean, var, call.momentum, count
+                        )
                     before = (call, mean, var)
                 else:
                     before = (call, call.running_mean, call.running_var)
@@ -323,11 +439,30 @@ class _FastBlock:
             call, mean, var = before
             residual = identity.to(h.dtype)
             if call.training:
-                out = bn_act_from_stats(h, call.weight, call.bias, mean, var, residual=residual,
-                                        eps=call.eps, relu=True, backend="triton")
+                out = bn_act_from_stats(
+                    h,
+                    call.weight,
+                    call.bias,
+                    mean,
+                    var,
+                    residual=residual,
+                    eps=call.eps,
+                    relu=True,
+                    backend="triton",
+                )
             else:
-                out = bn_act(h, call.weight, call.bias, mean, var, residual=residual,
-                             training=False, eps=call.eps, relu=True, backend="triton")
+                out = bn_act(
+                    h,
+                    call.weight,
+                    call.bias,
+                    mean,
+                    var,
+                    residual=residual,
+                    training=False,
+                    eps=call.eps,
+                    relu=True,
+                    backend="triton",
+                )
         return out.contiguous(memory_format=out_format)
 
     # --- eval with BatchNorm folded into the convolutions (fastres/folding.py) ----------------
@@ -335,8 +470,12 @@ class _FastBlock:
     def _downsample_pair(self):
         """(conv, bn) of a foldable downsample branch, else None."""
         ds = self.downsample
-        if (type(ds) is nn.Sequential and len(ds) == 2 and _fusable_conv(ds[0])
-                and _fusable_batch_norm(ds[1])):
+        if (
+            type(ds) is nn.Sequential
+            and len(ds) == 2
+            and _fusable_conv(ds[0])
+            and _fusable_batch_norm(ds[1])
+        ):
             return ds[0], ds[1]
         return None
 
@@ -347,12 +486,16 @@ class _FastBlock:
         return not self.training and _foldable(x, backend, [self], norms)
 
     def _folded_forward(self, x: Tensor, backend: str) -> Tensor:
-        pairs = [(getattr(self, c), getattr(self, n)) for c, n in zip(self._convs, self._norms)]
+        pairs = [
+            (getattr(self, c), getattr(self, n))
+            for c, n in zip(self._convs, self._norms, strict=True)
+        ]
         cache = _FOLDED.setdefault(self, FoldedBlock())
         stages, downsample = cache.stages(pairs, self._downsample_pair(), folding_kind(backend))
         # A downsample branch that is not (conv, BatchNorm) runs as itself, under autocast.
-        unfolded_identity = (self.downsample(x) if downsample is None and self.downsample
-                             is not None else None)
+        unfolded_identity = (
+            self.downsample(x) if downsample is None and self.downsample is not None else None
+        )
         with torch.autocast(x.device.type, enabled=False):
             h = _folding_input(x, backend)
             out = h
@@ -371,8 +514,9 @@ class _FastBlock:
         return super().train(mode)
 
 
-def _foldable(x: Tensor, backend: str, layers: list[nn.Module],
-              norms: list[nn.BatchNorm2d]) -> bool:
+def _foldable(
+    x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.BatchNorm2d]
+) -> bool:
     """Whether eval of ``layers`` (in eval mode) may run with their BatchNorms ``norms`` folded:
     where that gives exactly the eval computation and nothing needs gradients. Every BatchNorm
     in eval with running statistics; on cpu in float32 without autocast (oneDNN), on cuda and
@@ -385,8 +529,9 @@ def _foldable(x: Tensor, backend: str, layers: list[nn.Module],
             return False
     elif (_autocast_dtype(x) or x.dtype) not in (torch.float32, torch.float16, torch.bfloat16):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for layer in layers for p in layer.parameters())):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
+    ):
         return False
     return all(not bn.training and bn.running_mean is not None for bn in norms)
 
@@ -400,7 +545,7 @@ def _folding_input(x: Tensor, backend: str) -> Tensor:
 
 # Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are
 # neither state to save nor something deepcopy should duplicate).
-_FOLDED: "weakref.WeakKeyDictionary[nn.Module, FoldedBlock]" = weakref.WeakKeyDictionary()
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedBlock] = weakref.WeakKeyDictionary()
 
 
 class FastBottleneck(_FastBlock, Bottleneck):
@@ -416,13 +561,24 @@ class FastBottleneck(_FastBlock, Bottleneck):
     _norms = ("bn1", "bn2", "bn3")
     _convs = ("conv1", "conv2", "conv3")
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
-                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None, *,
-                 backend: str = "auto", sync_bn: bool = False,
-                 process_group: Optional[Any] = None) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
-                         norm_layer)
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        backend: str = "auto",
+        sync_bn: bool = False,
+        process_group: Any | None = None,
+    ) -> None:
+        super().__init__(
+            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
+        )
         self._configure(backend, sync_bn, process_group)
 
 
@@ -435,13 +591,24 @@ class FastBasicBlock(_FastBlock, BasicBlock):
     _norms = ("bn1", "bn2")
     _convs = ("conv1", "conv2")
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
-                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None, *,
-                 backend: str = "auto", sync_bn: bool = False,
-                 process_group: Optional[Any] = None) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
-                         norm_layer)
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        backend: str = "auto",
+        sync_bn: bool = False,
+        process_group: Any | None = None,
+    ) -> None:
+        super().__init__(
+            inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer
+        )
         self._configure(backend, sync_bn, process_group)
 
 
@@ -465,13 +632,19 @@ class FastResNet(ResNet):
             x = layer(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
-    def _stem_folding_backend(self, x: Tensor) -> Optional[str]:
+    def _stem_folding_backend(self, x: Tensor) -> str | None:
         """The backend the stem runs folded on, or None to run ResNet's own forward: for a
         (N, C, H, W) input the stem takes (anything else gets ResNet's own errors), the usual
         stem layers, in eval, where :func:`_foldable` allows."""
-        if not (isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] == self.conv1.in_channels
-                and _fusable_conv(self.conv1) and _fusable_batch_norm(self.bn1)
-                and type(self.relu) is nn.ReLU and not self.training):
+        if not (
+            isinstance(x, Tensor)
+            and x.dim() == 4
+            and x.shape[1] == self.conv1.in_channels
+            and _fusable_conv(self.conv1)
+            and _fusable_batch_norm(self.bn1)
+            and type(self.relu) is nn.ReLU
+            and not self.training
+        ):
             return None
         backend = resolve_backend(self.backend, x.device, x.dtype)
         if backend == "torch" or not _foldable(x, backend, [self.conv1, self.bn1], [self.bn1]):

@@ -7,18 +7,24 @@ running statistics after several training steps. Comparison follows tests/tolera
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
+from tolerances import RULE_DTYPES, assert_close, assert_within_error_factor
 
 from fastres.ops import bn_act
 from fastres.ops.bn_act import bn_act_reference
-from tolerances import RULE_DTYPES, assert_close, assert_within_error_factor
 
 # ResNet-50's BatchNorm shapes at batch 2: the stem, then each stage's bottleneck widths.
 RESNET50_SHAPES = [
-    (2, 64, 112, 112), (2, 64, 56, 56), (2, 256, 56, 56), (2, 128, 28, 28), (2, 512, 28, 28),
-    (2, 256, 14, 14), (2, 1024, 14, 14), (2, 512, 7, 7), (2, 2048, 7, 7),
+    (2, 64, 112, 112),
+    (2, 64, 56, 56),
+    (2, 256, 56, 56),
+    (2, 128, 28, 28),
+    (2, 512, 28, 28),
+    (2, 256, 14, 14),
+    (2, 1024, 14, 14),
+    (2, 512, 7, 7),
+    (2, 2048, 7, 7),
 ]
 # The same channel counts at a spatial size the Triton interpreter runs quickly.
 RESNET50_CHANNELS_SMALL = [(2, c, 3, 3) for c in (64, 128, 256, 512, 1024, 2048)]
@@ -43,13 +49,13 @@ class Case:
     eps: float = 1e-5
     seed: int = 0
     # Optional strided view: applied to x, residual and grad before use (non-dense inputs).
-    view: Optional[object] = field(default=None, repr=False)
+    view: object | None = field(default=None, repr=False)
 
 
 def make_inputs(case: Case) -> dict:
     """Float64 master copies of every input; rounded to the case's dtype when used."""
     g = torch.Generator().manual_seed(case.seed)
-    n, c = case.shape[0], case.shape[1]
+    c = case.shape[1]
     big = case.shape if case.view is None else case.view.source_shape(case.shape)
     dt = torch.float64
     return {
@@ -58,8 +64,12 @@ def make_inputs(case: Case) -> dict:
         "residual": torch.randn(big, generator=g, dtype=dt) if case.residual else None,
         "weight": torch.rand(c, generator=g, dtype=dt) + 0.5 if case.affine else None,
         "bias": torch.randn(c, generator=g, dtype=dt) if case.affine else None,
-        "running_mean": torch.randn(c, generator=g, dtype=dt) * 0.1 if case.track_running_stats else None,
-        "running_var": torch.rand(c, generator=g, dtype=dt) + 0.5 if case.track_running_stats else None,
+        "running_mean": torch.randn(c, generator=g, dtype=dt) * 0.1
+        if case.track_running_stats
+        else None,
+        "running_var": torch.rand(c, generator=g, dtype=dt) + 0.5
+        if case.track_running_stats
+        else None,
         "grad": torch.randn(big, generator=g, dtype=dt),
     }
 
@@ -82,14 +92,29 @@ def run(fn, inputs: dict, case: Case, dtype: torch.dtype, device: str) -> dict:
 
     def param(name, requires_grad):
         t = inputs[name]
-        return None if t is None else t.to(device, param_dtype).detach().requires_grad_(requires_grad)
+        return (
+            None if t is None else t.to(device, param_dtype).detach().requires_grad_(requires_grad)
+        )
 
     weight, bias = param("weight", True), param("bias", True)
     running_mean, running_var = param("running_mean", False), param("running_var", False)
-    originals = {"x": x.detach().clone(), "residual": None if residual is None else residual.detach().clone()}
+    originals = {
+        "x": x.detach().clone(),
+        "residual": None if residual is None else residual.detach().clone(),
+    }
     for _ in range(case.steps):
-        out = fn(x, weight, bias, running_mean, running_var, residual=residual,
-                 training=case.training, momentum=case.momentum, eps=case.eps, relu=case.relu)
+        out = fn(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual=residual,
+            training=case.training,
+            momentum=case.momentum,
+            eps=case.eps,
+            relu=case.relu,
+        )
         out.backward(grad)
     # The op must never modify the caller's activations.
     assert torch.equal(x.detach(), originals["x"]), "x was modified"
@@ -117,23 +142,34 @@ def check_case(backend: str, device: str, case: Case) -> None:
     expected = run(bn_act_reference, inputs, case, case.dtype, device)
     out = got["out"]
     assert out.dtype == case.dtype
-    expected_format = torch.channels_last if case.memory_format == torch.channels_last and case.view is None \
+    expected_format = (
+        torch.channels_last
+        if case.memory_format == torch.channels_last and case.view is None
         else None
+    )
     if expected_format is not None:
         assert out.is_contiguous(memory_format=expected_format), "output lost channels_last"
     if case.dtype in RULE_DTYPES:
-        reference = run(bn_act_reference, {k: _rounded(v, case.dtype, k) for k, v in inputs.items()},
-                        case, torch.float64, device)
+        reference = run(
+            bn_act_reference,
+            {k: _rounded(v, case.dtype, k) for k, v in inputs.items()},
+            case,
+            torch.float64,
+            device,
+        )
     for name, value in got.items():
         if expected[name] is None:
             assert value is None, f"{name} should be None"
             continue
         assert value is not None, f"{name} is missing"
-        assert value.dtype == expected[name].dtype, f"{name}: dtype {value.dtype} != {expected[name].dtype}"
+        assert value.dtype == expected[name].dtype, (
+            f"{name}: dtype {value.dtype} != {expected[name].dtype}"
+        )
         if case.dtype in RULE_DTYPES:
             terms = _input_grad_term_magnitude(inputs, case) if name == "grad_x" else 0.0
-            assert_within_error_factor(value, expected[name], reference[name], name, case.dtype,
-                                       terms)
+            assert_within_error_factor(
+                value, expected[name], reference[name], name, case.dtype, terms
+            )
         else:
             assert_close(value, expected[name], name)
 

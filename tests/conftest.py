@@ -25,7 +25,8 @@ def pytest_collection_modifyitems(config, items):
     # Triton cases then run on CUDA tensors instead.
     skip_interpreter = pytest.mark.skip(
         reason="a GPU is present: the interpreter is off and these Triton cases run on CUDA "
-               "tensors in their cuda-marked twins")
+        "tensors in their cuda-marked twins"
+    )
     for item in items:
         if "cuda" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)

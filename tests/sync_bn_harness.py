@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
+from tolerances import ERROR_FACTOR, FLOOR_ULPS, assert_within_error_factor
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.resnet import Bottleneck, conv1x1
 
 import fastres
 from fastres import FastBottleneck, SyncBatchNorm2d
-from tolerances import ERROR_FACTOR, FLOOR_ULPS, assert_within_error_factor
 
 # Per-process batch sizes: unequal, one process with a single sample (one value per channel at
 # the smallest feature maps), one with none.
@@ -74,9 +74,11 @@ def _randomise_batch_norms(model: nn.Module, generator: torch.Generator) -> None
 # momentum=None (a cumulative average), affine=False with another eps, and another momentum.
 NORMS = {
     "blocks": (nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm2d),
-    "variants": (partial(nn.BatchNorm2d, momentum=None),
-                 partial(nn.BatchNorm2d, affine=False, eps=1e-3),
-                 partial(nn.BatchNorm2d, momentum=0.3)),
+    "variants": (
+        partial(nn.BatchNorm2d, momentum=None),
+        partial(nn.BatchNorm2d, affine=False, eps=1e-3),
+        partial(nn.BatchNorm2d, momentum=0.3),
+    ),
 }
 
 
@@ -84,9 +86,10 @@ def _stack(kind: str, block=Bottleneck, **options) -> nn.Module:
     """Two Bottlenecks, the second with stride 2 and a downsample branch."""
     first, second, branch = NORMS[kind]
     downsample = nn.Sequential(conv1x1(16, 32, stride=2), branch(32))
-    return nn.Sequential(block(16, 4, norm_layer=first, **options),
-                         block(16, 8, stride=2, downsample=downsample, norm_layer=second,
-                               **options))
+    return nn.Sequential(
+        block(16, 4, norm_layer=first, **options),
+        block(16, 8, stride=2, downsample=downsample, norm_layer=second, **options),
+    )
 
 
 def _fast_blocks(kind: str, reference: nn.Module, backend: str) -> nn.Module:
@@ -113,8 +116,7 @@ def _models(kind: str, backend: str, dtype: torch.dtype, device: torch.device):
     assert all(type(m) is not nn.BatchNorm2d for m in fast.modules()), "a BatchNorm is not synced"
     assert any(isinstance(m, SyncBatchNorm2d) for m in fast.modules())
     fast = fast.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    return (fast, copy.deepcopy(reference).to(torch.float64),
-            copy.deepcopy(reference).to(dtype))
+    return (fast, copy.deepcopy(reference).to(torch.float64), copy.deepcopy(reference).to(dtype))
 
 
 def _batches(kind: str, device: torch.device):
@@ -125,8 +127,10 @@ def _batches(kind: str, device: torch.device):
     out_shape = (total, 32, 4, 4) if kind in NORMS else (total, 5)
     xs = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(STEPS)]
     ws = [torch.randn(out_shape, generator=generator, dtype=torch.float64) for _ in range(STEPS)]
-    return ([x.to(device).contiguous(memory_format=torch.channels_last) for x in xs],
-            [w.to(device) for w in ws])
+    return (
+        [x.to(device).contiguous(memory_format=torch.channels_last) for x in xs],
+        [w.to(device) for w in ws],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,44 +148,57 @@ class _Checker:
         what = f"{self.where}: {what}"
         assert actual.shape == reference64.shape, f"{what}: shape {actual.shape}"
         if not reference64.dtype.is_floating_point:
-            assert torch.equal(actual.cpu(), reference64.cpu()), f"{what}: {actual} != {reference64}"
+            assert torch.equal(actual.cpu(), reference64.cpu()), (
+                f"{what}: {actual} != {reference64}"
+            )
         elif self.dtype == torch.float64:
             rtol = 1e-8 if grad else 1e-10
-            torch.testing.assert_close(actual, reference64, rtol=rtol, atol=1e-10,
-                                       msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(
+                actual, reference64, rtol=rtol, atol=1e-10, msg=lambda m: f"{what}: {m}"
+            )
         else:
             magnitude = reference64.abs().max().item() if reference64.numel() else 0.0
-            assert_within_error_factor(actual.cpu(), reference_low.cpu(), reference64.cpu(), what,
-                                       self.dtype, term_magnitude=magnitude)
+            assert_within_error_factor(
+                actual.cpu(),
+                reference_low.cpu(),
+                reference64.cpu(),
+                what,
+                self.dtype,
+                term_magnitude=magnitude,
+            )
 
 
 def _relative_error(values, reference) -> float:
-    diff = torch.cat([(v.double() - r.double()).flatten().cpu() for v, r in zip(values, reference)])
+    diff = torch.cat(
+        [(v.double() - r.double()).flatten().cpu() for v, r in zip(values, reference, strict=True)]
+    )
     norm = torch.cat([r.double().flatten().cpu() for r in reference]).norm()
     return (diff.norm() / norm).item()
 
 
-def _check_model_wide(check: _Checker, actual, reference64, reference_low, what: str,
-                      grad: bool = False) -> None:
+def _check_model_wide(
+    check: _Checker, actual, reference64, reference_low, what: str, grad: bool = False
+) -> None:
     """After a parameter update, low-precision values of a deep random network are chaotic per
     tensor (PyTorch's own float32 gradients are off by tens of percent in places), so they are
     judged by the error-factor rule on the norm over all of them; float64 stays per tensor.
     Integer tensors (num_batches_tracked) must be equal."""
     floating = []
-    for (name, a), r64, r_low in zip(actual, reference64, reference_low):
+    for (name, a), r64, r_low in zip(actual, reference64, reference_low, strict=True):
         if check.dtype == torch.float64 or not r64.dtype.is_floating_point:
             check(a, r64, r_low, f"{what}: {name}", grad=grad)
         else:
             floating.append((a, r64, r_low))
     if not floating:
         return
-    actual, reference64, reference_low = (list(t) for t in zip(*floating))
+    actual, reference64, reference_low = (list(t) for t in zip(*floating, strict=True))
     ours = _relative_error(actual, reference64)
     theirs = _relative_error(reference_low, reference64)
     floor = FLOOR_ULPS * torch.finfo(check.dtype).eps
     assert ours <= ERROR_FACTOR * theirs + floor, (
         f"{check.where}: {what}: relative error {ours:.3g} over all tensors exceeds "
-        f"{ERROR_FACTOR} x PyTorch's {theirs:.3g} + {floor:.3g}")
+        f"{ERROR_FACTOR} x PyTorch's {theirs:.3g} + {floor:.3g}"
+    )
 
 
 def _run_training(model, x, weights, scale=1.0):
@@ -211,7 +228,7 @@ def run_scenario(name: str, rank: int, world_size: int, device: torch.device) ->
     models = (ddp, reference64, reference_low)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
     xs, ws = _batches(kind, device)
-    for step, (x, w) in enumerate(zip(xs, ws)):
+    for step, (x, w) in enumerate(zip(xs, ws, strict=True)):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=False)
         # DDP averages gradients over processes; the loss scale makes that the global sum.
@@ -224,37 +241,61 @@ def run_scenario(name: str, rank: int, world_size: int, device: torch.device) ->
         grads64 = [p.grad for p in reference64.parameters()]
         grads_low = [p.grad for p in reference_low.parameters()]
         if step == 0:  # the same parameters everywhere: every tensor on its own
-            for (pname, g), g64, g_low in zip(grads, grads64, grads_low):
+            for (pname, g), g64, g_low in zip(grads, grads64, grads_low, strict=True):
                 check(g, g64, g_low, f"step 0 grad of {pname}", grad=True)
         else:
             _check_model_wide(check, grads, grads64, grads_low, f"step {step} grads", grad=True)
         for optimizer in optimizers:
             optimizer.step()
-    _check_model_wide(check, list(fast.named_buffers()), list(reference64.buffers()),
-                      list(reference_low.buffers()), f"buffers after {STEPS} steps")
-    _check_model_wide(check, list(fast.named_parameters()), list(reference64.parameters()),
-                      list(reference_low.parameters()), f"parameters after {STEPS} steps")
+    _check_model_wide(
+        check,
+        list(fast.named_buffers()),
+        list(reference64.buffers()),
+        list(reference_low.buffers()),
+        f"buffers after {STEPS} steps",
+    )
+    _check_model_wide(
+        check,
+        list(fast.named_parameters()),
+        list(reference64.parameters()),
+        list(reference_low.parameters()),
+        f"parameters after {STEPS} steps",
+    )
     # Eval communicates nothing and uses the (synchronised) running statistics.
     for m in models:
         m.eval()
     with torch.no_grad():
-        check(ddp(xs[0][mine].to(dtype)), reference64(xs[0])[mine],
-              reference_low(xs[0].to(dtype))[mine], "eval output")
+        check(
+            ddp(xs[0][mine].to(dtype)),
+            reference64(xs[0])[mine],
+            reference_low(xs[0].to(dtype))[mine],
+            "eval output",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Processes
 
 
-def _worker(rank: int, world_size: int, init_file: str, result_dir: str, device_type: str,
-            scenarios: list[str]) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    result_dir: str,
+    device_type: str,
+    scenarios: list[str],
+) -> None:
     torch.set_num_threads(1)  # several processes share this machine's cores
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
     results = {}
     for name in scenarios:
         try:
@@ -270,13 +311,18 @@ def _worker(rank: int, world_size: int, init_file: str, result_dir: str, device_
     dist.destroy_process_group()
 
 
-def run_group(world_size: int, scenarios: list[str], device_type: str, workdir: Path,
-              timeout_s: float = 900) -> dict[str, dict[int, str]]:
+def run_group(
+    world_size: int, scenarios: list[str], device_type: str, workdir: Path, timeout_s: float = 900
+) -> dict[str, dict[int, str]]:
     """Runs the scenarios in ``world_size`` processes; returns {scenario: {rank: result}}."""
     init_file = workdir / "init"
-    context = mp.start_processes(_worker, nprocs=world_size, join=False, start_method="spawn",
-                                 args=(world_size, str(init_file), str(workdir), device_type,
-                                       scenarios))
+    context = mp.start_processes(
+        _worker,
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+        args=(world_size, str(init_file), str(workdir), device_type, scenarios),
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=5):

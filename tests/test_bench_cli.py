@@ -9,8 +9,19 @@ import torch
 
 from fastres import bench
 
-TINY = ["--device", "cpu", "--model", "resnet18", "--batch-size", "2", "--image-size", "32",
-        "--rounds", "2", "--no-compile"]
+TINY = [
+    "--device",
+    "cpu",
+    "--model",
+    "resnet18",
+    "--batch-size",
+    "2",
+    "--image-size",
+    "32",
+    "--rounds",
+    "2",
+    "--no-compile",
+]
 
 
 def _rows(path):
@@ -19,8 +30,12 @@ def _rows(path):
 
 
 def test_bench_runs_checks_parity_and_writes_csv_and_png(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fastres.bench", *TINY, "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastres.bench", *TINY, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "parity, relative error against torchvision in float64" in result.stdout
     rows = _rows(tmp_path / "resnet18_cpu_fp32.csv")
@@ -52,8 +67,9 @@ def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatc
     assert failed["parity_ok"] == "False" and failed["train_img_s"] == ""
 
 
-@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--rounds", "0"], ["--model", "vgg16"],
-                                 ["--dtype", "fp8"]])
+@pytest.mark.parametrize(
+    "bad", [["--batch-size", "0"], ["--rounds", "0"], ["--model", "vgg16"], ["--dtype", "fp8"]]
+)
 def test_bad_arguments_exit_with_usage(bad):
     with pytest.raises(SystemExit) as error:
         bench.parse_args(bad)

@@ -8,10 +8,16 @@ import itertools
 
 import pytest
 import torch
+from bn_act_harness import (
+    MEMORY_FORMATS,
+    ODD_SHAPES,
+    RESNET50_CHANNELS_SMALL,
+    RESNET50_SHAPES,
+    Case,
+    check_case,
+)
 from torch.autograd import gradcheck
 
-from bn_act_harness import (MEMORY_FORMATS, ODD_SHAPES, RESNET50_CHANNELS_SMALL, RESNET50_SHAPES,
-                            Case, check_case)
 from fastres.ops import bn_act
 
 cuda = pytest.mark.cuda
@@ -25,7 +31,9 @@ FULL_SIZE = [
     pytest.param("triton", "cuda", id="triton-gpu", marks=cuda),
 ]
 interpreter = pytest.mark.triton_interpreter
-ALL_BACKENDS = FULL_SIZE + [pytest.param("triton", "cpu", id="triton-interpreter", marks=interpreter)]
+ALL_BACKENDS = FULL_SIZE + [
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=interpreter)
+]
 
 
 def _fmt_id(fmt):
@@ -64,8 +72,9 @@ FLAG_COMBINATIONS = [
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
-@pytest.mark.parametrize("flags", FLAG_COMBINATIONS,
-                         ids=lambda f: "-".join(k for k, v in f.items() if v) or "none")
+@pytest.mark.parametrize(
+    "flags", FLAG_COMBINATIONS, ids=lambda f: "-".join(k for k, v in f.items() if v) or "none"
+)
 def test_flags(backend, device, flags):
     check_case(backend, device, Case((3, 6, 5, 3), **flags))
 
@@ -87,10 +96,19 @@ def test_stats_are_robust_to_a_large_mean(backend, device):
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64) * 0.01 + 100.0
     rm, rv = torch.zeros(3), torch.ones(3)
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    out = bn_act(x.float().to(device), None, None, rm.to(device), rv.to(device), training=True,
-                 backend=backend, relu=False)
-    ref = bn_act(x, None, None, rm_ref.double(), rv_ref.double(), training=True, backend="torch",
-                 relu=False)
+    out = bn_act(
+        x.float().to(device),
+        None,
+        None,
+        rm.to(device),
+        rv.to(device),
+        training=True,
+        backend=backend,
+        relu=False,
+    )
+    ref = bn_act(
+        x, None, None, rm_ref.double(), rv_ref.double(), training=True, backend="torch", relu=False
+    )
     # float32 inputs carry about 1e-5 relative error at this offset; the normalised output then
     # scatters by about that much relative to the (0.01) spread.
     torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=2e-3)
@@ -101,17 +119,31 @@ def test_stats_are_robust_to_a_large_mean(backend, device):
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=_fmt_id)
 def test_gradcheck_float64(backend, training, memory_format):
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64) * 2 + 0.5).contiguous(
-        memory_format=memory_format).requires_grad_()
-    residual = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64).contiguous(
-        memory_format=memory_format).requires_grad_()
+    x = (
+        (torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64) * 2 + 0.5)
+        .contiguous(memory_format=memory_format)
+        .requires_grad_()
+    )
+    residual = (
+        torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64)
+        .contiguous(memory_format=memory_format)
+        .requires_grad_()
+    )
     weight = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
     bias = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
 
     def fn(x, weight, bias, residual):
         # Fresh copies: gradcheck calls this many times and must see the same running stats.
-        return bn_act(x, weight, bias, rm.clone(), rv.clone(), residual=residual,
-                      training=training, backend=backend)
+        return bn_act(
+            x,
+            weight,
+            bias,
+            rm.clone(),
+            rv.clone(),
+            residual=residual,
+            training=training,
+            backend=backend,
+        )
 
     assert gradcheck(fn, (x, weight, bias, residual), eps=1e-6, atol=1e-7, rtol=1e-5)

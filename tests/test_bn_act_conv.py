@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import assert_close, assert_within_error_factor
 from torch.autograd import gradcheck
 from torch.library import opcheck
 
 from fastres.ops import bn_act_conv2d
-from tolerances import assert_close, assert_within_error_factor
 
 # (id, channels in, channels out, kernel, stride, padding, dilation, groups): every kind of
 # convolution that follows a BatchNorm + ReLU in ResNet-50 and ResNeXt.
@@ -18,8 +18,11 @@ CONVS = [
     ("3x3-grouped", 8, 8, 3, 1, 1, 1, 4),
     ("3x3-dilated", 8, 8, 3, 1, 2, 2, 1),
 ]
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpreter),
-            pytest.param("cuda", marks=pytest.mark.cuda)]
+BACKENDS = [
+    "cpu",
+    pytest.param("triton", marks=pytest.mark.triton_interpreter),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
 
 
 def _inputs(cin, cout, k, groups, dtype, device="cpu", seed=0):
@@ -37,8 +40,18 @@ def _inputs(cin, cout, k, groups, dtype, device="cpu", seed=0):
 
 
 def _reference(t, stride, padding, dilation, groups, training, eps=1e-5):
-    z = F.relu(F.batch_norm(t["y"], t["running_mean"].clone(), t["running_var"].clone(),
-                            t["bn_weight"], t["bn_bias"], training, 0.0, eps))
+    z = F.relu(
+        F.batch_norm(
+            t["y"],
+            t["running_mean"].clone(),
+            t["running_var"].clone(),
+            t["bn_weight"],
+            t["bn_bias"],
+            training,
+            0.0,
+            eps,
+        )
+    )
     return F.conv2d(z, t["conv_weight"], None, stride, padding, dilation, groups)
 
 
@@ -53,19 +66,30 @@ def _run(fn, t, grad):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("name,cin,cout,k,stride,padding,dilation,groups", CONVS,
-                         ids=[c[0] for c in CONVS])
-def test_matches_reference(name, cin, cout, k, stride, padding, dilation, groups, dtype,
-                           training, backend):
+@pytest.mark.parametrize(
+    "name,cin,cout,k,stride,padding,dilation,groups", CONVS, ids=[c[0] for c in CONVS]
+)
+def test_matches_reference(
+    name, cin, cout, k, stride, padding, dilation, groups, dtype, training, backend
+):
     device = "cuda" if backend == "cuda" else "cpu"
     if dtype == torch.float16 and device == "cpu":
         dtype = torch.bfloat16  # oneDNN runs bfloat16 convolutions on CPU; float16 on GPU
     args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
 
     def fused(t):
-        out, _, _ = bn_act_conv2d(t["y"], t["bn_weight"], t["bn_bias"], t["running_mean"],
-                                  t["running_var"], t["conv_weight"], *args, training, 1e-5,
-                                  backend)
+        out, _, _ = bn_act_conv2d(
+            t["y"],
+            t["bn_weight"],
+            t["bn_bias"],
+            t["running_mean"],
+            t["running_var"],
+            t["conv_weight"],
+            *args,
+            training,
+            1e-5,
+            backend,
+        )
         return out
 
     def reference(t):
@@ -85,43 +109,94 @@ def test_matches_reference(name, cin, cout, k, stride, padding, dilation, groups
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name,cin,cout,k,stride,padding,dilation,groups", CONVS,
-                         ids=[c[0] for c in CONVS])
-def test_float64_matches_and_gradchecks(name, cin, cout, k, stride, padding, dilation, groups,
-                                        training):
+@pytest.mark.parametrize(
+    "name,cin,cout,k,stride,padding,dilation,groups", CONVS, ids=[c[0] for c in CONVS]
+)
+def test_float64_matches_and_gradchecks(
+    name, cin, cout, k, stride, padding, dilation, groups, training
+):
     args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
     t = _inputs(cin, cout, k, groups, torch.float64)
 
     def fused(y, bn_weight, bn_bias, conv_weight):
-        return bn_act_conv2d(y, bn_weight, bn_bias, t["running_mean"], t["running_var"],
-                             conv_weight, *args, training, 1e-5, "cpu")[0]
+        return bn_act_conv2d(
+            y,
+            bn_weight,
+            bn_bias,
+            t["running_mean"],
+            t["running_var"],
+            conv_weight,
+            *args,
+            training,
+            1e-5,
+            "cpu",
+        )[0]
 
     out = fused(t["y"], t["bn_weight"], t["bn_bias"], t["conv_weight"])
     assert_close(out, _reference(t, *args, training), "out")
-    assert gradcheck(fused, (t["y"], t["bn_weight"], t["bn_bias"], t["conv_weight"]),
-                     eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert gradcheck(
+        fused,
+        (t["y"], t["bn_weight"], t["bn_bias"], t["conv_weight"]),
+        eps=1e-6,
+        atol=1e-6,
+        rtol=1e-4,
+    )
 
 
-@pytest.mark.parametrize("backend,device", [
-    ("cpu", "cpu"),
-    pytest.param("triton", "cpu", marks=pytest.mark.triton_interpreter),
-    pytest.param("cuda", "cuda", marks=pytest.mark.cuda),
-])
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        ("cpu", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.triton_interpreter),
+        pytest.param("cuda", "cuda", marks=pytest.mark.cuda),
+    ],
+)
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["contiguous", "channels_last"],
+)
 def test_opcheck(backend, device, memory_format):
     t = _inputs(8, 8, 3, 2, torch.float32, device)
     t["y"] = t["y"].detach().contiguous(memory_format=memory_format).requires_grad_()
-    opcheck(torch.ops.fastres.bn_act_conv2d.default,
-            (t["y"], t["bn_weight"], t["bn_bias"], t["running_mean"], t["running_var"],
-             t["conv_weight"], [1, 1], [1, 1], [1, 1], 2, True, 1e-5, backend))
+    opcheck(
+        torch.ops.fastres.bn_act_conv2d.default,
+        (
+            t["y"],
+            t["bn_weight"],
+            t["bn_bias"],
+            t["running_mean"],
+            t["running_var"],
+            t["conv_weight"],
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            2,
+            True,
+            1e-5,
+            backend,
+        ),
+    )
 
 
 def test_keeps_only_the_batch_norm_input():
     t = _inputs(8, 8, 3, 1, torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        bn_act_conv2d(t["y"], t["bn_weight"], t["bn_bias"], None, None, t["conv_weight"],
-                      [1, 1], [1, 1], [1, 1], 1, True, 1e-5, "cpu")
+        bn_act_conv2d(
+            t["y"],
+            t["bn_weight"],
+            t["bn_bias"],
+            None,
+            None,
+            t["conv_weight"],
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            1,
+            True,
+            1e-5,
+            "cpu",
+        )
     activations = [s for s in saved if s.dim() == 4 and s.shape[0] == 3]
     assert len(activations) == 1 and activations[0].data_ptr() == t["y"].data_ptr()

@@ -11,10 +11,17 @@ cuda = pytest.mark.cuda
 # (forward op, backward op, device)
 OP_FAMILIES = [
     pytest.param("bn_act_forward", "bn_act_backward", "cpu", id="compiled-cpu"),
-    pytest.param("bn_act_forward_triton", "bn_act_backward_triton", "cpu", id="triton-interpreter",
-                 marks=pytest.mark.triton_interpreter),
+    pytest.param(
+        "bn_act_forward_triton",
+        "bn_act_backward_triton",
+        "cpu",
+        id="triton-interpreter",
+        marks=pytest.mark.triton_interpreter,
+    ),
     pytest.param("bn_act_forward", "bn_act_backward", "cuda", id="compiled-cuda", marks=cuda),
-    pytest.param("bn_act_forward_triton", "bn_act_backward_triton", "cuda", id="triton-gpu", marks=cuda),
+    pytest.param(
+        "bn_act_forward_triton", "bn_act_backward_triton", "cuda", id="triton-gpu", marks=cuda
+    ),
 ]
 
 
@@ -25,19 +32,29 @@ def _sample(device, memory_format, training, relu, residual):
         x=x.requires_grad_(),
         weight=(torch.rand(5, generator=g) + 0.5).to(device).requires_grad_(),
         bias=torch.randn(5, generator=g).to(device).requires_grad_(),
-        residual=torch.randn(2, 5, 3, 4, generator=g).to(device).contiguous(
-            memory_format=memory_format).requires_grad_() if residual else None,
+        residual=torch.randn(2, 5, 3, 4, generator=g)
+        .to(device)
+        .contiguous(memory_format=memory_format)
+        .requires_grad_()
+        if residual
+        else None,
         running_mean=torch.zeros(5, device=device),
         running_var=torch.ones(5, device=device),
-        training=training, eps=1e-5, relu=relu,
+        training=training,
+        eps=1e-5,
+        relu=relu,
     )
 
 
 @pytest.mark.parametrize("forward,backward,device", OP_FAMILIES)
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
-                         ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("training,relu,residual", [(True, True, True), (False, True, False),
-                                                    (True, False, False)])
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["contiguous", "channels_last"],
+)
+@pytest.mark.parametrize(
+    "training,relu,residual", [(True, True, True), (False, True, False), (True, False, False)]
+)
 def test_opcheck(forward, backward, device, memory_format, training, relu, residual):
     kwargs = _sample(device, memory_format, training, relu, residual)
     forward_op = getattr(torch.ops.fastres, forward)
@@ -45,9 +62,21 @@ def test_opcheck(forward, backward, device, memory_format, training, relu, resid
 
     out, mean, var, mask = forward_op(**kwargs)
     x = kwargs["x"].detach()
-    opcheck(getattr(torch.ops.fastres, backward),
-            (torch.randn_like(out), x, kwargs["weight"].detach(), mean, var, mask, training, 1e-5,
-             relu, residual))
+    opcheck(
+        getattr(torch.ops.fastres, backward),
+        (
+            torch.randn_like(out),
+            x,
+            kwargs["weight"].detach(),
+            mean,
+            var,
+            mask,
+            training,
+            1e-5,
+            relu,
+            residual,
+        ),
+    )
 
 
 def _block(backend):
@@ -60,19 +89,35 @@ def _block(backend):
     return fn
 
 
-@pytest.mark.parametrize("backend,device,compiler", [
-    pytest.param("cpu", "cpu", "inductor", id="cpu-inductor"),
-    pytest.param("triton", "cpu", "aot_eager", id="triton-interpreter-aot_eager",
-                 marks=pytest.mark.triton_interpreter),
-    pytest.param("cuda", "cuda", "inductor", id="cuda-inductor", marks=cuda),
-    pytest.param("triton", "cuda", "inductor", id="triton-gpu-inductor", marks=cuda),
-])
+@pytest.mark.parametrize(
+    "backend,device,compiler",
+    [
+        pytest.param("cpu", "cpu", "inductor", id="cpu-inductor"),
+        pytest.param(
+            "triton",
+            "cpu",
+            "aot_eager",
+            id="triton-interpreter-aot_eager",
+            marks=pytest.mark.triton_interpreter,
+        ),
+        pytest.param("cuda", "cuda", "inductor", id="cuda-inductor", marks=cuda),
+        pytest.param("triton", "cuda", "inductor", id="triton-gpu-inductor", marks=cuda),
+    ],
+)
 def test_torch_compile_fullgraph_matches_eager(backend, device, compiler):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, 5, 5, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-    params = [(torch.rand(6, generator=g) + 0.5).to(device), torch.randn(6, generator=g).to(device),
-              (torch.rand(6, generator=g) + 0.5).to(device), torch.randn(6, generator=g).to(device)]
+    x = (
+        torch.randn(4, 6, 5, 5, generator=g)
+        .to(device)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    params = [
+        (torch.rand(6, generator=g) + 0.5).to(device),
+        torch.randn(6, generator=g).to(device),
+        (torch.rand(6, generator=g) + 0.5).to(device),
+        torch.randn(6, generator=g).to(device),
+    ]
     stats = [torch.zeros(6, device=device), torch.ones(6, device=device)] * 2
 
     def run(fn):
@@ -84,11 +129,15 @@ def test_torch_compile_fullgraph_matches_eager(backend, device, compiler):
 
     eager = run(_block(backend))
     compiled = run(torch.compile(_block(backend), fullgraph=True, backend=compiler))
-    for i, (a, b) in enumerate(zip(compiled, eager)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"result {i}: {m}")
+    for i, (a, b) in enumerate(zip(compiled, eager, strict=True)):
+        torch.testing.assert_close(
+            a, b, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"result {i}: {m}"
+        )
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpreter)])
+@pytest.mark.parametrize(
+    "backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpreter)]
+)
 def test_backward_saves_no_output_or_normalised_tensor(backend):
     """Saved for backward: x, the parameters, per-channel statistics and a 1-bit mask only."""
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
@@ -102,11 +151,20 @@ def test_backward_saves_no_output_or_normalised_tensor(backend):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = bn_act(x, weight, bias, torch.zeros(8), torch.ones(8), residual=residual,
-                     training=True, backend=backend)
+        out = bn_act(
+            x,
+            weight,
+            bias,
+            torch.zeros(8),
+            torch.ones(8),
+            residual=residual,
+            training=True,
+            backend=backend,
+        )
     full_size = [t for t in saved if t.numel() == x.numel()]
-    assert len(full_size) == 1 and full_size[0].data_ptr() == x.data_ptr(), \
+    assert len(full_size) == 1 and full_size[0].data_ptr() == x.data_ptr(), (
         "only x itself may be saved at full size"
+    )
     assert all(t.data_ptr() != out.data_ptr() for t in saved), "the output was saved"
     mask = [t for t in saved if t.dtype == torch.uint8]
     assert len(mask) == 1 and mask[0].numel() == x.numel() // 8

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import torch
+from bn_act_harness import Case, SlicedView, TransposedView, check_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from bn_act_harness import Case, SlicedView, TransposedView, check_case
 
 # CI runs a fixed set of examples so that a submission's result does not depend on the draw;
 # locally each run explores new ones.

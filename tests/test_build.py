@@ -23,8 +23,9 @@ def test_info_reports_every_backend():
 
 
 def test_info_command_prints_backends():
-    result = subprocess.run([sys.executable, "-m", "fastres"], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastres"], capture_output=True, text=True, check=True
+    )
     for name in BACKENDS:
         assert name in result.stdout
     assert "Warning" not in result.stderr

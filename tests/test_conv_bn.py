@@ -10,14 +10,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from op_log import OpLog
+from tolerances import assert_within_error_factor
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fastres
-from fastres.ops.conv_bn import (conv2d_bias_act_triton, conv2d_bn_backward_triton,
-                                 conv2d_bn_triton)
-from op_log import OpLog
-from tolerances import assert_within_error_factor
+from fastres.ops.conv_bn import conv2d_bias_act_triton, conv2d_bn_backward_triton, conv2d_bn_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,10 +43,12 @@ def _inputs(spec, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, h, w, generator=gen) * 2 + 0.5).to(DEVICE)
     weight = (torch.randn(c_out, c // groups, k, k, generator=gen) / (c * k * k) ** 0.5).to(DEVICE)
-    bn = dict(mean=torch.randn(c, generator=gen).to(DEVICE) * 0.3 + 0.5,
-              var=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
-              weight=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
-              bias=torch.randn(c, generator=gen).to(DEVICE) * 0.5)
+    bn = dict(
+        mean=torch.randn(c, generator=gen).to(DEVICE) * 0.3 + 0.5,
+        var=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
+        weight=torch.rand(c, generator=gen).to(DEVICE) + 0.5,
+        bias=torch.randn(c, generator=gen).to(DEVICE) * 0.5,
+    )
     x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     return x, weight.to(dtype), bn, (stride, padding, dilation, groups)
 
@@ -56,9 +57,18 @@ def _unfused(x, weight, bn, conv_args, prologue):
     """PyTorch's composition in x's dtype: conv2d(relu(batch_norm(x)))."""
     stride, padding, dilation, groups = conv_args
     if prologue:
-        x = F.relu(F.batch_norm(x, bn["mean"].to(x.dtype), bn["var"].to(x.dtype),
-                                bn["weight"].to(x.dtype), bn["bias"].to(x.dtype), False, 0.0,
-                                1e-5))
+        x = F.relu(
+            F.batch_norm(
+                x,
+                bn["mean"].to(x.dtype),
+                bn["var"].to(x.dtype),
+                bn["weight"].to(x.dtype),
+                bn["bias"].to(x.dtype),
+                False,
+                0.0,
+                1e-5,
+            )
+        )
     return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
 
@@ -81,12 +91,18 @@ def _check_against_torch(fn, spec, dtype, prologue):
     bn64 = {k: v.double() for k, v in bn.items()}
     reference = _results(ref_fn, x.double(), weight.double(), bn64, grad)
     names = ["output", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"]
-    for name, a, t, r in zip(names, ours, theirs, reference):
+    for name, a, t, r in zip(names, ours, theirs, reference, strict=True):
         if r is None:
             assert a is None, name
             continue
-        assert_within_error_factor(a.float().cpu(), t.float().cpu(), r.cpu(), name, dtype,
-                                   term_magnitude=r.abs().max().item())
+        assert_within_error_factor(
+            a.float().cpu(),
+            t.float().cpu(),
+            r.cpu(),
+            name,
+            dtype,
+            term_magnitude=r.abs().max().item(),
+        )
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -96,8 +112,11 @@ def test_convolution_forward_and_gradients_match_torch(kind, prologue, dtype):
     spec = CONVOLUTIONS[kind]
 
     def fused(x, weight, bn):
-        bn_args = ((bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue
-                   else (None, None, None, None))
+        bn_args = (
+            (bn["mean"], bn["var"], bn["weight"], bn["bias"])
+            if prologue
+            else (None, None, None, None)
+        )
         out, _, _ = conv2d_bn_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
         return out
 
@@ -109,8 +128,9 @@ def test_statistics_epilogue_gives_the_batch_mean_and_variance(kind):
     """Far from zero mean, where E[y^2] - E[y]^2 would cancel: the per-tile M2 must not."""
     x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
     x = x + 100.0
-    out, mean, var = conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5,
-                                      *conv_args, True)
+    out, mean, var = conv2d_bn_triton(
+        x, weight, None, None, None, None, False, 1e-5, *conv_args, True
+    )
     var64, mean64 = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=1e-6)
@@ -123,13 +143,15 @@ def test_triton_ops_launch_on_their_tensors_device_not_the_current_one():
     x, weight, bn, conv_args = _inputs(spec, torch.float32)
     x1, weight1 = x.to("cuda:1").requires_grad_(), weight.to("cuda:1").requires_grad_()
     with torch.cuda.device(0):  # cuda:0 current, tensors on cuda:1
-        out, mean, var = conv2d_bn_triton(x1, weight1, None, None, None, None, False, 1e-5,
-                                          *conv_args, True)
+        out, mean, var = conv2d_bn_triton(
+            x1, weight1, None, None, None, None, False, 1e-5, *conv_args, True
+        )
         grad_x, grad_w = torch.autograd.grad(out.sum(), (x1, weight1))
     expected = F.conv2d(x1, weight1, None, *conv_args)
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(grad_w, torch.autograd.grad(expected.sum(), weight1)[0],
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        grad_w, torch.autograd.grad(expected.sum(), weight1)[0], rtol=1e-3, atol=1e-3
+    )
 
 
 def test_deterministic_mode_gives_each_weight_gradient_element_one_atomic_add():
@@ -152,8 +174,9 @@ def test_weight_gradient_is_bitwise_reproducible_in_deterministic_mode():
     try:
         grads = []
         for _ in range(2):
-            out, _, _ = conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5,
-                                         *conv_args, False)
+            out, _, _ = conv2d_bn_triton(
+                x, weight, None, None, None, None, False, 1e-5, *conv_args, False
+            )
             grads.append(torch.autograd.grad(out.sum(), weight)[0])
     finally:
         torch.use_deterministic_algorithms(False)
@@ -177,11 +200,17 @@ def test_statistics_rows_with_no_elements_are_ignored_whatever_they_hold():
     torch.manual_seed(0)
     channels = 5
     values = torch.randn(3, 8, channels, device=DEVICE) * 3 + 7  # 3 rows of 8 elements
-    rows = torch.stack([values.new_full((3, channels), 8.0), values.mean(1),
-                        values.var(1, correction=0) * 8])
-    stale = torch.stack([torch.zeros(2, channels, device=DEVICE),  # no elements, stale values
-                         torch.full((2, channels), 123.0, device=DEVICE),
-                         torch.full((2, channels), 4567.0, device=DEVICE)], 0)
+    rows = torch.stack(
+        [values.new_full((3, channels), 8.0), values.mean(1), values.var(1, correction=0) * 8]
+    )
+    stale = torch.stack(
+        [
+            torch.zeros(2, channels, device=DEVICE),  # no elements, stale values
+            torch.full((2, channels), 123.0, device=DEVICE),
+            torch.full((2, channels), 4567.0, device=DEVICE),
+        ],
+        0,
+    )
     partials = torch.cat([rows[:, :1], stale, rows[:, 1:]], 1).contiguous()
     mean, var, _ = finalize_stats(partials, None, None, 1e-5)
     var64, mean64 = torch.var_mean(values.double().reshape(-1, channels), dim=0, correction=0)
@@ -206,21 +235,28 @@ def test_conv_ops_pass_opcheck():
     x, weight, bn, conv_args = _inputs(CONVOLUTIONS["3x3-stride2"], torch.float32)
     bn_args = (bn["mean"], bn["var"], bn["weight"].requires_grad_(), bn["bias"])
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(conv2d_bn_triton, (x.requires_grad_(), weight, *bn_args, True, 1e-5,
-                                             *conv_args, True), test_utils=tests)
-    torch.library.opcheck(conv2d_bias_act_triton, (x.detach(), weight, None, None, True,
-                                                   *conv_args), test_utils=tests)
+    torch.library.opcheck(
+        conv2d_bn_triton,
+        (x.requires_grad_(), weight, *bn_args, True, 1e-5, *conv_args, True),
+        test_utils=tests,
+    )
+    torch.library.opcheck(
+        conv2d_bias_act_triton, (x.detach(), weight, None, None, True, *conv_args), test_utils=tests
+    )
 
 
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn-relu-prologue"])
 def test_conv_backward_op_passes_opcheck(prologue):
     x, weight, bn, conv_args = _inputs(CONVOLUTIONS["3x3-grouped"], torch.float32)
-    bn_args = ((bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue
-               else (None, None, None, None))
+    bn_args = (
+        (bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue else (None, None, None, None)
+    )
     grad = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(conv2d_bn_backward_triton,
-                          (grad, x, weight, *bn_args, True, 1e-5, *conv_args, True, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        conv2d_bn_backward_triton,
+        (grad, x, weight, *bn_args, True, 1e-5, *conv_args, True, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +278,8 @@ def _randomise(model):
 BLOCKS = {
     "bottleneck": lambda: Bottleneck(16, 4),
     "bottleneck-stride2-downsample": lambda: Bottleneck(
-        16, 8, 2, nn.Sequential(conv1x1(16, 32, 2), nn.BatchNorm2d(32))),
+        16, 8, 2, nn.Sequential(conv1x1(16, 32, 2), nn.BatchNorm2d(32))
+    ),
     "resnext-bottleneck": lambda: Bottleneck(16, 4, groups=4, base_width=64),
     "basic": lambda: BasicBlock(16, 16),
 }
@@ -252,8 +289,11 @@ def _block_step(model, x, grad):
     x = x.detach().clone().requires_grad_()
     out = model(x)
     out.backward(grad.to(out.dtype))
-    return ([out.detach(), x.grad] + [p.grad for p in model.parameters()]
-            + [b.detach().clone() for b in model.buffers()])
+    return (
+        [out.detach(), x.grad]
+        + [p.grad for p in model.parameters()]
+        + [b.detach().clone() for b in model.buffers()]
+    )
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -269,12 +309,18 @@ def test_block_on_triton_matches_torchvision(block, training):
     theirs = _block_step(reference, x, grad)
     expected = _block_step(reference64, x.double(), grad)
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
-    for i, (a, t, r) in enumerate(zip(ours, theirs, expected)):
+    for i, (a, t, r) in enumerate(zip(ours, theirs, expected, strict=True)):
         if not r.dtype.is_floating_point:
             assert torch.equal(a, r), f"tensor {i}"  # num_batches_tracked
             continue
-        assert_within_error_factor(a.cpu(), t.cpu(), r.cpu(), f"tensor {i}", torch.float32,
-                                   term_magnitude=r.abs().max().item())
+        assert_within_error_factor(
+            a.cpu(),
+            t.cpu(),
+            r.cpu(),
+            f"tensor {i}",
+            torch.float32,
+            term_magnitude=r.abs().max().item(),
+        )
 
 
 def test_block_on_triton_raises_like_torchvision_on_one_value_per_channel():
@@ -285,7 +331,7 @@ def test_block_on_triton_raises_like_torchvision_on_one_value_per_channel():
     for model in (reference, fast):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             model(x)
-    for a, b in zip(fast.state_dict().values(), reference.state_dict().values()):
+    for a, b in zip(fast.state_dict().values(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)  # the same partial update as torchvision's
 
 
@@ -313,7 +359,7 @@ def test_bottleneck_on_triton_under_torch_compile_fullgraph():
         out = model(inp)
         out.sum().backward()
         results.append([out.detach(), inp.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -341,8 +387,11 @@ def test_resnet50_convolutions_on_gpu(kind, dtype):
     prologue = spec[1] != 3  # every convolution but the stem's follows a BatchNorm + ReLU
 
     def fused(x, weight, bn):
-        bn_args = ((bn["mean"], bn["var"], bn["weight"], bn["bias"]) if prologue
-                   else (None, None, None, None))
+        bn_args = (
+            (bn["mean"], bn["var"], bn["weight"], bn["bias"])
+            if prologue
+            else (None, None, None, None)
+        )
         out, _, _ = conv2d_bn_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
         return out
 

@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 import torchvision
+from op_log import OpLog
+from tolerances import assert_within_error_factor
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import fastres
 from fastres import fold_bn
 from fastres.modules import _FOLDED
-from op_log import OpLog
-from tolerances import assert_within_error_factor
 
 
 def _realistic(model: nn.Module, seed=0) -> nn.Module:
@@ -42,13 +42,15 @@ def test_fold_bn_matches_torch(conv_bias, affine):
     conv = nn.Conv2d(8, 16, 3, padding=1, bias=conv_bias)
     bn = _realistic(nn.Sequential(nn.BatchNorm2d(16, affine=affine)))[0]
     weight, bias = fold_bn(conv, bn)
-    expected_w, expected_b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
-                                                  bn.running_var, bn.eps, bn.weight, bn.bias)
+    expected_w, expected_b = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
     torch.testing.assert_close(weight, expected_w)
     torch.testing.assert_close(bias, expected_b)
     x = torch.randn(2, 8, 5, 5)
-    torch.testing.assert_close(nn.functional.conv2d(x, weight, bias, padding=1), bn(conv(x)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        nn.functional.conv2d(x, weight, bias, padding=1), bn(conv(x)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_eval_at_a_one_by_one_last_stage_matches_torchvision():
@@ -69,8 +71,11 @@ def test_fold_bn_rejects_what_cannot_be_folded():
 
 
 @pytest.mark.parametrize("builder", ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
-@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format],
-                         ids=["channels_last", "contiguous"])
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.channels_last, torch.contiguous_format],
+    ids=["channels_last", "contiguous"],
+)
 def test_eval_outputs_match_torchvision(builder, memory_format):
     reference = _realistic(getattr(torchvision.models, builder)(num_classes=10))
     reference = reference.to(memory_format=memory_format)
@@ -93,8 +98,11 @@ def test_every_convolution_runs_folded_in_eval(builder):
         with OpLog() as log:
             model(x)
     assert log.ops.count("mkldnn._convolution_pointwise") == convolutions
-    leftovers = [op for op in log.ops if "batch_norm" in op or "relu" in op
-                 or op in ("aten.convolution", "aten.add", "aten.add_")]
+    leftovers = [
+        op
+        for op in log.ops
+        if "batch_norm" in op or "relu" in op or op in ("aten.convolution", "aten.add", "aten.add_")
+    ]
     assert not leftovers
 
 
@@ -137,9 +145,14 @@ def test_eval_outputs_match_torchvision_on_cudnn(builder, dtype):
     with torch.no_grad():
         expected = reference64(x.double())
     assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
-    assert_within_error_factor(got.float().cpu(), theirs.float().cpu(), expected.cpu(), "logits",
-                               dtype if low else torch.float32,
-                               term_magnitude=expected.abs().max().item())
+    assert_within_error_factor(
+        got.float().cpu(),
+        theirs.float().cpu(),
+        expected.cpu(),
+        "logits",
+        dtype if low else torch.float32,
+        term_magnitude=expected.abs().max().item(),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -198,7 +211,7 @@ def test_autograd_in_eval_matches_the_unfused_computation():
     (ref_out, ref_dx, ref_grads), (out, dx, grads) = results
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
 
 

@@ -14,9 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "PYTHON": sys.executable}
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"),
-                             "--dry-run", str(out)], capture_output=True, text=True, env=env,
-                            timeout=600, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     return result, out
 
 
@@ -34,10 +39,16 @@ def test_dry_run_prints_the_plan_and_every_phase_passes(dry_run):
 def test_dry_run_writes_what_the_gpu_run_writes_within_the_limits(dry_run):
     _, out = dry_run
     files = sorted(os.listdir(out))
-    assert files == ["gpu_check.log", "layers.csv", "resnet50_cuda_bf16_dry-run.csv",
-                     "summary.md", "tests.xml"]
-    assert all((out / name).is_file() and (out / name).stat().st_size < 16 * 2**20
-               for name in files)
+    assert files == [
+        "gpu_check.log",
+        "layers.csv",
+        "resnet50_cuda_bf16_dry-run.csv",
+        "summary.md",
+        "tests.xml",
+    ]
+    assert all(
+        (out / name).is_file() and (out / name).stat().st_size < 16 * 2**20 for name in files
+    )
     summary = (out / "summary.md").read_text()
     assert "skipped." in summary  # the GPU tests were collected (and skipped without a GPU)
     assert "| fastres[cpu] | ok |" in summary

@@ -16,8 +16,9 @@ def test_rounds_run_every_configuration_once_in_rotating_order():
 
 def test_sync_brackets_every_timed_step():
     events = []
-    times = time_interleaved({"a": lambda: events.append("step")}, rounds=2, warmup=0,
-                             sync=lambda: events.append("sync"))
+    times = time_interleaved(
+        {"a": lambda: events.append("step")}, rounds=2, warmup=0, sync=lambda: events.append("sync")
+    )
     assert events == ["sync", "sync", "step", "sync", "sync", "step", "sync"]
     assert len(times["a"]) == 2
 
@@ -43,11 +44,14 @@ def test_paired_speedups_are_per_round():
     assert paired_speedups([2.0, 4.0], [1.0, 4.0]) == [2.0, 1.0]
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: spread_of([]), "samples is empty"),
-    (lambda: time_interleaved({"a": lambda: None}, rounds=0), "rounds must be at least 1"),
-    (lambda: paired_speedups([1.0], [1.0, 2.0]), "1 baseline rounds but 2"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: spread_of([]), "samples is empty"),
+        (lambda: time_interleaved({"a": lambda: None}, rounds=0), "rounds must be at least 1"),
+        (lambda: paired_speedups([1.0], [1.0, 2.0]), "1 baseline rounds but 2"),
+    ],
+)
 def test_bad_arguments_say_what_was_expected(call, message):
     with pytest.raises(ValueError, match=message):
         call()

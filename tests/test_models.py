@@ -41,16 +41,18 @@ def test_resnet50_training_step_float64_matches_exactly():
     ref_logits, _ = _training_step(reference, x, labels)
     fast_logits, _ = _training_step(fast, x, labels)
     torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-10, atol=1e-10)
-    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
         torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-10, msg=name)
-    for (name, b), c in zip(reference.named_buffers(), fast.buffers()):
+    for (name, b), c in zip(reference.named_buffers(), fast.buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def _relative_error(values, reference) -> float:
     """||values - reference|| / ||reference|| over whole lists of tensors, in float64."""
-    diff = torch.cat([(v.double() - r.double()).flatten() for v, r in zip(values, reference)])
+    diff = torch.cat(
+        [(v.double() - r.double()).flatten() for v, r in zip(values, reference, strict=True)]
+    )
     return (diff.norm() / torch.cat([r.double().flatten() for r in reference]).norm()).item()
 
 
@@ -76,16 +78,24 @@ def test_resnet50_training_step_float32():
     torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-5)
     grads64 = [p.grad for p in reference64.parameters()]
-    updates64 = [p.detach() - p0 for p, p0 in zip(reference64.parameters(), initial)]
+    updates64 = [p.detach() - p0 for p, p0 in zip(reference64.parameters(), initial, strict=True)]
     for what, ours, theirs, exact in [
-        ("gradients", [p.grad for p in fast.parameters()], [p.grad for p in reference.parameters()],
-         grads64),
-        ("SGD updates", [p.detach() - p0 for p, p0 in zip(fast.parameters(), initial)],
-         [p.detach() - p0 for p, p0 in zip(reference.parameters(), initial)], updates64),
+        (
+            "gradients",
+            [p.grad for p in fast.parameters()],
+            [p.grad for p in reference.parameters()],
+            grads64,
+        ),
+        (
+            "SGD updates",
+            [p.detach() - p0 for p, p0 in zip(fast.parameters(), initial, strict=True)],
+            [p.detach() - p0 for p, p0 in zip(reference.parameters(), initial, strict=True)],
+            updates64,
+        ),
     ]:
         ours_err, theirs_err = _relative_error(ours, exact), _relative_error(theirs, exact)
         assert ours_err <= 2 * theirs_err + 1e-6, (what, ours_err, theirs_err)
-    for (name, b), c in zip(reference.named_buffers(), fast.buffers()):
+    for (name, b), c in zip(reference.named_buffers(), fast.buffers(), strict=True):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4, msg=name)
     # Eval on identical weights and (trained, non-trivial) running statistics.
     fast.load_state_dict(reference.state_dict())
@@ -132,11 +142,14 @@ def test_convert_every_block_and_revert(builder):
     fast = fastres.convert(reference)
     assert not _blocks(fast, (Bottleneck, BasicBlock))
     assert len(_blocks(fast, (FastBottleneck, FastBasicBlock))) == len(
-        _blocks(reference, (Bottleneck, BasicBlock)))
+        _blocks(reference, (Bottleneck, BasicBlock))
+    )
     assert type(fast) is FastResNet and fast.backend == "auto"
     back = fastres.revert(fast)
     assert [type(m) for m in back.modules()] == [type(m) for m in reference.modules()]
-    for (name, a), b in zip(reference.state_dict().items(), back.state_dict().values()):
+    for (name, a), b in zip(
+        reference.state_dict().items(), back.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -160,7 +173,9 @@ def test_convert_copies_unless_inplace():
     model = torchvision.models.resnet18()
     converted = fastres.convert(model)
     assert type(model.layer1[0]) is BasicBlock and type(converted.layer1[0]) is FastBasicBlock
-    for (name, a), b in zip(model.state_dict().items(), converted.state_dict().values()):
+    for (name, a), b in zip(
+        model.state_dict().items(), converted.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
 
 
@@ -211,7 +226,9 @@ def test_resnet50_builder_is_torchvisions_model_on_fast_blocks():
     model.load_state_dict(reference.state_dict())  # strict: the same keys and shapes
     back = fastres.revert(model)
     assert type(back) is ResNet
-    for (name, a), b in zip(reference.state_dict().items(), back.state_dict().values()):
+    for (name, a), b in zip(
+        reference.state_dict().items(), back.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -219,8 +236,9 @@ def test_resnet50_builder_accepts_torchvisions_weights_enum(monkeypatch):
     """Weights load as torchvision loads them (the download itself is replaced here)."""
     torch.manual_seed(3)
     state = torchvision.models.resnet50().state_dict()
-    monkeypatch.setattr(type(ResNet50_Weights.IMAGENET1K_V2), "get_state_dict",
-                        lambda self, *args, **kwargs: state)
+    monkeypatch.setattr(
+        type(ResNet50_Weights.IMAGENET1K_V2), "get_state_dict", lambda self, *args, **kwargs: state
+    )
     model = fastres.resnet50(weights=ResNet50_Weights.IMAGENET1K_V2)
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
@@ -241,5 +259,5 @@ def test_resnet50_torch_compile_fullgraph_matches_eager():
     eager_out = model(x)
     compiled_out = torch.compile(twin, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-4)
-    for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+    for (name, b), c in zip(model.named_buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(c, b, msg=name)

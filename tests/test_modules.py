@@ -11,22 +11,27 @@ from functools import partial
 
 import pytest
 import torch
+from tolerances import assert_close, assert_within_error_factor
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck
-from tolerances import assert_close, assert_within_error_factor
 
 interpreter = pytest.mark.triton_interpreter
-BACKENDS = ["cpu", "torch", pytest.param("triton", marks=interpreter),
-            pytest.param("cuda", marks=pytest.mark.cuda)]
+BACKENDS = [
+    "cpu",
+    "torch",
+    pytest.param("triton", marks=interpreter),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
 
 
 def _downsample(inplanes, outplanes, stride, norm_layer=nn.BatchNorm2d):
-    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
-                         norm_layer(outplanes))
+    return nn.Sequential(
+        nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), norm_layer(outplanes)
+    )
 
 
 # (name, block class, constructor arguments, downsample arguments or None, input side)
@@ -34,8 +39,13 @@ CONFIGS = [
     ("resnet50-layer1-first", Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1), 8),
     ("resnet50-plain", Bottleneck, dict(inplanes=64, planes=16), None, 8),
     ("resnet50-stride2", Bottleneck, dict(inplanes=64, planes=32, stride=2), (64, 128, 2), 9),
-    ("resnext-groups", Bottleneck, dict(inplanes=64, planes=16, groups=8, base_width=8),
-     (64, 64, 1), 8),
+    (
+        "resnext-groups",
+        Bottleneck,
+        dict(inplanes=64, planes=16, groups=8, base_width=8),
+        (64, 64, 1),
+        8,
+    ),
     ("resnet50-dilated", Bottleneck, dict(inplanes=64, planes=16, dilation=2), None, 8),
     ("resnet18-plain", BasicBlock, dict(inplanes=16, planes=16), None, 8),
     ("resnet18-stride2", BasicBlock, dict(inplanes=16, planes=32, stride=2), (16, 32, 2), 9),
@@ -74,8 +84,18 @@ def _run(block, x, grad, steps=2):
     return results
 
 
-def _compare(block_cls, kwargs, ds, side, backend, device, dtype, training, norm_layer=None,
-             channels_last=False):
+def _compare(
+    block_cls,
+    kwargs,
+    ds,
+    side,
+    backend,
+    device,
+    dtype,
+    training,
+    norm_layer=None,
+    channels_last=False,
+):
     reference = _make(block_cls, kwargs, ds, norm_layer).to(device)
     fast = fastres.convert(reference, backend=backend)
     assert type(fast) in (FastBottleneck, FastBasicBlock)
@@ -127,8 +147,17 @@ def test_block_float64(name, block_cls, kwargs, ds, side, backend, training):
 
 
 def test_block_channels_last():
-    _compare(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1), 8, "cpu", "cpu",
-             torch.float64, True, channels_last=True)
+    _compare(
+        Bottleneck,
+        dict(inplanes=64, planes=16),
+        (64, 64, 1),
+        8,
+        "cpu",
+        "cpu",
+        torch.float64,
+        True,
+        channels_last=True,
+    )
 
 
 NORM_LAYERS = [
@@ -144,14 +173,26 @@ NORM_LAYERS = [
 def test_batch_norm_configurations_are_honoured(norm_name, norm_layer, training):
     block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1), norm_layer)
     assert fastres.convert(block).fused()
-    _compare(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1), 8, "cpu", "cpu",
-             torch.float64, training, norm_layer=norm_layer)
+    _compare(
+        Bottleneck,
+        dict(inplanes=64, planes=16),
+        (64, 64, 1),
+        8,
+        "cpu",
+        "cpu",
+        torch.float64,
+        training,
+        norm_layer=norm_layer,
+    )
 
 
-@pytest.mark.parametrize("norm_name,norm_layer", [
-    ("frozen", FrozenBatchNorm2d),
-    ("group-norm", lambda c: nn.GroupNorm(4, c)),
-])
+@pytest.mark.parametrize(
+    "norm_name,norm_layer",
+    [
+        ("frozen", FrozenBatchNorm2d),
+        ("group-norm", lambda c: nn.GroupNorm(4, c)),
+    ],
+)
 def test_other_norm_layers_run_the_reference_computation(norm_name, norm_layer):
     block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1), norm_layer)
     fast = fastres.convert(block)
@@ -185,13 +226,19 @@ def test_cpu_autocast_bfloat16_matches_torchvision(training):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = block(inp)
         out.float().sum().backward()
-        results.append({"out": out, "grad_x": inp.grad,
-                        **{f"grad {n}": p.grad for n, p in block.named_parameters()}})
+        results.append(
+            {
+                "out": out,
+                "grad_x": inp.grad,
+                **{f"grad {n}": p.grad for n, p in block.named_parameters()},
+            }
+        )
     exact_results, torch_results, fast_results = results
     assert fast_results["out"].dtype == torch_results["out"].dtype == torch.bfloat16
     for name, value in exact_results.items():
-        assert_within_error_factor(fast_results[name], torch_results[name], value, name,
-                                   torch.bfloat16)
+        assert_within_error_factor(
+            fast_results[name], torch_results[name], value, name, torch.bfloat16
+        )
 
 
 def test_fast_blocks_keep_torchvision_constructor_and_attributes():
@@ -200,7 +247,9 @@ def test_fast_blocks_keep_torchvision_constructor_and_attributes():
         assert hasattr(block, attr)
     assert block.conv2.stride == (2, 2)  # ResNet v1.5: the stride is on the 3x3
     assert isinstance(block, Bottleneck)
-    assert set(block.state_dict()) == set(Bottleneck(64, 16, 2, _downsample(64, 64, 2)).state_dict())
+    assert set(block.state_dict()) == set(
+        Bottleneck(64, 16, 2, _downsample(64, 64, 2)).state_dict()
+    )
 
 
 @pytest.mark.parametrize("block_cls", [FastBottleneck, FastBasicBlock])
@@ -224,9 +273,9 @@ def test_torch_compile_fullgraph_matches_eager():
         out = module(x)
         out.sum().backward()
     torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+    for (name, p), q in zip(block.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, b), c in zip(block.named_buffers(), twin.buffers()):
+    for (name, b), c in zip(block.named_buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(c, b, msg=name)
 
 
@@ -240,5 +289,7 @@ def test_one_value_per_channel_raises_and_updates_state_like_torchvision():
     for model in (reference, fast):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             model(x)
-    for (name, a), b in zip(fast.state_dict().items(), reference.state_dict().values()):
+    for (name, a), b in zip(
+        fast.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=name)

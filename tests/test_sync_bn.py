@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from sync_bn_harness import SCENARIOS, run_group
 from torch import nn
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
 from fastres.ops.bn_act_split import SPLIT_OPS
-from sync_bn_harness import SCENARIOS, run_group
 
 # ---------------------------------------------------------------------------------------------
 # The split ops, one process: they compose to bn_act's training forward and backward
@@ -31,7 +31,11 @@ SPLIT_BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.ma
 
 
 def _device(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    return (
+        "cuda"
+        if backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+        else "cpu"
+    )
 
 
 @pytest.mark.parametrize("backend", SPLIT_BACKENDS)
@@ -51,11 +55,24 @@ def test_split_ops_compose_to_batch_norm_training(backend, channels_last, relu, 
     param = torch.float64 if dtype == torch.float64 else torch.float32
 
     mean, var = ops.stats(x)
-    out, _, _, mask = ops.forward(x, weight.to(param), bias.to(param), res, mean, var, False,
-                                  1e-5, relu)
+    out, _, _, mask = ops.forward(
+        x, weight.to(param), bias.to(param), res, mean, var, False, 1e-5, relu
+    )
     sum_grad, sum_centred = ops.backward_reduce(grad, x, mean, mask, relu)
-    grad_x, grad_res = ops.backward_apply(grad, x, weight.to(param), mean, var, mask, sum_grad,
-                                          sum_centred, 3 * 4 * 7, 1e-5, relu, residual)
+    grad_x, grad_res = ops.backward_apply(
+        grad,
+        x,
+        weight.to(param),
+        mean,
+        var,
+        mask,
+        sum_grad,
+        sum_centred,
+        3 * 4 * 7,
+        1e-5,
+        relu,
+        residual,
+    )
 
     xr = x.detach().double().requires_grad_()
     rr = res.detach().double().requires_grad_() if residual else None
@@ -88,8 +105,9 @@ def test_split_ops_on_an_empty_batch(backend):
     sum_grad, sum_centred = ops.backward_reduce(out, x, stats, mask, True)
     assert torch.equal(sum_grad.cpu(), torch.zeros(4, dtype=mean.dtype))
     assert torch.equal(sum_centred.cpu(), torch.zeros(4, dtype=mean.dtype))
-    grad_x, _ = ops.backward_apply(out, x, None, stats, stats + 1, mask, sum_grad + 1,
-                                   sum_centred, 10, 1e-5, True, False)
+    grad_x, _ = ops.backward_apply(
+        out, x, None, stats, stats + 1, mask, sum_grad + 1, sum_centred, 10, 1e-5, True, False
+    )
     assert grad_x.shape == x.shape
 
 
@@ -105,8 +123,20 @@ def test_split_ops_pass_opcheck(name, family):
     args = {
         "bn_stats": (x,),
         "bn_act_backward_reduce": (grad, x, mean, mask, True),
-        "bn_act_backward_apply": (grad, x, vector().abs(), mean, var, mask, vector(), vector(),
-                                  40, 1e-5, True, True),
+        "bn_act_backward_apply": (
+            grad,
+            x,
+            vector().abs(),
+            mean,
+            var,
+            mask,
+            vector(),
+            vector(),
+            40,
+            1e-5,
+            True,
+            True,
+        ),
     }[name]
     op = getattr(torch.ops.fastres, name + family)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -116,9 +146,20 @@ def test_backward_apply_rejects_a_count_smaller_than_the_batch():
     x = torch.randn(2, 3, 4, 5)
     mask = torch.zeros(((x.numel() + 7) // 8,), dtype=torch.uint8)
     with pytest.raises(ValueError, match="count must be the number of values per channel"):
-        torch.ops.fastres.bn_act_backward_apply(x, x, None, torch.zeros(3), torch.ones(3), mask,
-                                                torch.zeros(3), torch.zeros(3), 7, 1e-5, True,
-                                                False)
+        torch.ops.fastres.bn_act_backward_apply(
+            x,
+            x,
+            None,
+            torch.zeros(3),
+            torch.ones(3),
+            mask,
+            torch.zeros(3),
+            torch.zeros(3),
+            7,
+            1e-5,
+            True,
+            False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +228,20 @@ def test_sync_bn_in_eval_needs_no_process_group_and_matches_torchvision():
 # Several processes against one process on the whole batch
 
 GLOO_SCENARIOS = {
-    2: ["blocks-cpu-float64", "resnet-cpu-float64", "resnet-cpu-float32", "blocks-torch-float64",
-        "blocks-triton-float32"],
-    3: ["blocks-cpu-float64", "variants-cpu-float64", "resnet-cpu-float64",
-        "resnet-torch-float64", "blocks-triton-float32"],
+    2: [
+        "blocks-cpu-float64",
+        "resnet-cpu-float64",
+        "resnet-cpu-float32",
+        "blocks-torch-float64",
+        "blocks-triton-float32",
+    ],
+    3: [
+        "blocks-cpu-float64",
+        "variants-cpu-float64",
+        "resnet-cpu-float64",
+        "resnet-torch-float64",
+        "blocks-triton-float32",
+    ],
 }
 NCCL_SCENARIOS = ["blocks-cuda-float32", "resnet-cuda-float32", "blocks-triton-float32"]
 
@@ -212,8 +263,11 @@ def gloo_results(tmp_path_factory):
 
     def results(world_size):
         if world_size not in cache:
-            names = [n for n in GLOO_SCENARIOS[world_size]
-                     if not ("triton" in n and torch.cuda.is_available())]
+            names = [
+                n
+                for n in GLOO_SCENARIOS[world_size]
+                if not ("triton" in n and torch.cuda.is_available())
+            ]
             workdir = tmp_path_factory.mktemp(f"gloo{world_size}")
             cache[world_size] = run_group(world_size, names, "cpu", workdir)
         return cache[world_size]
@@ -252,9 +306,25 @@ def test_every_scenario_is_defined():
 def test_ddp_example_trains_a_converted_resnet50_under_torchrun():
     """examples/train_ddp.py as the README starts it, at a tiny size: two gloo processes."""
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(root / "examples" / "train_ddp.py"), "--steps", "2", "--batch-size", "2",
-               "--image-size", "64", "--num-classes", "10", "--workers", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(root / "examples" / "train_ddp.py"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "64",
+        "--num-classes",
+        "10",
+        "--workers",
+        "0",
+    ]
     env = dict(os.environ)
     if torch.cuda.device_count() < 2:  # one process per GPU, else both on CPU
         env["CUDA_VISIBLE_DEVICES"] = ""

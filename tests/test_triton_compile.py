@@ -13,7 +13,6 @@ Cold, it takes about 2.5 minutes on 2 cores; Triton's on-disk cache makes reruns
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -22,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import triton
+from triton_compile_harness import CONFIG_SWEEP, jobs
 
 from fastres.triton import bn_act as triton_bn_act
 from fastres.triton import conv as triton_conv
-from triton_compile_harness import CONFIG_SWEEP, jobs
 
 ARCH = 90
 SHARED_MEMORY_PER_BLOCK = 232448  # bytes a block may opt into on sm_90 (227 KiB)
@@ -37,24 +36,43 @@ SHARDS = 2  # the machines CI runs on have 2 cores
 def compiled(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("triton_compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    processes = [subprocess.Popen([sys.executable, str(HARNESS), str(out / f"{i}.json"),
-                                   "--arch", str(ARCH), "--shard", f"{i}/{SHARDS}"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=env, cwd=HARNESS.parent)
-                 for i in range(SHARDS)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HARNESS),
+                str(out / f"{i}.json"),
+                "--arch",
+                str(ARCH),
+                "--shard",
+                f"{i}/{SHARDS}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=HARNESS.parent,
+        )
+        for i in range(SHARDS)
+    ]
     logs = [p.communicate(timeout=1800)[0] for p in processes]
-    for process, log in zip(processes, logs):
+    for process, log in zip(processes, logs, strict=True):
         assert process.returncode == 0, f"compiling for sm_{ARCH} failed:\n{log[-6000:]}"
     shards = [json.loads((out / f"{i}.json").read_text()) for i in range(SHARDS)]
-    return {"records": [r for shard in shards for r in shard["records"]],
-            "autotune_configs": shards[0]["autotune_configs"]}
+    return {
+        "records": [r for shard in shards for r in shard["records"]],
+        "autotune_configs": shards[0]["autotune_configs"],
+    }
 
 
 def _kernels_of(module) -> set[str]:
     """The module's launchable Triton kernels: by this project's naming, the ``..._kernel``
     ones (``@triton.jit`` helpers they call are compiled into them)."""
-    return {name for name, value in vars(module).items()
-            if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.KernelInterface)}
+    return {
+        name
+        for name, value in vars(module).items()
+        if name.endswith("_kernel") and isinstance(value, triton.runtime.jit.KernelInterface)
+    }
 
 
 def test_every_kernel_compiles(compiled):
@@ -69,20 +87,27 @@ def test_every_case_compiles(compiled):
     assert planned == done
 
 
-@pytest.mark.parametrize("kernel", ["_conv_forward_kernel", "_conv_input_grad_kernel",
-                                    "_conv_weight_grad_kernel"])
+@pytest.mark.parametrize(
+    "kernel", ["_conv_forward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel"]
+)
 def test_every_tile_configuration_compiles(compiled, kernel):
     configs = compiled["autotune_configs"][kernel]
     assert len(configs) > 1  # the GPU's list, not the interpreter's single configuration
-    swept = [r["config"] for r in compiled["records"]
-             if r["kernel"] == kernel and r["case"] in CONFIG_SWEEP and r["dtype"] == "bfloat16"]
+    swept = [
+        r["config"]
+        for r in compiled["records"]
+        if r["kernel"] == kernel and r["case"] in CONFIG_SWEEP and r["dtype"] == "bfloat16"
+    ]
     missing = [c for c in configs if c not in swept]
     assert not missing, f"{kernel}: configurations never compiled: {missing}"
 
 
 def test_shared_memory_fits_a_block(compiled):
-    too_big = [(r["kernel"], r["dtype"], r["config"], r["shared"]) for r in compiled["records"]
-               if r["shared"] > SHARED_MEMORY_PER_BLOCK]
+    too_big = [
+        (r["kernel"], r["dtype"], r["config"], r["shared"])
+        for r in compiled["records"]
+        if r["shared"] > SHARED_MEMORY_PER_BLOCK
+    ]
     assert not too_big
 
 
@@ -90,9 +115,11 @@ def test_convolutions_use_warpgroup_tensor_cores(compiled):
     """The largest tile (the first configuration: 128 x 128, 8 warps) must multiply with wgmma
     in every precision that has tensor cores (not float32 with exact products: TF32 off)."""
     first = {kernel: configs[0] for kernel, configs in compiled["autotune_configs"].items()}
-    checked = [r for r in compiled["records"]
-               if r["kernel"] in first and r["config"] == first[r["kernel"]]
-               and r["precision"] != "ieee"]
+    checked = [
+        r
+        for r in compiled["records"]
+        if r["kernel"] in first and r["config"] == first[r["kernel"]] and r["precision"] != "ieee"
+    ]
     assert {r["dtype"] for r in checked} == {"float32", "float16", "bfloat16"}
     assert not [(r["kernel"], r["dtype"], r["case"]) for r in checked if not r["wgmma"]]
 
@@ -100,10 +127,14 @@ def test_convolutions_use_warpgroup_tensor_cores(compiled):
 def test_resnet50_convolutions_do_not_spill_registers_in_bfloat16(compiled):
     """No register spills (local-memory stack frames) in bf16 for ResNet-50's convolutions (the
     grouped ResNeXt ones at the 128 x 128 tile do spill a few bytes; autotuning weighs that)."""
-    spilling = [(r["kernel"], r["case"], r["config"], r["spill_bytes"])
-                for r in compiled["records"]
-                if r["dtype"] == "bfloat16" and r["kernel"].startswith("_conv")
-                and not r["case"].startswith("grouped") and r["spill_bytes"] > 0]
+    spilling = [
+        (r["kernel"], r["case"], r["config"], r["spill_bytes"])
+        for r in compiled["records"]
+        if r["dtype"] == "bfloat16"
+        and r["kernel"].startswith("_conv")
+        and not r["case"].startswith("grouped")
+        and r["spill_bytes"] > 0
+    ]
     assert not spilling
 
 

@@ -28,13 +28,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     if not expected.dtype.is_floating_point:
         assert torch.equal(actual, expected), f"{what}: {actual} != {expected}"
         return
-    torch.testing.assert_close(actual, expected, msg=lambda m: f"{what}: {m}",
-                               **TIGHT[expected.dtype])
+    torch.testing.assert_close(
+        actual, expected, msg=lambda m: f"{what}: {m}", **TIGHT[expected.dtype]
+    )
 
 
-def assert_within_error_factor(actual: torch.Tensor, torch_low: torch.Tensor,
-                               reference_fp64: torch.Tensor, what: str,
-                               low_dtype: torch.dtype, term_magnitude: float = 0.0) -> None:
+def assert_within_error_factor(
+    actual: torch.Tensor,
+    torch_low: torch.Tensor,
+    reference_fp64: torch.Tensor,
+    what: str,
+    low_dtype: torch.dtype,
+    term_magnitude: float = 0.0,
+) -> None:
     """The rule: max |ours - ref64| <= 2 max |torch_low - ref64| + 4 ulp(magnitude).
 
     The magnitude is that of the reference, or `term_magnitude` when larger: the size of the terms
@@ -49,4 +55,5 @@ def assert_within_error_factor(actual: torch.Tensor, torch_low: torch.Tensor,
     floor = FLOOR_ULPS * torch.finfo(low_dtype).eps * magnitude
     assert ours <= ERROR_FACTOR * theirs + floor, (
         f"{what}: error {ours:.3g} against float64 exceeds {ERROR_FACTOR} x PyTorch's "
-        f"{low_dtype} error {theirs:.3g} + {floor:.3g}")
+        f"{low_dtype} error {theirs:.3g} + {floor:.3g}"
+    )

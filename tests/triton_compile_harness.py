@@ -34,9 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import triton
@@ -72,16 +72,23 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        report = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                                capture_output=True, text=True, check=True).stdout
+        report = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
     return {"registers": int(usage.group(1)), "spill_bytes": int(usage.group(2))}
 
 
 def _config_of(kwargs: dict) -> dict:
     """The tile sizes, warps and pipeline stages among a launch's keyword arguments."""
-    return {k: v for k, v in sorted(kwargs.items())
-            if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
+    return {
+        k: v
+        for k, v in sorted(kwargs.items())
+        if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")
+    }
 
 
 def _atomics(ptx: str) -> dict:
@@ -102,15 +109,17 @@ def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> I
     def compile_instead(self, *args, grid, warmup, **kwargs):
         started = time.perf_counter()
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        records.append({
-            "kernel": self.fn.__name__,
-            "config": _config_of(kwargs),
-            "shared": kernel.metadata.shared,
-            "wgmma": "warp_group_dot" in kernel.asm["ttgir"],
-            **_atomics(kernel.asm["ptx"]),
-            **_resource_usage(kernel.asm["cubin"]),
-            "seconds": round(time.perf_counter() - started, 2),
-        })
+        records.append(
+            {
+                "kernel": self.fn.__name__,
+                "config": _config_of(kwargs),
+                "shared": kernel.metadata.shared,
+                "wgmma": "warp_group_dot" in kernel.asm["ttgir"],
+                **_atomics(kernel.asm["ptx"]),
+                **_resource_usage(kernel.asm["cubin"]),
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
         return kernel
 
     def compile_configs(self, *args, grid, warmup, **kwargs):
@@ -146,24 +155,49 @@ def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         c = x.shape[1]
         mask = torch.zeros(x.numel() // 8, dtype=torch.uint8)
         cases[f"bn_act train residual relu {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
-            x, _channel(c, 1), _channel(c), torch.zeros_like(x), _channel(c), _channel(c, 1),
-            True, 1e-5, True)
+            x,
+            _channel(c, 1),
+            _channel(c),
+            torch.zeros_like(x),
+            _channel(c),
+            _channel(c, 1),
+            True,
+            1e-5,
+            True,
+        )
         cases[f"bn_act eval plain {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
-            x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, False)
-        cases[f"bn_act backward train {layout}"] = (
-            lambda x=x, c=c, mask=mask: ops.bn_act_backward_triton(
-                x, x, _channel(c, 1), _channel(c), _channel(c, 1), mask, True, 1e-5, True, True))
-        cases[f"bn_act backward eval {layout}"] = (
-            lambda x=x, c=c, mask=mask: ops.bn_act_backward_triton(
-                x, x, None, _channel(c), _channel(c, 1), mask, False, 1e-5, False, False))
+            x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, False
+        )
+        cases[f"bn_act backward train {layout}"] = lambda x=x, c=c, mask=mask: (
+            ops.bn_act_backward_triton(
+                x, x, _channel(c, 1), _channel(c), _channel(c, 1), mask, True, 1e-5, True, True
+            )
+        )
+        cases[f"bn_act backward eval {layout}"] = lambda x=x, c=c, mask=mask: (
+            ops.bn_act_backward_triton(
+                x, x, None, _channel(c), _channel(c, 1), mask, False, 1e-5, False, False
+            )
+        )
         cases[f"bn_stats {layout}"] = lambda x=x: ops.bn_stats_triton(x)
-        cases[f"bn_act backward reduce {layout}"] = (
-            lambda x=x, c=c, mask=mask: ops.bn_act_backward_reduce_triton(
-                x, x, _channel(c), mask, True))
-        cases[f"bn_act backward apply {layout}"] = (
-            lambda x=x, c=c, mask=mask: ops.bn_act_backward_apply_triton(
-                x, x, _channel(c, 1), _channel(c), _channel(c, 1), mask, _channel(c),
-                _channel(c), x.numel() // c, 1e-5, True, True))
+        cases[f"bn_act backward reduce {layout}"] = lambda x=x, c=c, mask=mask: (
+            ops.bn_act_backward_reduce_triton(x, x, _channel(c), mask, True)
+        )
+        cases[f"bn_act backward apply {layout}"] = lambda x=x, c=c, mask=mask: (
+            ops.bn_act_backward_apply_triton(
+                x,
+                x,
+                _channel(c, 1),
+                _channel(c),
+                _channel(c, 1),
+                mask,
+                _channel(c),
+                _channel(c),
+                x.numel() // c,
+                1e-5,
+                True,
+                True,
+            )
+        )
     return cases
 
 
@@ -183,32 +217,45 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     cases = {}
     for name, c_in, c_out, k, stride, padding, groups, size in CONVOLUTIONS:
         x = torch.zeros(2, c_in, size, size, dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         w = torch.zeros(c_out, c_in // groups, k, k, dtype=dtype)
         geometry = (stride, padding, 1, groups)
         g = ConvGeometry.of(x.shape, w.shape, stride, padding, 1, groups)
         out = torch.zeros(g.N, g.C_OUT, g.OH, g.OW, dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         # The stem's input is the image: no BatchNorm before it, no input gradient.
-        bn = [None] * 4 if c_in == 3 else [_channel(c_in), _channel(c_in, 1), _channel(c_in, 1),
-                                            _channel(c_in)]
+        bn = (
+            [None] * 4
+            if c_in == 3
+            else [_channel(c_in), _channel(c_in, 1), _channel(c_in, 1), _channel(c_in)]
+        )
         kind = "plain" if c_in == 3 else "bn-relu prologue"
         cases[f"{name} {kind} + stats"] = lambda x=x, w=w, bn=bn, geometry=geometry: (
-            ops.conv2d_bn_triton(x, w, *bn, True, 1e-5, *geometry, True))
+            ops.conv2d_bn_triton(x, w, *bn, True, 1e-5, *geometry, True)
+        )
         cases[f"{name} {kind} backward"] = (
-            lambda x=x, w=w, bn=bn, geometry=geometry, out=out: ops.conv2d_bn_backward_triton(
-                torch.zeros_like(out), x, w, *bn, True, 1e-5, *geometry, c_in != 3, True))
-        cases[f"{name} bias + residual + relu"] = (
-            lambda x=x, w=w, geometry=geometry, out=out: ops.conv2d_bias_act_triton(
-                x, w, torch.zeros(out.shape[1], dtype=dtype), torch.zeros_like(out), True,
-                *geometry))
+            lambda x=x, w=w, bn=bn, geometry=geometry, out=out, input_grad=c_in != 3: (
+                ops.conv2d_bn_backward_triton(
+                    torch.zeros_like(out), x, w, *bn, True, 1e-5, *geometry, input_grad, True
+                )
+            )
+        )
+        cases[f"{name} bias + residual + relu"] = lambda x=x, w=w, geometry=geometry, out=out: (
+            ops.conv2d_bias_act_triton(
+                x, w, torch.zeros(out.shape[1], dtype=dtype), torch.zeros_like(out), True, *geometry
+            )
+        )
     # conv1 of a bottleneck: no BatchNorm before it, statistics after; its input gradient.
     x = torch.zeros(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.zeros(64, 64, 1, 1, dtype=dtype)
     cases["1x1 plain + stats"] = lambda: ops.conv2d_bn_triton(
-        x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True)
+        x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True
+    )
     cases["1x1 plain backward"] = lambda: ops.conv2d_bn_backward_triton(
-        x, x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True, True)
+        x, x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True, True
+    )
     return cases
 
 
@@ -219,12 +266,13 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
 # in every precision and configuration would take 20 minutes on 2 cores.
 INVOLVED = ["3x3/2 bn-relu prologue + stats", "3x3/2 bn-relu prologue backward"]
 CONFIG_SWEEP = ["1x1 bn-relu prologue + stats", "1x1 bn-relu prologue backward"]
-PLAN = ([("bn_act", dtype, "", None, False) for dtype in DTYPES]
-        + [("conv", "bfloat16", "", None, False),
-           ("conv", "float32", "tf32", INVOLVED, False),
-           ("conv", "float32", "ieee", INVOLVED, False),
-           ("conv", "float16", "", INVOLVED, False),
-           ("conv", "bfloat16", "", CONFIG_SWEEP, True)])
+PLAN = [("bn_act", dtype, "", None, False) for dtype in DTYPES] + [
+    ("conv", "bfloat16", "", None, False),
+    ("conv", "float32", "tf32", INVOLVED, False),
+    ("conv", "float32", "ieee", INVOLVED, False),
+    ("conv", "float16", "", INVOLVED, False),
+    ("conv", "bfloat16", "", CONFIG_SWEEP, True),
+]
 
 
 def jobs() -> list[tuple[str, str, str, str, bool]]:
@@ -232,8 +280,10 @@ def jobs() -> list[tuple[str, str, str, str, bool]]:
     out = []
     for family, dtype, precision, names, all_configs in PLAN:
         cases = (bn_act_cases if family == "bn_act" else conv_cases)(DTYPES[dtype])
-        out += [(family, dtype, precision, case, all_configs)
-                for case in (names if names is not None else cases)]
+        out += [
+            (family, dtype, precision, case, all_configs)
+            for case in (names if names is not None else cases)
+        ]
     return out
 
 
@@ -241,12 +291,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="JSON file for the records")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
-    parser.add_argument("--shard", default="0/1",
-                        help="i/n: compile every n-th job from the i-th (to run n at once)")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: compile every n-th job from the i-th (to run n at once)",
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("triton_compile_harness: run with TRITON_INTERPRET unset (the interpreter never "
-                 "compiles)")
+        sys.exit(
+            "triton_compile_harness: run with TRITON_INTERPRET unset (the interpreter never "
+            "compiles)"
+        )
     shard, shards = map(int, args.shard.split("/"))
 
     import fastres  # noqa: F401  (registers the ops)
@@ -264,15 +319,27 @@ def main() -> None:
             cases[case]()
             for record in records[first:]:
                 record.update(dtype=dtype, precision=precision, case=case)
-            print(f"{dtype} {precision} {case}: {len(records) - first} launches compiled",
-                  flush=True)
+            print(
+                f"{dtype} {precision} {case}: {len(records) - first} launches compiled", flush=True
+            )
     with open(args.out, "w") as f:
-        json.dump({"arch": args.arch, "triton": triton.__version__,
-                   "records": records,
-                   "autotune_configs": {
-                       kernel.base_fn.__name__: [_config_of(c.all_kwargs()) for c in kernel.configs]
-                       for kernel in (conv._conv_forward_kernel, conv._conv_input_grad_kernel,
-                                      conv._conv_weight_grad_kernel)}}, f, indent=1)
+        json.dump(
+            {
+                "arch": args.arch,
+                "triton": triton.__version__,
+                "records": records,
+                "autotune_configs": {
+                    kernel.base_fn.__name__: [_config_of(c.all_kwargs()) for c in kernel.configs]
+                    for kernel in (
+                        conv._conv_forward_kernel,
+                        conv._conv_input_grad_kernel,
+                        conv._conv_weight_grad_kernel,
+                    )
+                },
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

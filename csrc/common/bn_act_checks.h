@@ -41,9 +41,8 @@ inline void check_channel_vector(const std::optional<at::Tensor>& t, const char*
                                  const at::Tensor& x) {
   if (!t.has_value()) return;
   const int64_t channels = x.size(1);
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, "bn_act: ", name,
-                    " must have shape [", channels, "] to match the channels of x, got ",
-                    t->sizes());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, "bn_act: ", name, " must have shape [",
+                    channels, "] to match the channels of x, got ", t->sizes());
   TORCH_CHECK_TYPE(t->scalar_type() == param_dtype_for(x), "bn_act: ", name, " must be ",
                    param_dtype_for(x), " for ", x.scalar_type(), " activations, got ",
                    t->scalar_type());
@@ -54,15 +53,16 @@ inline void check_channel_vector(const std::optional<at::Tensor>& t, const char*
 inline void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "bn_act: ", name, " must have the shape of x ",
                     x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "bn_act: ", name, " must have the dtype of x (",
-                   x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "bn_act: ", name,
+                   " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), "bn_act: ", name, " must be on ", x.device(),
                     " like x, got ", t.device());
 }
 
 inline at::MemoryFormat memory_format_of(const at::Tensor& x) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                      : at::MemoryFormat::Contiguous;
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
 inline BnActLayout layout_of(const at::Tensor& x, at::MemoryFormat format) {
@@ -133,8 +133,10 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                       " bytes returned by bn_act_forward for this x, got ", relu_mask.scalar_type(),
                       " of shape ", relu_mask.sizes(), " on ", relu_mask.device());
     // The kernels read the mask as dense bytes; a strided view would be misread.
-    TORCH_CHECK_VALUE(relu_mask.is_contiguous(), "bn_act: relu_mask must be contiguous (the dense "
-                      "tensor bn_act_forward returned), got strides ", relu_mask.strides());
+    TORCH_CHECK_VALUE(relu_mask.is_contiguous(),
+                      "bn_act: relu_mask must be contiguous (the dense "
+                      "tensor bn_act_forward returned), got strides ",
+                      relu_mask.strides());
   }
 }
 
@@ -150,15 +152,15 @@ inline void check_backward_apply_args(const at::Tensor& grad_out, const at::Tens
                                       const std::optional<at::Tensor>& weight,
                                       const at::Tensor& save_mean, const at::Tensor& save_var,
                                       const at::Tensor& relu_mask, const at::Tensor& sum_grad,
-                                      const at::Tensor& sum_grad_centred, int64_t count,
-                                      double eps, bool relu) {
+                                      const at::Tensor& sum_grad_centred, int64_t count, double eps,
+                                      bool relu) {
   check_backward_args(grad_out, x, weight, save_mean, save_var, relu_mask, relu);
   check_channel_vector(sum_grad, "sum_grad", x);
   check_channel_vector(sum_grad_centred, "sum_grad_centred", x);
   TORCH_CHECK_VALUE(count >= x.size(0) * x.size(2) * x.size(3) && count > 1,
                     "bn_act: count must be the number of values per channel over every process "
-                    "(at least this process's ", x.size(0) * x.size(2) * x.size(3),
-                    " and more than 1), got ", count);
+                    "(at least this process's ",
+                    x.size(0) * x.size(2) * x.size(3), " and more than 1), got ", count);
   TORCH_CHECK_VALUE(eps > 0, "bn_act: eps must be positive, got ", eps);
 }
 

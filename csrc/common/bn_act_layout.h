@@ -1,7 +1,7 @@
 // Shape of a dense 4-D activation as the bn_act kernels see it.
 //
-// Plain C++ (no torch, no CUDA) so that CPU kernels, CUDA kernels and the bindings can all share it.
-// A dense tensor is either NCHW-contiguous or channels_last (NHWC in memory); element i of the
+// Plain C++ (no torch, no CUDA) so that CPU kernels, CUDA kernels and the bindings can all share
+// it. A dense tensor is either NCHW-contiguous or channels_last (NHWC in memory); element i of the
 // buffer (memory order) belongs to channel
 //   (i / hw) % c   for NCHW,
 //   i % c          for channels_last.

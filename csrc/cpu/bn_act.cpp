@@ -25,32 +25,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   const auto param_options = x.options().dtype(param_dtype_for(x));
 
   Tensor out = at::empty_like(x, format);
-  Tensor relu_mask = at::empty({relu ? relu_mask_bytes(layout.numel()) : 0},
-                               x.options().dtype(at::kByte));
+  Tensor relu_mask =
+      at::empty({relu ? relu_mask_bytes(layout.numel()) : 0}, x.options().dtype(at::kByte));
   // Outputs never alias inputs (a custom-op rule), hence the copies of the running statistics.
-  Tensor save_mean = training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
-  Tensor save_var = training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
+  Tensor save_mean =
+      training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
+  Tensor save_var =
+      training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
   Tensor scale = at::empty({layout.c}, param_options);
   Tensor shift = at::empty({layout.c}, param_options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
-    using P = opmath<scalar_t>;
-    if (training && layout.numel() > 0) {
-      FASTRES_CPU_DISPATCH(bn_batch_stats<scalar_t>, x.data_ptr<scalar_t>(), layout, save_mean.data_ptr<P>(),
-                               save_var.data_ptr<P>());
-    } else if (training) {
-      // An empty batch has no statistics; PyTorch reports NaN for them.
-      save_mean.fill_(NAN);
-      save_var.fill_(NAN);
-    }
-    FASTRES_CPU_DISPATCH(bn_scale_shift<scalar_t>, save_mean.data_ptr<P>(), save_var.data_ptr<P>(), ptr_or_null<P>(weight),
-                             ptr_or_null<P>(bias), eps, layout.c, scale.data_ptr<P>(),
-                             shift.data_ptr<P>());
-    FASTRES_CPU_DISPATCH(bn_act_apply<scalar_t>, x.data_ptr<scalar_t>(),
-                           residual ? residual->data_ptr<scalar_t>() : nullptr,
-                           save_mean.data_ptr<P>(), scale.data_ptr<P>(), shift.data_ptr<P>(), layout, relu,
-                           out.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_forward_cpu", [&] {
+        using P = opmath<scalar_t>;
+        if (training && layout.numel() > 0) {
+          FASTRES_CPU_DISPATCH(bn_batch_stats<scalar_t>, x.data_ptr<scalar_t>(), layout,
+                               save_mean.data_ptr<P>(), save_var.data_ptr<P>());
+        } else if (training) {
+          // An empty batch has no statistics; PyTorch reports NaN for them.
+          save_mean.fill_(NAN);
+          save_var.fill_(NAN);
+        }
+        FASTRES_CPU_DISPATCH(bn_scale_shift<scalar_t>, save_mean.data_ptr<P>(),
+                             save_var.data_ptr<P>(), ptr_or_null<P>(weight), ptr_or_null<P>(bias),
+                             eps, layout.c, scale.data_ptr<P>(), shift.data_ptr<P>());
+        FASTRES_CPU_DISPATCH(bn_act_apply<scalar_t>, x.data_ptr<scalar_t>(),
+                             residual ? residual->data_ptr<scalar_t>() : nullptr,
+                             save_mean.data_ptr<P>(), scale.data_ptr<P>(), shift.data_ptr<P>(),
+                             layout, relu, out.data_ptr<scalar_t>(),
+                             relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
+      });
   return {out, save_mean, save_var, relu_mask};
 }
 
@@ -75,24 +79,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   Tensor grad_weight = at::empty({layout.c}, param_options);
   Tensor coefficients = at::empty({3, layout.c}, param_options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
-    using P = opmath<scalar_t>;
-    const uint8_t* mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
-    P* k = coefficients.data_ptr<P>();
-    FASTRES_CPU_DISPATCH(bn_act_backward_reduce<scalar_t>, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
-                                     save_mean.data_ptr<P>(), layout, grad_bias.data_ptr<P>(),
-                                     sum_gx.data_ptr<P>());
-    FASTRES_CPU_DISPATCH(bn_backward_coefficients<scalar_t>, save_mean.data_ptr<P>(), save_var.data_ptr<P>(),
-                                       ptr_or_null<P>(weight), grad_bias.data_ptr<P>(),
-                                       sum_gx.data_ptr<P>(), eps, layout.reduce_size(), layout.c,
-                                       training, k, k + layout.c, k + 2 * layout.c,
-                                       grad_weight.data_ptr<P>());
-    FASTRES_CPU_DISPATCH(bn_act_backward_apply<scalar_t>, grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mask,
-                                    save_mean.data_ptr<P>(), k,
-                                    k + layout.c, k + 2 * layout.c, layout,
-                                    grad_x.data_ptr<scalar_t>(),
-                                    residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
+        using P = opmath<scalar_t>;
+        const uint8_t* mask = relu ? relu_mask.data_ptr<uint8_t>() : nullptr;
+        P* k = coefficients.data_ptr<P>();
+        FASTRES_CPU_DISPATCH(bn_act_backward_reduce<scalar_t>, grad_out.data_ptr<scalar_t>(),
+                             x.data_ptr<scalar_t>(), mask, save_mean.data_ptr<P>(), layout,
+                             grad_bias.data_ptr<P>(), sum_gx.data_ptr<P>());
+        FASTRES_CPU_DISPATCH(bn_backward_coefficients<scalar_t>, save_mean.data_ptr<P>(),
+                             save_var.data_ptr<P>(), ptr_or_null<P>(weight),
+                             grad_bias.data_ptr<P>(), sum_gx.data_ptr<P>(), eps,
+                             layout.reduce_size(), layout.c, training, k, k + layout.c,
+                             k + 2 * layout.c, grad_weight.data_ptr<P>());
+        FASTRES_CPU_DISPATCH(bn_act_backward_apply<scalar_t>, grad_out.data_ptr<scalar_t>(),
+                             x.data_ptr<scalar_t>(), mask, save_mean.data_ptr<P>(), k, k + layout.c,
+                             k + 2 * layout.c, layout, grad_x.data_ptr<scalar_t>(),
+                             residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);
+      });
   return {grad_x, grad_weight, grad_bias, grad_residual};
 }
 
@@ -131,21 +135,24 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, con
   const auto param_options = x.options().dtype(param_dtype_for(x));
   Tensor sum_grad = at::empty({layout.c}, param_options);
   Tensor sum_grad_centred = at::empty({layout.c}, param_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
-    using P = opmath<scalar_t>;
-    FASTRES_CPU_DISPATCH(bn_act_backward_reduce<scalar_t>, grad_out.data_ptr<scalar_t>(),
-                         x.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr,
-                         save_mean.data_ptr<P>(), layout, sum_grad.data_ptr<P>(),
-                         sum_grad_centred.data_ptr<P>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
+        using P = opmath<scalar_t>;
+        FASTRES_CPU_DISPATCH(bn_act_backward_reduce<scalar_t>, grad_out.data_ptr<scalar_t>(),
+                             x.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr,
+                             save_mean.data_ptr<P>(), layout, sum_grad.data_ptr<P>(),
+                             sum_grad_centred.data_ptr<P>());
+      });
   return {sum_grad, sum_grad_centred};
 }
 
-std::tuple<Tensor, Tensor> bn_act_backward_apply(
-    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
-    const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask,
-    const Tensor& sum_grad_in, const Tensor& sum_grad_centred_in, int64_t count, double eps,
-    bool relu, bool residual_grad) {
+std::tuple<Tensor, Tensor> bn_act_backward_apply(const Tensor& grad_out_in, const Tensor& x_in,
+                                                 const OptTensor& weight_in,
+                                                 const Tensor& save_mean_in,
+                                                 const Tensor& save_var_in, const Tensor& relu_mask,
+                                                 const Tensor& sum_grad_in,
+                                                 const Tensor& sum_grad_centred_in, int64_t count,
+                                                 double eps, bool relu, bool residual_grad) {
   check_x_device_type(x_in, at::kCPU);
   check_backward_apply_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask,
                             sum_grad_in, sum_grad_centred_in, count, eps, relu);
@@ -163,20 +170,21 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(
   Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
   Tensor coefficients = at::empty({4, layout.c}, param_options);  // k_grad, k_x, k_const, unused
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_apply_cpu", [&] {
-    using P = opmath<scalar_t>;
-    P* k = coefficients.data_ptr<P>();
-    const int64_t C = layout.c;
-    FASTRES_CPU_DISPATCH(bn_backward_coefficients<scalar_t>, save_mean.data_ptr<P>(),
-                         save_var.data_ptr<P>(), ptr_or_null<P>(weight), sum_grad.data_ptr<P>(),
-                         sum_grad_centred.data_ptr<P>(), eps, count, C, /*training=*/true, k,
-                         k + C, k + 2 * C, k + 3 * C);
-    FASTRES_CPU_DISPATCH(bn_act_backward_apply<scalar_t>, grad_out.data_ptr<scalar_t>(),
-                         x.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr,
-                         save_mean.data_ptr<P>(), k, k + C, k + 2 * C, layout,
-                         grad_x.data_ptr<scalar_t>(),
-                         residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_apply_cpu", [&] {
+        using P = opmath<scalar_t>;
+        P* k = coefficients.data_ptr<P>();
+        const int64_t C = layout.c;
+        FASTRES_CPU_DISPATCH(bn_backward_coefficients<scalar_t>, save_mean.data_ptr<P>(),
+                             save_var.data_ptr<P>(), ptr_or_null<P>(weight), sum_grad.data_ptr<P>(),
+                             sum_grad_centred.data_ptr<P>(), eps, count, C, /*training=*/true, k,
+                             k + C, k + 2 * C, k + 3 * C);
+        FASTRES_CPU_DISPATCH(bn_act_backward_apply<scalar_t>, grad_out.data_ptr<scalar_t>(),
+                             x.data_ptr<scalar_t>(), relu ? relu_mask.data_ptr<uint8_t>() : nullptr,
+                             save_mean.data_ptr<P>(), k, k + C, k + 2 * C, layout,
+                             grad_x.data_ptr<scalar_t>(),
+                             residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr);
+      });
   return {grad_x, grad_residual};
 }
 

@@ -29,7 +29,7 @@ using opmath = at::opmath_type<T>;
 bool cpu_has_avx2();
 
 #ifdef FASTRES_CPU_AVX2_BUILT
-#define FASTRES_CPU_DISPATCH(fn, ...) \
+#define FASTRES_CPU_DISPATCH(fn, ...)                                     \
   (::fastres::cpu::cpu_has_avx2() ? ::fastres::cpu::avx2::fn(__VA_ARGS__) \
                                   : ::fastres::cpu::generic::fn(__VA_ARGS__))
 #else

@@ -32,11 +32,11 @@ void bn_act_backward_reduce(const T* grad_out, const T* x, const uint8_t* relu_m
 // above.
 // Training differentiates through the batch statistics; eval treats them as constants.
 template <typename T>
-void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var,
-                              const opmath<T>* weight, const opmath<T>* sum_g,
-                              const opmath<T>* sum_gx, double eps, int64_t reduce_size,
-                              int64_t channels, bool training, opmath<T>* k_grad,
-                              opmath<T>* k_x, opmath<T>* k_const, opmath<T>* grad_weight);
+void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var, const opmath<T>* weight,
+                              const opmath<T>* sum_g, const opmath<T>* sum_gx, double eps,
+                              int64_t reduce_size, int64_t channels, bool training,
+                              opmath<T>* k_grad, opmath<T>* k_x, opmath<T>* k_const,
+                              opmath<T>* grad_weight);
 
 // grad_x = k_grad[c] * gm + k_x[c] * (x - mean[c]) + k_const[c]; grad_residual = gm (skipped
 // when null).

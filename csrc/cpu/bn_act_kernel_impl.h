@@ -301,7 +301,8 @@ void batch_stats_nchw(const T* x, const BnActLayout& layout, std::vector<Moments
   using V = opmath<T>;
   const int64_t pieces_per_plane = (layout.hw + kBlock - 1) / kBlock;
   const int64_t items = layout.n * layout.c * pieces_per_plane;
-  const int64_t grain = std::max<int64_t>(1, kGrainBlocks * kBlock / std::max<int64_t>(1, layout.hw));
+  const int64_t grain =
+      std::max<int64_t>(1, kGrainBlocks * kBlock / std::max<int64_t>(1, layout.hw));
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     auto buf = scratch_buffer<V>(kBlock);
     Moments* mine = acc.data() + at::get_thread_num() * layout.c;
@@ -372,7 +373,8 @@ void backward_reduce_nchw(const T* grad, const T* x, const uint8_t* mask, const 
   const int64_t C = layout.c;
   const int64_t pieces_per_plane = (layout.hw + kBlock - 1) / kBlock;
   const int64_t items = layout.n * C * pieces_per_plane;
-  const int64_t grain = std::max<int64_t>(1, kGrainBlocks * kBlock / std::max<int64_t>(1, layout.hw));
+  const int64_t grain =
+      std::max<int64_t>(1, kGrainBlocks * kBlock / std::max<int64_t>(1, layout.hw));
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     auto gm = scratch_buffer<V>(kBlock), xbuf = scratch_buffer<V>(kBlock);
     double* mine = acc.data() + at::get_thread_num() * 2 * C;
@@ -601,11 +603,11 @@ void bn_act_backward_reduce(const T* grad_out, const T* x, const uint8_t* relu_m
 }
 
 template <typename T>
-void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var,
-                              const opmath<T>* weight, const opmath<T>* sum_g,
-                              const opmath<T>* sum_gx, double eps, int64_t reduce_size,
-                              int64_t channels, bool training, opmath<T>* k_grad,
-                              opmath<T>* k_x, opmath<T>* k_const, opmath<T>* grad_weight) {
+void bn_backward_coefficients(const opmath<T>* mean, const opmath<T>* var, const opmath<T>* weight,
+                              const opmath<T>* sum_g, const opmath<T>* sum_gx, double eps,
+                              int64_t reduce_size, int64_t channels, bool training,
+                              opmath<T>* k_grad, opmath<T>* k_x, opmath<T>* k_const,
+                              opmath<T>* grad_weight) {
   using V = opmath<T>;
   const V inv_m = V(1) / static_cast<V>(reduce_size);
   for (int64_t c = 0; c < channels; ++c) {
@@ -640,18 +642,18 @@ void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_ma
 }
 
 #define FASTRES_INSTANTIATE_CPU_BN_ACT(T)                                                       \
-  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*);       \
-  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,        \
-                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);  \
-  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,        \
-                                const opmath<T>*, const BnActLayout&, bool, T*, uint8_t*);     \
+  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*);        \
+  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,         \
+                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);   \
+  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,         \
+                                const opmath<T>*, const BnActLayout&, bool, T*, uint8_t*);      \
   template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
-                                          const BnActLayout&, opmath<T>*, opmath<T>*);         \
-  template void bn_backward_coefficients<T>(                                                   \
+                                          const BnActLayout&, opmath<T>*, opmath<T>*);          \
+  template void bn_backward_coefficients<T>(                                                    \
       const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, \
-      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);         \
-  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
-                                         const opmath<T>*, const opmath<T>*, const opmath<T>*, \
+      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);          \
+  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*,  \
+                                         const opmath<T>*, const opmath<T>*, const opmath<T>*,  \
                                          const BnActLayout&, T*, T*);
 
 FASTRES_INSTANTIATE_CPU_BN_ACT(float)

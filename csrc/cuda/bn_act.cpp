@@ -16,9 +16,12 @@ using OptTensor = std::optional<at::Tensor>;
 
 ActivationType activation_type(const Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return ActivationType::kFloat;
-    case at::kHalf: return ActivationType::kHalf;
-    case at::kBFloat16: return ActivationType::kBFloat16;
+    case at::kFloat:
+      return ActivationType::kFloat;
+    case at::kHalf:
+      return ActivationType::kHalf;
+    case at::kBFloat16:
+      return ActivationType::kBFloat16;
     default:
       TORCH_CHECK_TYPE(false, "bn_act: the cuda backend takes float32, float16 or bfloat16 x, got ",
                        x.scalar_type(), " (float64 runs on the cpu and torch backends)");
@@ -47,11 +50,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   const auto param_options = x.options().dtype(at::kFloat);
 
   Tensor out = at::empty_like(x, format);
-  Tensor relu_mask = at::empty({relu ? relu_mask_bytes(layout.numel()) : 0},
-                               x.options().dtype(at::kByte));
+  Tensor relu_mask =
+      at::empty({relu ? relu_mask_bytes(layout.numel()) : 0}, x.options().dtype(at::kByte));
   // Outputs never alias inputs (a custom-op rule), hence the copies of the running statistics.
-  Tensor save_mean = training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
-  Tensor save_var = training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
+  Tensor save_mean =
+      training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
+  Tensor save_var =
+      training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
   if (layout.numel() == 0) {
     if (training) {  // an empty batch has no statistics; PyTorch reports NaN for them
       save_mean.fill_(NAN);
@@ -130,8 +135,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   }
   Tensor workspace = workspace_for(layout, x);
 
-  BnActBackwardParams params = backward_params(grad_out, x, weight, save_mean, save_var,
-                                               relu_mask, workspace, layout, training, eps, relu);
+  BnActBackwardParams params = backward_params(grad_out, x, weight, save_mean, save_var, relu_mask,
+                                               workspace, layout, training, eps, relu);
   params.grad_x = grad_x.data_ptr();
   params.grad_residual = residual_grad ? grad_residual.data_ptr() : nullptr;
   params.grad_weight = grad_weight.data_ptr<float>();
@@ -185,9 +190,9 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, con
   Tensor sum_grad_centred = at::zeros({layout.c}, x.options().dtype(at::kFloat));
   if (layout.numel() == 0) return {sum_grad, sum_grad_centred};
   Tensor workspace = workspace_for(layout, x);
-  const BnActBackwardParams params = backward_params(grad_out, x, std::nullopt, save_mean,
-                                                     save_mean, relu_mask, workspace, layout,
-                                                     /*training=*/true, 1.0, relu);
+  const BnActBackwardParams params =
+      backward_params(grad_out, x, std::nullopt, save_mean, save_mean, relu_mask, workspace, layout,
+                      /*training=*/true, 1.0, relu);
   launch_bn_act_backward_reduce(params, sum_grad.data_ptr<float>(),
                                 sum_grad_centred.data_ptr<float>(), x.get_device(),
                                 at::cuda::getCurrentCUDAStream());
@@ -195,11 +200,13 @@ std::tuple<Tensor, Tensor> bn_act_backward_reduce(const Tensor& grad_out_in, con
   return {sum_grad, sum_grad_centred};
 }
 
-std::tuple<Tensor, Tensor> bn_act_backward_apply(
-    const Tensor& grad_out_in, const Tensor& x_in, const OptTensor& weight_in,
-    const Tensor& save_mean_in, const Tensor& save_var_in, const Tensor& relu_mask,
-    const Tensor& sum_grad_in, const Tensor& sum_grad_centred_in, int64_t count, double eps,
-    bool relu, bool residual_grad) {
+std::tuple<Tensor, Tensor> bn_act_backward_apply(const Tensor& grad_out_in, const Tensor& x_in,
+                                                 const OptTensor& weight_in,
+                                                 const Tensor& save_mean_in,
+                                                 const Tensor& save_var_in, const Tensor& relu_mask,
+                                                 const Tensor& sum_grad_in,
+                                                 const Tensor& sum_grad_centred_in, int64_t count,
+                                                 double eps, bool relu, bool residual_grad) {
   check_x_device_type(x_in, at::kCUDA);
   check_backward_apply_args(grad_out_in, x_in, weight_in, save_mean_in, save_var_in, relu_mask,
                             sum_grad_in, sum_grad_centred_in, count, eps, relu);
@@ -217,9 +224,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(
   Tensor grad_residual = residual_grad ? at::empty_like(x, format) : at::empty({0}, x.options());
   if (layout.numel() == 0) return {grad_x, grad_residual};
   Tensor workspace = workspace_for(layout, x);
-  BnActBackwardParams params = backward_params(grad_out, x, weight, save_mean, save_var,
-                                               relu_mask, workspace, layout, /*training=*/true,
-                                               eps, relu);
+  BnActBackwardParams params = backward_params(grad_out, x, weight, save_mean, save_var, relu_mask,
+                                               workspace, layout, /*training=*/true, eps, relu);
   params.grad_x = grad_x.data_ptr();
   params.grad_residual = residual_grad ? grad_residual.data_ptr() : nullptr;
   launch_bn_act_backward_apply(params, sum_grad.data_ptr<float>(),

@@ -42,9 +42,13 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -283,8 +287,7 @@ __global__ void finalize_forward_kernel(const Welford* partials, int splits, int
 __device__ void backward_coefficients(int64_t c, double g, double gx, int64_t reduce_size,
                                       const float* mean, const float* var, const float* weight,
                                       float eps, bool training, float* grad_weight,
-                                      float* grad_bias, float* k_grad, float* k_x,
-                                      float* k_const) {
+                                      float* grad_bias, float* k_grad, float* k_x, float* k_const) {
   const float invstd = 1.f / sqrtf(var[c] + eps);
   const float kg = (weight ? weight[c] : 1.f) * invstd;
   if (grad_bias != nullptr) grad_bias[c] = static_cast<float>(g);
@@ -407,7 +410,8 @@ __global__ void backward_apply_kernel(const T* grad, const T* x, const uint8_t* 
       const float gm = ((bits >> k) & 1u) ? gv[k] : 0.f;
       const int64_t c = cursor.c;
       const float centred = xv[k] - __ldg(mean + c);
-      dx[k] = from_float<T>(fmaf(__ldg(k_grad + c), gm, fmaf(__ldg(k_x + c), centred, __ldg(k_const + c))));
+      dx[k] = from_float<T>(
+          fmaf(__ldg(k_grad + c), gm, fmaf(__ldg(k_x + c), centred, __ldg(k_const + c))));
       dr[k] = from_float<T>(gm);
       cursor.advance();
     }
@@ -453,8 +457,8 @@ ReduceGeometry reduce_geometry(const BnActLayout& layout, int device) {
   if (!layout.channels_last) {
     geo.chunks_per_plane = std::max<int64_t>(1, ceil_div(layout.hw, kNchwUnit));
     const int64_t units = std::max<int64_t>(1, layout.n * geo.chunks_per_plane);
-    const int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, layout.c), 1,
-                                               std::min(units, kMaxSplits));
+    const int64_t splits =
+        std::clamp<int64_t>(ceil_div(target_blocks, layout.c), 1, std::min(units, kMaxSplits));
     geo.splits = static_cast<int>(splits);
     geo.grid = dim3(static_cast<unsigned>(layout.c), geo.splits);
     geo.block = dim3(kThreads);
@@ -528,8 +532,8 @@ void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream)
     apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
                                                          p.relu, out, p.relu_mask);
   } else {
-    apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift,
-                                                          layout, p.relu, out, p.relu_mask);
+    apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
+                                                          p.relu, out, p.relu_mask);
   }
 }
 
@@ -573,9 +577,9 @@ void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t strea
   ReduceGeometry geo;
   backward_reduce_typed<T>(p, device, stream, geo);
   finalize_backward_kernel<<<channel_blocks(p.layout), kThreads, 0, stream>>>(
-      partials_in<GradSums>(p.workspace, p.layout), geo.splits, p.layout.c,
-      p.layout.reduce_size(), p.mean, p.var, p.weight, p.eps, p.training, p.grad_weight,
-      p.grad_bias, channel_area(p, 0), channel_area(p, 1), channel_area(p, 2));
+      partials_in<GradSums>(p.workspace, p.layout), geo.splits, p.layout.c, p.layout.reduce_size(),
+      p.mean, p.var, p.weight, p.eps, p.training, p.grad_weight, p.grad_bias, channel_area(p, 0),
+      channel_area(p, 1), channel_area(p, 2));
   backward_apply_typed<T>(p, device, stream);
 }
 
@@ -603,9 +607,12 @@ void backward_from_sums_typed(const BnActBackwardParams& p, const float* sum_gra
 template <typename Fn>
 void dispatch_activation(ActivationType dtype, Fn&& fn) {
   switch (dtype) {
-    case ActivationType::kFloat: return fn(float{});
-    case ActivationType::kHalf: return fn(__half{});
-    case ActivationType::kBFloat16: return fn(__nv_bfloat16{});
+    case ActivationType::kFloat:
+      return fn(float{});
+    case ActivationType::kHalf:
+      return fn(__half{});
+    case ActivationType::kBFloat16:
+      return fn(__nv_bfloat16{});
   }
 }
 
@@ -618,9 +625,8 @@ size_t bn_act_workspace_bytes(const BnActLayout& layout, int device) {
 }
 
 void launch_bn_act_forward(const BnActForwardParams& params, int device, cudaStream_t stream) {
-  dispatch_activation(params.dtype, [&](auto tag) {
-    forward_typed<decltype(tag)>(params, device, stream);
-  });
+  dispatch_activation(params.dtype,
+                      [&](auto tag) { forward_typed<decltype(tag)>(params, device, stream); });
 }
 
 void launch_bn_stats(const BnActForwardParams& params, int device, cudaStream_t stream) {
@@ -632,9 +638,8 @@ void launch_bn_stats(const BnActForwardParams& params, int device, cudaStream_t 
 }
 
 void launch_bn_act_backward(const BnActBackwardParams& params, int device, cudaStream_t stream) {
-  dispatch_activation(params.dtype, [&](auto tag) {
-    backward_typed<decltype(tag)>(params, device, stream);
-  });
+  dispatch_activation(params.dtype,
+                      [&](auto tag) { backward_typed<decltype(tag)>(params, device, stream); });
 }
 
 void launch_bn_act_backward_reduce(const BnActBackwardParams& params, float* sum_grad,

@@ -17,7 +17,6 @@ op stays functional (no mutated inputs) and composes with ``torch.compile``.
 from __future__ import annotations
 
 import numbers
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +36,12 @@ _ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat1
 
 def bn_act(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
@@ -77,11 +76,22 @@ def bn_act(
     check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
     name = resolve_backend(backend, x.device, x.dtype)
     if name == "torch":
-        return bn_act_reference(x, weight, bias, running_mean, running_var, residual=residual,
-                                training=training, momentum=momentum, eps=eps, relu=relu)
+        return bn_act_reference(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual=residual,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            relu=relu,
+        )
     forward = FORWARD_OPS[name]
-    out, mean, var, _ = forward(x, weight, bias, residual, running_mean, running_var,
-                                training, eps, relu)
+    out, mean, var, _ = forward(
+        x, weight, bias, residual, running_mean, running_var, training, eps, relu
+    )
     count = x.shape[0] * x.shape[2] * x.shape[3]
     # An empty batch leaves the running statistics alone, as in F.batch_norm.
     if training and running_mean is not None and running_var is not None and count > 0:
@@ -91,12 +101,12 @@ def bn_act(
 
 def bn_act_reference(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
@@ -109,8 +119,14 @@ def bn_act_reference(
     return F.relu(y) if relu else y
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         momentum: float, count: int) -> None:
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    count: int,
+) -> None:
     """In place, as F.batch_norm does: ``running = (1 - momentum) * running + momentum * batch``,
     with the unbiased batch variance (``var`` is the biased one over ``count`` values).
 
@@ -126,55 +142,78 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 # Argument checks (every backend); each error names the argument and what was expected.
 
 
-def check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
-                local_batch=False):
+def check_args(
+    x, weight, bias, running_mean, running_var, residual, training, momentum, eps, local_batch=False
+):
     """``local_batch``: x is one process's share of the batch (synchronized BatchNorm), so the
     "more than one value per channel" rule applies to the whole batch and is checked later."""
     if not isinstance(x, Tensor):
         raise TypeError(f"bn_act: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"bn_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D "
-                         f"with shape {tuple(x.shape)}")
+        raise ValueError(
+            f"bn_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D "
+            f"with shape {tuple(x.shape)}"
+        )
     if x.dtype not in _ACTIVATION_DTYPES:
         raise TypeError(f"bn_act: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     channels = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"bn_act: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.shape != (channels,):
-            raise ValueError(f"bn_act: {name} must have shape ({channels},) to match the "
-                             f"channels of x, got {tuple(t.shape)}")
+            raise ValueError(
+                f"bn_act: {name} must have shape ({channels},) to match the "
+                f"channels of x, got {tuple(t.shape)}"
+            )
         if t.dtype != param_dtype:
-            raise TypeError(f"bn_act: {name} must be {param_dtype} for {x.dtype} activations, "
-                            f"got {t.dtype}")
+            raise TypeError(
+                f"bn_act: {name} must be {param_dtype} for {x.dtype} activations, got {t.dtype}"
+            )
         if t.device != x.device:
             raise ValueError(f"bn_act: {name} must be on {x.device} like x, got {t.device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
-            raise TypeError(f"bn_act: residual must be a Tensor or None, got {type(residual).__name__}")
+            raise TypeError(
+                f"bn_act: residual must be a Tensor or None, got {type(residual).__name__}"
+            )
         if residual.shape != x.shape:
-            raise ValueError(f"bn_act: residual must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(residual.shape)}")
+            raise ValueError(
+                f"bn_act: residual must have the shape of x {tuple(x.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
         if residual.dtype != x.dtype:
-            raise TypeError(f"bn_act: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+            raise TypeError(
+                f"bn_act: residual must have the dtype of x ({x.dtype}), got {residual.dtype}"
+            )
         if residual.device != x.device:
-            raise ValueError(f"bn_act: residual must be on {x.device} like x, got {residual.device}")
+            raise ValueError(
+                f"bn_act: residual must be on {x.device} like x, got {residual.device}"
+            )
     if (running_mean is None) != (running_var is None):
-        raise ValueError("bn_act: running_mean and running_var must both be tensors or both be None")
+        raise ValueError(
+            "bn_act: running_mean and running_var must both be tensors or both be None"
+        )
     if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
-        raise TypeError("bn_act: momentum must be a float (for nn.BatchNorm2d's momentum=None, "
-                        f"pass 1 / num_batches_tracked), got {momentum!r}")
+        raise TypeError(
+            "bn_act: momentum must be a float (for nn.BatchNorm2d's momentum=None, "
+            f"pass 1 / num_batches_tracked), got {momentum!r}"
+        )
     if not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"bn_act: eps must be a positive float, got {eps!r}")
     if training:
         if x.shape[0] * x.shape[2] * x.shape[3] == 1 and not local_batch:
             # PyTorch's own error (torch.nn.functional._verify_batch_size).
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {x.size()}")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()}"
+            )
     elif running_mean is None:
         raise ValueError("bn_act: running_mean and running_var are required when training=False")
 
@@ -193,8 +232,9 @@ def _forward_fake(x, weight, bias, residual, running_mean, running_var, training
     return out, mean, var, mask
 
 
-def _backward_fake(grad_out, x, weight, save_mean, save_var, relu_mask, training, eps, relu,
-                   residual_grad):
+def _backward_fake(
+    grad_out, x, weight, save_mean, save_var, relu_mask, training, eps, relu, residual_grad
+):
     fmt = memory_format_of(x)
     channels = x.shape[1]
     grad_x = torch.empty_like(x, memory_format=fmt)
@@ -215,7 +255,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, var, mask)
     ctx.training, ctx.eps, ctx.relu = training, eps, relu
     ctx.has_weight, ctx.has_bias, ctx.has_residual = (
-        weight is not None, bias is not None, residual is not None)
+        weight is not None,
+        bias is not None,
+        residual is not None,
+    )
 
 
 def _make_backward(backward_op):
@@ -224,13 +267,18 @@ def _make_backward(backward_op):
         needs = ctx.needs_input_grad
         residual_grad = ctx.has_residual and needs[3]
         grad_x, grad_weight, grad_bias, grad_residual = backward_op(
-            grad_out, x, weight, mean, var, mask, ctx.training, ctx.eps, ctx.relu, residual_grad)
+            grad_out, x, weight, mean, var, mask, ctx.training, ctx.eps, ctx.relu, residual_grad
+        )
         return (
             grad_x if needs[0] else None,
             grad_weight if ctx.has_weight and needs[1] else None,
             grad_bias if ctx.has_bias and needs[2] else None,
             grad_residual if residual_grad else None,
-            None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
     return backward
@@ -240,8 +288,9 @@ def _register(forward_op, backward_op, *, autograd: bool) -> None:
     torch.library.register_fake(forward_op, _forward_fake)
     torch.library.register_fake(backward_op, _backward_fake)
     if autograd:
-        torch.library.register_autograd(forward_op, _make_backward(backward_op),
-                                        setup_context=_setup_context)
+        torch.library.register_autograd(
+            forward_op, _make_backward(backward_op), setup_context=_setup_context
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,29 +299,47 @@ def _register(forward_op, backward_op, *, autograd: bool) -> None:
 
 @torch.library.custom_op("fastres::bn_act_forward_triton", mutates_args=())
 def bn_act_forward_triton(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_forward`` (same arguments and results)."""
-    from fastres.triton import bn_act as kernels, launch_device
+    from fastres.triton import bn_act as kernels
+    from fastres.triton import launch_device
 
     with launch_device(x):
-        return kernels.bn_act_forward(x, weight, bias, residual, running_mean, running_var,
-                                      training, eps, relu)
+        return kernels.bn_act_forward(
+            x, weight, bias, residual, running_mean, running_var, training, eps, relu
+        )
 
 
 @torch.library.custom_op("fastres::bn_act_backward_triton", mutates_args=())
 def bn_act_backward_triton(
-    grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_mean: Tensor, save_var: Tensor,
-    relu_mask: Tensor, training: bool, eps: float, relu: bool, residual_grad: bool,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_var: Tensor,
+    relu_mask: Tensor,
+    training: bool,
+    eps: float,
+    relu: bool,
+    residual_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_backward`` (same arguments and results)."""
-    from fastres.triton import bn_act as kernels, launch_device
+    from fastres.triton import bn_act as kernels
+    from fastres.triton import launch_device
 
     with launch_device(x):
-        return kernels.bn_act_backward(grad_out, x, weight, save_mean, save_var, relu_mask,
-                                       training, eps, relu, residual_grad)
+        return kernels.bn_act_backward(
+            grad_out, x, weight, save_mean, save_var, relu_mask, training, eps, relu, residual_grad
+        )
 
 
 _register(bn_act_forward_triton, bn_act_backward_triton, autograd=True)
@@ -282,8 +349,11 @@ BACKWARD_OPS = {"triton": torch.ops.fastres.bn_act_backward_triton}
 
 if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is loaded
     # Their autograd is registered in C++ (csrc/bn_act_autograd.cpp): it costs less per call.
-    _register(torch.ops.fastres.bn_act_forward.default, torch.ops.fastres.bn_act_backward.default,
-              autograd=False)
+    _register(
+        torch.ops.fastres.bn_act_forward.default,
+        torch.ops.fastres.bn_act_backward.default,
+        autograd=False,
+    )
     for _name in ("cpu", "cuda"):
         FORWARD_OPS[_name] = torch.ops.fastres.bn_act_forward
         BACKWARD_OPS[_name] = torch.ops.fastres.bn_act_backward

@@ -13,8 +13,6 @@ ATen's (oneDNN on CPU, cuDNN on CUDA).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -26,16 +24,26 @@ __all__ = ["bn_act_conv2d"]
 
 def convolution(z: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tensor:
     """ATen's convolution without bias: oneDNN on CPU, cuDNN on CUDA."""
-    return torch.ops.aten.convolution(z, weight, None, stride, padding, dilation, False, [0, 0],
-                                      groups)
+    return torch.ops.aten.convolution(
+        z, weight, None, stride, padding, dilation, False, [0, 0], groups
+    )
 
 
 @torch.library.custom_op("fastres::bn_act_conv2d", mutates_args=())
 def bn_act_conv2d(
-    y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], conv_weight: Tensor,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, training: bool,
-    eps: float, backend: str,
+    y: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    conv_weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    training: bool,
+    eps: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``conv2d(relu(batch_norm(y)), conv_weight)`` (no conv bias, zero padding).
 
@@ -52,25 +60,54 @@ def bn_act_conv2d(
         ``(out, save_mean, save_var)``: the convolution output (``y``'s dtype and memory format)
         and the batch mean and biased variance (training) or copies of the running statistics.
     """
-    z, mean, var, _ = FORWARD_OPS[backend](y, bn_weight, bn_bias, None, running_mean, running_var,
-                                           training, eps, True)
+    z, mean, var, _ = FORWARD_OPS[backend](
+        y, bn_weight, bn_bias, None, running_mean, running_var, training, eps, True
+    )
     return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
 
 
 @bn_act_conv2d.register_fake
-def _bn_act_conv2d_fake(y, bn_weight, bn_bias, running_mean, running_var, conv_weight, stride,
-                        padding, dilation, groups, training, eps, backend):
+def _bn_act_conv2d_fake(
+    y,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    conv_weight,
+    stride,
+    padding,
+    dilation,
+    groups,
+    training,
+    eps,
+    backend,
+):
     z = torch.empty_like(y, memory_format=memory_format_of(y))
     out = convolution(z, conv_weight, stride, padding, dilation, groups)
     channels = y.shape[1]
-    stats = (y.new_empty((channels,), dtype=param_dtype_of(y)),
-             y.new_empty((channels,), dtype=param_dtype_of(y)))
+    stats = (
+        y.new_empty((channels,), dtype=param_dtype_of(y)),
+        y.new_empty((channels,), dtype=param_dtype_of(y)),
+    )
     return (out,) + stats
 
 
 def _setup_context(ctx, inputs, output):
-    (y, bn_weight, bn_bias, _rm, _rv, conv_weight, stride, padding, dilation, groups, training,
-     eps, backend) = inputs
+    (
+        y,
+        bn_weight,
+        bn_bias,
+        _rm,
+        _rv,
+        conv_weight,
+        stride,
+        padding,
+        dilation,
+        groups,
+        training,
+        eps,
+        backend,
+    ) = inputs
     _out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(y, bn_weight, bn_bias, mean, var, conv_weight)
@@ -83,21 +120,40 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     stride, padding, dilation, groups = ctx.conv_args
     needs = ctx.needs_input_grad
     # Recompute z exactly as the forward made it: same kernel, same per-channel scale and shift.
-    z, _, _, mask = FORWARD_OPS[ctx.backend](y, bn_weight, bn_bias, None, mean, var, False,
-                                             ctx.eps, True)
+    z, _, _, mask = FORWARD_OPS[ctx.backend](
+        y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, True
+    )
     grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-        grad_out, z, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [True, needs[5], False])
+        grad_out,
+        z,
+        conv_weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
+        [True, needs[5], False],
+    )
     del z
     grad_y, grad_bn_weight, grad_bn_bias, _ = BACKWARD_OPS[ctx.backend](
-        grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, True, False)
+        grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, True, False
+    )
     return (
         grad_y if needs[0] else None,
         grad_bn_weight if bn_weight is not None and needs[1] else None,
         grad_bn_bias if bn_bias is not None and needs[2] else None,
-        None, None,
+        None,
+        None,
         grad_conv_weight if needs[5] else None,
-        None, None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 

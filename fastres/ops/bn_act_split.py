@@ -19,7 +19,8 @@ plain PyTorch (the reference). :data:`SPLIT_OPS` maps a backend to its four piec
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,10 @@ class SplitOps(NamedTuple):
 
 def _channel_pair(x: Tensor) -> tuple[Tensor, Tensor]:
     channels = x.shape[1]
-    return (x.new_empty((channels,), dtype=param_dtype_of(x)),
-            x.new_empty((channels,), dtype=param_dtype_of(x)))
+    return (
+        x.new_empty((channels,), dtype=param_dtype_of(x)),
+        x.new_empty((channels,), dtype=param_dtype_of(x)),
+    )
 
 
 def _stats_fake(x):
@@ -59,15 +62,30 @@ def _backward_reduce_fake(grad_out, x, save_mean, relu_mask, relu):
     return _channel_pair(x)
 
 
-def _backward_apply_fake(grad_out, x, weight, save_mean, save_var, relu_mask, sum_grad,
-                         sum_grad_centred, count, eps, relu, residual_grad):
+def _backward_apply_fake(
+    grad_out,
+    x,
+    weight,
+    save_mean,
+    save_var,
+    relu_mask,
+    sum_grad,
+    sum_grad_centred,
+    count,
+    eps,
+    relu,
+    residual_grad,
+):
     fmt = memory_format_of(x)
     grad_residual = torch.empty_like(x, memory_format=fmt) if residual_grad else x.new_empty((0,))
     return torch.empty_like(x, memory_format=fmt), grad_residual
 
 
-_FAKES = {"bn_stats": _stats_fake, "bn_act_backward_reduce": _backward_reduce_fake,
-          "bn_act_backward_apply": _backward_apply_fake}
+_FAKES: dict[str, Callable[..., Any]] = {
+    "bn_stats": _stats_fake,
+    "bn_act_backward_reduce": _backward_reduce_fake,
+    "bn_act_backward_apply": _backward_apply_fake,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,17 +95,20 @@ _FAKES = {"bn_stats": _stats_fake, "bn_act_backward_reduce": _backward_reduce_fa
 @torch.library.custom_op("fastres::bn_stats_triton", mutates_args=())
 def bn_stats_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     """Triton twin of ``fastres::bn_stats``."""
-    from fastres.triton import bn_act as kernels, launch_device
+    from fastres.triton import bn_act as kernels
+    from fastres.triton import launch_device
 
     with launch_device(x):
         return kernels.bn_stats(x)
 
 
 @torch.library.custom_op("fastres::bn_act_backward_reduce_triton", mutates_args=())
-def bn_act_backward_reduce_triton(grad_out: Tensor, x: Tensor, save_mean: Tensor,
-                                  relu_mask: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
+def bn_act_backward_reduce_triton(
+    grad_out: Tensor, x: Tensor, save_mean: Tensor, relu_mask: Tensor, relu: bool
+) -> tuple[Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_backward_reduce``."""
-    from fastres.triton import bn_act as kernels, launch_device
+    from fastres.triton import bn_act as kernels
+    from fastres.triton import launch_device
 
     with launch_device(x):
         return kernels.bn_act_backward_reduce(grad_out, x, save_mean, relu_mask, relu)
@@ -95,17 +116,38 @@ def bn_act_backward_reduce_triton(grad_out: Tensor, x: Tensor, save_mean: Tensor
 
 @torch.library.custom_op("fastres::bn_act_backward_apply_triton", mutates_args=())
 def bn_act_backward_apply_triton(
-    grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_mean: Tensor, save_var: Tensor,
-    relu_mask: Tensor, sum_grad: Tensor, sum_grad_centred: Tensor, count: int, eps: float,
-    relu: bool, residual_grad: bool,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_var: Tensor,
+    relu_mask: Tensor,
+    sum_grad: Tensor,
+    sum_grad_centred: Tensor,
+    count: int,
+    eps: float,
+    relu: bool,
+    residual_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_backward_apply``."""
-    from fastres.triton import bn_act as kernels, launch_device
+    from fastres.triton import bn_act as kernels
+    from fastres.triton import launch_device
 
     with launch_device(x):
-        return kernels.bn_act_backward_apply(grad_out, x, weight, save_mean, save_var,
-                                             relu_mask, sum_grad, sum_grad_centred, count, eps,
-                                             relu, residual_grad)
+        return kernels.bn_act_backward_apply(
+            grad_out,
+            x,
+            weight,
+            save_mean,
+            save_var,
+            relu_mask,
+            sum_grad,
+            sum_grad_centred,
+            count,
+            eps,
+            relu,
+            residual_grad,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +167,12 @@ def _forward_torch(x, weight, bias, residual, mean, var, training, eps, relu):
     if residual is not None:
         y = y + residual
     out = F.relu(y) if relu else y
-    return out, mean.clone(), var.clone(), (out > 0) if relu else x.new_empty((0,), dtype=torch.bool)
+    return (
+        out,
+        mean.clone(),
+        var.clone(),
+        (out > 0) if relu else x.new_empty((0,), dtype=torch.bool),
+    )
 
 
 def _masked_grad(grad_out: Tensor, relu_mask: Tensor, relu: bool) -> Tensor:
@@ -139,8 +186,20 @@ def _backward_reduce_torch(grad_out, x, save_mean, relu_mask, relu):
     return gm.sum(dim=(0, 2, 3)), (gm * centred).sum(dim=(0, 2, 3))
 
 
-def _backward_apply_torch(grad_out, x, weight, save_mean, save_var, relu_mask, sum_grad,
-                          sum_grad_centred, count, eps, relu, residual_grad):
+def _backward_apply_torch(
+    grad_out,
+    x,
+    weight,
+    save_mean,
+    save_var,
+    relu_mask,
+    sum_grad,
+    sum_grad_centred,
+    count,
+    eps,
+    relu,
+    residual_grad,
+):
     gm = _masked_grad(grad_out, relu_mask, relu)
     invstd = torch.rsqrt(save_var + eps)
     k_grad = invstd if weight is None else weight * invstd
@@ -163,15 +222,21 @@ def _register_fakes(family_suffix: str) -> None:
 
 _register_fakes("_triton")
 SPLIT_OPS: dict[str, SplitOps] = {
-    "triton": SplitOps(torch.ops.fastres.bn_stats_triton, FORWARD_OPS["triton"],
-                       torch.ops.fastres.bn_act_backward_reduce_triton,
-                       torch.ops.fastres.bn_act_backward_apply_triton),
+    "triton": SplitOps(
+        torch.ops.fastres.bn_stats_triton,
+        FORWARD_OPS["triton"],
+        torch.ops.fastres.bn_act_backward_reduce_triton,
+        torch.ops.fastres.bn_act_backward_apply_triton,
+    ),
     "torch": SplitOps(_stats_torch, _forward_torch, _backward_reduce_torch, _backward_apply_torch),
 }
 
 if STATUS["cpu"].built:  # the compiled family exists once fastres._C is loaded
     _register_fakes("")
     for _name in ("cpu", "cuda"):
-        SPLIT_OPS[_name] = SplitOps(torch.ops.fastres.bn_stats, FORWARD_OPS[_name],
-                                    torch.ops.fastres.bn_act_backward_reduce,
-                                    torch.ops.fastres.bn_act_backward_apply)
+        SPLIT_OPS[_name] = SplitOps(
+            torch.ops.fastres.bn_stats,
+            FORWARD_OPS[_name],
+            torch.ops.fastres.bn_act_backward_reduce,
+            torch.ops.fastres.bn_act_backward_apply,
+        )

@@ -27,8 +27,6 @@ its weight and bias) with bias, residual add and ReLU in the epilogue.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -55,9 +53,19 @@ def _channels_last(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("fastres::conv2d_bn_triton", mutates_args=())
 def conv2d_bn_triton(
-    x: Tensor, weight: Tensor, bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
-    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], bn_training: bool, eps: float,
-    stride: int, padding: int, dilation: int, groups: int, stats: bool,
+    x: Tensor,
+    weight: Tensor,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    bn_training: bool,
+    eps: float,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``conv2d(relu(batch_norm(x)))`` (or ``conv2d(x)`` when ``bn_mean`` is None), and the
     batch statistics of the result.
@@ -84,28 +92,59 @@ def conv2d_bn_triton(
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
     with launch_device(x):
         prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
-        out, partials = conv_forward(_channels_last(x), weight.contiguous(), geometry,
-                                     prologue=prologue, stats=stats)
+        out, partials = conv_forward(
+            _channels_last(x), weight.contiguous(), geometry, prologue=prologue, stats=stats
+        )
         if not stats:
             empty = x.new_empty((0,), dtype=torch.float32)
             return out, empty, empty.clone()
+        assert partials is not None  # conv_forward returns them when stats
         mean, var, _ = finalize_stats(partials, None, None, eps)
     return out, mean, var
 
 
 @conv2d_bn_triton.register_fake
-def _conv2d_bn_fake(x, weight, bn_mean, bn_var, bn_weight, bn_bias, bn_training, eps, stride,
-                    padding, dilation, groups, stats):
+def _conv2d_bn_fake(
+    x,
+    weight,
+    bn_mean,
+    bn_var,
+    bn_weight,
+    bn_bias,
+    bn_training,
+    eps,
+    stride,
+    padding,
+    dilation,
+    groups,
+    stats,
+):
     g = _geometry(x, weight, stride, padding, dilation, groups)
     out = x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)
     channels = g.C_OUT if stats else 0
-    return (out, x.new_empty((channels,), dtype=torch.float32),
-            x.new_empty((channels,), dtype=torch.float32))
+    return (
+        out,
+        x.new_empty((channels,), dtype=torch.float32),
+        x.new_empty((channels,), dtype=torch.float32),
+    )
 
 
 def _conv2d_bn_setup(ctx, inputs, output):
-    (x, weight, bn_mean, bn_var, bn_weight, bn_bias, bn_training, eps, stride, padding, dilation,
-     groups, _stats) = inputs
+    (
+        x,
+        weight,
+        bn_mean,
+        bn_var,
+        bn_weight,
+        bn_bias,
+        bn_training,
+        eps,
+        stride,
+        padding,
+        dilation,
+        groups,
+        _stats,
+    ) = inputs
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(x, weight, bn_mean, bn_var, bn_weight, bn_bias)
     ctx.bn_training, ctx.eps = bn_training, eps
@@ -114,10 +153,21 @@ def _conv2d_bn_setup(ctx, inputs, output):
 
 @torch.library.custom_op("fastres::conv2d_bn_backward_triton", mutates_args=())
 def conv2d_bn_backward_triton(
-    grad_out: Tensor, x: Tensor, weight: Tensor, bn_mean: Optional[Tensor],
-    bn_var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-    bn_training: bool, eps: float, stride: int, padding: int, dilation: int, groups: int,
-    input_grad: bool, weight_grad: bool,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    bn_training: bool,
+    eps: float,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    input_grad: bool,
+    weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``conv2d_bn_triton``: ``(grad_x, grad_weight, grad_bn_weight, grad_bn_bias)``.
 
@@ -128,25 +178,55 @@ def conv2d_bn_backward_triton(
     from fastres.triton import launch_device
 
     with launch_device(x):
-        return _conv2d_bn_backward_launch(grad_out, x, weight, bn_mean, bn_var, bn_weight,
-                                          bn_bias, bn_training, eps, stride, padding, dilation,
-                                          groups, input_grad, weight_grad)
+        return _conv2d_bn_backward_launch(
+            grad_out,
+            x,
+            weight,
+            bn_mean,
+            bn_var,
+            bn_weight,
+            bn_bias,
+            bn_training,
+            eps,
+            stride,
+            padding,
+            dilation,
+            groups,
+            input_grad,
+            weight_grad,
+        )
 
 
-def _conv2d_bn_backward_launch(grad_out, x, weight, bn_mean, bn_var, bn_weight, bn_bias,
-                               bn_training, eps, stride, padding, dilation, groups, input_grad,
-                               weight_grad):
+def _conv2d_bn_backward_launch(
+    grad_out,
+    x,
+    weight,
+    bn_mean,
+    bn_var,
+    bn_weight,
+    bn_bias,
+    bn_training,
+    eps,
+    stride,
+    padding,
+    dilation,
+    groups,
+    input_grad,
+    weight_grad,
+):
     from fastres.triton.bn_act import bn_backward_from_partials
     from fastres.triton.conv import conv_input_grad, conv_weight_grad
 
     x = _channels_last(x)
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
     prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+
     def empty(dtype=x.dtype):  # a fresh one each time: outputs must not alias each other
         return x.new_empty((0,), dtype=dtype)
 
-    grad_weight = (conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue)
-                   if weight_grad else empty())
+    grad_weight = (
+        conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue) if weight_grad else empty()
+    )
     grad_x, grad_bn_weight, grad_bn_bias = empty(), empty(torch.float32), empty(torch.float32)
     if input_grad and prologue is None:
         grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0]
@@ -155,20 +235,37 @@ def _conv2d_bn_backward_launch(grad_out, x, weight, bn_mean, bn_var, bn_weight, 
         # reductions in the same kernel's epilogue; then BatchNorm's elementwise pass.
         grad_bn, sums = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
         grad_x, grad_bn_weight, grad_bn_bias = bn_backward_from_partials(
-            grad_bn, x, bn_weight, bn_mean, bn_var, sums, bn_training, eps)
+            grad_bn, x, bn_weight, bn_mean, bn_var, sums, bn_training, eps
+        )
     return grad_x, grad_weight, grad_bn_weight, grad_bn_bias
 
 
 @conv2d_bn_backward_triton.register_fake
-def _conv2d_bn_backward_fake(grad_out, x, weight, bn_mean, bn_var, bn_weight, bn_bias,
-                             bn_training, eps, stride, padding, dilation, groups, input_grad,
-                             weight_grad):
+def _conv2d_bn_backward_fake(
+    grad_out,
+    x,
+    weight,
+    bn_mean,
+    bn_var,
+    bn_weight,
+    bn_bias,
+    bn_training,
+    eps,
+    stride,
+    padding,
+    dilation,
+    groups,
+    input_grad,
+    weight_grad,
+):
     empty = x.new_empty((0,))
     channels = x.shape[1] if input_grad and bn_mean is not None else 0
-    return (torch.empty_like(x, memory_format=torch.channels_last) if input_grad else empty,
-            torch.empty_like(weight) if weight_grad else empty,
-            x.new_empty((channels,), dtype=torch.float32),
-            x.new_empty((channels,), dtype=torch.float32))
+    return (
+        torch.empty_like(x, memory_format=torch.channels_last) if input_grad else empty,
+        torch.empty_like(weight) if weight_grad else empty,
+        x.new_empty((channels,), dtype=torch.float32),
+        x.new_empty((channels,), dtype=torch.float32),
+    )
 
 
 def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
@@ -176,12 +273,34 @@ def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
     needs = ctx.needs_input_grad
     input_grad = needs[0] or needs[4] or needs[5]
     grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv2d_bn_backward_triton(
-        grad_out, x, weight, bn_mean, bn_var, bn_weight, bn_bias, ctx.bn_training, ctx.eps,
-        *ctx.conv, input_grad, needs[1])
-    return (grad_x if needs[0] else None, grad_weight if needs[1] else None, None, None,
-            grad_bn_weight if bn_weight is not None and needs[4] else None,
-            grad_bn_bias if bn_bias is not None and needs[5] else None,
-            None, None, None, None, None, None, None)
+        grad_out,
+        x,
+        weight,
+        bn_mean,
+        bn_var,
+        bn_weight,
+        bn_bias,
+        ctx.bn_training,
+        ctx.eps,
+        *ctx.conv,
+        input_grad,
+        needs[1],
+    )
+    return (
+        grad_x if needs[0] else None,
+        grad_weight if needs[1] else None,
+        None,
+        None,
+        grad_bn_weight if bn_weight is not None and needs[4] else None,
+        grad_bn_bias if bn_bias is not None and needs[5] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 conv2d_bn_triton.register_autograd(_conv2d_bn_backward, setup_context=_conv2d_bn_setup)
@@ -189,8 +308,15 @@ conv2d_bn_triton.register_autograd(_conv2d_bn_backward, setup_context=_conv2d_bn
 
 @torch.library.custom_op("fastres::conv2d_bias_act_triton", mutates_args=())
 def conv2d_bias_act_triton(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], relu: bool,
-    stride: int, padding: int, dilation: int, groups: int,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    relu: bool,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
 ) -> Tensor:
     """``relu?(conv2d(x, weight, bias) + residual)`` in one kernel (inference; no autograd).
 
@@ -202,9 +328,14 @@ def conv2d_bias_act_triton(
 
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
     with launch_device(x):
-        out, _ = conv_forward(_channels_last(x), weight.contiguous(), geometry, bias=bias,
-                              residual=_channels_last(residual) if residual is not None else None,
-                              relu=relu)
+        out, _ = conv_forward(
+            _channels_last(x),
+            weight.contiguous(),
+            geometry,
+            bias=bias,
+            residual=_channels_last(residual) if residual is not None else None,
+            relu=relu,
+        )
     return out
 
 

@@ -32,21 +32,21 @@ is a graph break.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fastres.backends import resolve_backend
-from fastres.ops.bn_act import check_args, bn_act, bn_act_reference, update_running_stats
+from fastres.ops.bn_act import bn_act, bn_act_reference, check_args, update_running_stats
 from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
 from fastres.ops.bn_act_split import SPLIT_OPS, SplitOps
 
 __all__ = ["sync_bn_act", "sync_bn_act_conv2d", "bn_act_from_stats", "resolve_process_group"]
 
 
-def resolve_process_group(process_group: Optional[Any], who: str = "sync_bn") -> Any:
+def resolve_process_group(process_group: Any | None, who: str = "sync_bn") -> Any:
     """The group to synchronise over: ``process_group``, or the default group when None.
 
     Raises RuntimeError when torch.distributed is not initialised (statistics cannot be
@@ -56,7 +56,8 @@ def resolve_process_group(process_group: Optional[Any], who: str = "sync_bn") ->
         raise RuntimeError(
             f"fastres: {who} needs an initialised torch.distributed process group to compute "
             "batch statistics over every process in training; call "
-            "torch.distributed.init_process_group() first (eval mode needs none)")
+            "torch.distributed.init_process_group() first (eval mode needs none)"
+        )
     return dist.group.WORLD if process_group is None else process_group
 
 
@@ -75,8 +76,9 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     mean, var = ops.stats(x)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     # float64 throughout: the count stays exact (float32 would round counts past 2^24).
-    local = torch.cat([mean.new_full((1,), count, dtype=torch.float64), mean.double(),
-                       var.double()])
+    local = torch.cat(
+        [mean.new_full((1,), count, dtype=torch.float64), mean.double(), var.double()]
+    )
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered)  # (world, 1 + 2C)
@@ -84,9 +86,11 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     total = int(counts.sum().item())
     if total <= 1:
         # PyTorch's own condition and message, over the whole group.
-        raise ValueError("Expected more than 1 value per channel when training, got input size "
-                         f"{x.size()} on this process and {total} value(s) per channel in all "
-                         "processes")
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{x.size()} on this process and {total} value(s) per channel in all "
+            "processes"
+        )
     has_data = counts > 0
     means = torch.where(has_data, means, 0.0)
     variances = torch.where(has_data, variances, 0.0)
@@ -95,27 +99,50 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total
 
 
-def _all_reduce_sums(sum_grad: Tensor, sum_grad_centred: Tensor, group: Any
-                     ) -> tuple[Tensor, Tensor]:
+def _all_reduce_sums(
+    sum_grad: Tensor, sum_grad_centred: Tensor, group: Any
+) -> tuple[Tensor, Tensor]:
     if group is None:  # statistics of this process's batch alone
         return sum_grad, sum_grad_centred
     both = torch.cat([sum_grad, sum_grad_centred]).to(torch.float64)
     dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
     both = both.to(sum_grad.dtype)
-    return both[: sum_grad.numel()], both[sum_grad.numel():]
+    return both[: sum_grad.numel()], both[sum_grad.numel() :]
 
 
-def _sync_backward(ops: SplitOps, group: Any, grad: Tensor, x: Tensor, weight: Optional[Tensor],
-                   mean: Tensor, var: Tensor, mask: Tensor, count: int, eps: float, relu: bool,
-                   residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _sync_backward(
+    ops: SplitOps,
+    group: Any,
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    mask: Tensor,
+    count: int,
+    eps: float,
+    relu: bool,
+    residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias, grad_residual); the parameter gradients are local."""
     sum_grad, sum_grad_centred = ops.backward_reduce(grad, x, mean, mask, relu)
     grad_bias = sum_grad.clone()
     grad_weight = sum_grad_centred * torch.rsqrt(var + eps)
     global_grad, global_grad_centred = _all_reduce_sums(sum_grad, sum_grad_centred, group)
-    grad_x, grad_residual = ops.backward_apply(grad, x, weight, mean, var, mask, global_grad,
-                                               global_grad_centred, count, eps, relu,
-                                               residual_grad)
+    grad_x, grad_residual = ops.backward_apply(
+        grad,
+        x,
+        weight,
+        mean,
+        var,
+        mask,
+        global_grad,
+        global_grad_centred,
+        count,
+        eps,
+        relu,
+        residual_grad,
+    )
     return grad_x, grad_weight, grad_bias, grad_residual
 
 
@@ -142,16 +169,32 @@ class _BnActFromStats(torch.autograd.Function):
         needs = ctx.needs_input_grad
         residual_grad = ctx.has_residual and needs[3]
         grad_x, grad_weight, grad_bias, grad_residual = _sync_backward(
-            ctx.ops, ctx.group, grad_out, x, weight, mean, var, mask, ctx.count, ctx.eps,
-            ctx.relu, residual_grad)
-        return (grad_x, grad_weight if needs[1] else None, grad_bias if needs[2] else None,
-                grad_residual if residual_grad else None) + (None,) * 7
+            ctx.ops,
+            ctx.group,
+            grad_out,
+            x,
+            weight,
+            mean,
+            var,
+            mask,
+            ctx.count,
+            ctx.eps,
+            ctx.relu,
+            residual_grad,
+        )
+        return (
+            grad_x,
+            grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None,
+            grad_residual if residual_grad else None,
+        ) + (None,) * 7
 
 
 class _SyncBnActConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group,
-                ops):
+    def forward(
+        ctx, y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group, ops
+    ):
         z, _, _, _ = ops.forward(y, bn_weight, bn_bias, None, mean, var, False, eps, True)
         ctx.save_for_backward(y, bn_weight, bn_bias, conv_weight, mean, var)
         ctx.count, ctx.eps, ctx.conv_args, ctx.group, ctx.ops = count, eps, conv_args, group, ops
@@ -163,24 +206,50 @@ class _SyncBnActConv2d(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         needs = ctx.needs_input_grad
         # Recompute z as the forward made it (same kernel, same statistics: bit-identical).
-        z, _, _, mask = ctx.ops.forward(y, bn_weight, bn_bias, None, mean, var, False, ctx.eps,
-                                        True)
+        z, _, _, mask = ctx.ops.forward(
+            y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, True
+        )
         grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, z, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [True, needs[3], False])
+            grad_out,
+            z,
+            conv_weight,
+            None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [True, needs[3], False],
+        )
         del z
         grad_y, grad_bn_weight, grad_bn_bias, _ = _sync_backward(
-            ctx.ops, ctx.group, grad_z, y, bn_weight, mean, var, mask, ctx.count, ctx.eps, True,
-            False)
-        return (grad_y, grad_bn_weight if needs[1] else None, grad_bn_bias if needs[2] else None,
-                grad_conv_weight if needs[3] else None) + (None,) * 7
+            ctx.ops,
+            ctx.group,
+            grad_z,
+            y,
+            bn_weight,
+            mean,
+            var,
+            mask,
+            ctx.count,
+            ctx.eps,
+            True,
+            False,
+        )
+        return (
+            grad_y,
+            grad_bn_weight if needs[1] else None,
+            grad_bn_bias if needs[2] else None,
+            grad_conv_weight if needs[3] else None,
+        ) + (None,) * 7
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
 
-def _prepare(x: Tensor, backend: str, process_group: Optional[Any]):
+def _prepare(x: Tensor, backend: str, process_group: Any | None):
     """(group, split ops), or None when one process makes the whole group: then the plain fused
     ops compute exactly the same thing with no communication."""
     group = resolve_process_group(process_group)
@@ -191,17 +260,17 @@ def _prepare(x: Tensor, backend: str, process_group: Optional[Any]):
 
 def sync_bn_act(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
     relu: bool = True,
-    process_group: Optional[Any] = None,
+    process_group: Any | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """:func:`fastres.ops.bn_act` with batch statistics over every process of ``process_group``.
@@ -214,12 +283,33 @@ def sync_bn_act(
 
     Raises RuntimeError in training when torch.distributed is not initialised.
     """
-    check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
-                local_batch=True)
+    check_args(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        residual,
+        training,
+        momentum,
+        eps,
+        local_batch=True,
+    )
     prepared = _prepare(x, backend, process_group) if training else None
     if prepared is None:
-        return bn_act(x, weight, bias, running_mean, running_var, residual=residual,
-                      training=training, momentum=momentum, eps=eps, relu=relu, backend=backend)
+        return bn_act(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual=residual,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            relu=relu,
+            backend=backend,
+        )
     group, ops = prepared
     mean, var, count = global_batch_stats(x.detach(), ops, group)
     if running_mean is not None and running_var is not None:
@@ -228,10 +318,21 @@ def sync_bn_act(
 
 
 def sync_bn_act_conv2d(
-    y: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], conv_weight: Tensor,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, *,
-    training: bool, momentum: float, eps: float, process_group: Optional[Any] = None,
+    y: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    conv_weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    process_group: Any | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """``conv2d(relu(batch_norm(y)))`` with batch statistics over every process of
@@ -241,18 +342,48 @@ def sync_bn_act_conv2d(
     the batch ones), this updates ``running_mean`` / ``running_var`` itself, as
     :func:`sync_bn_act` does, and returns the convolution output only.
     """
-    check_args(y, bn_weight, bn_bias, running_mean, running_var, None, training, momentum, eps,
-                local_batch=True)
+    check_args(
+        y,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        None,
+        training,
+        momentum,
+        eps,
+        local_batch=True,
+    )
     prepared = _prepare(y, backend, process_group) if training else None
     if prepared is None:
         name = resolve_backend(backend, y.device, y.dtype)
         if name == "torch":
-            z = bn_act_reference(y, bn_weight, bn_bias, running_mean, running_var,
-                                 training=training, momentum=momentum, eps=eps)
+            z = bn_act_reference(
+                y,
+                bn_weight,
+                bn_bias,
+                running_mean,
+                running_var,
+                training=training,
+                momentum=momentum,
+                eps=eps,
+            )
             return convolution(z, conv_weight, stride, padding, dilation, groups)
-        out, mean, var = bn_act_conv2d(y, bn_weight, bn_bias, running_mean, running_var,
-                                       conv_weight, stride, padding, dilation, groups, training,
-                                       eps, name)
+        out, mean, var = bn_act_conv2d(
+            y,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            conv_weight,
+            stride,
+            padding,
+            dilation,
+            groups,
+            training,
+            eps,
+            name,
+        )
         count = y.shape[0] * y.shape[2] * y.shape[3]
         if training and running_mean is not None and running_var is not None and count > 0:
             update_running_stats(running_mean, running_var, mean, var, momentum, count)
@@ -262,18 +393,19 @@ def sync_bn_act_conv2d(
     if running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, momentum, count)
     conv_args = (list(stride), list(padding), list(dilation), groups)
-    return _SyncBnActConv2d.apply(y, bn_weight, bn_bias, conv_weight, mean, var, count, eps,
-                                  conv_args, group, ops)
+    return _SyncBnActConv2d.apply(
+        y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group, ops
+    )
 
 
 def bn_act_from_stats(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
     mean: Tensor,
     var: Tensor,
     *,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
     eps: float = 1e-5,
     relu: bool = True,
     backend: str = "auto",

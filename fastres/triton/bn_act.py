@@ -16,8 +16,6 @@ tensors under ``TRITON_INTERPRET=1`` (tests).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -43,9 +41,19 @@ def _tile_offsets(rows, channels, hw, C, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _stats_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, hw, total_rows, rows_per_split,
-                          CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _stats_partial_kernel(
+    x_ptr,
+    count_ptr,
+    mean_ptr,
+    m2_ptr,
+    C,
+    hw,
+    total_rows,
+    rows_per_split,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     split = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
@@ -57,8 +65,9 @@ def _stats_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, hw, total_rows,
     for r0 in range(row_begin, row_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         ok = (rows < row_end)[:, None] & channel_ok[None, :]
-        x = tl.load(x_ptr + _tile_offsets(rows, channels, hw, C, CHANNELS_LAST), mask=ok,
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + _tile_offsets(rows, channels, hw, C, CHANNELS_LAST), mask=ok, other=0.0
+        ).to(tl.float32)
         tile_n = tl.minimum(row_end - r0, BLOCK_R).to(tl.float32)
         tile_mean = tl.sum(x, axis=0) / tile_n
         dev = tl.where(ok, x - tile_mean[None, :], 0.0)
@@ -76,10 +85,24 @@ def _stats_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C, hw, total_rows,
 
 
 @triton.jit
-def _stats_finalize_kernel(count_ptr, mean_ptr, m2_ptr, splits, C, weight_ptr, bias_ptr, eps,
-                           save_mean_ptr, save_var_ptr, scale_ptr, shift_ptr,
-                           TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stats_finalize_kernel(
+    count_ptr,
+    mean_ptr,
+    m2_ptr,
+    splits,
+    C,
+    weight_ptr,
+    bias_ptr,
+    eps,
+    save_mean_ptr,
+    save_var_ptr,
+    scale_ptr,
+    shift_ptr,
+    TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = channels < C
     if TRAINING:
@@ -132,17 +155,30 @@ def _channel_of(offsets, C, hw, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(x_ptr, residual_ptr, mean_ptr, scale_ptr, shift_ptr, out_ptr, mask_ptr, numel,
-                  C, hw,
-                  HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _apply_kernel(
+    x_ptr,
+    residual_ptr,
+    mean_ptr,
+    scale_ptr,
+    shift_ptr,
+    out_ptr,
+    mask_ptr,
+    numel,
+    C,
+    hw,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offsets, byte_index = _group_offsets(BLOCK)
     ok = offsets < numel
     c = _channel_of(offsets, C, hw, CHANNELS_LAST)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     centred = x - tl.load(mean_ptr + c, mask=ok, other=0.0)
-    y = centred * tl.load(scale_ptr + c, mask=ok, other=0.0) + tl.load(shift_ptr + c, mask=ok,
-                                                                         other=0.0)
+    y = centred * tl.load(scale_ptr + c, mask=ok, other=0.0) + tl.load(
+        shift_ptr + c, mask=ok, other=0.0
+    )
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     if RELU:
@@ -156,10 +192,22 @@ def _apply_kernel(x_ptr, residual_ptr, mean_ptr, scale_ptr, shift_ptr, out_ptr, 
 
 
 @triton.jit
-def _grad_partial_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, sum_g_ptr, sum_gx_ptr, C, hw,
-                         total_rows, rows_per_split, RELU: tl.constexpr,
-                         CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+def _grad_partial_kernel(
+    grad_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    sum_g_ptr,
+    sum_gx_ptr,
+    C,
+    hw,
+    total_rows,
+    rows_per_split,
+    RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     split = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < C
@@ -185,9 +233,24 @@ def _grad_partial_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, sum_g_ptr, sum_gx_
 
 
 @triton.jit
-def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, var_ptr, weight_ptr, eps, grad_weight_ptr, grad_bias_ptr, k_grad_ptr, k_x_ptr,
-                          k_const_ptr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _grad_finalize_kernel(
+    sum_g_ptr,
+    sum_gx_ptr,
+    splits,
+    C,
+    reduce_size,
+    var_ptr,
+    weight_ptr,
+    eps,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    k_grad_ptr,
+    k_x_ptr,
+    k_const_ptr,
+    TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = channels < C
     g = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -214,10 +277,24 @@ def _grad_finalize_kernel(sum_g_ptr, sum_gx_ptr, splits, C, reduce_size, var_ptr
 
 
 @triton.jit
-def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, k_grad_ptr, k_x_ptr, k_const_ptr,
-                           grad_x_ptr, grad_residual_ptr, numel, C, hw, RELU: tl.constexpr,
-                           RESIDUAL_GRAD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                           BLOCK: tl.constexpr):
+def _backward_apply_kernel(
+    grad_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    k_grad_ptr,
+    k_x_ptr,
+    k_const_ptr,
+    grad_x_ptr,
+    grad_residual_ptr,
+    numel,
+    C,
+    hw,
+    RELU: tl.constexpr,
+    RESIDUAL_GRAD: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offsets, byte_index = _group_offsets(BLOCK)
     ok = offsets < numel
     c = _channel_of(offsets, C, hw, CHANNELS_LAST)
@@ -227,9 +304,11 @@ def _backward_apply_kernel(grad_ptr, x_ptr, mask_ptr, mean_ptr, k_grad_ptr, k_x_
         keep = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
         g = tl.where(keep, g, 0.0)  # masked off: exactly 0, even for a non-finite gradient
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    grad_x = (tl.load(k_grad_ptr + c, mask=ok, other=0.0) * g
-              + tl.load(k_x_ptr + c, mask=ok, other=0.0) * (x - tl.load(mean_ptr + c, mask=ok, other=0.0))
-              + tl.load(k_const_ptr + c, mask=ok, other=0.0))
+    grad_x = (
+        tl.load(k_grad_ptr + c, mask=ok, other=0.0) * g
+        + tl.load(k_x_ptr + c, mask=ok, other=0.0) * (x - tl.load(mean_ptr + c, mask=ok, other=0.0))
+        + tl.load(k_const_ptr + c, mask=ok, other=0.0)
+    )
     tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=ok)
     if RESIDUAL_GRAD:
         tl.store(grad_residual_ptr + offsets, g.to(grad_residual_ptr.dtype.element_ty), mask=ok)
@@ -263,20 +342,23 @@ def check_int32_offsets(op: str, name: str, shape) -> None:
     for size in shape:
         numel *= int(size)
     if numel >= INT32_OFFSET_LIMIT:
-        raise ValueError(f"{op}: the triton backend addresses {name} with 32-bit offsets, so it "
-                         f"takes fewer than 2**31 elements; got {numel} (shape {tuple(shape)}). "
-                         "Split the batch.")
+        raise ValueError(
+            f"{op}: the triton backend addresses {name} with 32-bit offsets, so it "
+            f"takes fewer than 2**31 elements; got {numel} (shape {tuple(shape)}). "
+            "Split the batch."
+        )
 
 
 class _Dense:
     """x (and grad_out) made dense in x's memory format, with the sizes the launchers need."""
 
-    def __init__(self, x: Tensor, grad_out: Optional[Tensor] = None):
+    def __init__(self, x: Tensor, grad_out: Tensor | None = None):
         check_int32_offsets("bn_act", "x", x.shape)
         self.format = memory_format_of(x)
         self.x = x.contiguous(memory_format=self.format)
-        self.grad_out = (grad_out.contiguous(memory_format=self.format)
-                         if grad_out is not None else None)
+        self.grad_out = (
+            grad_out.contiguous(memory_format=self.format) if grad_out is not None else None
+        )
         N, self.C, H, W = x.shape
         self.hw, self.rows, self.numel = H * W, N * H * W, x.numel()
         self.channels_last = self.format == torch.channels_last
@@ -287,8 +369,10 @@ class _Dense:
 
 def _check_dtype(x: Tensor) -> None:
     if x.dtype == torch.float64:
-        raise TypeError("bn_act: the triton backend takes float32, float16 or bfloat16 x, got "
-                        "torch.float64 (float64 runs on the cpu and torch backends)")
+        raise TypeError(
+            "bn_act: the triton backend takes float32, float16 or bfloat16 x, got "
+            "torch.float64 (float64 runs on the cpu and torch backends)"
+        )
 
 
 def _stats_partials(d: _Dense) -> Tensor:
@@ -297,14 +381,30 @@ def _stats_partials(d: _Dense) -> Tensor:
     splits = _splits(d.rows, channel_blocks, d.x.device)
     partials = torch.empty((3, splits, d.C), dtype=torch.float32, device=d.x.device)
     _stats_partial_kernel[(splits, channel_blocks)](
-        d.x, partials[0], partials[1], partials[2], d.C, d.hw, d.rows, triton.cdiv(d.rows, splits),
-        CHANNELS_LAST=d.channels_last, BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+        d.x,
+        partials[0],
+        partials[1],
+        partials[2],
+        d.C,
+        d.hw,
+        d.rows,
+        triton.cdiv(d.rows, splits),
+        CHANNELS_LAST=d.channels_last,
+        BLOCK_R=REDUCE_BLOCK_ROWS,
+        BLOCK_C=REDUCE_BLOCK_CHANNELS,
+    )
     return partials
 
 
-def _finalize_stats(d: _Dense, partials: Optional[Tensor], weight: Optional[Tensor],
-                    bias: Optional[Tensor], eps: float, mean: Tensor,
-                    var: Tensor) -> tuple[Tensor, Tensor]:
+def _finalize_stats(
+    d: _Dense,
+    partials: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mean: Tensor,
+    var: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Merges the partials into mean / var (training; ``partials`` None: eval, mean / var are
     read) and returns the per-channel scale and shift of the elementwise pass."""
     scale, shift = d.channel_vector(), d.channel_vector()
@@ -312,16 +412,37 @@ def _finalize_stats(d: _Dense, partials: Optional[Tensor], weight: Optional[Tens
     if partials is None:
         partials = torch.empty((3, 1, d.C), dtype=torch.float32, device=d.x.device)  # not read
     _stats_finalize_kernel[_channel_grid(d.C)](
-        partials[0], partials[1], partials[2], partials.shape[1], d.C, weight, bias, eps, mean,
-        var, scale, shift, TRAINING=training, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+        partials[0],
+        partials[1],
+        partials[2],
+        partials.shape[1],
+        d.C,
+        weight,
+        bias,
+        eps,
+        mean,
+        var,
+        scale,
+        shift,
+        TRAINING=training,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_C=REDUCE_BLOCK_CHANNELS,
+    )
     return scale, shift
 
 
-def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   residual: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], training: bool, eps: float,
-                   relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def bn_act_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``fastres::bn_act_forward`` in csrc/fastres.cpp; float32/float16/bfloat16 x."""
     _check_dtype(x)
     d = _Dense(x)
@@ -331,6 +452,8 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if training:
         save_mean, save_var = d.channel_vector(), d.channel_vector()
     else:  # outputs never alias inputs (a custom-op rule)
+        # The op layer has checked that eval comes with running statistics.
+        assert running_mean is not None and running_var is not None
         save_mean, save_var = running_mean.clone(), running_var.clone()
     if d.numel == 0:
         if training:  # an empty batch has no statistics; PyTorch reports NaN for them
@@ -340,9 +463,21 @@ def bn_act_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     partials = _stats_partials(d) if training else None
     scale, shift = _finalize_stats(d, partials, weight, bias, eps, save_mean, save_var)
     _apply_kernel[(triton.cdiv(d.numel, ELEMENTWISE_BLOCK),)](
-        d.x, residual, save_mean, scale, shift, out, mask, d.numel, d.C, d.hw,
-        HAS_RESIDUAL=residual is not None, RELU=relu, CHANNELS_LAST=d.channels_last,
-        BLOCK=ELEMENTWISE_BLOCK)
+        d.x,
+        residual,
+        save_mean,
+        scale,
+        shift,
+        out,
+        mask,
+        d.numel,
+        d.C,
+        d.hw,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        CHANNELS_LAST=d.channels_last,
+        BLOCK=ELEMENTWISE_BLOCK,
+    )
     return out, save_mean, save_var, mask
 
 
@@ -352,43 +487,109 @@ def _grad_partials(d: _Dense, relu_mask: Tensor, save_mean: Tensor, relu: bool) 
     splits = _splits(d.rows, channel_blocks, d.x.device)
     partials = torch.empty((2, splits, d.C), dtype=torch.float32, device=d.x.device)
     _grad_partial_kernel[(splits, channel_blocks)](
-        d.grad_out, d.x, relu_mask, save_mean, partials[0], partials[1], d.C, d.hw, d.rows,
-        triton.cdiv(d.rows, splits), RELU=relu, CHANNELS_LAST=d.channels_last,
-        BLOCK_R=REDUCE_BLOCK_ROWS, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+        d.grad_out,
+        d.x,
+        relu_mask,
+        save_mean,
+        partials[0],
+        partials[1],
+        d.C,
+        d.hw,
+        d.rows,
+        triton.cdiv(d.rows, splits),
+        RELU=relu,
+        CHANNELS_LAST=d.channels_last,
+        BLOCK_R=REDUCE_BLOCK_ROWS,
+        BLOCK_C=REDUCE_BLOCK_CHANNELS,
+    )
     return partials
 
 
-def _grad_coefficients(d: _Dense, partials: Tensor, reduce_size: int, save_var: Tensor,
-                       weight: Optional[Tensor], eps: float, training: bool, grad_weight: Tensor,
-                       grad_bias: Tensor) -> Tensor:
+def _grad_coefficients(
+    d: _Dense,
+    partials: Tensor,
+    reduce_size: int,
+    save_var: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    training: bool,
+    grad_weight: Tensor,
+    grad_bias: Tensor,
+) -> Tensor:
     """Merges the partials into grad_weight / grad_bias and returns the (3, C) coefficients of
     grad_x = k_grad * gm + k_x * (x - mean) + k_const."""
     coefficients = torch.empty((3, d.C), dtype=torch.float32, device=d.x.device)
     _grad_finalize_kernel[_channel_grid(d.C)](
-        partials[0], partials[1], partials.shape[1], d.C, reduce_size, save_var, weight, eps,
-        grad_weight, grad_bias, coefficients[0], coefficients[1], coefficients[2],
-        TRAINING=training, HAS_WEIGHT=weight is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+        partials[0],
+        partials[1],
+        partials.shape[1],
+        d.C,
+        reduce_size,
+        save_var,
+        weight,
+        eps,
+        grad_weight,
+        grad_bias,
+        coefficients[0],
+        coefficients[1],
+        coefficients[2],
+        TRAINING=training,
+        HAS_WEIGHT=weight is not None,
+        BLOCK_C=REDUCE_BLOCK_CHANNELS,
+    )
     return coefficients
 
 
-def _grad_apply(d: _Dense, relu_mask: Tensor, save_mean: Tensor, coefficients: Tensor,
-                relu: bool, grad_x: Tensor, grad_residual: Tensor, residual_grad: bool) -> None:
+def _grad_apply(
+    d: _Dense,
+    relu_mask: Tensor,
+    save_mean: Tensor,
+    coefficients: Tensor,
+    relu: bool,
+    grad_x: Tensor,
+    grad_residual: Tensor,
+    residual_grad: bool,
+) -> None:
     _backward_apply_kernel[(triton.cdiv(d.numel, ELEMENTWISE_BLOCK),)](
-        d.grad_out, d.x, relu_mask, save_mean, coefficients[0], coefficients[1], coefficients[2],
-        grad_x, grad_residual, d.numel, d.C, d.hw, RELU=relu, RESIDUAL_GRAD=residual_grad,
-        CHANNELS_LAST=d.channels_last, BLOCK=ELEMENTWISE_BLOCK)
+        d.grad_out,
+        d.x,
+        relu_mask,
+        save_mean,
+        coefficients[0],
+        coefficients[1],
+        coefficients[2],
+        grad_x,
+        grad_residual,
+        d.numel,
+        d.C,
+        d.hw,
+        RELU=relu,
+        RESIDUAL_GRAD=residual_grad,
+        CHANNELS_LAST=d.channels_last,
+        BLOCK=ELEMENTWISE_BLOCK,
+    )
 
 
 def _grad_outputs(d: _Dense, residual_grad: bool) -> tuple[Tensor, Tensor]:
     grad_x = torch.empty_like(d.x, memory_format=d.format)
-    grad_residual = (torch.empty_like(d.x, memory_format=d.format) if residual_grad
-                     else d.x.new_empty((0,)))
+    grad_residual = (
+        torch.empty_like(d.x, memory_format=d.format) if residual_grad else d.x.new_empty((0,))
+    )
     return grad_x, grad_residual
 
 
-def bn_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_mean: Tensor,
-                    save_var: Tensor, relu_mask: Tensor, training: bool, eps: float, relu: bool,
-                    residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def bn_act_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_var: Tensor,
+    relu_mask: Tensor,
+    training: bool,
+    eps: float,
+    relu: bool,
+    residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``fastres::bn_act_backward`` in csrc/fastres.cpp."""
     d = _Dense(x, grad_out)
     grad_x, grad_residual = _grad_outputs(d, residual_grad)
@@ -396,10 +597,12 @@ def bn_act_backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], save_
     grad_bias = torch.zeros(d.C, dtype=torch.float32, device=x.device)
     if d.numel > 0:
         partials = _grad_partials(d, relu_mask, save_mean, relu)
-        coefficients = _grad_coefficients(d, partials, d.rows, save_var, weight, eps, training,
-                                          grad_weight, grad_bias)
-        _grad_apply(d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual,
-                    residual_grad)
+        coefficients = _grad_coefficients(
+            d, partials, d.rows, save_var, weight, eps, training, grad_weight, grad_bias
+        )
+        _grad_apply(
+            d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual, residual_grad
+        )
     return grad_x, grad_weight, grad_bias, grad_residual
 
 
@@ -418,21 +621,34 @@ def bn_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def bn_act_backward_reduce(grad_out: Tensor, x: Tensor, save_mean: Tensor, relu_mask: Tensor,
-                           relu: bool) -> tuple[Tensor, Tensor]:
+def bn_act_backward_reduce(
+    grad_out: Tensor, x: Tensor, save_mean: Tensor, relu_mask: Tensor, relu: bool
+) -> tuple[Tensor, Tensor]:
     """Per-channel sums of gm and gm * (x - save_mean), float32."""
     d = _Dense(x, grad_out)
     if d.numel == 0:
-        return (torch.zeros(d.C, dtype=torch.float32, device=x.device),
-                torch.zeros(d.C, dtype=torch.float32, device=x.device))
+        return (
+            torch.zeros(d.C, dtype=torch.float32, device=x.device),
+            torch.zeros(d.C, dtype=torch.float32, device=x.device),
+        )
     partials = _grad_partials(d, relu_mask, save_mean, relu)
     return partials[0].sum(dim=0), partials[1].sum(dim=0)  # over the few splits
 
 
-def bn_act_backward_apply(grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
-                          save_mean: Tensor, save_var: Tensor, relu_mask: Tensor,
-                          sum_grad: Tensor, sum_grad_centred: Tensor, count: int, eps: float,
-                          relu: bool, residual_grad: bool) -> tuple[Tensor, Tensor]:
+def bn_act_backward_apply(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_var: Tensor,
+    relu_mask: Tensor,
+    sum_grad: Tensor,
+    sum_grad_centred: Tensor,
+    count: int,
+    eps: float,
+    relu: bool,
+    residual_grad: bool,
+) -> tuple[Tensor, Tensor]:
     """Training grad_x (and grad_residual) from sums over every process, ``count`` values a
     channel in all."""
     d = _Dense(x, grad_out)
@@ -440,16 +656,25 @@ def bn_act_backward_apply(grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
     if d.numel > 0:
         sums = torch.stack([sum_grad, sum_grad_centred]).unsqueeze(1)  # one "split"
         unused = d.channel_vector()
-        coefficients = _grad_coefficients(d, sums, count, save_var, weight, eps, True, unused,
-                                          unused.clone())
-        _grad_apply(d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual,
-                    residual_grad)
+        coefficients = _grad_coefficients(
+            d, sums, count, save_var, weight, eps, True, unused, unused.clone()
+        )
+        _grad_apply(
+            d, relu_mask, save_mean, coefficients, relu, grad_x, grad_residual, residual_grad
+        )
     return grad_x, grad_residual
 
 
-def bn_backward_from_partials(grad: Tensor, x: Tensor, weight: Optional[Tensor],
-                              save_mean: Tensor, save_var: Tensor, partials: Tensor,
-                              training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def bn_backward_from_partials(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    save_mean: Tensor,
+    save_var: Tensor,
+    partials: Tensor,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm's backward (no ReLU) when its reductions are already done: ``partials`` is a
     (2, splits, C) float32 tensor of partial sums of ``grad`` and ``grad * (x - save_mean)``
     (from the epilogue of a convolution's input gradient). Returns (grad_x, grad_weight,
@@ -459,7 +684,8 @@ def bn_backward_from_partials(grad: Tensor, x: Tensor, weight: Optional[Tensor],
     grad_weight = torch.zeros(d.C, dtype=torch.float32, device=x.device)
     grad_bias = torch.zeros(d.C, dtype=torch.float32, device=x.device)
     if d.numel > 0:
-        coefficients = _grad_coefficients(d, partials, d.rows, save_var, weight, eps, training,
-                                          grad_weight, grad_bias)
+        coefficients = _grad_coefficients(
+            d, partials, d.rows, save_var, weight, eps, training, grad_weight, grad_bias
+        )
         _grad_apply(d, unused, save_mean, coefficients, False, grad_x, unused, False)
     return grad_x, grad_weight, grad_bias

@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastres.triton.bn_act import (REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel,
-                                   check_int32_offsets)
+from fastres.triton.bn_act import REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel, check_int32_offsets
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Which tile configurations to autotune over on a GPU: "full" (the default, for speed) or "quick"
@@ -59,17 +57,41 @@ def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
         # The interpreter's cost is per operation, not per FLOP: large tiles, few iterations.
         shapes = [(32, 64, 64, 4, 1)]
     else:
-        shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                  (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (32, 64, 32, 4, 4),
-                  (64, 32, 16, 2, 4), (32, 32, 16, 2, 4)]
+        shapes = [
+            (128, 128, 32, 8, 3),
+            (128, 64, 32, 4, 4),
+            (64, 128, 32, 4, 4),
+            (64, 64, 32, 4, 4),
+            (128, 32, 32, 4, 4),
+            (32, 64, 32, 4, 4),
+            (64, 32, 16, 2, 4),
+            (32, 32, 16, 2, 4),
+        ]
         if AUTOTUNE == "quick":
             shapes = [shapes[0], shapes[3]]
-    return [triton.Config({names[0]: bm, names[1]: bn, names[2]: bk}, num_warps=warps,
-                          num_stages=stages) for bm, bn, bk, warps, stages in shapes]
+    return [
+        triton.Config(
+            {names[0]: bm, names[1]: bn, names[2]: bk}, num_warps=warps, num_stages=stages
+        )
+        for bm, bn, bk, warps, stages in shapes
+    ]
 
 
-_SHAPE_KEY = ["N", "H", "W", "C_IN", "OH", "OW", "C_OUT", "GROUPS", "KH", "KW", "STRIDE",
-              "PADDING", "DILATION"]
+_SHAPE_KEY = [
+    "N",
+    "H",
+    "W",
+    "C_IN",
+    "OH",
+    "OW",
+    "C_OUT",
+    "GROUPS",
+    "KH",
+    "KW",
+    "STRIDE",
+    "PADDING",
+    "DILATION",
+]
 
 
 @triton.jit
@@ -84,10 +106,12 @@ def _bn_relu(x, mean, scale, shift):
 def _apply_prologue(a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr):
     """relu(bn(a)) for a tile of x whose columns are ``channel``; zero where a_ok is not (the
     padding stays zero, as when the normalised activation is padded), in a's dtype."""
-    z = _bn_relu(a.to(tl.float32),
-                 tl.load(mean_ptr + channel, mask=channel_ok, other=0.0)[None, :],
-                 tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)[None, :],
-                 tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)[None, :])
+    z = _bn_relu(
+        a.to(tl.float32),
+        tl.load(mean_ptr + channel, mask=channel_ok, other=0.0)[None, :],
+        tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)[None, :],
+        tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)[None, :],
+    )
     return tl.where(a_ok, z, 0.0).to(a.dtype)
 
 
@@ -97,18 +121,47 @@ def _apply_prologue(a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr
 
 # Every statistics row is zeroed before each configuration runs while autotuning: a tile height
 # writes only its own rows, and rows left by a configuration tried earlier must not count.
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
-                 reset_to_zero=["stat_count_ptr", "stat_mean_ptr", "stat_m2_ptr"])
+@triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    key=_SHAPE_KEY,
+    reset_to_zero=["stat_count_ptr", "stat_mean_ptr", "stat_m2_ptr"],
+)
 @triton.jit
 def _conv_forward_kernel(
-    x_ptr, w_ptr, out_ptr, mean_ptr, scale_ptr, shift_ptr, bias_ptr, residual_ptr,
-    stat_count_ptr, stat_mean_ptr, stat_m2_ptr,
-    N, H, W, C_IN, OH, OW, C_OUT, GROUPS, KH: tl.constexpr, KW: tl.constexpr, STRIDE, PADDING,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    mean_ptr,
+    scale_ptr,
+    shift_ptr,
+    bias_ptr,
+    residual_ptr,
+    stat_count_ptr,
+    stat_mean_ptr,
+    stat_m2_ptr,
+    N,
+    H,
+    W,
+    C_IN,
+    OH,
+    OW,
+    C_OUT,
+    GROUPS,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE,
+    PADDING,
     DILATION,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr, STATS: tl.constexpr, FLAT_K: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    FLAT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
@@ -129,15 +182,20 @@ def _conv_forward_kernel(
             ci, kpos = k % cin_g, k // cin_g
             ih = ih0[:, None] + ((kpos // KW) * DILATION)[None, :]
             iw = iw0[:, None] + ((kpos % KW) * DILATION)[None, :]
-            a_ok = (row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
-                    & (iw < W))
+            a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             channel = group * cin_g + ci
-            a = tl.load(x_ptr + ((n[:, None] * H + ih) * W + iw) * C_IN + channel[None, :],
-                        mask=a_ok, other=0.0)
+            a = tl.load(
+                x_ptr + ((n[:, None] * H + ih) * W + iw) * C_IN + channel[None, :],
+                mask=a_ok,
+                other=0.0,
+            )
             if PROLOGUE:
                 a = _apply_prologue(a, a_ok, channel, k_ok, mean_ptr, scale_ptr, shift_ptr)
-            b = tl.load(w_ptr + k[:, None] * C_OUT + cols[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(
+                w_ptr + k[:, None] * C_OUT + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         for kh in tl.static_range(KH):
@@ -151,18 +209,23 @@ def _conv_forward_kernel(
                     a_ok = pixel_ok[:, None] & ci_ok[None, :]
                     a = tl.load(x_ptr + row_base[:, None] + ci[None, :], mask=a_ok, other=0.0)
                     if PROLOGUE:
-                        a = _apply_prologue(a, a_ok, group * cin_g + ci, ci_ok, mean_ptr,
-                                            scale_ptr, shift_ptr)
+                        a = _apply_prologue(
+                            a, a_ok, group * cin_g + ci, ci_ok, mean_ptr, scale_ptr, shift_ptr
+                        )
                     k = (kh * KW + kw) * cin_g + ci
-                    b = tl.load(w_ptr + k[:, None] * C_OUT + cols[None, :],
-                                mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
+                    b = tl.load(
+                        w_ptr + k[:, None] * C_OUT + cols[None, :],
+                        mask=ci_ok[:, None] & col_ok[None, :],
+                        other=0.0,
+                    )
                     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + rows[:, None] * C_OUT + cols[None, :], mask=out_ok,
-                       other=0.0).to(tl.float32)
+        acc += tl.load(
+            residual_ptr + rows[:, None] * C_OUT + cols[None, :], mask=out_ok, other=0.0
+        ).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)
     out = acc.to(out_ptr.dtype.element_ty)
@@ -175,8 +238,7 @@ def _conv_forward_kernel(
         tile_mean = tl.sum(stored, axis=0) / count
         deviation = tl.where(out_ok, stored - tile_mean[None, :], 0.0)
         slot = pid_m * C_OUT + cols
-        tl.store(stat_count_ptr + slot, tl.zeros((BLOCK_N,), dtype=tl.float32) + count,
-                 mask=col_ok)
+        tl.store(stat_count_ptr + slot, tl.zeros((BLOCK_N,), dtype=tl.float32) + count, mask=col_ok)
         tl.store(stat_mean_ptr + slot, tile_mean, mask=col_ok)
         tl.store(stat_m2_ptr + slot, tl.sum(deviation * deviation, axis=0), mask=col_ok)
 
@@ -185,16 +247,41 @@ def _conv_forward_kernel(
 # Input gradient
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")), key=_SHAPE_KEY,
-                 reset_to_zero=["sum_grad_ptr", "sum_grad_centred_ptr"])
+@triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    key=_SHAPE_KEY,
+    reset_to_zero=["sum_grad_ptr", "sum_grad_centred_ptr"],
+)
 @triton.jit
 def _conv_input_grad_kernel(
-    grad_ptr, w_ptr, grad_x_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, sum_grad_ptr,
+    grad_ptr,
+    w_ptr,
+    grad_x_ptr,
+    x_ptr,
+    mean_ptr,
+    scale_ptr,
+    shift_ptr,
+    sum_grad_ptr,
     sum_grad_centred_ptr,
-    N, H, W, C_IN, OH, OW, C_OUT, GROUPS, KH: tl.constexpr, KW: tl.constexpr, STRIDE, PADDING,
+    N,
+    H,
+    W,
+    C_IN,
+    OH,
+    OW,
+    C_OUT,
+    GROUPS,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE,
+    PADDING,
     DILATION,
-    PROLOGUE: tl.constexpr, FLAT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Rows: input pixels (n, ih, iw); columns: input channels of one group; reduction: the
     (kh, kw, co) that reach each input pixel (one flat index when a group has few output
@@ -218,30 +305,59 @@ def _conv_input_grad_kernel(
             oh_s = ih[:, None] + PADDING - ((kpos // KW) * DILATION)[None, :]
             ow_s = iw[:, None] + PADDING - ((kpos % KW) * DILATION)[None, :]
             oh, ow = oh_s // STRIDE, ow_s // STRIDE
-            reach = (row_ok[:, None] & k_ok[None, :] & (oh_s >= 0) & (ow_s >= 0)
-                     & (oh_s % STRIDE == 0) & (ow_s % STRIDE == 0) & (oh < OH) & (ow < OW))
-            a = tl.load(grad_ptr + ((n[:, None] * OH + oh) * OW + ow) * C_OUT
-                        + (group * cout_g + co)[None, :], mask=reach, other=0.0)
+            reach = (
+                row_ok[:, None]
+                & k_ok[None, :]
+                & (oh_s >= 0)
+                & (ow_s >= 0)
+                & (oh_s % STRIDE == 0)
+                & (ow_s % STRIDE == 0)
+                & (oh < OH)
+                & (ow < OW)
+            )
+            a = tl.load(
+                grad_ptr
+                + ((n[:, None] * OH + oh) * OW + ow) * C_OUT
+                + (group * cout_g + co)[None, :],
+                mask=reach,
+                other=0.0,
+            )
             w_row = kpos * C_OUT + group * cout_g + co
-            b = tl.load(w_ptr + w_row[:, None] * cin_g + (cols - group * cin_g)[None, :],
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(
+                w_ptr + w_row[:, None] * cin_g + (cols - group * cin_g)[None, :],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 oh_s, ow_s = ih + PADDING - kh * DILATION, iw + PADDING - kw * DILATION
                 oh, ow = oh_s // STRIDE, ow_s // STRIDE
-                reach = (row_ok & (oh_s >= 0) & (ow_s >= 0) & (oh_s % STRIDE == 0)
-                         & (ow_s % STRIDE == 0) & (oh < OH) & (ow < OW))
+                reach = (
+                    row_ok
+                    & (oh_s >= 0)
+                    & (ow_s >= 0)
+                    & (oh_s % STRIDE == 0)
+                    & (ow_s % STRIDE == 0)
+                    & (oh < OH)
+                    & (ow < OW)
+                )
                 row_base = ((n * OH + oh) * OW + ow) * C_OUT + group * cout_g
                 for co0 in range(0, cout_g, BLOCK_K):
                     co = co0 + tl.arange(0, BLOCK_K)
                     co_ok = co < cout_g
-                    a = tl.load(grad_ptr + row_base[:, None] + co[None, :],
-                                mask=reach[:, None] & co_ok[None, :], other=0.0)
+                    a = tl.load(
+                        grad_ptr + row_base[:, None] + co[None, :],
+                        mask=reach[:, None] & co_ok[None, :],
+                        other=0.0,
+                    )
                     k = (kh * KW + kw) * C_OUT + group * cout_g + co
-                    b = tl.load(w_ptr + k[:, None] * cin_g + (cols - group * cin_g)[None, :],
-                                mask=co_ok[:, None] & col_ok[None, :], other=0.0)
+                    b = tl.load(
+                        w_ptr + k[:, None] * cin_g + (cols - group * cin_g)[None, :],
+                        mask=co_ok[:, None] & col_ok[None, :],
+                        other=0.0,
+                    )
                     acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * C_IN + cols[None, :]
@@ -249,9 +365,12 @@ def _conv_input_grad_kernel(
         # The forward's input was relu(bn(x)): recompute it here and keep the gradient only
         # where it was positive (ReLU's backward, as torch's, on the stored value).
         x = tl.load(x_ptr + offsets, mask=out_ok, other=0.0).to(tl.float32)
-        z = _bn_relu(x, tl.load(mean_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                     tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                     tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :])
+        z = _bn_relu(
+            x,
+            tl.load(mean_ptr + cols, mask=col_ok, other=0.0)[None, :],
+            tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :],
+            tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :],
+        )
         acc = tl.where(z.to(x_ptr.dtype.element_ty).to(tl.float32) > 0.0, acc, 0.0)
     stored = acc.to(grad_x_ptr.dtype.element_ty)
     tl.store(grad_x_ptr + offsets, stored, mask=out_ok)
@@ -268,15 +387,38 @@ def _conv_input_grad_kernel(
 # Weight gradient
 
 
-@triton.autotune(configs=_configs(("BLOCK_K", "BLOCK_N", "BLOCK_M")), key=_SHAPE_KEY + ["SPLIT"],
-                 reset_to_zero=["grad_w_ptr"])
+@triton.autotune(
+    configs=_configs(("BLOCK_K", "BLOCK_N", "BLOCK_M")),
+    key=_SHAPE_KEY + ["SPLIT"],
+    reset_to_zero=["grad_w_ptr"],
+)
 @triton.jit
 def _conv_weight_grad_kernel(
-    x_ptr, grad_ptr, grad_w_ptr, mean_ptr, scale_ptr, shift_ptr,
-    N, H, W, C_IN, OH, OW, C_OUT, GROUPS, KH: tl.constexpr, KW: tl.constexpr, STRIDE, PADDING,
-    DILATION, SPLIT,
-    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    grad_ptr,
+    grad_w_ptr,
+    mean_ptr,
+    scale_ptr,
+    shift_ptr,
+    N,
+    H,
+    W,
+    C_IN,
+    OH,
+    OW,
+    C_OUT,
+    GROUPS,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE,
+    PADDING,
+    DILATION,
+    SPLIT,
+    PROLOGUE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Rows: k = (kh, kw, ci) of one group; columns: output channels of the group; reduction:
     output pixels, split SPLIT ways and added atomically into the float32 grad_w (K, C_OUT)."""
@@ -303,19 +445,28 @@ def _conv_weight_grad_kernel(
         n, pixel = rows // (OH * OW), rows % (OH * OW)
         ih = (pixel // OW)[None, :] * STRIDE - PADDING + (kh * DILATION)[:, None]
         iw = (pixel % OW)[None, :] * STRIDE - PADDING + (kw * DILATION)[:, None]
-        a_ok = (k_ok[:, None] & row_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        a = tl.load(x_ptr + ((n[None, :] * H + ih) * W + iw) * C_IN + channel[:, None],
-                    mask=a_ok, other=0.0)
+        a_ok = k_ok[:, None] & row_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(
+            x_ptr + ((n[None, :] * H + ih) * W + iw) * C_IN + channel[:, None], mask=a_ok, other=0.0
+        )
         if PROLOGUE:
             a = tl.where(a_ok, _bn_relu(a.to(tl.float32), mean, scale, shift), 0.0)
             a = a.to(x_ptr.dtype.element_ty)
-        g = tl.load(grad_ptr + rows[:, None] * C_OUT + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(
+            grad_ptr + rows[:, None] * C_OUT + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a, g, acc, input_precision=INPUT_PRECISION)
     # Relaxed: the sums need atomicity, not ordering (nothing reads grad_w in this launch).
-    tl.atomic_add(grad_w_ptr + (group * KH * KW * cin_g + k)[:, None] * cout_g
-                  + (cols - group * cout_g)[None, :], acc, mask=k_ok[:, None] & col_ok[None, :],
-                  sem="relaxed")
+    tl.atomic_add(
+        grad_w_ptr
+        + (group * KH * KW * cin_g + k)[:, None] * cout_g
+        + (cols - group * cout_g)[None, :],
+        acc,
+        mask=k_ok[:, None] & col_ok[None, :],
+        sem="relaxed",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +493,9 @@ class ConvGeometry:
     DILATION: int
 
     @classmethod
-    def of(cls, x_shape, weight_shape, stride: int, padding: int, dilation: int,
-           groups: int) -> "ConvGeometry":
+    def of(
+        cls, x_shape, weight_shape, stride: int, padding: int, dilation: int, groups: int
+    ) -> ConvGeometry:
         n, c_in, h, w = x_shape
         c_out, _, kh, kw = weight_shape
         oh = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
@@ -379,24 +531,34 @@ def _scratch(device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.float32, device=device)
 
 
-def _prologue_args(prologue: Optional[Prologue], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _prologue_args(prologue: Prologue | None, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if prologue is None:
         return like, like, like  # not read
     return prologue.mean, prologue.scale, prologue.shift
 
 
-def conv_forward(x: Tensor, weight: Tensor, geometry: ConvGeometry,
-                 prologue: Optional[Prologue] = None, bias: Optional[Tensor] = None,
-                 residual: Optional[Tensor] = None, relu: bool = False,
-                 stats: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+def conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    geometry: ConvGeometry,
+    prologue: Prologue | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    relu: bool = False,
+    stats: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """``epilogue(conv2d(prologue(x), weight))``; x, residual and the result channels_last.
 
     Returns ``(out, partials)``: partials is the (3, tiles, C_out) float32 per-tile count, mean
     and M2 of ``out`` when ``stats`` (see :func:`finalize_stats`), else None.
     """
     g = geometry
-    out = torch.empty((g.N, g.C_OUT, g.OH, g.OW), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last)
+    out = torch.empty(
+        (g.N, g.C_OUT, g.OH, g.OW),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
+    )
     # (KH, KW, C_in / groups, C_out): the reduction index k = (kh, kw, ci) is the row.
     w_k = weight.permute(2, 3, 1, 0).contiguous()
     mean, scale, shift = _prologue_args(prologue, x)
@@ -407,52 +569,105 @@ def conv_forward(x: Tensor, weight: Tensor, geometry: ConvGeometry,
         # are rows for the smallest; rows a larger tiling leaves out keep count 0, which the
         # merge ignores (autotuning resets the counts after trying configurations).
         smallest = min(c.kwargs["BLOCK_M"] for c in _conv_forward_kernel.configs)
-        partials = torch.zeros((3, max(1, triton.cdiv(M, smallest)), g.C_OUT),
-                               dtype=torch.float32, device=x.device)
+        partials = torch.zeros(
+            (3, max(1, triton.cdiv(M, smallest)), g.C_OUT), dtype=torch.float32, device=x.device
+        )
     if M > 0:
-        _conv_forward_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),
-                                           triton.cdiv(g.C_OUT // g.GROUPS, meta["BLOCK_N"]),
-                                           g.GROUPS)](
-            x, w_k, out, mean, scale, shift, bias if bias is not None else x,
+        _conv_forward_kernel[
+            lambda meta: (
+                triton.cdiv(M, meta["BLOCK_M"]),
+                triton.cdiv(g.C_OUT // g.GROUPS, meta["BLOCK_N"]),
+                g.GROUPS,
+            )
+        ](
+            x,
+            w_k,
+            out,
+            mean,
+            scale,
+            shift,
+            bias if bias is not None else x,
             residual if residual is not None else x,
-            *(partials if stats else [_scratch(x.device)] * 3),
-            **g.args(), PROLOGUE=prologue is not None, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None, RELU=relu, STATS=stats,
-            FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW, INPUT_PRECISION=_input_precision(x.dtype))
+            *(partials.unbind(0) if partials is not None else [_scratch(x.device)] * 3),
+            **g.args(),
+            PROLOGUE=prologue is not None,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None,
+            RELU=relu,
+            STATS=stats,
+            FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW,
+            INPUT_PRECISION=_input_precision(x.dtype),
+        )
     return out, partials
 
 
-def finalize_stats(partials: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float) -> tuple[Tensor, Tensor, Prologue]:
+def finalize_stats(
+    partials: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Prologue]:
     """Merges per-tile statistics into the batch mean and biased variance per channel, and the
     prologue that applies this BatchNorm (with ``weight``, ``bias``, ``eps``) + ReLU."""
     channels = partials.shape[2]
-    mean, var, scale, shift = (torch.empty(channels, dtype=torch.float32, device=partials.device)
-                               for _ in range(4))
+    mean, var, scale, shift = (
+        torch.empty(channels, dtype=torch.float32, device=partials.device) for _ in range(4)
+    )
     _stats_finalize_kernel[(triton.cdiv(channels, REDUCE_BLOCK_CHANNELS),)](
-        partials[0], partials[1], partials[2], partials.shape[1], channels, weight, bias, eps,
-        mean, var, scale, shift, TRAINING=True, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, BLOCK_C=REDUCE_BLOCK_CHANNELS)
+        partials[0],
+        partials[1],
+        partials[2],
+        partials.shape[1],
+        channels,
+        weight,
+        bias,
+        eps,
+        mean,
+        var,
+        scale,
+        shift,
+        TRAINING=True,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_C=REDUCE_BLOCK_CHANNELS,
+    )
     return mean, var, Prologue(mean, scale, shift)
 
 
-def prologue_from_stats(mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                        bias: Optional[Tensor], eps: float) -> Prologue:
+def prologue_from_stats(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Prologue:
     """The prologue of a BatchNorm with known statistics (eval: the running ones)."""
     channels = mean.shape[0]
-    scale, shift = (torch.empty(channels, dtype=torch.float32, device=mean.device)
-                    for _ in range(2))
+    scale, shift = (
+        torch.empty(channels, dtype=torch.float32, device=mean.device) for _ in range(2)
+    )
     unused = torch.empty((1, channels), dtype=torch.float32, device=mean.device)
     _stats_finalize_kernel[(triton.cdiv(channels, REDUCE_BLOCK_CHANNELS),)](
-        unused, unused, unused, 1, channels, weight, bias, eps, mean, var, scale, shift,
-        TRAINING=False, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_C=REDUCE_BLOCK_CHANNELS)
+        unused,
+        unused,
+        unused,
+        1,
+        channels,
+        weight,
+        bias,
+        eps,
+        mean,
+        var,
+        scale,
+        shift,
+        TRAINING=False,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_C=REDUCE_BLOCK_CHANNELS,
+    )
     return Prologue(mean, scale, shift)
 
 
-def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
-                    x: Optional[Tensor] = None, prologue: Optional[Prologue] = None
-                    ) -> tuple[Tensor, Optional[Tensor]]:
+def conv_input_grad(
+    grad_out: Tensor,
+    weight: Tensor,
+    geometry: ConvGeometry,
+    x: Tensor | None = None,
+    prologue: Prologue | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Gradient with respect to the convolution's input, channels_last, and None. With a
     prologue (and the pre-BatchNorm x it was applied to): the gradient gm with respect to
     bn(x) (relu(bn(x))'s gradient masked where that was positive), and the (2, tiles, C_in)
@@ -460,25 +675,44 @@ def conv_input_grad(grad_out: Tensor, weight: Tensor, geometry: ConvGeometry,
     tiling leaves out are zero)."""
     g = geometry
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-    grad_x = torch.empty((g.N, g.C_IN, g.H, g.W), dtype=grad_out.dtype, device=grad_out.device,
-                         memory_format=torch.channels_last)
+    grad_x = torch.empty(
+        (g.N, g.C_IN, g.H, g.W),
+        dtype=grad_out.dtype,
+        device=grad_out.device,
+        memory_format=torch.channels_last,
+    )
     w_t = weight.permute(2, 3, 0, 1).contiguous()  # (KH, KW, C_out, C_in / groups)
     mean, scale, shift = _prologue_args(prologue, grad_out)
     rows = g.N * g.H * g.W
     sums = None
     if prologue is not None:
         smallest = min(c.kwargs["BLOCK_M"] for c in _conv_input_grad_kernel.configs)
-        sums = torch.zeros((2, max(1, triton.cdiv(rows, smallest)), g.C_IN), dtype=torch.float32,
-                           device=grad_out.device)
+        sums = torch.zeros(
+            (2, max(1, triton.cdiv(rows, smallest)), g.C_IN),
+            dtype=torch.float32,
+            device=grad_out.device,
+        )
     if rows > 0:
-        _conv_input_grad_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),
-                                              triton.cdiv(g.C_IN // g.GROUPS, meta["BLOCK_N"]),
-                                              g.GROUPS)](
-            grad_out, w_t, grad_x, x if x is not None else grad_out, mean, scale, shift,
+        _conv_input_grad_kernel[
+            lambda meta: (
+                triton.cdiv(rows, meta["BLOCK_M"]),
+                triton.cdiv(g.C_IN // g.GROUPS, meta["BLOCK_N"]),
+                g.GROUPS,
+            )
+        ](
+            grad_out,
+            w_t,
+            grad_x,
+            x if x is not None else grad_out,
+            mean,
+            scale,
+            shift,
             *(sums if sums is not None else [_scratch(grad_out.device)] * 2),
-            **g.args(), PROLOGUE=prologue is not None,
+            **g.args(),
+            PROLOGUE=prologue is not None,
             FLAT_K=g.C_OUT // g.GROUPS < FLAT_K_BELOW,
-            INPUT_PRECISION=_input_precision(grad_out.dtype))
+            INPUT_PRECISION=_input_precision(grad_out.dtype),
+        )
     return grad_x, sums
 
 
@@ -494,28 +728,51 @@ def _weight_grad_split(geometry: ConvGeometry, device: torch.device) -> int:
         return 2
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     g = geometry
-    tiles = max(1, triton.cdiv(g.KH * g.KW * g.C_IN // g.GROUPS, 64)
-                * triton.cdiv(g.C_OUT // g.GROUPS, 64) * g.GROUPS)
+    tiles = max(
+        1,
+        triton.cdiv(g.KH * g.KW * g.C_IN // g.GROUPS, 64)
+        * triton.cdiv(g.C_OUT // g.GROUPS, 64)
+        * g.GROUPS,
+    )
     return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(g.N * g.OH * g.OW, 256)))
 
 
-def conv_weight_grad(x: Tensor, grad_out: Tensor, geometry: ConvGeometry, weight_dtype,
-                     prologue: Optional[Prologue] = None) -> Tensor:
+def conv_weight_grad(
+    x: Tensor,
+    grad_out: Tensor,
+    geometry: ConvGeometry,
+    weight_dtype,
+    prologue: Prologue | None = None,
+) -> Tensor:
     """Gradient with respect to the weight, (C_out, C_in / groups, KH, KW) in ``weight_dtype``;
     with a prologue, x is the pre-BatchNorm input and relu(bn(x)) is recomputed on the fly."""
     g = geometry
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     cin_g, cout_g = g.C_IN // g.GROUPS, g.C_OUT // g.GROUPS
     # (groups, KH, KW, C_in / groups, C_out / groups), accumulated in float32.
-    grad_w = torch.zeros((g.GROUPS, g.KH, g.KW, cin_g, cout_g), dtype=torch.float32,
-                         device=x.device)
+    grad_w = torch.zeros(
+        (g.GROUPS, g.KH, g.KW, cin_g, cout_g), dtype=torch.float32, device=x.device
+    )
     mean, scale, shift = _prologue_args(prologue, x)
     split = _weight_grad_split(g, x.device)
     if g.N * g.OH * g.OW > 0:
-        _conv_weight_grad_kernel[lambda meta: (triton.cdiv(g.KH * g.KW * cin_g, meta["BLOCK_K"]),
-                                               triton.cdiv(cout_g, meta["BLOCK_N"]),
-                                               g.GROUPS * split)](
-            x, grad_out, grad_w, mean, scale, shift, **g.args(), SPLIT=split,
-            PROLOGUE=prologue is not None, INPUT_PRECISION=_input_precision(x.dtype))
+        _conv_weight_grad_kernel[
+            lambda meta: (
+                triton.cdiv(g.KH * g.KW * cin_g, meta["BLOCK_K"]),
+                triton.cdiv(cout_g, meta["BLOCK_N"]),
+                g.GROUPS * split,
+            )
+        ](
+            x,
+            grad_out,
+            grad_w,
+            mean,
+            scale,
+            shift,
+            **g.args(),
+            SPLIT=split,
+            PROLOGUE=prologue is not None,
+            INPUT_PRECISION=_input_precision(x.dtype),
+        )
     # -> (C_out, C_in / groups, KH, KW)
     return grad_w.permute(0, 4, 3, 1, 2).reshape(g.C_OUT, cin_g, g.KH, g.KW).to(weight_dtype)

@@ -57,7 +57,7 @@ def _squeeze_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patch_tensor_with_squeezed_index
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loop_bounds_status() -> str:
     """How the interpreter runs run-time loop bounds: ``"native"`` or ``"repaired"``.
 
@@ -71,5 +71,6 @@ def loop_bounds_status() -> str:
     if not _loop_bounds_work():
         raise RuntimeError(
             f"the Triton {triton.__version__} interpreter cannot run a loop with a run-time bound, "
-            "and fastres's repair did not help; use another Triton version for TRITON_INTERPRET=1")
+            "and fastres's repair did not help; use another Triton version for TRITON_INTERPRET=1"
+        )
     return "repaired"
