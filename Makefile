@@ -73,7 +73,10 @@ test: build
 # The same suite on the GPU machine's versions (Python 3.12, torch 2.11.0, torchvision 0.26.0,
 # triton 3.6.0), in a venv of its own, so that what passes here also passes there.
 COMPAT_VENV ?= .venv-compat
-COMPAT_PYTHON ?= $(or $(shell command -v python3.12 2>/dev/null),$(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12)))
+# The first Python 3.12 that runs: pyenv's own build (its shim on PATH may refuse to), then PATH.
+COMPAT_PYTHON ?= $(shell for p in $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 \
+	$$(command -v python3.12); do "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' \
+	2>/dev/null && { echo "$$p"; break; }; done)
 test-compat:
 	@test -n "$(COMPAT_PYTHON)" || { echo "test-compat needs Python 3.12: put python3.12 on PATH or set COMPAT_PYTHON"; exit 1; }
 	$(MAKE) test VENV=$(COMPAT_VENV) PYTHON=$(COMPAT_PYTHON) TORCH_VERSION=2.11.0 \
