@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Ampere (A100, RTX 30), Ada (L4, RTX 40), Hopper (H100/H200), Blackwell (B200, RTX 50), and PTX
@@ -121,13 +121,82 @@ def cuda_build_decision(torch_module) -> tuple[bool, str]:
     return False, reason
 
 
-def write_build_info(with_cuda: bool, archs: str, reason: str) -> None:
-    path = os.path.join(HERE, "fastres", "_build_info.py")
-    with open(path, "w") as f:
+def _git_commit() -> str:
+    """The checkout's commit, recorded at build time (fastres.bench reports it; no git at run
+    time). "unknown" outside a git checkout, e.g. when building from a source distribution."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
+
+
+def build_info_module() -> str:
+    """The build-information module of this interpreter, e.g. ``_build_info_cpython_311``: one
+    per Python version, like the extension (``_C.cpython-311-*.so``), so that builds for two
+    Pythons can share a checkout (the Makefile's pinned and compat venvs do)."""
+    return "_build_info_" + sys.implementation.cache_tag.replace("-", "_")
+
+
+def write_build_info(torch_module, with_cuda: bool, archs: str, reason: str) -> None:
+    """fastres/<build_info_module()>.py: what was built, against which torch (checked at
+    import)."""
+    facts = {
+        "CUDA_BUILT": with_cuda,
+        "CUDA_ARCHS": archs,
+        "CUDA_NOT_BUILT_REASON": reason,
+        "TORCH_VERSION": torch_module.__version__,
+        "TORCH_CUDA": torch_module.version.cuda,
+        "COMMIT": _git_commit(),
+    }
+    with open(os.path.join(HERE, "fastres", build_info_module() + ".py"), "w") as f:
         f.write("# Written by setup.py at build time; not tracked by git.\n")
-        f.write(f"CUDA_BUILT = {with_cuda!r}\n")
-        f.write(f"CUDA_ARCHS = {archs!r}\n")
-        f.write(f"CUDA_NOT_BUILT_REASON = {reason!r}\n")
+        f.writelines(f"{name} = {value!r}\n" for name, value in facts.items())
+
+
+# Commands that compile the extension. The others (sdist, egg_info, dist_info) need no torch,
+# and leave the build information alone.
+_COMPILING_COMMANDS = {
+    "build",
+    "build_ext",
+    "bdist_wheel",
+    "bdist_egg",
+    "develop",
+    "install",
+    "editable_wheel",
+}
+
+
+def _compiling() -> bool:
+    return bool(_COMPILING_COMMANDS.intersection(sys.argv[1:]))
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit(NO_TORCH_MESSAGE)
+
+
+NO_TORCH_MESSAGE = """\
+fastres: torch is not importable in this build environment.
+
+fastres's extension is compiled against the torch you run it with, so it must be built in an
+environment that already has that torch (2.11 or newer), without build isolation:
+
+    pip install --no-build-isolation .            (or a fastres-*.tar.gz, or -e . for a checkout)
+    pip wheel --no-build-isolation --no-deps .    (a wheel, e.g. for another machine)
+
+With build isolation, pip would compile against whatever torch the package index serves that
+day, and the result could fail to import next to yours with undefined symbols.
+"""
 
 
 def extensions():
@@ -163,20 +232,14 @@ def extensions():
         ext = CppExtension(
             "fastres._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    write_build_info(build_cuda, archs, reason)
+    write_build_info(torch, build_cuda, archs, reason)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
-
-setup(
-    name="fastres",
-    version="0.1.0",
-    description="Fused conv / BatchNorm / ReLU / residual kernels for ResNets in PyTorch",
-    packages=find_packages(include=["fastres", "fastres.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# Metadata lives in pyproject.toml; this file only describes the extension.
+if _compiling():
+    _require_torch()
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+else:  # a source distribution or metadata only: no torch needed, nothing compiled
+    setup()
