@@ -101,4 +101,4 @@ bench-kernels: build
 	$(PY) benchmarks/report.py $(BENCH_DIR)/bn_act.json
 
 clean:
-	rm -rf build $(VENV) $(COMPAT_VENV) fastres/_C*.so fastres/_build_info.py *.egg-info
+	rm -rf build $(VENV) $(COMPAT_VENV) fastres/_C*.so fastres/_build_info*.py *.egg-info

@@ -18,7 +18,9 @@ def info() -> dict:
 
     Keys: ``"fastres"``, ``"torch"``, ``"cuda"`` (torch's CUDA version or None), ``"triton"``
     (version or None), ``"gpu"`` (device name or None), ``"cuda_archs"`` (what the CUDA kernels
-    were compiled for), ``"triton_interpreter"`` (``"off"``, or ``"on"`` with how it runs
+    were compiled for), ``"built_against"`` (the torch and CUDA versions the extension was
+    compiled with; it loads only next to that torch), ``"commit"`` (fastres's commit at build
+    time), ``"triton_interpreter"`` (``"off"``, or ``"on"`` with how it runs
     run-time loop bounds: see fastres/triton/interpreter.py) and ``"backends"``:
     ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch,
     and ``"folded_eval"``: for each available compiled backend, what eval runs with BatchNorm
@@ -41,6 +43,8 @@ def info() -> dict:
         "triton": triton_version,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cuda_archs": build["CUDA_ARCHS"] or None,
+        "built_against": f"torch {build['TORCH_VERSION']} (CUDA {build['TORCH_CUDA']})",
+        "commit": build["COMMIT"],
         "triton_interpreter": _triton_interpreter(triton_version),
         "backends": {name: status.as_dict() for name, status in backends.STATUS.items()},
         "folded_eval": {

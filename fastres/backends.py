@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -44,26 +45,58 @@ class BackendStatus:
         return {"built": self.built, "available": self.available, "reason": self.reason}
 
 
-def _load_extension():
-    """Imports fastres._C (which registers torch.ops.fastres.*); returns (module or None, why)."""
-    try:
-        return importlib.import_module("fastres._C"), ""
-    except ImportError as error:  # not built, or built against another torch
-        return None, f"fastres._C could not be imported ({error}); rebuild with `make build`"
+REBUILD_HINT = (
+    "rebuild fastres against it: `make build` in a checkout, or `pip install "
+    "--no-build-isolation --no-deps --force-reinstall` of the fastres source"
+)
 
 
 def _build_info() -> dict:
-    try:
-        from fastres import _build_info as info
-    except ImportError:
-        return {
-            "CUDA_BUILT": False,
-            "CUDA_ARCHS": "",
-            "CUDA_NOT_BUILT_REASON": "no build information",
-        }
-    return {
-        name: getattr(info, name) for name in ("CUDA_BUILT", "CUDA_ARCHS", "CUDA_NOT_BUILT_REASON")
+    """The build information setup.py wrote for this Python (fastres/_build_info_<tag>.py):
+    what was built, against which torch."""
+    facts = {
+        "CUDA_BUILT": False,
+        "CUDA_ARCHS": "",
+        "CUDA_NOT_BUILT_REASON": "no build information",
+        "TORCH_VERSION": None,
+        "TORCH_CUDA": None,
+        "COMMIT": "unknown",
     }
+    try:
+        tag = sys.implementation.cache_tag.replace("-", "_")
+        info = importlib.import_module(f"fastres._build_info_{tag}")
+    except ImportError:
+        return facts
+    return {name: getattr(info, name, default) for name, default in facts.items()}
+
+
+def torch_mismatch(build: dict) -> str:
+    """Why the extension cannot be loaded next to the running torch ("" when it can).
+
+    A C++ extension is bound to the exact torch (and CUDA major version) it was compiled
+    against; loaded next to another one it fails with undefined symbols, or worse."""
+    built, built_cuda = build["TORCH_VERSION"], build["TORCH_CUDA"]
+    if built is None:  # no build information: the import itself will tell
+        return ""
+    cuda_major = (built_cuda or "").split(".")[0], (torch.version.cuda or "").split(".")[0]
+    if built == torch.__version__ and cuda_major[0] == cuda_major[1]:
+        return ""
+    return (
+        f"fastres._C was built against torch {built} (CUDA {built_cuda}), but torch "
+        f"{torch.__version__} (CUDA {torch.version.cuda}) is loaded; {REBUILD_HINT}"
+    )
+
+
+def _load_extension():
+    """Imports fastres._C (which registers torch.ops.fastres.*) unless it was built against
+    another torch; returns (module or None, why not)."""
+    mismatch = torch_mismatch(_build_info())
+    if mismatch:
+        return None, mismatch
+    try:
+        return importlib.import_module("fastres._C"), ""
+    except ImportError as error:  # not built, or built against another torch
+        return None, f"fastres._C could not be imported ({error}); {REBUILD_HINT}"
 
 
 def triton_interpreting() -> bool:

@@ -19,7 +19,6 @@ import copy
 import csv
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import torchvision
 from torch import nn
 
 import fastres
+from fastres import backends
 from fastres.backends import STATUS
 from fastres.interleaved import paired_speedups, spread_of, time_interleaved
 from fastres.memory import saved_tensor_bytes
@@ -299,17 +299,8 @@ def device_name(device: str) -> str:
 
 
 def fastres_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """fastres's commit, as recorded when the extension was built (no git call at run time)."""
+    return backends._build_info()["COMMIT"]
 
 
 def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:

@@ -42,6 +42,22 @@ def test_info_stays_a_function_whatever_submodules_are_imported():
     assert callable(fastres.info) and fastres.info()["backends"]["torch"]["available"]
 
 
+def test_an_extension_built_against_another_torch_is_refused_with_both_versions():
+    from fastres.backends import torch_mismatch
+
+    assert (
+        torch_mismatch({"TORCH_VERSION": torch.__version__, "TORCH_CUDA": torch.version.cuda}) == ""
+    )
+    assert torch_mismatch({"TORCH_VERSION": None, "TORCH_CUDA": None}) == ""  # no build info
+    message = torch_mismatch({"TORCH_VERSION": "2.9.0+cu126", "TORCH_CUDA": "12.6"})
+    assert "built against torch 2.9.0+cu126 (CUDA 12.6)" in message
+    assert f"torch {torch.__version__} (CUDA {torch.version.cuda}) is loaded" in message
+    assert "--no-build-isolation" in message
+    assert (
+        fastres.info()["built_against"] == f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+    )
+
+
 def test_cuda_sources_were_compiled():
     """The set-up installs the CUDA build of torch and CI has nvcc: the CUDA kernels are built
     in every run, GPU or not (a missing toolkit is a set-up defect, not a reason to skip)."""
