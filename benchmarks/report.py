@@ -172,7 +172,7 @@ def print_conv(table: list[dict]) -> None:
 
 
 def summarise_triton_conv(rows: list[dict]) -> list[dict]:
-    """Triton convolution layers against cuDNN (issue 4: at least 0.8x its throughput)."""
+    """Triton convolution layers against cuDNN (target: at least 0.8x its throughput)."""
     layers = _by_case(rows, "conv_layer", lambda r: tuple(r["shape"]))
     table = []
     for shape, impls in layers.items():

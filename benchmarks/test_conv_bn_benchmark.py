@@ -2,8 +2,8 @@
 bottleneck's training step on them against torchvision eager and torch.compile(max-autotune).
 
 GPU only: under the Triton interpreter a timing says nothing about the kernels, so on CPU these
-are skipped (the interpreter checks correctness, in tests/test_conv_bn.py). Targets (issue 4, on
-an H100 in bfloat16): each convolution at least 0.8x cuDNN's throughput; a block's training
+are skipped (the interpreter checks correctness, in tests/test_conv_bn.py). Targets (on an H100
+in bfloat16): each convolution at least 0.8x cuDNN's throughput; a block's training
 step faster than both eager and torch.compile. benchmarks/report.py prints them.
 """
 

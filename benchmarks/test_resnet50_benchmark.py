@@ -2,7 +2,7 @@
 fastres (torchvision's model after fastres.convert), side by side in one run.
 
 Input 224x224, channels_last, batch FASTRES_BENCH_BATCH; on a GPU under autocast in
-FASTRES_BENCH_DTYPE (float32 runs without autocast). Targets (blocks issue): activation bytes at
+FASTRES_BENCH_DTYPE (float32 runs without autocast). Target: activation bytes at
 most 0.86 of torchvision's; the step itself is reported against torchvision eager.
 """
 
