@@ -7,7 +7,7 @@
 # Phases, in order of value, each under `timeout` (its own box, or the time left of the whole
 # budget if less); a phase that fails or runs out of time keeps what it wrote and the next runs:
 #   1 build      sm_90 only, MAX_JOBS=16                                       box 100 s
-#   2 tests      the whole suite but the compile-only Triton check, 16 pytest-xdist workers,
+#   2 tests      the suite but the compile-only Triton, packaging and dry-run tests, 16 workers,
 #                90 s per test, Triton autotuning on its quick set             box 160 s
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck on
 #                benchmarks/sanitizer_cases.py                                 box  60 s
@@ -93,8 +93,11 @@ else
   "$python" -m fastres >> "$log" 2>"$python" -m fastres.info >> "$log" 2>&11
 fi
 
-# 2. Tests (on a GPU the Triton kernels run for real: the compile-only check is for CPUs).
+# 2. Tests (on a GPU the Triton kernels run for real: the compile-only check is for CPUs; the
+# packaging test needs the network and the `build` tool, and the dry run of this script is
+# CI's: neither says anything about the GPU).
 pytest_gpu=("$python" -m pytest tests -q -p no:cacheprovider --ignore=tests/test_triton_compile.py
+            --ignore=tests/test_packaging.py --ignore=tests/test_gpu_check.py
             -n "$workers" --timeout 90 --junitxml="$out/tests.xml")
 if [ $dry_run = 1 ]; then
   run_phase tests 160 "${pytest_gpu[@]}" -n 2 -m cuda
