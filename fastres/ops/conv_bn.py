@@ -176,67 +176,34 @@ def conv2d_bn_backward_triton(
     own, so that autograd's tracing (torch.compile) sees one node instead of raw kernel launches.
     """
     from fastres.triton import launch_device
-
-    with launch_device(x):
-        return _conv2d_bn_backward_launch(
-            grad_out,
-            x,
-            weight,
-            bn_mean,
-            bn_var,
-            bn_weight,
-            bn_bias,
-            bn_training,
-            eps,
-            stride,
-            padding,
-            dilation,
-            groups,
-            input_grad,
-            weight_grad,
-        )
-
-
-def _conv2d_bn_backward_launch(
-    grad_out,
-    x,
-    weight,
-    bn_mean,
-    bn_var,
-    bn_weight,
-    bn_bias,
-    bn_training,
-    eps,
-    stride,
-    padding,
-    dilation,
-    groups,
-    input_grad,
-    weight_grad,
-):
     from fastres.triton.bn_act import bn_backward_from_partials
     from fastres.triton.conv import conv_input_grad, conv_weight_grad
 
     x = _channels_last(x)
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
-    prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
 
     def empty(dtype=x.dtype):  # a fresh one each time: outputs must not alias each other
         return x.new_empty((0,), dtype=dtype)
 
-    grad_weight = (
-        conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue) if weight_grad else empty()
-    )
     grad_x, grad_bn_weight, grad_bn_bias = empty(), empty(torch.float32), empty(torch.float32)
-    if input_grad and prologue is None:
-        grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0]
-    elif input_grad:
-        # Gradient with respect to batch_norm(x) (ReLU's mask applied) with BatchNorm's backward
-        # reductions in the same kernel's epilogue; then BatchNorm's elementwise pass.
-        grad_bn, sums = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
-        grad_x, grad_bn_weight, grad_bn_bias = bn_backward_from_partials(
-            grad_bn, x, bn_weight, bn_mean, bn_var, sums, bn_training, eps
+    with launch_device(x):
+        prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+        grad_weight = (
+            conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue)
+            if weight_grad
+            else empty()
         )
+        if input_grad and prologue is None:
+            grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0]
+        elif input_grad:
+            # Gradient with respect to batch_norm(x) (ReLU's mask applied) with BatchNorm's
+            # backward reductions in the same kernel's epilogue; then its elementwise pass.
+            grad_bn, sums = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
+            # A prologue comes with its statistics, and conv_input_grad then returns the sums.
+            assert bn_mean is not None and bn_var is not None and sums is not None
+            grad_x, grad_bn_weight, grad_bn_bias = bn_backward_from_partials(
+                grad_bn, x, bn_weight, bn_mean, bn_var, sums, bn_training, eps
+            )
     return grad_x, grad_weight, grad_bn_weight, grad_bn_bias
 
 
