@@ -104,7 +104,8 @@ def headline_lines(out: str) -> list[str]:
         f"{meta.get('batch_size', '?')}, torch {meta.get('torch', '?')}, triton "
         f"{meta.get('triton', '?')} (autotune {meta.get('triton_autotune', '?')}), "
         f"{meta.get('rounds', '?')} interleaved rounds; ratios are medians of per-round "
-        "speed-ups [interquartile range]."
+        "speed-ups [interquartile range]. Triton autotuning, paid in the warm-up: "
+        f"{meta.get('triton_tuning', 'not recorded')}."
     )
     return lines
 

@@ -556,6 +556,19 @@ def _triton_autotune() -> str:
     return os.environ.get("FASTRES_TRITON_AUTOTUNE", "full")
 
 
+def _triton_tuning() -> str:
+    """What the Triton convolutions' autotuning cost this run: paid at the first call at each
+    shape, in the warm-up before the timed rounds, so no figure includes it."""
+    conv = sys.modules.get("fastres.triton.conv")
+    report = conv.tuning_report() if conv is not None else {}
+    if not report:
+        return "none"
+    return "; ".join(
+        f"{name.strip('_').removesuffix('_kernel')}: {c.shapes} shapes in {c.seconds:.1f} s"
+        for name, c in report.items()
+    )
+
+
 def _progress(items):
     try:
         from tqdm import tqdm
@@ -576,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     measure_all(prepared, args, args.device, dtype)
     results = [p.result for p in prepared]
+    print(f"Triton autotuning: {_triton_tuning()}")
     meta = {
         "model": args.model,
         "device": device_name(args.device),
@@ -588,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "triton": fastres.info()["triton"],
         "triton_autotune": _triton_autotune(),
+        "triton_tuning": _triton_tuning(),
         "fastres_commit": fastres_commit(),
     }
     rows = rows_of(results, meta)

@@ -34,6 +34,10 @@ CONVOLUTIONS = {
     "3x3-wide": (2, 24, 6, 6, 32, 3, 1, 1, 1, 1),
     "1x1-stride2-wide": (2, 32, 7, 7, 16, 1, 2, 0, 1, 1),
     "3x3-stride2-wide-odd": (1, 17, 9, 7, 19, 3, 2, 1, 1, 1),
+    # several row and column tiles (the swizzled tile order) and channel blocks per tap (the one
+    # flattened (tap, channel block) loop), at the interpreter's 32 x 64 x 64 tile
+    "1x1-many-tiles": (2, 80, 9, 9, 130, 1, 1, 0, 1, 1),
+    "3x3-two-channel-blocks": (1, 80, 5, 5, 70, 3, 1, 1, 1, 1),
 }
 LOW = [torch.float32, torch.float16]
 
@@ -216,6 +220,81 @@ def test_statistics_rows_with_no_elements_are_ignored_whatever_they_hold():
     var64, mean64 = torch.var_mean(values.double().reshape(-1, channels), dim=0, correction=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var.double(), var64, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_finalize_merges_many_rows_block_by_block():
+    """More rows than the finalize merges per step (REDUCE_BLOCK_SPLITS), of unequal counts,
+    some empty with stale values, far from zero mean: the batch mean and variance exactly."""
+    from fastres.triton.bn_act import REDUCE_BLOCK_SPLITS
+    from fastres.triton.conv import finalize_stats
+
+    gen = torch.Generator().manual_seed(0)
+    channels, tiles = 3, 2 * REDUCE_BLOCK_SPLITS + 7
+    counts = torch.randint(1, 9, (tiles,), generator=gen)
+    counts[::5] = 0  # empty rows
+    groups = [torch.randn(int(c), channels, generator=gen) * 2 + 50 for c in counts]
+    rows = torch.zeros(3, tiles, channels)
+    for i, values in enumerate(groups):
+        if len(values):
+            rows[0, i], rows[1, i] = len(values), values.mean(0)
+            rows[2, i] = values.var(0, correction=0) * len(values)
+        else:
+            rows[1, i], rows[2, i] = 99.0, 1e4  # stale, must not count
+    mean, var, _ = finalize_stats(rows.to(DEVICE), None, None, 1e-5)
+    var64, mean64 = torch.var_mean(torch.cat(groups).double(), dim=0, correction=0)
+    torch.testing.assert_close(mean.double().cpu(), mean64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double().cpu(), var64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["3x3-wide", "1x1-many-tiles"])
+def test_weight_layout_changes_neither_results_nor_the_gradient_layout(kind):
+    """An NCHW weight and a channels_last one give the same bits; each gets its gradient in its
+    own layout (what the fake kernel promises torch.compile)."""
+    x, weight, bn, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = weight.clone(memory_format=layout).requires_grad_()
+        xi = x.detach().clone().requires_grad_()
+        out, _, _ = conv2d_bn_triton(
+            xi, w, bn["mean"], bn["var"], bn["weight"], bn["bias"], False, 1e-5, *conv_args, False
+        )
+        out.backward(torch.ones_like(out))
+        assert w.grad.stride() == w.stride()
+        results.append((out, xi.grad, w.grad))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_another_batch_size_in_the_same_power_of_two_reuses_the_tuned_tiles(monkeypatch):
+    """Autotuning is keyed on the row count rounded up to a power of two, not on N: a last
+    partial batch does not tune (and compile) again; tuning_report() counts what was tuned.
+    Two configurations under the interpreter, with a stub benchmark."""
+    import triton
+
+    from fastres.triton import conv as triton_conv
+
+    kernel = triton_conv._conv_forward_kernel
+    (only,) = kernel.configs
+    twin = triton.Config(dict(only.kwargs), num_warps=2 * only.num_warps)
+    benchmarked = []
+
+    def stub_bench(*args, config, **kwargs):
+        benchmarked.append(config)
+        return [1.0 if config is only else 2.0]
+
+    monkeypatch.setattr(kernel, "configs", [only, twin])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", stub_bench)
+    monkeypatch.setattr(triton_conv, "_TUNING", {})
+    spec = CONVOLUTIONS["3x3"]
+    for batch, tunings in [(3, 1), (2, 1), (4, 2)]:  # 108, 72 and 144 output pixels
+        x, weight, _, conv_args = _inputs((batch, *spec[1:]), torch.float32)
+        out, _, _ = conv2d_bn_triton(
+            x, weight, None, None, None, None, False, 1e-5, *conv_args, False
+        )
+        torch.testing.assert_close(out, F.conv2d(x, weight, None, *conv_args))
+        assert len(benchmarked) == 2 * tunings
+        assert triton_conv.tuning_report()["_conv_forward_kernel"].shapes == tunings
 
 
 @pytest.mark.parametrize("relu", [False, True])

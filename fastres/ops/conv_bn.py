@@ -93,7 +93,7 @@ def conv2d_bn_triton(
     with launch_device(x):
         prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
         out, partials = conv_forward(
-            _channels_last(x), weight.contiguous(), geometry, prologue=prologue, stats=stats
+            _channels_last(x), weight, geometry, prologue=prologue, stats=stats
         )
         if not stats:
             empty = x.new_empty((0,), dtype=torch.float32)
@@ -189,16 +189,14 @@ def conv2d_bn_backward_triton(
     with launch_device(x):
         prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
         grad_weight = (
-            conv_weight_grad(x, grad_out, geometry, weight.dtype, prologue)
-            if weight_grad
-            else empty()
+            conv_weight_grad(x, grad_out, geometry, weight, prologue) if weight_grad else empty()
         )
         if input_grad and prologue is None:
-            grad_x = conv_input_grad(grad_out, weight.contiguous(), geometry)[0]
+            grad_x = conv_input_grad(grad_out, weight, geometry)[0]
         elif input_grad:
             # Gradient with respect to batch_norm(x) (ReLU's mask applied) with BatchNorm's
             # backward reductions in the same kernel's epilogue; then its elementwise pass.
-            grad_bn, sums = conv_input_grad(grad_out, weight.contiguous(), geometry, x, prologue)
+            grad_bn, sums = conv_input_grad(grad_out, weight, geometry, x, prologue)
             # A prologue comes with its statistics, and conv_input_grad then returns the sums.
             assert bn_mean is not None and bn_var is not None and sums is not None
             grad_x, grad_bn_weight, grad_bn_bias = bn_backward_from_partials(
@@ -297,7 +295,7 @@ def conv2d_bias_act_triton(
     with launch_device(x):
         out, _ = conv_forward(
             _channels_last(x),
-            weight.contiguous(),
+            weight,
             geometry,
             bias=bias,
             residual=_channels_last(residual) if residual is not None else None,

@@ -26,6 +26,7 @@ from fastres._layout import memory_format_of
 ELEMENTWISE_BLOCK = 1024  # elements per program; a multiple of 8 (one mask byte per 8)
 REDUCE_BLOCK_ROWS = 32
 REDUCE_BLOCK_CHANNELS = 32
+REDUCE_BLOCK_SPLITS = 64  # partial rows the finalize kernels merge per step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ def _stats_finalize_kernel(
     TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,19 +111,29 @@ def _stats_finalize_kernel(
         n = tl.zeros([BLOCK_C], dtype=tl.float32)
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for s in range(0, splits):
-            part_n = tl.load(count_ptr + s * C + channels, mask=ok, other=0.0)
-            part_mean = tl.load(mean_ptr + s * C + channels, mask=ok, other=0.0)
-            part_m2 = tl.load(m2_ptr + s * C + channels, mask=ok, other=0.0)
-            # A row with no elements adds nothing, whatever it holds: the Triton convolution's
-            # tiles fill only the rows of their own height, and autotuning tries other heights.
-            part_m2 = tl.where(part_n > 0, part_m2, 0.0)
-            part_mean = tl.where(part_n > 0, part_mean, 0.0)
-            total = n + part_n
+        # BLOCK_S rows at a time: a convolution's epilogue leaves a row per tile of output
+        # rows, thousands of them at ResNet's early layers, too many to merge one by one.
+        for s0 in range(0, splits, BLOCK_S):
+            rows = s0 + tl.arange(0, BLOCK_S)
+            slot = rows[:, None] * C + channels[None, :]
+            row_ok = (rows < splits)[:, None] & ok[None, :]
+            part_n = tl.load(count_ptr + slot, mask=row_ok, other=0.0)
+            # A row with no elements adds nothing, whatever it holds.
+            filled = part_n > 0
+            part_mean = tl.where(filled, tl.load(mean_ptr + slot, mask=row_ok, other=0.0), 0.0)
+            part_m2 = tl.where(filled, tl.load(m2_ptr + slot, mask=row_ok, other=0.0), 0.0)
+            # The block's rows merged at once (the pairwise formula generalised to many
+            # groups: M2 = sum of M2_i + sum of n_i (mean_i - mean)^2), then Chan et al.'s
+            # merge of the block into the running (n, mean, m2).
+            block_n = tl.sum(part_n, axis=0)
+            block_mean = tl.sum(part_n * part_mean, axis=0) / tl.where(block_n > 0, block_n, 1.0)
+            spread = tl.where(filled, part_mean - block_mean[None, :], 0.0)
+            block_m2 = tl.sum(part_m2 + part_n * spread * spread, axis=0)
+            total = n + block_n
             safe_total = tl.where(total > 0, total, 1.0)
-            delta = part_mean - mean
-            mean = mean + delta * (part_n / safe_total)
-            m2 = m2 + part_m2 + delta * delta * (n * part_n / safe_total)
+            delta = block_mean - mean
+            mean = mean + delta * (block_n / safe_total)
+            m2 = m2 + block_m2 + delta * delta * (n * block_n / safe_total)
             n = total
         var = m2 / tl.where(n > 0, n, 1.0)  # channels past C (masked) have n == 0
         tl.store(save_mean_ptr + channels, mean, mask=ok)
@@ -249,15 +261,19 @@ def _grad_finalize_kernel(
     k_const_ptr,
     TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = channels < C
     g = tl.zeros([BLOCK_C], dtype=tl.float32)
     gx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s in range(0, splits):
-        g += tl.load(sum_g_ptr + s * C + channels, mask=ok, other=0.0)
-        gx += tl.load(sum_gx_ptr + s * C + channels, mask=ok, other=0.0)
+    for s0 in range(0, splits, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        slot = rows[:, None] * C + channels[None, :]
+        row_ok = (rows < splits)[:, None] & ok[None, :]
+        g += tl.sum(tl.load(sum_g_ptr + slot, mask=row_ok, other=0.0), axis=0)
+        gx += tl.sum(tl.load(sum_gx_ptr + slot, mask=row_ok, other=0.0), axis=0)
     invstd = 1.0 / tl.sqrt(tl.load(var_ptr + channels, mask=ok, other=1.0) + eps)
     k_grad = invstd
     if HAS_WEIGHT:
@@ -427,6 +443,7 @@ def _finalize_stats(
         TRAINING=training,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        BLOCK_S=REDUCE_BLOCK_SPLITS,
         BLOCK_C=REDUCE_BLOCK_CHANNELS,
     )
     return scale, shift
@@ -535,6 +552,7 @@ def _grad_coefficients(
         coefficients[2],
         TRAINING=training,
         HAS_WEIGHT=weight is not None,
+        BLOCK_S=REDUCE_BLOCK_SPLITS,
         BLOCK_C=REDUCE_BLOCK_CHANNELS,
     )
     return coefficients

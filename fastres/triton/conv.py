@@ -37,7 +37,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastres.triton.bn_act import REDUCE_BLOCK_CHANNELS, _stats_finalize_kernel, check_int32_offsets
+from fastres.triton.bn_act import (
+    REDUCE_BLOCK_CHANNELS,
+    REDUCE_BLOCK_SPLITS,
+    _stats_finalize_kernel,
+    check_int32_offsets,
+)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # Which tile configurations to autotune over on a GPU: "full" (the default, for speed) or "quick"
@@ -77,8 +82,12 @@ def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
     ]
 
 
+# What a tuned configuration is kept for: the problem's shape, with the batch only as far as
+# the power of two the row count rounds up to (a last partial batch, another evaluation batch
+# size, reuse the tiles tuned for it rather than tuning and compiling again mid-epoch; the
+# kernels do not specialise on N either).
 _SHAPE_KEY = [
-    "N",
+    "ROWS_BUCKET",
     "H",
     "W",
     "C_IN",
@@ -92,6 +101,15 @@ _SHAPE_KEY = [
     "PADDING",
     "DILATION",
 ]
+
+
+@triton.jit
+def _tile_of(tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile). Programs run in order of program_id(0); taking
+    GROUP_M row tiles across every column tile before moving on (instead of one row tile across
+    all columns) keeps the input rows being read in L2 while the column tiles reuse them."""
+    pid = tl.program_id(0)
+    return tl.swizzle2d(pid // tiles_n, pid % tiles_n, tiles_m, tiles_n, GROUP_M)
 
 
 @triton.jit
@@ -126,7 +144,7 @@ def _apply_prologue(a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr
     key=_SHAPE_KEY,
     reset_to_zero=["stat_count_ptr", "stat_mean_ptr", "stat_m2_ptr"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _conv_forward_kernel(
     x_ptr,
     w_ptr,
@@ -140,6 +158,7 @@ def _conv_forward_kernel(
     stat_mean_ptr,
     stat_m2_ptr,
     N,
+    ROWS_BUCKET,
     H,
     W,
     C_IN,
@@ -152,6 +171,11 @@ def _conv_forward_kernel(
     STRIDE,
     PADDING,
     DILATION,
+    W_STRIDE_CO,
+    W_STRIDE_CI,
+    W_STRIDE_KH,
+    W_STRIDE_KW,
+    POINTWISE: tl.constexpr,
     PROLOGUE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -162,26 +186,35 @@ def _conv_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Rows: output pixels (n, oh, ow); columns: output channels of one group; reduction:
+    k = (kh, kw, ci). The weight is read through its strides (contiguous along ci when it is
+    channels_last). ROWS_BUCKET (the row count rounded up to a power of two) is only the
+    autotuning key's, so that another batch size reuses the tuned tiles."""
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     M = N * OH * OW
+    pid_m, pid_n = _tile_of(tl.cdiv(M, BLOCK_M), tl.cdiv(cout_g, BLOCK_N), GROUP_M)
+    group = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     n, pixel = rows // (OH * OW), rows % (OH * OW)
     ih0, iw0 = (pixel // OW) * STRIDE - PADDING, (pixel % OW) * STRIDE - PADDING
-    cols = group * cout_g + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) < cout_g
+    col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # within the group
+    cols = group * cout_g + col
+    col_ok = col < cout_g
+    w_cols = w_ptr + cols * W_STRIDE_CO
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         # Few channels per group (the stem's 3, ResNeXt's 4): one reduction index over
         # (kh, kw, ci) fills the tile, where a channel block per (kh, kw) would be mostly masked.
         for k0 in range(0, KH * KW * cin_g, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)  # = (kh * KW + kw) * cin_g + ci, w_ptr's row
+            k = k0 + tl.arange(0, BLOCK_K)  # = (kh * KW + kw) * cin_g + ci
             k_ok = k < KH * KW * cin_g
             ci, kpos = k % cin_g, k // cin_g
-            ih = ih0[:, None] + ((kpos // KW) * DILATION)[None, :]
-            iw = iw0[:, None] + ((kpos % KW) * DILATION)[None, :]
+            kh, kw = kpos // KW, kpos % KW
+            ih = ih0[:, None] + (kh * DILATION)[None, :]
+            iw = iw0[:, None] + (kw * DILATION)[None, :]
             a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             channel = group * cin_g + ci
             a = tl.load(
@@ -191,34 +224,41 @@ def _conv_forward_kernel(
             )
             if PROLOGUE:
                 a = _apply_prologue(a, a_ok, channel, k_ok, mean_ptr, scale_ptr, shift_ptr)
+            w_k = ci * W_STRIDE_CI + kh * W_STRIDE_KH + kw * W_STRIDE_KW
             b = tl.load(
-                w_ptr + k[:, None] * C_OUT + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
+                w_cols[None, :] + w_k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
             )
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for kh in tl.static_range(KH):
-            for kw in tl.static_range(KW):
+        # One loop over (tap, channel block), as Inductor's convolution template does: a loop
+        # per tap would have cin_g / BLOCK_K iterations (2 at C_in 64), too few for the
+        # software pipeline to reach its steady state.
+        chunks = tl.cdiv(cin_g, BLOCK_K)
+        for step in range(0, KH * KW * chunks):
+            ci = (step % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            ci_ok = ci < cin_g
+            if POINTWISE:
+                # 1x1, stride 1, no padding: a plain GEMM, input row = output row.
+                pixel_ok, a_row = row_ok, rows * C_IN
+                w_tap = 0
+            else:
+                tap = step // chunks
+                kh, kw = tap // KW, tap % KW
                 ih, iw = ih0 + kh * DILATION, iw0 + kw * DILATION
                 pixel_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                row_base = ((n * H + ih) * W + iw) * C_IN + group * cin_g
-                for ci0 in range(0, cin_g, BLOCK_K):
-                    ci = ci0 + tl.arange(0, BLOCK_K)
-                    ci_ok = ci < cin_g
-                    a_ok = pixel_ok[:, None] & ci_ok[None, :]
-                    a = tl.load(x_ptr + row_base[:, None] + ci[None, :], mask=a_ok, other=0.0)
-                    if PROLOGUE:
-                        a = _apply_prologue(
-                            a, a_ok, group * cin_g + ci, ci_ok, mean_ptr, scale_ptr, shift_ptr
-                        )
-                    k = (kh * KW + kw) * cin_g + ci
-                    b = tl.load(
-                        w_ptr + k[:, None] * C_OUT + cols[None, :],
-                        mask=ci_ok[:, None] & col_ok[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                a_row = ((n * H + ih) * W + iw) * C_IN
+                w_tap = kh * W_STRIDE_KH + kw * W_STRIDE_KW
+            a_ok = pixel_ok[:, None] & ci_ok[None, :]
+            channel = group * cin_g + ci
+            a = tl.load(x_ptr + a_row[:, None] + channel[None, :], mask=a_ok, other=0.0)
+            if PROLOGUE:
+                a = _apply_prologue(a, a_ok, channel, ci_ok, mean_ptr, scale_ptr, shift_ptr)
+            b = tl.load(
+                w_cols[None, :] + (w_tap + ci * W_STRIDE_CI)[:, None],
+                mask=ci_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -252,7 +292,7 @@ def _conv_forward_kernel(
     key=_SHAPE_KEY,
     reset_to_zero=["sum_grad_ptr", "sum_grad_centred_ptr"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _conv_input_grad_kernel(
     grad_ptr,
     w_ptr,
@@ -264,6 +304,7 @@ def _conv_input_grad_kernel(
     sum_grad_ptr,
     sum_grad_centred_ptr,
     N,
+    ROWS_BUCKET,
     H,
     W,
     C_IN,
@@ -276,34 +317,44 @@ def _conv_input_grad_kernel(
     STRIDE,
     PADDING,
     DILATION,
+    W_STRIDE_CO,
+    W_STRIDE_CI,
+    W_STRIDE_KH,
+    W_STRIDE_KW,
+    POINTWISE: tl.constexpr,
     PROLOGUE: tl.constexpr,
     FLAT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Rows: input pixels (n, ih, iw); columns: input channels of one group; reduction: the
     (kh, kw, co) that reach each input pixel (one flat index when a group has few output
-    channels, as in forward). w_ptr is the weight as (KH, KW, C_OUT, C_IN/g).
+    channels, as in forward). The weight is read through its strides, as in forward.
     With a prologue, the epilogue also writes this tile's per-channel sums of the masked
     gradient gm and of gm * (x - mean): BatchNorm's backward reductions, fused here."""
-    pid_m, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
+    pid_m, pid_n = _tile_of(tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(cin_g, BLOCK_N), GROUP_M)
+    group = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N * H * W
     n, pixel = rows // (H * W), rows % (H * W)
     ih, iw = pixel // W, pixel % W
-    cols = group * cin_g + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) < cin_g
+    col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # within the group
+    cols = group * cin_g + col
+    col_ok = col < cin_g
+    w_cols = w_ptr + col * W_STRIDE_CI
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         for k0 in range(0, KH * KW * cout_g, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)  # = (kh * KW + kw) * cout_g + co
             k_ok = k < KH * KW * cout_g
             co, kpos = k % cout_g, k // cout_g
-            oh_s = ih[:, None] + PADDING - ((kpos // KW) * DILATION)[None, :]
-            ow_s = iw[:, None] + PADDING - ((kpos % KW) * DILATION)[None, :]
+            kh, kw = kpos // KW, kpos % KW
+            oh_s = ih[:, None] + PADDING - (kh * DILATION)[None, :]
+            ow_s = iw[:, None] + PADDING - (kw * DILATION)[None, :]
             oh, ow = oh_s // STRIDE, ow_s // STRIDE
             reach = (
                 row_ok[:, None]
@@ -322,16 +373,23 @@ def _conv_input_grad_kernel(
                 mask=reach,
                 other=0.0,
             )
-            w_row = kpos * C_OUT + group * cout_g + co
+            w_k = (group * cout_g + co) * W_STRIDE_CO + kh * W_STRIDE_KH + kw * W_STRIDE_KW
             b = tl.load(
-                w_ptr + w_row[:, None] * cin_g + (cols - group * cin_g)[None, :],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
+                w_cols[None, :] + w_k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
             )
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for kh in tl.static_range(KH):
-            for kw in tl.static_range(KW):
+        # One loop over (tap, channel block), as in forward.
+        chunks = tl.cdiv(cout_g, BLOCK_K)
+        for step in range(0, KH * KW * chunks):
+            co = group * cout_g + (step % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            co_ok = co < (group + 1) * cout_g
+            if POINTWISE:
+                reach, a_row = row_ok, rows * C_OUT
+                w_tap = 0
+            else:
+                tap = step // chunks
+                kh, kw = tap // KW, tap % KW
                 oh_s, ow_s = ih + PADDING - kh * DILATION, iw + PADDING - kw * DILATION
                 oh, ow = oh_s // STRIDE, ow_s // STRIDE
                 reach = (
@@ -343,22 +401,19 @@ def _conv_input_grad_kernel(
                     & (oh < OH)
                     & (ow < OW)
                 )
-                row_base = ((n * OH + oh) * OW + ow) * C_OUT + group * cout_g
-                for co0 in range(0, cout_g, BLOCK_K):
-                    co = co0 + tl.arange(0, BLOCK_K)
-                    co_ok = co < cout_g
-                    a = tl.load(
-                        grad_ptr + row_base[:, None] + co[None, :],
-                        mask=reach[:, None] & co_ok[None, :],
-                        other=0.0,
-                    )
-                    k = (kh * KW + kw) * C_OUT + group * cout_g + co
-                    b = tl.load(
-                        w_ptr + k[:, None] * cin_g + (cols - group * cin_g)[None, :],
-                        mask=co_ok[:, None] & col_ok[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                a_row = ((n * OH + oh) * OW + ow) * C_OUT
+                w_tap = kh * W_STRIDE_KH + kw * W_STRIDE_KW
+            a = tl.load(
+                grad_ptr + a_row[:, None] + co[None, :],
+                mask=reach[:, None] & co_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_cols[None, :] + (w_tap + co * W_STRIDE_CO)[:, None],
+                mask=co_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     out_ok = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * C_IN + cols[None, :]
     if PROLOGUE:
@@ -392,7 +447,7 @@ def _conv_input_grad_kernel(
     key=_SHAPE_KEY + ["SPLIT"],
     reset_to_zero=["grad_w_ptr"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _conv_weight_grad_kernel(
     x_ptr,
     grad_ptr,
@@ -401,6 +456,7 @@ def _conv_weight_grad_kernel(
     scale_ptr,
     shift_ptr,
     N,
+    ROWS_BUCKET,
     H,
     W,
     C_IN,
@@ -420,8 +476,11 @@ def _conv_weight_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Rows: k = (kh, kw, ci) of one group; columns: output channels of the group; reduction:
-    output pixels, split SPLIT ways and added atomically into the float32 grad_w (K, C_OUT)."""
+    """Rows: output channels of one group; columns: k = (kh, kw, ci) of the group; reduction:
+    output pixels, split SPLIT ways and added atomically into the float32 grad_w (C_OUT, KH, KW,
+    C_IN / GROUPS), a channels_last weight's layout. Output channels are the rows so that a
+    tile's columns run along k, contiguous in grad_w: the atomic adds go out in the
+    accumulator's own layout, coalesced and vectorised."""
     pid_k, pid_n, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     group, split = pid_gs // SPLIT, pid_gs % SPLIT
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
@@ -431,40 +490,38 @@ def _conv_weight_grad_kernel(
     kh, kw = kpos // KW, kpos % KW
     channel = group * cin_g + ci
     if PROLOGUE:
-        mean = tl.load(mean_ptr + channel, mask=k_ok, other=0.0)[:, None]
-        scale = tl.load(scale_ptr + channel, mask=k_ok, other=0.0)[:, None]
-        shift = tl.load(shift_ptr + channel, mask=k_ok, other=0.0)[:, None]
+        mean = tl.load(mean_ptr + channel, mask=k_ok, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + channel, mask=k_ok, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + channel, mask=k_ok, other=0.0)[None, :]
     cols = group * cout_g + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) < cout_g
     M = N * OH * OW
     rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(split * rows_per_split, tl.minimum((split + 1) * rows_per_split, M), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         n, pixel = rows // (OH * OW), rows % (OH * OW)
-        ih = (pixel // OW)[None, :] * STRIDE - PADDING + (kh * DILATION)[:, None]
-        iw = (pixel % OW)[None, :] * STRIDE - PADDING + (kw * DILATION)[:, None]
-        a_ok = k_ok[:, None] & row_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih = (pixel // OW)[:, None] * STRIDE - PADDING + (kh * DILATION)[None, :]
+        iw = (pixel % OW)[:, None] * STRIDE - PADDING + (kw * DILATION)[None, :]
+        a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a = tl.load(
-            x_ptr + ((n[None, :] * H + ih) * W + iw) * C_IN + channel[:, None], mask=a_ok, other=0.0
+            x_ptr + ((n[:, None] * H + ih) * W + iw) * C_IN + channel[None, :], mask=a_ok, other=0.0
         )
         if PROLOGUE:
             a = tl.where(a_ok, _bn_relu(a.to(tl.float32), mean, scale, shift), 0.0)
             a = a.to(x_ptr.dtype.element_ty)
-        g = tl.load(
-            grad_ptr + rows[:, None] * C_OUT + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
+        g_t = tl.load(
+            grad_ptr + rows[None, :] * C_OUT + cols[:, None],
+            mask=col_ok[:, None] & row_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(a, g, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g_t, a, acc, input_precision=INPUT_PRECISION)
     # Relaxed: the sums need atomicity, not ordering (nothing reads grad_w in this launch).
     tl.atomic_add(
-        grad_w_ptr
-        + (group * KH * KW * cin_g + k)[:, None] * cout_g
-        + (cols - group * cout_g)[None, :],
+        grad_w_ptr + (cols * (KH * KW * cin_g))[:, None] + k[None, :],
         acc,
-        mask=k_ok[:, None] & col_ok[None, :],
+        mask=col_ok[:, None] & k_ok[None, :],
         sem="relaxed",
     )
 
@@ -504,8 +561,81 @@ class ConvGeometry:
         check_int32_offsets("conv2d", "the output", (n, c_out, oh, ow))
         return cls(n, h, w, c_in, oh, ow, c_out, groups, kh, kw, stride, padding, dilation)
 
-    def args(self) -> dict:
-        return dict(self.__dict__)
+    def args(self, rows: int) -> dict:
+        """The kernels' size arguments, and the autotuning key's bucket of ``rows``."""
+        return dict(self.__dict__, ROWS_BUCKET=triton.next_power_of_2(rows))
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a plain GEMM over pixels, input pixel = output pixel."""
+        return self.KH == self.KW == 1 and self.STRIDE == 1 and self.PADDING == 0
+
+
+# Row tiles taken together across the column tiles (see _tile_of).
+GROUP_M = 8
+
+
+@dataclass
+class TuningCost:
+    """What autotuning one kernel has cost this process: the problem shapes (autotuning keys)
+    it was tuned for, and the seconds spent benchmarking configurations for them."""
+
+    shapes: int = 0
+    seconds: float = 0.0
+
+
+_TUNING: dict[str, TuningCost] = {}
+
+
+def tuning_report() -> dict[str, TuningCost]:
+    """Autotuning's cost so far, per convolution kernel that has been tuned. The first call at
+    each shape (see _SHAPE_KEY) pays it; later calls at that shape pay nothing."""
+    return {name: TuningCost(c.shapes, c.seconds) for name, c in _TUNING.items()}
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, adding to tuning_report() when the launch tuned."""
+    tuned_before = len(kernel.cache)
+    kernel[grid](*args, **kwargs)
+    if len(kernel.cache) > tuned_before:
+        cost = _TUNING.setdefault(kernel.base_fn.__name__, TuningCost())
+        cost.shapes += len(kernel.cache) - tuned_before
+        cost.seconds += kernel.bench_time
+
+
+def _weight_args(weight: Tensor) -> tuple[Tensor, dict]:
+    """The weight as the kernels read it, channels_last (contiguous along (kh, kw, ci) for each
+    output channel, so a tile of the reduction is a contiguous load; a copy only when the
+    weight is not channels_last already, as a model in channels_last has it), and its strides."""
+    w = weight.contiguous(memory_format=torch.channels_last)
+    co, ci, kh, kw = w.stride()
+    return w, dict(W_STRIDE_CO=co, W_STRIDE_CI=ci, W_STRIDE_KH=kh, W_STRIDE_KW=kw)
+
+
+def _swizzled_grid(rows: int, columns: int, groups: int, launched: dict):
+    """The grid of a (row tile x column tile, group) launch (see _tile_of). Records in
+    ``launched`` the tile height of the configuration launched: autotuning asks for the grid of
+    every configuration it tries, and then of the one it chose, which is launched last."""
+
+    def grid(meta: dict) -> tuple[int, int]:
+        launched["BLOCK_M"] = meta["BLOCK_M"]
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(columns, meta["BLOCK_N"]), groups)
+
+    return grid
+
+
+def _tile_rows(count: int, rows: int, channels: int, kernel, device: torch.device) -> Tensor:
+    """``count`` float32 buffers, each with a row of ``channels`` values for every tile of
+    ``rows`` at the smallest tile height ``kernel`` may choose. Left uninitialised: a launch
+    writes every row its tiling has, and only those are read (see _rows_written)."""
+    smallest = min(c.kwargs["BLOCK_M"] for c in kernel.configs)
+    tiles = max(1, triton.cdiv(rows, smallest))
+    return torch.empty((count, tiles, channels), dtype=torch.float32, device=device)
+
+
+def _rows_written(buffer: Tensor, rows: int, launched: dict) -> Tensor:
+    """The rows of a _tile_rows buffer the launched configuration wrote (along dim -2)."""
+    return buffer[..., : triton.cdiv(rows, launched["BLOCK_M"]), :]
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -559,45 +689,42 @@ def conv_forward(
         device=x.device,
         memory_format=torch.channels_last,
     )
-    # (KH, KW, C_in / groups, C_out): the reduction index k = (kh, kw, ci) is the row.
-    w_k = weight.permute(2, 3, 1, 0).contiguous()
+    w, w_strides = _weight_args(weight)
     mean, scale, shift = _prologue_args(prologue, x)
     M = g.N * g.OH * g.OW
     partials = None
     if stats:
-        # One row of statistics per tile of output rows. The tile height is autotuned, so there
-        # are rows for the smallest; rows a larger tiling leaves out keep count 0, which the
-        # merge ignores (autotuning resets the counts after trying configurations).
-        smallest = min(c.kwargs["BLOCK_M"] for c in _conv_forward_kernel.configs)
-        partials = torch.zeros(
-            (3, max(1, triton.cdiv(M, smallest)), g.C_OUT), dtype=torch.float32, device=x.device
-        )
-    if M > 0:
-        _conv_forward_kernel[
-            lambda meta: (
-                triton.cdiv(M, meta["BLOCK_M"]),
-                triton.cdiv(g.C_OUT // g.GROUPS, meta["BLOCK_N"]),
-                g.GROUPS,
-            )
-        ](
-            x,
-            w_k,
-            out,
-            mean,
-            scale,
-            shift,
-            bias if bias is not None else x,
-            residual if residual is not None else x,
-            *(partials.unbind(0) if partials is not None else [_scratch(x.device)] * 3),
-            **g.args(),
-            PROLOGUE=prologue is not None,
-            HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None,
-            RELU=relu,
-            STATS=stats,
-            FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW,
-            INPUT_PRECISION=_input_precision(x.dtype),
-        )
+        # One row of statistics per tile of output rows (the tile height is autotuned).
+        partials = _tile_rows(3, M, g.C_OUT, _conv_forward_kernel, x.device)
+    if M == 0:
+        return out, partials.zero_() if partials is not None else None
+    launched: dict = {}
+    _launch(
+        _conv_forward_kernel,
+        _swizzled_grid(M, g.C_OUT // g.GROUPS, g.GROUPS, launched),
+        x,
+        w,
+        out,
+        mean,
+        scale,
+        shift,
+        bias if bias is not None else x,
+        residual if residual is not None else x,
+        *(partials.unbind(0) if partials is not None else [_scratch(x.device)] * 3),
+        **g.args(M),
+        **w_strides,
+        POINTWISE=g.pointwise,
+        PROLOGUE=prologue is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        STATS=stats,
+        FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        GROUP_M=GROUP_M,
+    )
+    if partials is not None:
+        partials = _rows_written(partials, M, launched)
     return out, partials
 
 
@@ -626,6 +753,7 @@ def finalize_stats(
         TRAINING=True,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        BLOCK_S=REDUCE_BLOCK_SPLITS,
         BLOCK_C=REDUCE_BLOCK_CHANNELS,
     )
     return mean, var, Prologue(mean, scale, shift)
@@ -656,6 +784,7 @@ def prologue_from_stats(
         TRAINING=False,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        BLOCK_S=REDUCE_BLOCK_SPLITS,
         BLOCK_C=REDUCE_BLOCK_CHANNELS,
     )
     return Prologue(mean, scale, shift)
@@ -681,38 +810,36 @@ def conv_input_grad(
         device=grad_out.device,
         memory_format=torch.channels_last,
     )
-    w_t = weight.permute(2, 3, 0, 1).contiguous()  # (KH, KW, C_out, C_in / groups)
+    w, w_strides = _weight_args(weight)
     mean, scale, shift = _prologue_args(prologue, grad_out)
     rows = g.N * g.H * g.W
     sums = None
     if prologue is not None:
-        smallest = min(c.kwargs["BLOCK_M"] for c in _conv_input_grad_kernel.configs)
-        sums = torch.zeros(
-            (2, max(1, triton.cdiv(rows, smallest)), g.C_IN),
-            dtype=torch.float32,
-            device=grad_out.device,
-        )
-    if rows > 0:
-        _conv_input_grad_kernel[
-            lambda meta: (
-                triton.cdiv(rows, meta["BLOCK_M"]),
-                triton.cdiv(g.C_IN // g.GROUPS, meta["BLOCK_N"]),
-                g.GROUPS,
-            )
-        ](
-            grad_out,
-            w_t,
-            grad_x,
-            x if x is not None else grad_out,
-            mean,
-            scale,
-            shift,
-            *(sums if sums is not None else [_scratch(grad_out.device)] * 2),
-            **g.args(),
-            PROLOGUE=prologue is not None,
-            FLAT_K=g.C_OUT // g.GROUPS < FLAT_K_BELOW,
-            INPUT_PRECISION=_input_precision(grad_out.dtype),
-        )
+        sums = _tile_rows(2, rows, g.C_IN, _conv_input_grad_kernel, grad_out.device)
+    if rows == 0:
+        return grad_x, sums.zero_() if sums is not None else None
+    launched: dict = {}
+    _launch(
+        _conv_input_grad_kernel,
+        _swizzled_grid(rows, g.C_IN // g.GROUPS, g.GROUPS, launched),
+        grad_out,
+        w,
+        grad_x,
+        x if x is not None else grad_out,
+        mean,
+        scale,
+        shift,
+        *(sums.unbind(0) if sums is not None else [_scratch(grad_out.device)] * 2),
+        **g.args(rows),
+        **w_strides,
+        POINTWISE=g.pointwise,
+        PROLOGUE=prologue is not None,
+        FLAT_K=g.C_OUT // g.GROUPS < FLAT_K_BELOW,
+        INPUT_PRECISION=_input_precision(grad_out.dtype),
+        GROUP_M=GROUP_M,
+    )
+    if sums is not None:
+        sums = _rows_written(sums, rows, launched)
     return grad_x, sums
 
 
@@ -741,38 +868,45 @@ def conv_weight_grad(
     x: Tensor,
     grad_out: Tensor,
     geometry: ConvGeometry,
-    weight_dtype,
+    weight: Tensor,
     prologue: Prologue | None = None,
 ) -> Tensor:
-    """Gradient with respect to the weight, (C_out, C_in / groups, KH, KW) in ``weight_dtype``;
-    with a prologue, x is the pre-BatchNorm input and relu(bn(x)) is recomputed on the fly."""
+    """Gradient with respect to ``weight`` (C_out, C_in / groups, KH, KW), in its dtype and
+    layout; with a prologue, x is the pre-BatchNorm input and relu(bn(x)) is recomputed on the
+    fly."""
     g = geometry
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     cin_g, cout_g = g.C_IN // g.GROUPS, g.C_OUT // g.GROUPS
-    # (groups, KH, KW, C_in / groups, C_out / groups), accumulated in float32.
-    grad_w = torch.zeros(
-        (g.GROUPS, g.KH, g.KW, cin_g, cout_g), dtype=torch.float32, device=x.device
-    )
+    # Accumulated in float32 as (C_out, KH, KW, C_in / groups): a channels_last weight's layout.
+    grad_w = torch.zeros((g.C_OUT, g.KH, g.KW, cin_g), dtype=torch.float32, device=x.device)
     mean, scale, shift = _prologue_args(prologue, x)
     split = _weight_grad_split(g, x.device)
-    if g.N * g.OH * g.OW > 0:
-        _conv_weight_grad_kernel[
+    M = g.N * g.OH * g.OW
+    if M > 0:
+        _launch(
+            _conv_weight_grad_kernel,
             lambda meta: (
                 triton.cdiv(g.KH * g.KW * cin_g, meta["BLOCK_K"]),
                 triton.cdiv(cout_g, meta["BLOCK_N"]),
                 g.GROUPS * split,
-            )
-        ](
+            ),
             x,
             grad_out,
             grad_w,
             mean,
             scale,
             shift,
-            **g.args(),
+            **g.args(M),
             SPLIT=split,
             PROLOGUE=prologue is not None,
             INPUT_PRECISION=_input_precision(x.dtype),
         )
-    # -> (C_out, C_in / groups, KH, KW)
-    return grad_w.permute(0, 4, 3, 1, 2).reshape(g.C_OUT, cin_g, g.KH, g.KW).to(weight_dtype)
+    return _as_layout_of(weight, grad_w.permute(0, 3, 1, 2))
+
+
+def _as_layout_of(weight: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` in ``weight``'s dtype and strides (what the op's fake kernel promises): no copy
+    for a float32 weight in channels_last (or 1x1), one conversion otherwise."""
+    if grad.dtype == weight.dtype and grad.stride() == weight.stride():
+        return grad
+    return torch.empty_like(weight).copy_(grad)
