@@ -15,12 +15,15 @@
 #                torchvision eager vs fastres[cuda], then vs fastres[triton]; torch.compile only
 #                if time remains                                               box 125 s
 #   5 layers     benchmarks/layer_table.py: Triton convolution vs cuDNN (TFLOP/s), bn_act vs
-#                eager (GB/s against the copy bandwidth of the same run)       the rest
+#                eager (GB/s against the copy bandwidth of the same run)       box  60 s
+#   6 profile    benchmarks/profile_step.py: a first-stage bottleneck's training step on the
+#                triton backend, device time per kernel (the finalize share)   box  30 s
+#                then torch.compile's headline, only if time remains          the rest
 # Budget: GPU_CHECK_SECONDS (default 480). Workers: GPU_CHECK_WORKERS (default 16).
 #
 # OUT gets at most 8 files, none in a sub-folder: summary.md (written last, from the others),
 # gpu_check.log (every phase's output, each capped), tests.xml (JUnit), resnet50_cuda_bf16_*.csv
-# (fastres.bench, one per run) and layers.csv.
+# (fastres.bench, one per run), layers.csv and profile.csv.
 #
 # --dry-run (no GPU needed; CI runs it through tests/test_gpu_check.py): prints the plan, then
 # runs each phase in the form that needs no GPU: the build is checked rather than redone, the
@@ -90,7 +93,7 @@ else 'the CUDA kernels were not built')"
 else
   run_phase build 100 env FASTRES_CUDA=1 FASTRES_CUDA_ARCHS=9.0 MAX_JOBS=16 \
     "$python" -m pip install --no-build-isolation --no-deps -e .
-  "$python" -m fastres >> "$log" 2>"$python" -m fastres.info >> "$log" 2>&11
+  "$python" -m fastres >> "$log" 2>&1
 fi
 
 # 2. Tests (on a GPU the Triton kernels run for real: the compile-only check is for CPUs; the
@@ -129,12 +132,16 @@ else
     --csv "$out/resnet50_cuda_bf16_triton.csv"
 fi
 
-# 5. Per-layer table (and torch.compile, which only fits a warm machine)
+# 5, 6. Per-layer table, the profiled step (and torch.compile, which only fits a warm machine)
 if [ $dry_run = 1 ]; then
   run_phase layers 60 "$python" benchmarks/layer_table.py --device cpu --batch-size 2 \
     --scale 8 --rounds 2 --csv "$out/layers.csv"
+  run_phase profile 60 "$python" benchmarks/profile_step.py --device cpu --side 4 --steps 1 \
+    --csv "$out/profile.csv"
 else
   run_phase layers 60 "$python" benchmarks/layer_table.py --device cuda --csv "$out/layers.csv"
+  run_phase profile 30 "$python" benchmarks/profile_step.py --device cuda \
+    --csv "$out/profile.csv"
   run_phase "headline compile" 600 "${headline[@]}" --backend cuda --compile --rounds 5 \
     --csv "$out/resnet50_cuda_bf16_compile.csv"
 fi

@@ -3,8 +3,8 @@
 Usage: python benchmarks/gpu_check_summary.py OUT [--dry-run]
 
 Reads OUT/.phases (name|status|seconds per phase), tests.xml (JUnit), the compute-sanitizer
-summaries in gpu_check.log, every resnet50_*.csv (fastres.bench) and layers.csv. A file a phase
-did not get to write is reported as missing, never invented.
+summaries in gpu_check.log, every resnet50_*.csv (fastres.bench), layers.csv and profile.csv. A
+file a phase did not get to write is reported as missing, never invented.
 """
 
 from __future__ import annotations
@@ -143,6 +143,32 @@ def layer_lines(out: str) -> list[str]:
     return lines
 
 
+def profile_lines(out: str, top: int = 10) -> list[str]:
+    path = os.path.join(out, "profile.csv")
+    if not os.path.exists(path):
+        return ["profile.csv missing: the profile phase wrote nothing."]
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return ["profile.csv is empty."]
+    total = sum(float(row["us_per_step"]) for row in rows)
+    finalize = sum(float(row["us_per_step"]) for row in rows if "finalize" in row["kernel"])
+    lines = [
+        f"FastBottleneck(256, 64), triton backend, batch {rows[0]['batch_size']}, "
+        f"{rows[0]['side']} px, on {rows[0]['device']}: {total / 1e3:.3f} ms per training step; "
+        f"finalize kernels {finalize / 1e3:.3f} ms ({100 * finalize / total:.1f}%).",
+        "",
+        "| kernel | calls | us per step | share |",
+        "|---|---|---|---|",
+    ]
+    for row in rows[:top]:
+        lines.append(
+            f"| {row['kernel'][:80]} | {row['calls']} | {float(row['us_per_step']):.1f} "
+            f"| {100 * float(row['share']):.1f}% |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
@@ -158,6 +184,7 @@ def main() -> None:
         ["## compute-sanitizer", *sanitizer_lines(args.out)],
         ["## ResNet-50 headline", *headline_lines(args.out)],
         ["## Layers", *layer_lines(args.out)],
+        ["## Profiled training step", *profile_lines(args.out)],
     ]
     text = "\n\n".join("\n".join(section) for section in sections) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:

@@ -171,20 +171,24 @@ def test_deterministic_mode_gives_each_weight_gradient_element_one_atomic_add():
 
 
 @pytest.mark.cuda
-def test_weight_gradient_is_bitwise_reproducible_in_deterministic_mode():
-    x, weight, _, conv_args = _inputs(CONVOLUTIONS["3x3-stride2"], torch.float32)
-    weight.requires_grad_()
+def test_gradients_are_bitwise_reproducible_in_deterministic_mode():
+    """grad_w (split sums added atomically, one split in this mode), grad_x and the BatchNorm
+    gradients (per-tile sums merged by the finalize) are the same bits run after run."""
+    x, weight, bn, conv_args = _inputs(CONVOLUTIONS["3x3-stride2"], torch.float32)
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+    bn_weight, bn_bias = bn["weight"].requires_grad_(), bn["bias"].requires_grad_()
     torch.use_deterministic_algorithms(True)
     try:
-        grads = []
+        runs = []
         for _ in range(2):
             out, _, _ = conv2d_bn_triton(
-                x, weight, None, None, None, None, False, 1e-5, *conv_args, False
+                x, weight, bn["mean"], bn["var"], bn_weight, bn_bias, False, 1e-5, *conv_args, False
             )
-            grads.append(torch.autograd.grad(out.sum(), weight)[0])
+            runs.append(torch.autograd.grad(out.sum(), (x, weight, bn_weight, bn_bias)))
     finally:
         torch.use_deterministic_algorithms(False)
-    assert torch.equal(grads[0], grads[1])
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
 
 
 def test_more_elements_than_int32_offsets_reach_is_a_clear_error():

@@ -29,10 +29,10 @@ def test_dry_run_prints_the_plan_and_every_phase_passes(dry_run):
     result, out = dry_run
     log = (out / "gpu_check.log").read_text()
     assert result.returncode == 0, result.stdout + result.stderr + log
-    assert "1 build" in result.stdout and "5 layers" in result.stdout
+    assert "1 build" in result.stdout and "6 profile" in result.stdout
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check (dry run")
-    for phase in ("build", "tests", "sanitizer", "headline cpu", "layers"):
+    for phase in ("build", "tests", "sanitizer", "headline cpu", "layers", "profile"):
         assert f"| {phase} | ok |" in summary, summary
 
 
@@ -42,6 +42,7 @@ def test_dry_run_writes_what_the_gpu_run_writes_within_the_limits(dry_run):
     assert files == [
         "gpu_check.log",
         "layers.csv",
+        "profile.csv",
         "resnet50_cuda_bf16_dry-run.csv",
         "summary.md",
         "tests.xml",
@@ -53,3 +54,4 @@ def test_dry_run_writes_what_the_gpu_run_writes_within_the_limits(dry_run):
     assert "skipped." in summary  # the GPU tests were collected (and skipped without a GPU)
     assert "| fastres[cpu] | ok |" in summary
     assert "| bn_act " in summary and "| conv " in summary
+    assert "| fastres::conv2d_bn_backward_triton |" in summary  # the profiled step's table
