@@ -30,6 +30,7 @@ CONVOLUTIONS = {
     "3x3-grouped": (2, 16, 6, 6, 16, 3, 1, 1, 1, 4),
     "7x7-stride2-stem": (1, 3, 15, 15, 8, 7, 2, 3, 1, 1),
     "3x3-dilated-odd": (1, 5, 7, 5, 7, 3, 1, 2, 2, 1),
+    "3x3-stride2-dilated": (1, 6, 9, 8, 5, 3, 2, 2, 2, 1),
     # 16+ channels per group: the kernels' channel-block reduction (fewer: one flat index)
     "3x3-wide": (2, 24, 6, 6, 32, 3, 1, 1, 1, 1),
     "1x1-stride2-wide": (2, 32, 7, 7, 16, 1, 2, 0, 1, 1),
@@ -189,6 +190,25 @@ def test_gradients_are_bitwise_reproducible_in_deterministic_mode():
         torch.use_deterministic_algorithms(False)
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation, k", [(2, 1, 1, 3), (2, 0, 1, 1), (2, 3, 1, 7), (3, 2, 2, 3)]
+)
+def test_input_gradient_visits_each_tap_once_per_phase_that_it_reaches(
+    stride, padding, dilation, k
+):
+    """The stride-s input gradient loops, in each phase (ih mod s, iw mod s), over the taps that
+    reach it: k * k tap visits over all s * s phases, not s * s * k * k (3/4 of them masked off
+    at stride 2), and every one reaches (the divisions by the stride are exact)."""
+    from fastres.triton.conv import _phase_taps
+
+    table, counts = _phase_taps(stride, padding, dilation, k, k, torch.device("cpu"))
+    assert int(counts.sum()) == k * k
+    for phase, count in enumerate(counts.tolist()):
+        for tap in table[phase, :count].tolist():
+            assert (phase // stride + padding - tap // k * dilation) % stride == 0
+            assert (phase % stride + padding - tap % k * dilation) % stride == 0
 
 
 def test_more_elements_than_int32_offsets_reach_is_a_clear_error():
