@@ -7,8 +7,9 @@
 //
 // Reductions: NCHW uses one block column per channel, working through (plane, 1024-element
 // chunk) units; channels_last uses blocks of (channels x rows) threads so that a warp reads
-// consecutive channels of a row. Both write per-split partials that a finalize kernel merges, so
-// the reduction scales to ResNet-50's largest activations (3.2 M elements a channel at batch 256).
+// consecutive channels of a row. Both write per-split partials that a finalize kernel merges (a
+// warp a channel), so the reduction scales to ResNet-50's largest activations (3.2 M elements a
+// channel at batch 256).
 // Elementwise passes give each thread 8 consecutive elements (one byte of the ReLU mask), loaded
 // with 16-byte vector accesses when every pointer is 16-byte aligned.
 #include <cuda_bf16.h>
@@ -85,7 +86,12 @@ __device__ __forceinline__ void store_group(T* p, int count, const T (&raw)[kGro
       reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(raw)[k];
     }
   } else {
-    for (int k = 0; k < count; ++k) p[k] = raw[k];
+    // Unrolled with a guard, not `k < count` as the loop bound: a run-time trip count would
+    // index raw dynamically and put it in local memory (a stack frame) for every group.
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      if (k < count) p[k] = raw[k];
+    }
   }
 }
 
@@ -255,28 +261,54 @@ __global__ void reduce_nhwc_kernel(Reducer reducer, BnActLayout layout,
 }
 
 // ----------------------------------------------------------------------------------------------
-// Per-channel finalize kernels (one thread a channel)
+// Per-channel finalize kernels. The split reductions leave up to a few hundred partials a channel
+// (channels_last with C <= 256: 132 to 528 on an H100-class GPU): one warp merges a channel's,
+// each lane every 32nd split, then the lanes by shuffles. In double: no cancellation between
+// large sums.
+
+constexpr int kWarp = 32;
+constexpr int kChannelsPerBlock = kThreads / kWarp;
+
+// This thread's channel (one warp a channel; the same for all 32 lanes) and lane.
+__device__ __forceinline__ int64_t warp_channel() {
+  return static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x / kWarp;
+}
+
+// Chan et al.'s pairwise merge of (n, mean, m2) with (on, om, om2).
+__device__ __forceinline__ void chan_merge(double& n, double& m, double& m2, double on, double om,
+                                           double om2) {
+  if (on == 0) return;
+  const double total = n + on, d = om - m;
+  m += d * (on / total);
+  m2 += om2 + d * d * (n * on / total);
+  n = total;
+}
 
 __global__ void finalize_forward_kernel(const Welford* partials, int splits, int64_t channels,
                                         const float* weight, const float* bias, float eps,
                                         bool training, float* mean, float* var, float* scale,
                                         float* shift) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  const int64_t c = warp_channel();
+  const int lane = threadIdx.x % kWarp;
+  if (c >= channels) return;  // the whole warp: c is the same on every lane
   if (training) {
-    // Chan et al.'s pairwise merge in double: no cancellation between large sums.
     double n = 0, m = 0, m2 = 0;
-    for (int s = 0; s < splits; ++s) {
+    for (int s = lane; s < splits; s += kWarp) {
       const Welford p = partials[s * channels + c];
-      if (p.n == 0.f) continue;
-      const double total = n + p.n, d = p.mean - m;
-      m += d * (p.n / total);
-      m2 += p.m2 + d * d * (n * p.n / total);
-      n = total;
+      chan_merge(n, m, m2, p.n, p.mean, p.m2);
     }
-    mean[c] = n > 0 ? static_cast<float>(m) : NAN;
-    var[c] = n > 0 ? static_cast<float>(m2 / n) : NAN;
+#pragma unroll
+    for (unsigned offset = kWarp / 2; offset > 0; offset /= 2) {
+      chan_merge(n, m, m2, __shfl_down_sync(0xffffffffu, n, offset),
+                 __shfl_down_sync(0xffffffffu, m, offset),
+                 __shfl_down_sync(0xffffffffu, m2, offset));
+    }
+    if (lane == 0) {
+      mean[c] = n > 0 ? static_cast<float>(m) : NAN;
+      var[c] = n > 0 ? static_cast<float>(m2 / n) : NAN;
+    }
   }
+  if (lane != 0) return;
   // out = (x - mean) * scale + shift: centring first keeps full accuracy for a large mean.
   scale[c] = (weight ? weight[c] : 1.f) / sqrtf(var[c] + eps);
   shift[c] = bias ? bias[c] : 0.f;
@@ -304,13 +336,19 @@ __device__ void backward_coefficients(int64_t c, double g, double gx, int64_t re
   }
 }
 
+// Channel c's sums over every split, by the calling warp; lane 0 gets them.
 __device__ void merged_partials(const GradSums* partials, int splits, int64_t channels, int64_t c,
                                 double& g, double& gx) {
   g = 0;
   gx = 0;
-  for (int s = 0; s < splits; ++s) {
+  for (int s = threadIdx.x % kWarp; s < splits; s += kWarp) {
     g += partials[s * channels + c].g;
     gx += partials[s * channels + c].gx;
+  }
+#pragma unroll
+  for (unsigned offset = kWarp / 2; offset > 0; offset /= 2) {
+    g += __shfl_down_sync(0xffffffffu, g, offset);
+    gx += __shfl_down_sync(0xffffffffu, gx, offset);
   }
 }
 
@@ -319,10 +357,11 @@ __global__ void finalize_backward_kernel(const GradSums* partials, int splits, i
                                          const float* weight, float eps, bool training,
                                          float* grad_weight, float* grad_bias, float* k_grad,
                                          float* k_x, float* k_const) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  const int64_t c = warp_channel();
+  if (c >= channels) return;  // the whole warp
   double g, gx;
   merged_partials(partials, splits, channels, c, g, gx);
+  if (threadIdx.x % kWarp != 0) return;
   backward_coefficients(c, g, gx, reduce_size, mean, var, weight, eps, training, grad_weight,
                         grad_bias, k_grad, k_x, k_const);
 }
@@ -331,10 +370,11 @@ __global__ void finalize_backward_kernel(const GradSums* partials, int splits, i
 __global__ void finalize_backward_sums_kernel(const GradSums* partials, int splits,
                                               int64_t channels, float* sum_grad,
                                               float* sum_grad_centred) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
+  const int64_t c = warp_channel();
+  if (c >= channels) return;  // the whole warp
   double g, gx;
   merged_partials(partials, splits, channels, c, g, gx);
+  if (threadIdx.x % kWarp != 0) return;
   sum_grad[c] = static_cast<float>(g);
   sum_grad_centred[c] = static_cast<float>(gx);
 }
@@ -496,6 +536,11 @@ unsigned channel_blocks(const BnActLayout& layout) {
   return static_cast<unsigned>(ceil_div(layout.c, kThreads));
 }
 
+// Blocks of the finalize kernels: a warp a channel.
+unsigned warp_channel_blocks(const BnActLayout& layout) {
+  return static_cast<unsigned>(ceil_div(layout.c, kChannelsPerBlock));
+}
+
 template <typename Reducer>
 void launch_reduction(const Reducer& reducer, const BnActLayout& layout, const ReduceGeometry& geo,
                       typename Reducer::Acc* partials, cudaStream_t stream) {
@@ -521,7 +566,7 @@ void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream)
   const T* x = static_cast<const T*>(p.x);
   const ReduceGeometry geo = reduce_geometry(layout, device);
   if (p.training) launch_reduction(StatsReducer<T>{x}, layout, geo, partials, stream);
-  finalize_forward_kernel<<<channel_blocks(layout), kThreads, 0, stream>>>(
+  finalize_forward_kernel<<<warp_channel_blocks(layout), kThreads, 0, stream>>>(
       partials, geo.splits, layout.c, p.weight, p.bias, p.eps, p.training, p.mean, p.var, scale,
       shift);
   if (p.out == nullptr) return;  // statistics only
@@ -576,7 +621,7 @@ template <typename T>
 void backward_typed(const BnActBackwardParams& p, int device, cudaStream_t stream) {
   ReduceGeometry geo;
   backward_reduce_typed<T>(p, device, stream, geo);
-  finalize_backward_kernel<<<channel_blocks(p.layout), kThreads, 0, stream>>>(
+  finalize_backward_kernel<<<warp_channel_blocks(p.layout), kThreads, 0, stream>>>(
       partials_in<GradSums>(p.workspace, p.layout), geo.splits, p.layout.c, p.layout.reduce_size(),
       p.mean, p.var, p.weight, p.eps, p.training, p.grad_weight, p.grad_bias, channel_area(p, 0),
       channel_area(p, 1), channel_area(p, 2));
@@ -588,7 +633,7 @@ void backward_sums_typed(const BnActBackwardParams& p, float* sum_grad, float* s
                          int device, cudaStream_t stream) {
   ReduceGeometry geo;
   backward_reduce_typed<T>(p, device, stream, geo);
-  finalize_backward_sums_kernel<<<channel_blocks(p.layout), kThreads, 0, stream>>>(
+  finalize_backward_sums_kernel<<<warp_channel_blocks(p.layout), kThreads, 0, stream>>>(
       partials_in<GradSums>(p.workspace, p.layout), geo.splits, p.layout.c, sum_grad,
       sum_grad_centred);
 }
