@@ -51,7 +51,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 info: build
 	$(PY) -m fastres
 
-CXX_SOURCES = $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+CXX_SOURCES = $(shell find csrc tests/cpp -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 # Lint, format and type checks (ruff, clang-format, mypy; settings in pyproject.toml and
 # .clang-format); CI runs it before the tests. `make format` rewrites what lint would flag.

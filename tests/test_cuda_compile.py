@@ -1,4 +1,5 @@
-"""What ptxas decides for the CUDA kernels on sm_90, checked here without a GPU.
+"""The CUDA kernels, checked without a GPU: what ptxas decides for sm_90, and the host-testable
+parts of their indexing.
 
 Each ``csrc/cuda/*.cu`` (no torch headers: seconds to compile) is compiled for sm_90 with
 ``-Xptxas -v``; no kernel may keep a stack frame or spill registers. A stack frame in these
@@ -44,3 +45,17 @@ def test_cuda_kernels_keep_no_stack_frame_and_no_spills(source, tmp_path):
     assert report, "ptxas reported no entry functions"
     offending = [(name, stack, spills) for name, stack, spills in report if stack or spills]
     assert not offending
+
+
+def test_nchw_reduction_steps_read_every_element_once(tmp_path):
+    """csrc/cuda/nchw_steps.h, the NCHW reduction's walk over a channel (whole small planes a
+    step), compiled for the host and run over plane counts and sizes from 1 to 112 x 112."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    assert compiler, "no C++ compiler on PATH (the extension's build needs one)"
+    binary = tmp_path / "nchw_steps_test"
+    source = CSRC.parent / "tests" / "cpp" / "nchw_steps_test.cpp"
+    subprocess.run(
+        [compiler, "-std=c++17", "-O1", f"-I{CSRC}", str(source), "-o", str(binary)], check=True
+    )
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout

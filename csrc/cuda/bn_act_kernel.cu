@@ -5,13 +5,13 @@
 // Backward:            split per-channel reduction (sum gm, sum gm*(x - mean)) -> finalize
 //                      (grad_weight, grad_bias, coefficients) -> elementwise pass.
 //
-// Reductions: NCHW uses one block column per channel, working through (plane, 1024-element
-// chunk) units; channels_last uses blocks of (channels x rows) threads so that a warp reads
-// consecutive channels of a row. Both write per-split partials that a finalize kernel merges (a
-// warp a channel), so the reduction scales to ResNet-50's largest activations (3.2 M elements a
-// channel at batch 256).
-// Elementwise passes give each thread 8 consecutive elements (one byte of the ReLU mask), loaded
-// with 16-byte vector accesses when every pointer is 16-byte aligned.
+// Reductions: NCHW uses one block column per channel, working through steps of 1,024 elements
+// (a chunk of a plane, or several whole small planes: nchw_steps.h); channels_last uses blocks of
+// (channels x rows) threads so that a warp reads consecutive channels of a row. Both write
+// per-split partials that a finalize kernel merges (a warp a channel), so the reduction scales to
+// ResNet-50's largest activations (3.2 M elements a channel at batch 256). Elementwise passes give
+// each thread 8 consecutive elements (one byte of the ReLU mask), loaded with 16-byte vector
+// accesses when every pointer is 16-byte aligned.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "bn_act_kernel.h"
+#include "nchw_steps.h"
 
 namespace fastres::cuda {
 namespace {
@@ -203,19 +204,23 @@ __device__ Acc warp_reduce(Acc acc) {
 // Split reductions: partials[split * C + c]
 
 template <typename Reducer>
-__global__ void reduce_nchw_kernel(Reducer reducer, BnActLayout layout, int64_t chunks_per_plane,
+__global__ void reduce_nchw_kernel(Reducer reducer, BnActLayout layout, NchwSteps steps,
                                    typename Reducer::Acc* partials) {
   using Acc = typename Reducer::Acc;
   const int64_t c = blockIdx.x;
-  const int64_t units = layout.n * chunks_per_plane;
+  NchwSlot slots[kNchwUnitsPerThread];
+#pragma unroll
+  for (int k = 0; k < kNchwUnitsPerThread; ++k)
+    slots[k] = nchw_slot(steps, threadIdx.x + k * kThreads);
   Acc acc = reducer.identity();
-  for (int64_t u = blockIdx.y; u < units; u += gridDim.y) {
-    const int64_t plane_base = ((u / chunks_per_plane) * layout.c + c) * layout.hw;
-    const int64_t hw0 = (u % chunks_per_plane) * kNchwUnit + threadIdx.x;
+  const int64_t step_count = steps.count();
+  for (int64_t step = blockIdx.y; step < step_count; step += gridDim.y) {
 #pragma unroll
     for (int k = 0; k < kNchwUnitsPerThread; ++k) {
-      const int64_t hw = hw0 + k * kThreads;
-      if (hw < layout.hw) reducer.add(acc, plane_base + hw, c);
+      int64_t plane, hw;
+      if (nchw_element(steps, slots[k], step, plane, hw)) {
+        reducer.add(acc, (plane * layout.c + c) * layout.hw + hw, c);
+      }
     }
   }
   __shared__ Acc warp_partials[kThreads / 32];
@@ -486,7 +491,7 @@ int multiprocessors(int device) {
 
 struct ReduceGeometry {
   dim3 grid, block;
-  int64_t chunks_per_plane = 1;  // NCHW only
+  NchwSteps nchw;  // NCHW only
   int splits = 1;
 };
 
@@ -495,8 +500,8 @@ ReduceGeometry reduce_geometry(const BnActLayout& layout, int device) {
   constexpr int64_t kMaxSplits = 65535;  // gridDim.y limit
   ReduceGeometry geo;
   if (!layout.channels_last) {
-    geo.chunks_per_plane = std::max<int64_t>(1, ceil_div(layout.hw, kNchwUnit));
-    const int64_t units = std::max<int64_t>(1, layout.n * geo.chunks_per_plane);
+    geo.nchw = NchwSteps::of(layout.n, layout.hw, kNchwUnit);
+    const int64_t units = std::max<int64_t>(1, geo.nchw.count());
     const int64_t splits =
         std::clamp<int64_t>(ceil_div(target_blocks, layout.c), 1, std::min(units, kMaxSplits));
     geo.splits = static_cast<int>(splits);
@@ -547,8 +552,7 @@ void launch_reduction(const Reducer& reducer, const BnActLayout& layout, const R
   if (layout.channels_last) {
     reduce_nhwc_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, partials);
   } else {
-    reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, geo.chunks_per_plane,
-                                                           partials);
+    reduce_nchw_kernel<<<geo.grid, geo.block, 0, stream>>>(reducer, layout, geo.nchw, partials);
   }
 }
 
