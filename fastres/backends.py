@@ -184,3 +184,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if not _runs_on(backend, device):
         raise ValueError(f"fastres backend {backend!r} cannot run tensors on {device.type}")
     return backend
+
+
+def check_backend_name(backend: str) -> str:
+    """``backend`` itself when it is a backend name or ``"auto"`` (what modules store and resolve
+    at each forward), else ValueError naming the choices."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    return backend

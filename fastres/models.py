@@ -13,16 +13,10 @@ from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from fastres.modules import (
-    FastBasicBlock,
-    FastBottleneck,
-    FastResNet,
-    SyncBatchNorm2d,
-    _check_backend_name,
-    replace_modules,
-    retyped,
-    sync_batch_norms,
-)
+from fastres.backends import check_backend_name
+from fastres.module_tree import replace_modules, retyped
+from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet
+from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
     "convert",
@@ -131,7 +125,7 @@ def convert(
     Returns:
         The converted model (``model`` itself when ``inplace``).
     """
-    _check_backend_name(backend)
+    check_backend_name(backend)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -208,7 +202,7 @@ def _builder(torchvision_builder: Callable[..., nn.Module]) -> Callable[..., nn.
         model, _ = _swap_blocks(
             model,
             lambda m, n: (_FAST_OF.get(type(m)), ""),
-            lambda block: setattr(block, "backend", _check_backend_name(backend)),
+            lambda block: setattr(block, "backend", check_backend_name(backend)),
         )
         if sync_bn:
             sync_batch_norms(model, process_group, backend)

@@ -12,7 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import fastres
 from fastres import fold_bn
-from fastres.modules import _FOLDED
+from fastres.plans.folded_eval import FOLDED
 
 
 def _realistic(model: nn.Module, seed=0) -> nn.Module:
@@ -82,7 +82,7 @@ def test_eval_outputs_match_torchvision(builder, memory_format):
     fast = fastres.convert(reference, backend="cpu")
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=memory_format)
     _assert_eval_matches(fast, reference, x)
-    assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
+    assert any(block in FOLDED for block in fast.modules()), "the folded path did not run"
 
 
 @pytest.mark.parametrize("builder", ["resnet50", "resnext50_32x4d"])
@@ -125,7 +125,7 @@ def test_eval_outputs_match_torchvision_on_triton(builder):
     fast = fastres.convert(reference, backend="triton")
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     _assert_eval_matches(fast, reference, x)
-    assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
+    assert any(block in FOLDED for block in fast.modules()), "the folded path did not run"
 
 
 @pytest.mark.cuda
@@ -144,7 +144,7 @@ def test_eval_outputs_match_torchvision_on_cudnn(builder, dtype):
         got, theirs = fast(x), reference(x)
     with torch.no_grad():
         expected = reference64(x.double())
-    assert any(block in _FOLDED for block in fast.modules()), "the folded path did not run"
+    assert any(block in FOLDED for block in fast.modules()), "the folded path did not run"
     assert_within_error_factor(
         got.float().cpu(),
         theirs.float().cpu(),

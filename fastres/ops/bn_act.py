@@ -24,8 +24,13 @@ from torch import Tensor
 
 from fastres._layout import memory_format_of, param_dtype_of
 from fastres.backends import STATUS, resolve_backend
+from fastres.batch_norm import (
+    require_more_than_one_value,
+    update_running_stats,
+    values_per_channel,
+)
 
-__all__ = ["bn_act", "bn_act_reference", "update_running_stats"]
+__all__ = ["bn_act", "bn_act_reference"]
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -92,10 +97,8 @@ def bn_act(
     out, mean, var, _ = forward(
         x, weight, bias, residual, running_mean, running_var, training, eps, relu
     )
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    # An empty batch leaves the running statistics alone, as in F.batch_norm.
-    if training and running_mean is not None and running_var is not None and count > 0:
-        update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, momentum, values_per_channel(x))
     return out
 
 
@@ -117,25 +120,6 @@ def bn_act_reference(
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
-
-
-def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    momentum: float,
-    count: int,
-) -> None:
-    """In place, as F.batch_norm does: ``running = (1 - momentum) * running + momentum * batch``,
-    with the unbiased batch variance (``var`` is the biased one over ``count`` values).
-
-    One foreach lerp for both buffers: this runs once per BatchNorm per step, and five separate
-    tensor ops cost twice as long.
-    """
-    unbiased = var * (count / (count - 1)) if count > 1 else var
-    with torch.no_grad():
-        torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], momentum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +193,8 @@ def check_args(
     if not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"bn_act: eps must be a positive float, got {eps!r}")
     if training:
-        if x.shape[0] * x.shape[2] * x.shape[3] == 1 and not local_batch:
-            # PyTorch's own error (torch.nn.functional._verify_batch_size).
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.size()}"
-            )
+        if not local_batch:
+            require_more_than_one_value(x.size())
     elif running_mean is None:
         raise ValueError("bn_act: running_mean and running_var are required when training=False")
 

@@ -10,7 +10,7 @@ The BatchNorm before the convolution is applied as its input is loaded and never
 statistics come out of the convolution's epilogue. Chained, they make a bottleneck's training
 forward ``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) -> BN3 + residual
 + ReLU`` with no standalone BatchNorm or ReLU pass before the last one (see
-``fastres/modules.py``).
+``fastres/plans/triton_chain.py``).
 
 Backward: the input gradient and the weight gradient are implicit GEMMs that recompute
 ``relu(batch_norm(x))`` from the saved pre-BatchNorm ``x`` instead of loading a saved activation;

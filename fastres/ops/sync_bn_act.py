@@ -39,7 +39,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastres.backends import resolve_backend
-from fastres.ops.bn_act import bn_act, bn_act_reference, check_args, update_running_stats
+from fastres.batch_norm import (
+    require_more_than_one_value,
+    update_running_stats,
+    values_per_channel,
+)
+from fastres.ops.bn_act import bn_act, bn_act_reference, check_args
 from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
 from fastres.ops.bn_act_split import SPLIT_OPS, SplitOps
 
@@ -74,7 +79,7 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     statistics) contribute nothing.
     """
     mean, var = ops.stats(x)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+    count = values_per_channel(x)
     # float64 throughout: the count stays exact (float32 would round counts past 2^24).
     local = torch.cat(
         [mean.new_full((1,), count, dtype=torch.float64), mean.double(), var.double()]
@@ -84,13 +89,7 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     table = torch.stack(gathered)  # (world, 1 + 2C)
     counts, means, variances = table[:, :1], *table[:, 1:].chunk(2, dim=1)
     total = int(counts.sum().item())
-    if total <= 1:
-        # PyTorch's own condition and message, over the whole group.
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            f"{x.size()} on this process and {total} value(s) per channel in all "
-            "processes"
-        )
+    require_more_than_one_value(x.size(), in_all=total)
     has_data = counts > 0
     means = torch.where(has_data, means, 0.0)
     variances = torch.where(has_data, variances, 0.0)
@@ -312,8 +311,7 @@ def sync_bn_act(
         )
     group, ops = prepared
     mean, var, count = global_batch_stats(x.detach(), ops, group)
-    if running_mean is not None and running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    update_running_stats(running_mean, running_var, mean, var, momentum, count)
     return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
 
 
@@ -384,14 +382,13 @@ def sync_bn_act_conv2d(
             eps,
             name,
         )
-        count = y.shape[0] * y.shape[2] * y.shape[3]
-        if training and running_mean is not None and running_var is not None and count > 0:
+        if training:
+            count = values_per_channel(y)
             update_running_stats(running_mean, running_var, mean, var, momentum, count)
         return out
     group, ops = prepared
     mean, var, count = global_batch_stats(y.detach(), ops, group)
-    if running_mean is not None and running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    update_running_stats(running_mean, running_var, mean, var, momentum, count)
     conv_args = (list(stride), list(padding), list(dilation), groups)
     return _SyncBnActConv2d.apply(
         y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group, ops
@@ -420,5 +417,5 @@ def bn_act_from_stats(
     """
     check_args(x, weight, bias, None, None, residual, True, 0.0, eps)
     ops = SPLIT_OPS[resolve_backend(backend, x.device, x.dtype)]
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+    count = values_per_channel(x)
     return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, None, ops)

@@ -1,0 +1,116 @@
+"""The canonical description of a residual block, which every execution plan works on.
+
+Whatever library built it, a residual block computes::
+
+    h   = x
+    h   = activation_i(norm_i(conv_i(h)))        for each stage i of the main branch
+    out = activation(h + shortcut(x))            shortcut: identity or its own modules
+
+An adapter (fastres/adapters/) turns one library's block into a :class:`ResidualBlock`; plans
+read only this description, never a library's attribute names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from fastres.sync_batch_norm import SyncBatchNorm2d
+
+__all__ = ["ResidualBlock", "Stage", "activation_name", "conv_issue", "norm_issue"]
+
+# The activations the fused ops apply, by the name the ops take.
+FUSED_ACTIVATIONS = ("relu",)
+
+
+def activation_name(module: nn.Module | None) -> str:
+    """What an activation module applies: ``"identity"`` (None or ``nn.Identity``), ``"relu"``
+    (an exact ``nn.ReLU``), else the module's class name (which no fused op applies)."""
+    if module is None or type(module) is nn.Identity:
+        return "identity"
+    if type(module) is nn.ReLU:
+        return "relu"
+    return type(module).__name__
+
+
+def conv_issue(conv: nn.Module) -> str:
+    """Why the fused ops cannot run ``conv`` ("" when they can): an exact ``nn.Conv2d`` without
+    bias, zero padding given as numbers."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not an nn.Conv2d"
+    if conv.bias is not None:
+        return "a convolution has a bias"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"a convolution pads with {conv.padding_mode!r} / {conv.padding!r}"
+    return ""
+
+
+def norm_issue(norm: nn.Module) -> str:
+    """Why the fused ops cannot run ``norm`` ("" when they can): an exact ``nn.BatchNorm2d`` or
+    :class:`fastres.SyncBatchNorm2d` (FrozenBatchNorm2d, GroupNorm, nn.SyncBatchNorm: no)."""
+    if type(norm) in (nn.BatchNorm2d, SyncBatchNorm2d):
+        return ""
+    return f"{type(norm).__name__} is not an nn.BatchNorm2d"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a branch: ``activation(norm(conv(h)))``; ``activation`` by
+    :func:`activation_name`."""
+
+    conv: nn.Module
+    norm: nn.Module
+    activation: str
+
+    def issue(self, activations: tuple[str, ...]) -> str:
+        """Why the fused ops cannot run this stage with one of ``activations`` ("" when they
+        can)."""
+        why = conv_issue(self.conv) or norm_issue(self.norm)
+        if not why and self.activation not in activations:
+            why = f"the activation is {self.activation}"
+        return why
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A residual block as plans see it.
+
+    Attributes:
+        module: the block itself (its training flag; the key of per-block caches).
+        stages: the main branch in order; the last stage's activation is ``"identity"``, its
+            output meets the shortcut.
+        shortcut: the shortcut's module, run on the block's input; None for the identity.
+        shortcut_stage: the shortcut as one (convolution, BatchNorm) stage when it is exactly
+            that (folded eval folds it), else None.
+        activation: applied after the add.
+        reference: the library's own forward, the computation every plan reproduces.
+    """
+
+    module: nn.Module
+    stages: tuple[Stage, ...]
+    shortcut: nn.Module | None
+    shortcut_stage: Stage | None
+    activation: str
+    reference: Callable[[Tensor], Tensor]
+
+    @property
+    def norms(self) -> list[nn.Module]:
+        return [stage.norm for stage in self.stages]
+
+    @property
+    def convs(self) -> list[nn.Module]:
+        return [stage.conv for stage in self.stages]
+
+    def fusion_issue(self) -> str:
+        """Why the fused ops cannot reproduce this block ("" when they can)."""
+        *inner, last = self.stages
+        for stage in inner:
+            if why := stage.issue(FUSED_ACTIVATIONS):
+                return why
+        if why := last.issue(("identity",)):
+            return why
+        if self.activation not in FUSED_ACTIVATIONS:
+            return f"the activation after the add is {self.activation}"
+        return ""

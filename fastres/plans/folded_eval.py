@@ -1,0 +1,98 @@
+"""Plan: eval with every BatchNorm folded into its convolution (fastres/folding.py).
+
+Each stage runs as one convolution with the folded weight and bias, the ReLU fused, and the
+residual add fused into the last (oneDNN on cpu, cuDNN on cuda, the Triton epilogue on triton);
+the shortcut's (convolution, BatchNorm) is folded the same way. It applies only where that is
+exactly the eval computation and nothing needs gradients.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from fastres._layout import memory_format_of
+from fastres.folding import FoldedBlock, folding_kind
+from fastres.plans.description import ResidualBlock, Stage
+
+__all__ = ["FOLDED", "FoldedEvalPlan", "autocast_dtype", "foldable", "folding_input"]
+
+# Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are
+# neither state to save nor something deepcopy should duplicate).
+FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedBlock] = weakref.WeakKeyDictionary()
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs convolutions in for x's device, or None outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def foldable(x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.Module]) -> bool:
+    """Whether eval of ``layers`` (in eval mode) may run with their BatchNorms ``norms`` folded:
+    where that gives exactly the eval computation and nothing needs gradients. Every BatchNorm
+    in eval with running statistics; on cpu in float32 without autocast (oneDNN), on cuda and
+    triton in float32, float16 or bfloat16, autocast included. Anything else (autograd in eval,
+    torch.compile tracing, ...) takes the unfused eval path, which keeps gradients."""
+    if torch.compiler.is_compiling() or folding_kind(backend) is None:
+        return False
+    if backend == "cpu":
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return False
+    elif (autocast_dtype(x) or x.dtype) not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
+    ):
+        return False
+    return all(not bn.training and bn.running_mean is not None for bn in norms)
+
+
+def folding_input(x: Tensor, backend: str) -> Tensor:
+    """x as folded convolutions take it: in the autocast dtype if any, and channels_last for
+    cuDNN's and Triton's fused convolutions."""
+    h = x.to(autocast_dtype(x) or x.dtype)
+    return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
+
+
+def _folded_shortcut(block: ResidualBlock) -> Stage | None:
+    """The shortcut stage to fold, when the shortcut is one the fused ops reproduce."""
+    stage = block.shortcut_stage
+    return stage if stage is not None and not stage.issue(("identity",)) else None
+
+
+class FoldedEvalPlan:
+    name = "folded eval"
+
+    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
+        shortcut = _folded_shortcut(block)
+        norms = block.norms + ([shortcut.norm] if shortcut else [])
+        return not block.module.training and foldable(x, backend, [block.module], norms)
+
+    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+        shortcut = _folded_shortcut(block)
+        pairs = [(stage.conv, stage.norm) for stage in block.stages]
+        cache = FOLDED.setdefault(block.module, FoldedBlock())
+        shortcut_pair = (shortcut.conv, shortcut.norm) if shortcut else None
+        kind = folding_kind(backend)
+        assert kind is not None  # applies() said the backend folds
+        stages, folded_shortcut = cache.stages(pairs, shortcut_pair, kind)
+        # A shortcut that is not (conv, BatchNorm) runs as itself, under autocast.
+        unfolded_identity = (
+            block.shortcut(x) if folded_shortcut is None and block.shortcut is not None else None
+        )
+        with torch.autocast(x.device.type, enabled=False):
+            h = folding_input(x, backend)
+            out = h
+            for stage in stages[:-1]:
+                out = stage.run(out, relu=True)
+            if folded_shortcut is not None:
+                identity = folded_shortcut.run(h, relu=False)
+            else:
+                identity = h if unfolded_identity is None else unfolded_identity
+            identity = identity.to(h.dtype).contiguous(memory_format=memory_format_of(out))
+            out = stages[-1].run(out, relu=True, residual=identity)
+        return out.contiguous(memory_format=memory_format_of(x))

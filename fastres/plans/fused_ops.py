@@ -1,0 +1,115 @@
+"""Plan: the fused ops on any fastres backend (fastres/ops/).
+
+Training forward of a bottleneck::
+
+    y1 = conv1(x)
+    y2 = bn_act_conv2d(y1; bn1, conv2)     # relu(bn1(y1)) is never kept for backward
+    y3 = bn_act_conv2d(y2; bn2, conv3)
+    out = bn_act(y3; bn3, residual=shortcut(x) or x)
+
+so autograd keeps y1, y2, y3 and 1-bit ReLU masks where torchvision also keeps both ReLU
+outputs. Eval that is not folded runs the same ops with the running statistics. A synchronized
+BatchNorm in training takes the synchronized ops (statistics over its process group).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastres.batch_norm import BatchNormStep, values_per_channel
+from fastres.ops.bn_act import bn_act
+from fastres.ops.bn_act_conv import bn_act_conv2d
+from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
+from fastres.plans.description import ResidualBlock
+from fastres.plans.folded_eval import autocast_dtype
+from fastres.sync_batch_norm import synchronised
+
+__all__ = ["FusedOpsPlan"]
+
+
+def _conv_args(conv: nn.Module) -> tuple[Tensor, list[int], list[int], list[int], int]:
+    """(weight, stride, padding, dilation, groups) of an nn.Conv2d, as the ops take them."""
+    if not isinstance(conv, nn.Conv2d) or isinstance(conv.padding, str):
+        raise TypeError(f"the fused-ops plan needs nn.Conv2d with numeric padding, got {conv}")
+    return conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def bn_relu_conv(y: Tensor, bn: nn.Module, conv: nn.Module, backend: str) -> Tensor:
+    """conv(relu(bn(y))) through bn_act_conv2d, updating bn's running statistics as bn would."""
+    weight, stride, padding, dilation, groups = _conv_args(conv)
+    step = BatchNormStep.of(bn)
+    momentum = step.start()
+    compute_dtype = autocast_dtype(y)
+    if compute_dtype is not None:
+        # The fused op is opaque to autocast: cast as autocast would for the convolution.
+        y, weight = y.to(compute_dtype), weight.to(compute_dtype)
+    bn_args = (y, step.weight, step.bias, step.running_mean, step.running_var)
+    with torch.autocast(y.device.type, enabled=False):
+        if synchronised(bn):
+            return sync_bn_act_conv2d(
+                *bn_args,
+                weight,
+                stride,
+                padding,
+                dilation,
+                groups,
+                training=step.training,
+                momentum=momentum,
+                eps=step.eps,
+                process_group=bn.process_group,
+                backend=backend,
+            )
+        out, mean, var = bn_act_conv2d(
+            *bn_args, weight, stride, padding, dilation, groups, step.training, step.eps, backend
+        )
+    step.update(mean, var, momentum, values_per_channel(y))
+    return out
+
+
+def bn_add_relu(y: Tensor, bn: nn.Module, residual: Tensor, backend: str) -> Tensor:
+    """relu(bn(y) + residual) through bn_act."""
+    step = BatchNormStep.of(bn)
+    if residual.dtype != y.dtype:  # autocast: the residual path may be in another precision
+        residual = residual.to(y.dtype)
+    args = (y, step.weight, step.bias, step.running_mean, step.running_var)
+    momentum = step.start()
+    if synchronised(bn):
+        return sync_bn_act(
+            *args,
+            residual=residual,
+            training=step.training,
+            momentum=momentum,
+            eps=step.eps,
+            relu=True,
+            process_group=bn.process_group,
+            backend=backend,
+        )
+    return bn_act(
+        *args,
+        residual=residual,
+        training=step.training,
+        momentum=momentum,
+        eps=step.eps,
+        relu=True,
+        backend=backend,
+    )
+
+
+class FusedOpsPlan:
+    name = "fused ops"
+
+    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
+        return True  # the last plan: any block the fused ops reproduce, on any fastres backend
+
+    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+        first, *rest = block.stages
+        out = first.conv(x)
+        norm = first.norm
+        for stage in rest:
+            out = bn_relu_conv(out, norm, stage.conv, backend)
+            norm = stage.norm
+        # After the main branch, as in torchvision: an error there leaves the shortcut's
+        # BatchNorm untouched.
+        identity = x if block.shortcut is None else block.shortcut(x)
+        return bn_add_relu(out, norm, identity, backend)

@@ -1,0 +1,115 @@
+"""Plan: the Triton convolution chain, BatchNorms inside the convolutions (fastres/ops/conv_bn.py).
+
+``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> ... -> BN_last + shortcut + ReLU``: each BatchNorm
+but the last is applied in the next convolution's prologue, each batch statistic comes from the
+previous convolution's epilogue, so no standalone BatchNorm or ReLU pass runs before the last.
+Computed channels_last; the result has x's memory format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastres._layout import memory_format_of
+from fastres.batch_norm import BatchNormStep, require_more_than_one_value, values_per_channel
+from fastres.ops.bn_act import bn_act
+from fastres.ops.conv_bn import conv2d_bn_triton
+from fastres.ops.sync_bn_act import bn_act_from_stats
+from fastres.plans.description import ResidualBlock
+from fastres.plans.folded_eval import autocast_dtype
+
+__all__ = ["TritonChainPlan"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _uniform(conv: nn.Module) -> bool:
+    """Square kernel, and one stride, padding and dilation for H and W (every ResNet's)."""
+    return all(
+        len(set(getattr(conv, name))) == 1
+        for name in ("kernel_size", "stride", "padding", "dilation")
+    )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A BatchNorm still to be applied, with the statistics it normalises with: the batch's
+    (training, from the convolution's epilogue) or the running ones (eval)."""
+
+    step: BatchNormStep
+    mean: Tensor
+    var: Tensor
+
+    def prologue(self) -> tuple:
+        """The BatchNorm arguments of conv2d_bn_triton that apply it in the next prologue."""
+        step = self.step
+        return (self.mean, self.var, step.weight, step.bias, step.training, step.eps)
+
+
+class TritonChainPlan:
+    name = "triton convolution chain"
+
+    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
+        """The triton backend, float32/16/bf16, square uniform convolutions (every block of
+        ResNet-50 and ResNeXt). Synchronized BatchNorm keeps the fused-ops plan (its
+        statistics need a collective)."""
+        return (
+            backend == "triton"
+            and x.dtype in _DTYPES
+            and all(type(norm) is nn.BatchNorm2d for norm in block.norms)
+            and all(_uniform(conv) for conv in block.convs)
+        )
+
+    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+        compute_dtype = autocast_dtype(x) or x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            h, last = self._main_branch(block, x.to(compute_dtype))
+        # After the main branch, as in torchvision (an error there leaves the shortcut's
+        # BatchNorm untouched), and under the caller's autocast.
+        identity = x if block.shortcut is None else block.shortcut(x)
+        with torch.autocast(x.device.type, enabled=False):
+            step = last.step
+            args = (h, step.weight, step.bias, last.mean, last.var)
+            residual = identity.to(h.dtype)
+            if step.training:
+                out = bn_act_from_stats(
+                    *args, residual=residual, eps=step.eps, relu=True, backend="triton"
+                )
+            else:
+                out = bn_act(
+                    *args, residual=residual, training=False, eps=step.eps, backend="triton"
+                )
+        return out.contiguous(memory_format=memory_format_of(x))
+
+    @staticmethod
+    def _main_branch(block: ResidualBlock, h: Tensor) -> tuple[Tensor, _Pending]:
+        """Every convolution of the main branch; returns the last one's output and the last
+        BatchNorm, still to be applied."""
+        pending: _Pending | None = None  # the BatchNorm waiting to be applied to h
+        for stage in block.stages:
+            step = BatchNormStep.of(stage.norm)
+            momentum = step.start()
+            conv = stage.conv
+            if not isinstance(conv, nn.Conv2d):
+                raise TypeError(f"the triton chain needs nn.Conv2d layers, got {conv}")
+            h, mean, var = conv2d_bn_triton(
+                h,
+                conv.weight.to(h.dtype),
+                *(pending.prologue() if pending else (None, None, None, None, False, step.eps)),
+                conv.stride[0],
+                conv.padding[0],
+                conv.dilation[0],
+                conv.groups,
+                step.training,
+            )
+            if step.training:
+                require_more_than_one_value(h.size())  # where, and as, torchvision's would
+                step.update(mean, var, momentum, values_per_channel(h))
+                pending = _Pending(step, mean, var)
+            else:
+                pending = _Pending(step, *step.running_statistics())
+        assert pending is not None  # a block has at least one stage
+        return h, pending
