@@ -36,7 +36,11 @@ __all__ = [
 
 logger = logging.getLogger("fastres")
 
-_FAST_OF = {Bottleneck: FastBottleneck, BasicBlock: FastBasicBlock, ResNet: FastResNet}
+_FAST_OF: dict[type[nn.Module], type[nn.Module]] = {
+    Bottleneck: FastBottleneck,
+    BasicBlock: FastBasicBlock,
+    ResNet: FastResNet,
+}
 _TORCHVISION_OF = {fast: plain for plain, fast in _FAST_OF.items()}
 
 
@@ -78,7 +82,7 @@ def _swap_blocks(
             configure(module)
             report.resnets.append(name or "<model>")
         elif cls is not None:
-            block = retyped(module, cls)
+            block: nn.Module = retyped(module, cls)
             configure(block)
             report.converted.append(name or "<model>")
             return block
@@ -140,7 +144,7 @@ def convert(
         return None, ""
 
     def configure(block: nn.Module) -> None:
-        block.backend = backend
+        block.backend = backend  # type: ignore[assignment]  (typed for tensors and modules)
 
     model, report = _swap_blocks(model, pick, configure)
     if sync_bn:

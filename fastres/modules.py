@@ -53,9 +53,12 @@ def _check_block_input(x: Tensor, conv: nn.Conv2d, block: str) -> None:
         )
 
 
-class _FastBlock:
+class _FastBlock(nn.Module):
     """The forward both fast blocks share: describe the block, run the first plan that
-    applies."""
+    applies. Placed before torchvision's block in the bases: ``super()`` is torchvision's."""
+
+    backend: str
+    conv1: nn.Conv2d
 
     def _configure(self, backend: str, sync_bn: bool, process_group: Any | None) -> None:
         """The fast blocks' own constructor options (after torchvision's constructor)."""
@@ -183,7 +186,9 @@ class FastResNet(ResNet):
 
     def _folded_stem(self, x: Tensor, backend: str) -> Tensor:
         cache = FOLDED.setdefault(self, FoldedBlock())
-        (stage,), _ = cache.stages([(self.conv1, self.bn1)], None, folding_kind(backend))
+        kind = folding_kind(backend)
+        assert kind is not None  # _stem_folding_backend checked that the backend folds
+        (stage,), _ = cache.stages([(self.conv1, self.bn1)], None, kind)
         with torch.autocast(x.device.type, enabled=False):
             out = stage.run(folding_input(x, backend), relu=True)
         return out.contiguous(memory_format=memory_format_of(x))
