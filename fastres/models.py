@@ -144,7 +144,8 @@ def convert(
         return None, ""
 
     def configure(block: nn.Module) -> None:
-        block.backend = backend  # type: ignore[assignment]  (typed for tensors and modules)
+        # nn.Module's __setattr__ is typed for tensors and modules only.
+        block.backend = backend  # type: ignore[assignment]
 
     model, report = _swap_blocks(model, pick, configure)
     if sync_bn:
