@@ -26,7 +26,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from resnet50_layers import RESNET50_BN_SHAPES, RESNET50_CONVOLUTIONS, conv_id
+
+from fastres.testing import RESNET50_BN_SHAPES, RESNET50_CONVOLUTIONS, conv_id
 
 # A 1x1 and a 3x3 of the first stage, a strided 3x3, a wide 1x1 of the third stage.
 CONVOLUTIONS = [RESNET50_CONVOLUTIONS[i] for i in (3, 2, 6, 15)]

@@ -15,11 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BATCH, DEVICE, DTYPE, ON_GPU, timed
-from resnet50_layers import RESNET50_BN_SHAPES
 
 from fastres.backends import STATUS
 from fastres.ops import bn_act
 from fastres.ops.bn_act import bn_act_reference
+from fastres.testing import RESNET50_BN_SHAPES
 
 MODES = ["forward-train", "forward-eval", "forward_backward-train", "forward_backward-eval"]
 

@@ -15,21 +15,8 @@ from conftest import BATCH, DEVICE, DTYPE, timed
 
 from fastres.backends import resolve_backend
 from fastres.ops import bn_act_conv2d
+from fastres.testing import RESNET50_BN_CONV
 
-# (BatchNorm channels, its side, conv out channels, kernel, stride): ResNet-50's bn -> conv pairs.
-RESNET50_BN_CONV = [
-    (64, 56, 64, 3, 1),
-    (64, 56, 256, 1, 1),
-    (128, 56, 128, 3, 2),
-    (128, 28, 128, 3, 1),
-    (128, 28, 512, 1, 1),
-    (256, 28, 256, 3, 2),
-    (256, 14, 256, 3, 1),
-    (256, 14, 1024, 1, 1),
-    (512, 14, 512, 3, 2),
-    (512, 7, 512, 3, 1),
-    (512, 7, 2048, 1, 1),
-]
 MODES = ["forward-train", "forward_backward-train"]
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BATCH, DTYPE, ON_GPU, timed
-from resnet50_layers import RESNET50_CONVOLUTIONS, conv_id
 from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
 import fastres
 from fastres.ops.conv_bn import conv2d_bn_triton
+from fastres.testing import RESNET50_CONVOLUTIONS, conv_id
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="Triton convolutions are timed on a GPU only")
 

@@ -1,7 +1,7 @@
 """Runs bn_act and its reference on identical inputs and compares everything they produce.
 
 Everything means: the output, the gradient of every input (x, weight, bias, residual) and the
-running statistics after several training steps. Comparison follows tests/tolerances.py.
+running statistics after several training steps. Comparison follows fastres/testing.py.
 """
 
 from __future__ import annotations
@@ -9,25 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tolerances import RULE_DTYPES, assert_close, assert_within_error_factor
 
 from fastres.ops import bn_act
 from fastres.ops.bn_act import bn_act_reference
+from fastres.testing import (
+    RESNET50_BN_SHAPES,
+    RULE_DTYPES,
+    assert_close,
+    assert_within_error_factor,
+)
 
-# ResNet-50's BatchNorm shapes at batch 2: the stem, then each stage's bottleneck widths.
-RESNET50_SHAPES = [
-    (2, 64, 112, 112),
-    (2, 64, 56, 56),
-    (2, 256, 56, 56),
-    (2, 128, 28, 28),
-    (2, 512, 28, 28),
-    (2, 256, 14, 14),
-    (2, 1024, 14, 14),
-    (2, 512, 7, 7),
-    (2, 2048, 7, 7),
-]
+# ResNet-50's BatchNorm shapes at batch 2.
+RESNET50_SHAPES = [(2, c, side, side) for c, side, _ in RESNET50_BN_SHAPES]
 # The same channel counts at a spatial size the Triton interpreter runs quickly.
-RESNET50_CHANNELS_SMALL = [(2, c, 3, 3) for c in (64, 128, 256, 512, 1024, 2048)]
+RESNET50_CHANNELS_SMALL = [(2, c, 3, 3) for c in sorted({c for c, _, _ in RESNET50_BN_SHAPES})]
 # Odd H and W, C not a multiple of 8, N = 1, a single pixel per image.
 ODD_SHAPES = [(3, 5, 7, 9), (1, 3, 5, 1), (4, 13, 3, 3), (2, 7, 1, 1), (5, 1, 2, 3)]
 

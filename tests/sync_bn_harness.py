@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
-from tolerances import ERROR_FACTOR, FLOOR_ULPS, assert_within_error_factor
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.resnet import Bottleneck, conv1x1
 
 import fastres
 from fastres import FastBottleneck, SyncBatchNorm2d
+from fastres.testing import ERROR_FACTOR, FLOOR_ULPS, assert_within_error_factor
 
 # Per-process batch sizes: unequal, one process with a single sample (one value per channel at
 # the smallest feature maps), one with none.
@@ -139,7 +139,7 @@ def _batches(kind: str, device: torch.device):
 
 class _Checker:
     """float64: tight against the float64 reference; other dtypes: the error-factor rule of
-    tests/tolerances.py against the float64 reference and torchvision in the same dtype."""
+    fastres/testing.py against the float64 reference and torchvision in the same dtype."""
 
     def __init__(self, dtype: torch.dtype, scenario: str, rank: int):
         self.dtype, self.where = dtype, f"{scenario} rank {rank}"

@@ -19,21 +19,13 @@ from bn_act_harness import (
 from torch.autograd import gradcheck
 
 from fastres.ops import bn_act
+from fastres.testing import backend_device_params
 
-cuda = pytest.mark.cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# (backend, device, shapes it is tested at)
-FULL_SIZE = [
-    pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("torch", "cpu", id="torch"),
-    pytest.param("cuda", "cuda", id="cuda", marks=cuda),
-    pytest.param("triton", "cuda", id="triton-gpu", marks=cuda),
-]
-interpreter = pytest.mark.triton_interpreter
-ALL_BACKENDS = FULL_SIZE + [
-    pytest.param("triton", "cpu", id="triton-interpreter", marks=interpreter)
-]
+# (backend, device): at ResNet-50's full-size shapes, and at every shape (the interpreter too).
+FULL_SIZE = backend_device_params(triton_interpreter=False)
+ALL_BACKENDS = backend_device_params()
 
 
 def _fmt_id(fmt):
@@ -48,7 +40,7 @@ def test_resnet50_shapes(backend, device, shape, dtype, memory_format):
     check_case(backend, device, Case(shape, dtype, memory_format))
 
 
-@interpreter
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=_fmt_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RESNET50_CHANNELS_SMALL, ids=str)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close, assert_within_error_factor
 from torch.autograd import gradcheck
 from torch.library import opcheck
 
 from fastres.ops import bn_act_conv2d
+from fastres.testing import assert_close, assert_within_error_factor, backend_params
 
 # (id, channels in, channels out, kernel, stride, padding, dilation, groups): every kind of
 # convolution that follows a BatchNorm + ReLU in ResNet-50 and ResNeXt.
@@ -18,11 +18,7 @@ CONVS = [
     ("3x3-grouped", 8, 8, 3, 1, 1, 1, 4),
     ("3x3-dilated", 8, 8, 3, 1, 2, 2, 1),
 ]
-BACKENDS = [
-    "cpu",
-    pytest.param("triton", marks=pytest.mark.triton_interpreter),
-    pytest.param("cuda", marks=pytest.mark.cuda),
-]
+BACKENDS = backend_params("cpu", "cuda", "triton")
 
 
 def _inputs(cin, cout, k, groups, dtype, device="cpu", seed=0):

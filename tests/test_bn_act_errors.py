@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from fastres.ops import bn_act
+from fastres.testing import backend_params
 
-BACKENDS_HERE = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton_interpreter)]
+BACKENDS_HERE = backend_params("cpu", "triton", "torch")
 
 
 def _args(n=2, c=4, h=3, w=3, dtype=torch.float32):

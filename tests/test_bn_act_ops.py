@@ -5,6 +5,7 @@ import torch
 from torch.library import opcheck
 
 from fastres.ops import bn_act
+from fastres.testing import backend_params
 
 cuda = pytest.mark.cuda
 
@@ -135,9 +136,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, device, compiler):
         )
 
 
-@pytest.mark.parametrize(
-    "backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpreter)]
-)
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
 def test_backward_saves_no_output_or_normalised_tensor(backend):
     """Saved for backward: x, the parameters, per-channel statistics and a 1-bit mask only."""
     x = torch.randn(4, 8, 6, 6, requires_grad=True)

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torchvision
 from op_log import OpLog
-from tolerances import assert_within_error_factor
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import fastres
 from fastres import fold_bn
 from fastres.plans.folded_eval import FOLDED
+from fastres.testing import assert_within_error_factor, backend_params
 
 
 def _realistic(model: nn.Module, seed=0) -> nn.Module:
@@ -114,7 +114,7 @@ def _pair(backend="cpu"):
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["cpu", "triton"]  # triton: on CUDA tensors with a GPU, else the interpreter
+BACKENDS = backend_params("cpu", "triton", triton="either")  # triton: a GPU, else interpreted
 
 
 @pytest.mark.parametrize("builder", ["resnet18"])

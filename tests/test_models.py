@@ -61,7 +61,7 @@ def test_resnet50_training_step_float32():
 
     Per-tensor float32 gradients of a deep random network are chaotic (PyTorch's own differ from
     float64 by up to ~10% on some layer4 tensors), so gradients and weight updates are judged
-    over the whole model, with the error-factor rule of tests/tolerances.py: fastres's relative
+    over the whole model, with the error-factor rule of fastres/testing.py: fastres's relative
     error against float64 at most twice PyTorch's. Per-tensor gradient checks are in
     test_modules.py (blocks, float32) and above (whole model, float64).
     """

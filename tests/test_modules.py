@@ -3,7 +3,7 @@
 Every configuration ResNet-18/50 and ResNeXt use, train and eval, on every backend that runs
 here: output, input gradient, every parameter gradient, running statistics and
 num_batches_tracked after two steps. float64 tightly; float32 with the error-factor rule of
-tests/tolerances.py against a float64 run of torchvision's block.
+fastres/testing.py against a float64 run of torchvision's block.
 """
 
 import copy
@@ -11,21 +11,15 @@ from functools import partial
 
 import pytest
 import torch
-from tolerances import assert_close, assert_within_error_factor
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck
+from fastres.testing import assert_close, assert_within_error_factor, backend_params
 
-interpreter = pytest.mark.triton_interpreter
-BACKENDS = [
-    "cpu",
-    "torch",
-    pytest.param("triton", marks=interpreter),
-    pytest.param("cuda", marks=pytest.mark.cuda),
-]
+BACKENDS = backend_params()
 
 
 def _downsample(inplanes, outplanes, stride, norm_layer=nn.BatchNorm2d):

@@ -22,12 +22,13 @@ from torch import nn
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
 from fastres.ops.bn_act_split import SPLIT_OPS
+from fastres.testing import backend_params
 
 # ---------------------------------------------------------------------------------------------
 # The split ops, one process: they compose to bn_act's training forward and backward
 
 # triton runs on CUDA tensors with a GPU, else under the interpreter (tests/conftest.py).
-SPLIT_BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
+SPLIT_BACKENDS = backend_params(triton="either")
 
 
 def _device(backend):
