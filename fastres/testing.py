@@ -43,7 +43,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # The tolerance rule
 
-TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
+TIGHT: dict[torch.dtype, dict[str, Any]] = {torch.float64: dict(rtol=1e-10, atol=1e-10)}
 # Dtypes compared with the error-factor rule against a float64 reference.
 RULE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ERROR_FACTOR = 2.0

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+import fastres
 from fastres import bench
+from fastres.bench import models as bench_models
 
 TINY = [
     "--device",
@@ -55,12 +57,12 @@ def test_bench_runs_checks_parity_and_writes_csv_and_png(tmp_path):
 
 def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatch):
     def broken_fast_model(reference, backend):
-        model = bench.fastres.convert(reference, backend=backend)
+        model = fastres.convert(reference, backend=backend)
         with torch.no_grad():
             model.fc.weight.mul_(1.5)  # a wrong model
         return model
 
-    monkeypatch.setattr(bench, "build_fast", broken_fast_model)
+    monkeypatch.setattr(bench_models, "build_fast", broken_fast_model)
     assert bench.main([*TINY, "--out", str(tmp_path)]) == 1
     rows = _rows(tmp_path / "resnet18_cpu_fp32.csv")
     failed = rows[1]
