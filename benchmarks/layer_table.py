@@ -6,8 +6,8 @@ Usage: python benchmarks/layer_table.py --device cuda --csv OUT/layers.csv
 For a few ResNet-50 layers, every implementation of the layer is timed in interleaved rounds
 (fastres.interleaved; a step is ``--repeat`` calls, then a device synchronisation):
 
-* convolution forward, channels_last: ``conv2d_bn_triton`` (no prologue, no statistics) against
-  ``F.conv2d`` (cuDNN on a GPU), in TFLOP/s;
+* convolution forward, channels_last: ``bn_act_conv2d_stats_triton`` (no prologue, no
+  statistics) against ``F.conv2d`` (cuDNN on a GPU), in TFLOP/s;
 * bn_act forward in training (statistics, normalise, residual add, ReLU, the 1-bit mask): the
   compiled backend and Triton against the eager composition ``F.batch_norm`` + add + ``relu``, in
   GB/s of the fused op's minimum traffic (x, residual and out once, the mask), and as a fraction
@@ -76,7 +76,7 @@ def _channels_last(*shape, args) -> torch.Tensor:
 
 def convolution_layers(args):
     """(layer name, reference name, {implementation: call}, FLOP per call, bytes per call)."""
-    from fastres.ops.conv_bn import conv2d_bn_triton
+    from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
 
     for spec in CONVOLUTIONS:
         c_in, side, c_out, kernel, stride, groups = spec
@@ -88,8 +88,10 @@ def convolution_layers(args):
         flop = 2 * args.batch_size * out_side**2 * c_out * (c_in // groups) * kernel**2
         reference = "cudnn" if args.device == "cuda" else "torch"
         calls = {
-            "triton": lambda x=x, w=weight, s=stride, p=padding, g=groups: conv2d_bn_triton(
-                x, w, None, None, None, None, False, 1e-5, s, p, 1, g, False
+            "triton": lambda x=x, w=weight, s=stride, p=padding, g=groups: (
+                bn_act_conv2d_stats_triton(
+                    x, w, None, None, None, None, False, 1e-5, s, p, 1, g, False
+                )
             ),
             reference: lambda x=x, w=weight, s=stride, p=padding, g=groups: F.conv2d(
                 x, w, None, s, p, 1, g

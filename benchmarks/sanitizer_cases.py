@@ -69,13 +69,13 @@ def bn_act_case(backend: str, device: str, n, c, h, w, channels_last, offset) ->
 
 
 def conv_case(device: str, n, c_in, side, c_out, kernel, stride, groups) -> None:
-    from fastres.ops.conv_bn import conv2d_bn_triton
+    from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
 
     x = _input((n, c_in, side, side), True, 0, device)
     weight = torch.randn(c_out, c_in // groups, kernel, kernel, device=device) * 0.1
     weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
     padding = kernel // 2
-    out, mean, var = conv2d_bn_triton(
+    out, mean, var = bn_act_conv2d_stats_triton(
         x, weight, None, None, None, None, False, 1e-5, stride, padding, 1, groups, True
     )
     expected = F.conv2d(x, weight, None, stride, padding, 1, groups)
@@ -88,8 +88,8 @@ def conv_case(device: str, n, c_in, side, c_out, kernel, stride, groups) -> None
         *torch.autograd.grad(expected, (x, weight), grad),
     ]
     _check(
-        f"conv2d_bn_triton {n}x{c_in}x{side}x{side} -> {c_out}, {kernel}x{kernel}/{stride} "
-        f"groups={groups}",
+        f"bn_act_conv2d_stats_triton {n}x{c_in}x{side}x{side} -> {c_out}, "
+        f"{kernel}x{kernel}/{stride} groups={groups}",
         ours,
         reference,
         tolerance=1e-3,

@@ -78,7 +78,7 @@ class _Stage:
         weight, bias = self._in_dtype(x.dtype)
         c = self.conv
         if self.kind == "triton":
-            from fastres.ops.conv_bn import conv2d_bias_act_triton
+            from fastres.ops.conv2d_triton import conv2d_bias_act_triton
 
             return conv2d_bias_act_triton(
                 x, weight, bias, residual, relu, c.stride[0], c.padding[0], c.dilation[0], c.groups

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 class OpLog(TorchDispatchMode):
     """Within ``with OpLog() as log:``, ``log.ops`` lists each dispatched op's name
-    (``"aten.convolution"``, ``"fastres.conv2d_bn_triton"``, ...), in order."""
+    (``"aten.convolution"``, ``"fastres.bn_act_conv2d_stats_triton"``, ...), in order."""
 
     def __init__(self):
         super().__init__()

@@ -54,4 +54,6 @@ def test_dry_run_writes_what_the_gpu_run_writes_within_the_limits(dry_run):
     assert "skipped." in summary  # the GPU tests were collected (and skipped without a GPU)
     assert "| fastres[cpu] | ok |" in summary
     assert "| bn_act " in summary and "| conv " in summary
-    assert "| fastres::conv2d_bn_backward_triton |" in summary  # the profiled step's table
+    assert (
+        "| fastres::bn_act_conv2d_stats_backward_triton |" in summary
+    )  # the profiled step's table

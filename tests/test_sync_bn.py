@@ -21,7 +21,7 @@ from torch import nn
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
-from fastres.ops.bn_act_split import SPLIT_OPS
+from fastres.ops.bn_act_pieces import pieces_for
 from fastres.testing import backend_params
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def test_split_ops_compose_to_batch_norm_training(backend, channels_last, relu, 
     bias = torch.randn(5, generator=gen, dtype=x.dtype).to(x.device)
     res = torch.randn_like(x) if residual else None
     grad = torch.randn_like(x)
-    ops = SPLIT_OPS[backend]
+    ops = pieces_for(backend)
     param = torch.float64 if dtype == torch.float64 else torch.float32
 
     mean, var = ops.stats(x)
@@ -98,7 +98,7 @@ def test_split_ops_on_an_empty_batch(backend):
     """A process with no samples: NaN statistics (PyTorch's), zero sums, empty gradients."""
     dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
     x = torch.empty(0, 4, 3, 3, dtype=dtype, device=_device(backend))
-    ops = SPLIT_OPS[backend]
+    ops = pieces_for(backend)
     mean, var = ops.stats(x)
     assert mean.isnan().all() and var.isnan().all()
     stats = torch.zeros(4, dtype=mean.dtype, device=x.device)

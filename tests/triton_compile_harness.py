@@ -4,9 +4,9 @@ The Triton interpreter (what the CPU tests run) executes a kernel's Python body 
 never lowers the kernel through Triton's compiler, so it cannot see what only compilation
 checks: types and layouts of ``tl.dot`` operands, constexpr-dependent control flow, the shared
 memory each autotuning configuration needs, the tensor-core instructions chosen. This
-script runs the Triton ops of fastres (``fastres/ops/bn_act.py``, ``bn_act_split.py``,
-``conv_bn.py``) on CPU tensors with Triton's launch replaced by a compile-only one: every kernel
-launch those ops make is compiled to a cubin for the target architecture (ptxas included) and
+script runs the Triton ops of fastres (``fastres/ops/bn_act.py``, ``bn_act_pieces.py``,
+``conv2d_triton.py``) on CPU tensors with Triton's launch replaced by a compile-only one: every
+kernel launch those ops make is compiled to a cubin for the target architecture (ptxas included) and
 never run. The tensors' values are meaningless; nothing reads them.
 
 Run in a fresh interpreter with ``TRITON_INTERPRET`` unset (it must not be chosen before triton is
@@ -235,11 +235,11 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         )
         kind = "plain" if c_in == 3 else "bn-relu prologue"
         cases[f"{name} {kind} + stats"] = lambda x=x, w=w, bn=bn, geometry=geometry: (
-            ops.conv2d_bn_triton(x, w, *bn, True, 1e-5, *geometry, True)
+            ops.bn_act_conv2d_stats_triton(x, w, *bn, True, 1e-5, *geometry, True)
         )
         cases[f"{name} {kind} backward"] = (
             lambda x=x, w=w, bn=bn, geometry=geometry, out=out, input_grad=c_in != 3: (
-                ops.conv2d_bn_backward_triton(
+                ops.bn_act_conv2d_stats_backward_triton(
                     torch.zeros_like(out), x, w, *bn, True, 1e-5, *geometry, input_grad, True
                 )
             )
@@ -252,10 +252,10 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     # conv1 of a bottleneck: no BatchNorm before it, statistics after; its input gradient.
     x = torch.zeros(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.zeros(64, 64, 1, 1, dtype=dtype)
-    cases["1x1 plain + stats"] = lambda: ops.conv2d_bn_triton(
+    cases["1x1 plain + stats"] = lambda: ops.bn_act_conv2d_stats_triton(
         x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True
     )
-    cases["1x1 plain backward"] = lambda: ops.conv2d_bn_backward_triton(
+    cases["1x1 plain backward"] = lambda: ops.bn_act_conv2d_stats_backward_triton(
         x, x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True, True
     )
     return cases

@@ -29,6 +29,7 @@ from fastres.batch_norm import (
     update_running_stats,
     values_per_channel,
 )
+from fastres.ops.registry import op
 
 __all__ = ["bn_act", "bn_act_reference"]
 
@@ -93,8 +94,7 @@ def bn_act(
             eps=eps,
             relu=relu,
         )
-    forward = FORWARD_OPS[name]
-    out, mean, var, _ = forward(
+    out, mean, var, _ = op("bn_act_forward", name)(
         x, weight, bias, residual, running_mean, running_var, training, eps, relu
     )
     if training:
@@ -324,9 +324,6 @@ def bn_act_backward_triton(
 
 
 _register(bn_act_forward_triton, bn_act_backward_triton, autograd=True)
-# The forward and backward op of each concrete backend (the torch backend has no op).
-FORWARD_OPS = {"triton": torch.ops.fastres.bn_act_forward_triton}
-BACKWARD_OPS = {"triton": torch.ops.fastres.bn_act_backward_triton}
 
 if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is loaded
     # Their autograd is registered in C++ (csrc/bn_act_autograd.cpp): it costs less per call.
@@ -335,6 +332,3 @@ if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is load
         torch.ops.fastres.bn_act_backward.default,
         autograd=False,
     )
-    for _name in ("cpu", "cuda"):
-        FORWARD_OPS[_name] = torch.ops.fastres.bn_act_forward
-        BACKWARD_OPS[_name] = torch.ops.fastres.bn_act_backward

@@ -7,17 +7,21 @@ its backward recomputes ``z`` from them with the same kernel and the same per-ch
 as the forward (so the recomputed ``z``, and its ReLU mask, are bit-identical), runs the
 convolution's backward, then bn_act's fused backward.
 
-The BatchNorm + ReLU half runs on a fastres backend (cpu, cuda or triton); the convolution is
-ATen's (oneDNN on CPU, cuDNN on CUDA).
+The BatchNorm + ReLU half runs on a fastres backend: ``fastres::bn_act_conv2d`` on the compiled
+kernels (cpu, cuda), ``fastres::bn_act_conv2d_triton`` on Triton's (see fastres/ops/registry.py);
+the convolution is ATen's (oneDNN on CPU, cuDNN on CUDA). :func:`bn_act_conv2d` picks the op for
+a backend; on ``torch`` it runs PyTorch's composition.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastres._layout import memory_format_of, param_dtype_of
-from fastres.ops.bn_act import BACKWARD_OPS, FORWARD_OPS
+from fastres.backends import STATUS, resolve_backend
+from fastres.ops.registry import op
 
 __all__ = ["bn_act_conv2d"]
 
@@ -29,7 +33,6 @@ def convolution(z: Tensor, weight: Tensor, stride, padding, dilation, groups) ->
     )
 
 
-@torch.library.custom_op("fastres::bn_act_conv2d", mutates_args=())
 def bn_act_conv2d(
     y: Tensor,
     bn_weight: Tensor | None,
@@ -43,7 +46,7 @@ def bn_act_conv2d(
     groups: int,
     training: bool,
     eps: float,
-    backend: str,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``conv2d(relu(batch_norm(y)), conv_weight)`` (no conv bias, zero padding).
 
@@ -53,20 +56,79 @@ def bn_act_conv2d(
             read, never written: the caller updates them from the returned statistics).
         conv_weight: ``(C_out, C / groups, kH, kW)``, same dtype as ``y``.
         stride, padding, dilation, groups: as for ``F.conv2d``.
-        backend: a concrete fastres backend for the BatchNorm + ReLU half: ``"cpu"``, ``"cuda"``
-            or ``"triton"``.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see
+            :mod:`fastres.backends`), for the BatchNorm + ReLU half.
 
     Returns:
         ``(out, save_mean, save_var)``: the convolution output (``y``'s dtype and memory format)
         and the batch mean and biased variance (training) or copies of the running statistics.
     """
-    z, mean, var, _ = FORWARD_OPS[backend](
-        y, bn_weight, bn_bias, None, running_mean, running_var, training, eps, True
-    )
+    args = (y, bn_weight, bn_bias, running_mean, running_var, conv_weight)
+    conv_args = (stride, padding, dilation, groups)
+    name = resolve_backend(backend, y.device, y.dtype)
+    if name == "torch":
+        return _bn_act_conv2d_torch(*args, *conv_args, training, eps)
+    return op("bn_act_conv2d", name)(*args, *conv_args, training, eps)
+
+
+def _bn_act_conv2d_torch(
+    y,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    conv_weight,
+    stride,
+    padding,
+    dilation,
+    groups,
+    training,
+    eps,
+):
+    """The torch backend: PyTorch's composition, with the results of the ops."""
+    if training:
+        var, mean = torch.var_mean(y.to(param_dtype_of(y)), dim=(0, 2, 3), correction=0)
+        stats = (None, None)  # normalise with the batch's, write nothing
+    else:
+        mean, var = running_mean.clone(), running_var.clone()
+        stats = (running_mean, running_var)
+    z = F.relu(F.batch_norm(y, *stats, bn_weight, bn_bias, training, 0.0, eps))
     return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
 
 
-@bn_act_conv2d.register_fake
+def _define(suffix: str):
+    """The ``fastres::bn_act_conv2d<suffix>`` op on the family's bn_act ops, with its fake
+    kernel and autograd."""
+    forward_op = getattr(torch.ops.fastres, "bn_act_forward" + suffix)
+    backward_op = getattr(torch.ops.fastres, "bn_act_backward" + suffix)
+
+    @torch.library.custom_op(f"fastres::bn_act_conv2d{suffix}", mutates_args=())
+    def bn_act_conv2d_op(
+        y: Tensor,
+        bn_weight: Tensor | None,
+        bn_bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        conv_weight: Tensor,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        training: bool,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        z, mean, var, _ = forward_op(
+            y, bn_weight, bn_bias, None, running_mean, running_var, training, eps, True
+        )
+        return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
+
+    bn_act_conv2d_op.register_fake(_bn_act_conv2d_fake)
+    bn_act_conv2d_op.register_autograd(
+        _make_backward(forward_op, backward_op), setup_context=_setup_context
+    )
+    return bn_act_conv2d_op
+
+
 def _bn_act_conv2d_fake(
     y,
     bn_weight,
@@ -80,7 +142,6 @@ def _bn_act_conv2d_fake(
     groups,
     training,
     eps,
-    backend,
 ):
     z = torch.empty_like(y, memory_format=memory_format_of(y))
     out = convolution(z, conv_weight, stride, padding, dilation, groups)
@@ -106,23 +167,26 @@ def _setup_context(ctx, inputs, output):
         groups,
         training,
         eps,
-        backend,
     ) = inputs
     _out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(y, bn_weight, bn_bias, mean, var, conv_weight)
     ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.training, ctx.eps, ctx.backend = training, eps, backend
+    ctx.training, ctx.eps = training, eps
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
+def _make_backward(forward_op, backward_op):
+    return lambda ctx, grad_out, _grad_mean, _grad_var: _backward(
+        ctx, grad_out, forward_op, backward_op
+    )
+
+
+def _backward(ctx, grad_out, forward_op, backward_op):
     y, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     needs = ctx.needs_input_grad
     # Recompute z exactly as the forward made it: same kernel, same per-channel scale and shift.
-    z, _, _, mask = FORWARD_OPS[ctx.backend](
-        y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, True
-    )
+    z, _, _, mask = forward_op(y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, True)
     grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
         grad_out,
         z,
@@ -137,7 +201,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
         [True, needs[5], False],
     )
     del z
-    grad_y, grad_bn_weight, grad_bn_bias, _ = BACKWARD_OPS[ctx.backend](
+    grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
         grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, True, False
     )
     return (
@@ -153,8 +217,9 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
         None,
         None,
         None,
-        None,
     )
 
 
-bn_act_conv2d.register_autograd(_backward, setup_context=_setup_context)
+bn_act_conv2d_triton = _define("_triton")
+if STATUS["cpu"].built:  # the compiled family's bn_act ops exist once fastres._C is loaded
+    bn_act_conv2d_compiled = _define("")

@@ -2,7 +2,7 @@
 
 ``sync_bn_act`` and ``sync_bn_act_conv2d`` compute what :func:`fastres.ops.bn_act` and
 :func:`fastres.ops.bn_act_conv2d` compute on the concatenation of every process's batch, as
-``nn.SyncBatchNorm`` does, with the same fused kernels (:mod:`fastres.ops.bn_act_split`):
+``nn.SyncBatchNorm`` does, with the same fused kernels (:mod:`fastres.ops.bn_act_pieces`):
 
 forward, per process::
 
@@ -20,8 +20,7 @@ backward, per process::
 ``grad_weight`` and ``grad_bias`` are this process's share (the sums before the all-reduce), as
 in ``nn.SyncBatchNorm``: DistributedDataParallel all-reduces parameter gradients itself.
 
-:func:`bn_act_from_stats` is the same autograd function without communication, for batch
-statistics computed elsewhere (the Triton convolutions' epilogue, fastres/ops/conv_bn.py).
+The autograd of both, given the global statistics, is in :mod:`fastres.ops.bn_act_from_stats`.
 
 Processes may hold different batch sizes, including none at all. Communication goes through
 ``torch.distributed`` on the given process group: NCCL for CUDA tensors, gloo for CPU tensors
@@ -44,11 +43,12 @@ from fastres.batch_norm import (
     update_running_stats,
     values_per_channel,
 )
-from fastres.ops.bn_act import bn_act, bn_act_reference, check_args
+from fastres.ops.bn_act import bn_act, check_args
 from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
-from fastres.ops.bn_act_split import SPLIT_OPS, SplitOps
+from fastres.ops.bn_act_from_stats import BnActFromStats, backward_from_sums
+from fastres.ops.bn_act_pieces import BnActPieces, pieces_for
 
-__all__ = ["sync_bn_act", "sync_bn_act_conv2d", "bn_act_from_stats", "resolve_process_group"]
+__all__ = ["sync_bn_act", "sync_bn_act_conv2d", "resolve_process_group"]
 
 
 def resolve_process_group(process_group: Any | None, who: str = "sync_bn") -> Any:
@@ -70,7 +70,7 @@ def resolve_process_group(process_group: Any | None, who: str = "sync_bn") -> An
 # Collectives
 
 
-def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Tensor, int]:
+def global_batch_stats(x: Tensor, ops: BnActPieces, group: Any) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance of every channel over the whole group's batch, and its size.
 
     Each process contributes (count, mean, var); they are merged with Chan et al.'s formula
@@ -98,95 +98,9 @@ def global_batch_stats(x: Tensor, ops: SplitOps, group: Any) -> tuple[Tensor, Te
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total
 
 
-def _all_reduce_sums(
-    sum_grad: Tensor, sum_grad_centred: Tensor, group: Any
-) -> tuple[Tensor, Tensor]:
-    if group is None:  # statistics of this process's batch alone
-        return sum_grad, sum_grad_centred
-    both = torch.cat([sum_grad, sum_grad_centred]).to(torch.float64)
-    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-    both = both.to(sum_grad.dtype)
-    return both[: sum_grad.numel()], both[sum_grad.numel() :]
-
-
-def _sync_backward(
-    ops: SplitOps,
-    group: Any,
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    mask: Tensor,
-    count: int,
-    eps: float,
-    relu: bool,
-    residual_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias, grad_residual); the parameter gradients are local."""
-    sum_grad, sum_grad_centred = ops.backward_reduce(grad, x, mean, mask, relu)
-    grad_bias = sum_grad.clone()
-    grad_weight = sum_grad_centred * torch.rsqrt(var + eps)
-    global_grad, global_grad_centred = _all_reduce_sums(sum_grad, sum_grad_centred, group)
-    grad_x, grad_residual = ops.backward_apply(
-        grad,
-        x,
-        weight,
-        mean,
-        var,
-        mask,
-        global_grad,
-        global_grad_centred,
-        count,
-        eps,
-        relu,
-        residual_grad,
-    )
-    return grad_x, grad_weight, grad_bias, grad_residual
-
-
 # ---------------------------------------------------------------------------------------------
 # Autograd functions (the global statistics come in as constants: their dependence on x is in
 # the backward formula)
-
-
-class _BnActFromStats(torch.autograd.Function):
-    """relu?(batch_norm(x) + residual) from given batch statistics of x (over ``group``'s batch,
-    or x's own when ``group`` is None); backward through the statistics."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, var, count, eps, relu, group, ops):
-        out, _, _, mask = ops.forward(x, weight, bias, residual, mean, var, False, eps, relu)
-        ctx.save_for_backward(x, weight, mean, var, mask)
-        ctx.count, ctx.eps, ctx.relu, ctx.group, ctx.ops = count, eps, relu, group, ops
-        ctx.has_residual = residual is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, mean, var, mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        residual_grad = ctx.has_residual and needs[3]
-        grad_x, grad_weight, grad_bias, grad_residual = _sync_backward(
-            ctx.ops,
-            ctx.group,
-            grad_out,
-            x,
-            weight,
-            mean,
-            var,
-            mask,
-            ctx.count,
-            ctx.eps,
-            ctx.relu,
-            residual_grad,
-        )
-        return (
-            grad_x,
-            grad_weight if needs[1] else None,
-            grad_bias if needs[2] else None,
-            grad_residual if residual_grad else None,
-        ) + (None,) * 7
 
 
 class _SyncBnActConv2d(torch.autograd.Function):
@@ -222,7 +136,7 @@ class _SyncBnActConv2d(torch.autograd.Function):
             [True, needs[3], False],
         )
         del z
-        grad_y, grad_bn_weight, grad_bn_bias, _ = _sync_backward(
+        grad_y, grad_bn_weight, grad_bn_bias, _ = backward_from_sums(
             ctx.ops,
             ctx.group,
             grad_z,
@@ -254,7 +168,7 @@ def _prepare(x: Tensor, backend: str, process_group: Any | None):
     group = resolve_process_group(process_group)
     if dist.get_world_size(group) == 1:
         return None
-    return group, SPLIT_OPS[resolve_backend(backend, x.device, x.dtype)]
+    return group, pieces_for(resolve_backend(backend, x.device, x.dtype))
 
 
 def sync_bn_act(
@@ -312,7 +226,7 @@ def sync_bn_act(
     group, ops = prepared
     mean, var, count = global_batch_stats(x.detach(), ops, group)
     update_running_stats(running_mean, running_var, mean, var, momentum, count)
-    return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
+    return BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
 
 
 def sync_bn_act_conv2d(
@@ -354,19 +268,6 @@ def sync_bn_act_conv2d(
     )
     prepared = _prepare(y, backend, process_group) if training else None
     if prepared is None:
-        name = resolve_backend(backend, y.device, y.dtype)
-        if name == "torch":
-            z = bn_act_reference(
-                y,
-                bn_weight,
-                bn_bias,
-                running_mean,
-                running_var,
-                training=training,
-                momentum=momentum,
-                eps=eps,
-            )
-            return convolution(z, conv_weight, stride, padding, dilation, groups)
         out, mean, var = bn_act_conv2d(
             y,
             bn_weight,
@@ -380,7 +281,7 @@ def sync_bn_act_conv2d(
             groups,
             training,
             eps,
-            name,
+            backend,
         )
         if training:
             count = values_per_channel(y)
@@ -393,29 +294,3 @@ def sync_bn_act_conv2d(
     return _SyncBnActConv2d.apply(
         y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group, ops
     )
-
-
-def bn_act_from_stats(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    *,
-    residual: Tensor | None = None,
-    eps: float = 1e-5,
-    relu: bool = True,
-    backend: str = "auto",
-) -> Tensor:
-    """Training-mode :func:`fastres.ops.bn_act` whose batch statistics were computed elsewhere.
-
-    ``mean`` and ``var`` (``(C,)``, the batch mean and biased variance of ``x``, e.g. from the
-    epilogue of the convolution that produced ``x``, see :mod:`fastres.ops.conv_bn`) are taken
-    as given: one elementwise pass forward. The backward differentiates through them as
-    functions of ``x``, exactly as bn_act's training backward does. Running statistics are the
-    caller's to update.
-    """
-    check_args(x, weight, bias, None, None, residual, True, 0.0, eps)
-    ops = SPLIT_OPS[resolve_backend(backend, x.device, x.dtype)]
-    count = values_per_channel(x)
-    return _BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, None, ops)

@@ -1,4 +1,4 @@
-"""Plan: the Triton convolution chain, BatchNorms inside the convolutions (fastres/ops/conv_bn.py).
+"""Plan: the Triton convolution chain, BatchNorms inside the convolutions (ops/conv2d_triton.py).
 
 ``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> ... -> BN_last + shortcut + ReLU``: each BatchNorm
 but the last is applied in the next convolution's prologue, each batch statistic comes from the
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from fastres._layout import memory_format_of
 from fastres.batch_norm import BatchNormStep, require_more_than_one_value, values_per_channel
 from fastres.ops.bn_act import bn_act
-from fastres.ops.conv_bn import conv2d_bn_triton
-from fastres.ops.sync_bn_act import bn_act_from_stats
+from fastres.ops.bn_act_from_stats import bn_act_from_stats
+from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
 from fastres.plans.description import ResidualBlock
 from fastres.plans.folded_eval import autocast_dtype
 
@@ -44,7 +44,7 @@ class _Pending:
     var: Tensor
 
     def prologue(self) -> tuple:
-        """The BatchNorm arguments of conv2d_bn_triton that apply it in the next prologue."""
+        """The arguments of bn_act_conv2d_stats_triton that apply it in the next prologue."""
         step = self.step
         return (self.mean, self.var, step.weight, step.bias, step.training, step.eps)
 
@@ -95,7 +95,7 @@ class TritonChainPlan:
             conv = stage.conv
             if not isinstance(conv, nn.Conv2d):
                 raise TypeError(f"the triton chain needs nn.Conv2d layers, got {conv}")
-            h, mean, var = conv2d_bn_triton(
+            h, mean, var = bn_act_conv2d_stats_triton(
                 h,
                 conv.weight.to(h.dtype),
                 *(pending.prologue() if pending else (None, None, None, None, False, step.eps)),

@@ -15,7 +15,11 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fastres
-from fastres.ops.conv_bn import conv2d_bias_act_triton, conv2d_bn_backward_triton, conv2d_bn_triton
+from fastres.ops.conv2d_triton import (
+    bn_act_conv2d_stats_backward_triton,
+    bn_act_conv2d_stats_triton,
+    conv2d_bias_act_triton,
+)
 from fastres.testing import RESNET50_CONVOLUTIONS, assert_within_error_factor, conv_id
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +126,7 @@ def test_convolution_forward_and_gradients_match_torch(kind, prologue, dtype):
             if prologue
             else (None, None, None, None)
         )
-        out, _, _ = conv2d_bn_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
+        out, _, _ = bn_act_conv2d_stats_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
         return out
 
     _check_against_torch(fused, spec, dtype, prologue)
@@ -133,7 +137,7 @@ def test_statistics_epilogue_gives_the_batch_mean_and_variance(kind):
     """Far from zero mean, where E[y^2] - E[y]^2 would cancel: the per-tile M2 must not."""
     x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
     x = x + 100.0
-    out, mean, var = conv2d_bn_triton(
+    out, mean, var = bn_act_conv2d_stats_triton(
         x, weight, None, None, None, None, False, 1e-5, *conv_args, True
     )
     var64, mean64 = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
@@ -148,7 +152,7 @@ def test_triton_ops_launch_on_their_tensors_device_not_the_current_one():
     x, weight, bn, conv_args = _inputs(spec, torch.float32)
     x1, weight1 = x.to("cuda:1").requires_grad_(), weight.to("cuda:1").requires_grad_()
     with torch.cuda.device(0):  # cuda:0 current, tensors on cuda:1
-        out, mean, var = conv2d_bn_triton(
+        out, mean, var = bn_act_conv2d_stats_triton(
             x1, weight1, None, None, None, None, False, 1e-5, *conv_args, True
         )
         grad_x, grad_w = torch.autograd.grad(out.sum(), (x1, weight1))
@@ -182,7 +186,7 @@ def test_gradients_are_bitwise_reproducible_in_deterministic_mode():
     try:
         runs = []
         for _ in range(2):
-            out, _, _ = conv2d_bn_triton(
+            out, _, _ = bn_act_conv2d_stats_triton(
                 x, weight, bn["mean"], bn["var"], bn_weight, bn_bias, False, 1e-5, *conv_args, False
             )
             runs.append(torch.autograd.grad(out.sum(), (x, weight, bn_weight, bn_bias)))
@@ -217,7 +221,9 @@ def test_more_elements_than_int32_offsets_reach_is_a_clear_error():
     x = torch.empty(2700, 64, 224, 224, device="meta")
     weight = torch.empty(64, 64, 3, 3, device="meta")
     with pytest.raises(ValueError, match="conv2d: the triton backend addresses the input"):
-        conv2d_bn_triton(x, weight, None, None, None, None, False, 1e-5, 1, 1, 1, 1, False)
+        bn_act_conv2d_stats_triton(
+            x, weight, None, None, None, None, False, 1e-5, 1, 1, 1, 1, False
+        )
 
 
 def test_statistics_rows_with_no_elements_are_ignored_whatever_they_hold():
@@ -279,7 +285,7 @@ def test_weight_layout_changes_neither_results_nor_the_gradient_layout(kind):
     for layout in (torch.contiguous_format, torch.channels_last):
         w = weight.clone(memory_format=layout).requires_grad_()
         xi = x.detach().clone().requires_grad_()
-        out, _, _ = conv2d_bn_triton(
+        out, _, _ = bn_act_conv2d_stats_triton(
             xi, w, bn["mean"], bn["var"], bn["weight"], bn["bias"], False, 1e-5, *conv_args, False
         )
         out.backward(torch.ones_like(out))
@@ -313,7 +319,7 @@ def test_another_batch_size_in_the_same_power_of_two_reuses_the_tuned_tiles(monk
     spec = CONVOLUTIONS["3x3"]
     for batch, tunings in [(3, 1), (2, 1), (4, 2)]:  # 108, 72 and 144 output pixels
         x, weight, _, conv_args = _inputs((batch, *spec[1:]), torch.float32)
-        out, _, _ = conv2d_bn_triton(
+        out, _, _ = bn_act_conv2d_stats_triton(
             x, weight, None, None, None, None, False, 1e-5, *conv_args, False
         )
         torch.testing.assert_close(out, F.conv2d(x, weight, None, *conv_args))
@@ -339,7 +345,7 @@ def test_conv_ops_pass_opcheck():
     bn_args = (bn["mean"], bn["var"], bn["weight"].requires_grad_(), bn["bias"])
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(
-        conv2d_bn_triton,
+        bn_act_conv2d_stats_triton,
         (x.requires_grad_(), weight, *bn_args, True, 1e-5, *conv_args, True),
         test_utils=tests,
     )
@@ -356,7 +362,7 @@ def test_conv_backward_op_passes_opcheck(prologue):
     )
     grad = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(
-        conv2d_bn_backward_triton,
+        bn_act_conv2d_stats_backward_triton,
         (grad, x, weight, *bn_args, True, 1e-5, *conv_args, True, True),
         test_utils=("test_schema", "test_faketensor"),
     )
@@ -445,7 +451,9 @@ def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_las
     with OpLog() as log:
         block(x)
     kernels = [op for op in log.ops if op.startswith("fastres.")]
-    assert kernels == ["fastres.conv2d_bn_triton"] * 3 + ["fastres.bn_act_forward_triton"], log.ops
+    assert kernels == ["fastres.bn_act_conv2d_stats_triton"] * 3 + [
+        "fastres.bn_act_forward_triton"
+    ], log.ops
     assert not [op for op in log.ops if "batch_norm" in op or "relu" in op or "convolution" in op]
 
 
@@ -492,7 +500,7 @@ def test_resnet50_convolutions_on_gpu(kind, dtype):
             if prologue
             else (None, None, None, None)
         )
-        out, _, _ = conv2d_bn_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
+        out, _, _ = bn_act_conv2d_stats_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
         return out
 
     _check_against_torch(fused, spec, dtype, prologue)

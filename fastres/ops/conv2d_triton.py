@@ -1,6 +1,6 @@
 """Triton convolutions with BatchNorm fused into their prologue and epilogue, as custom ops.
 
-``fastres::conv2d_bn_triton`` is one convolution of a residual block on the Triton backend
+``fastres::bn_act_conv2d_stats_triton`` is one convolution of a residual block on the Triton backend
 (kernels in ``fastres/triton/conv.py``)::
 
     out = conv2d(relu(batch_norm(x)) if a BatchNorm is given else x, weight)
@@ -17,7 +17,7 @@ Backward: the input gradient and the weight gradient are implicit GEMMs that rec
 the input-gradient epilogue applies ReLU's mask and computes BatchNorm's two backward
 reductions, and bn_act's Triton elementwise pass finishes the BatchNorm (through the batch
 statistics when ``bn_training``). The ``mean``/``var`` outputs are
-not differentiable: the op that consumes them (the next ``conv2d_bn_triton``, or
+not differentiable: the op that consumes them (the next ``bn_act_conv2d_stats_triton``, or
 :func:`fastres.ops.sync_bn_act.bn_act_from_stats`) differentiates through them as part of its
 own BatchNorm backward, which is exact because they are the batch statistics of its input.
 
@@ -30,7 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["conv2d_bn_triton", "conv2d_bn_backward_triton", "conv2d_bias_act_triton"]
+__all__ = [
+    "bn_act_conv2d_stats_triton",
+    "bn_act_conv2d_stats_backward_triton",
+    "conv2d_bias_act_triton",
+]
 
 
 def _geometry(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int, groups: int):
@@ -51,8 +55,8 @@ def _channels_last(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("fastres::conv2d_bn_triton", mutates_args=())
-def conv2d_bn_triton(
+@torch.library.custom_op("fastres::bn_act_conv2d_stats_triton", mutates_args=())
+def bn_act_conv2d_stats_triton(
     x: Tensor,
     weight: Tensor,
     bn_mean: Tensor | None,
@@ -103,8 +107,8 @@ def conv2d_bn_triton(
     return out, mean, var
 
 
-@conv2d_bn_triton.register_fake
-def _conv2d_bn_fake(
+@bn_act_conv2d_stats_triton.register_fake
+def _bn_act_conv2d_stats_fake(
     x,
     weight,
     bn_mean,
@@ -129,7 +133,7 @@ def _conv2d_bn_fake(
     )
 
 
-def _conv2d_bn_setup(ctx, inputs, output):
+def _bn_act_conv2d_stats_setup(ctx, inputs, output):
     (
         x,
         weight,
@@ -151,8 +155,8 @@ def _conv2d_bn_setup(ctx, inputs, output):
     ctx.conv = (stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("fastres::conv2d_bn_backward_triton", mutates_args=())
-def conv2d_bn_backward_triton(
+@torch.library.custom_op("fastres::bn_act_conv2d_stats_backward_triton", mutates_args=())
+def bn_act_conv2d_stats_backward_triton(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -169,7 +173,8 @@ def conv2d_bn_backward_triton(
     input_grad: bool,
     weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward of ``conv2d_bn_triton``: ``(grad_x, grad_weight, grad_bn_weight, grad_bn_bias)``.
+    """Backward of ``bn_act_conv2d_stats_triton``: ``(grad_x, grad_weight, grad_bn_weight,
+    grad_bn_bias)``.
 
     ``grad_x`` (and, with a BatchNorm prologue, the BatchNorm parameters' gradients) only when
     ``input_grad``, ``grad_weight`` only when ``weight_grad``; the others are empty. An op of its
@@ -205,8 +210,8 @@ def conv2d_bn_backward_triton(
     return grad_x, grad_weight, grad_bn_weight, grad_bn_bias
 
 
-@conv2d_bn_backward_triton.register_fake
-def _conv2d_bn_backward_fake(
+@bn_act_conv2d_stats_backward_triton.register_fake
+def _bn_act_conv2d_stats_backward_fake(
     grad_out,
     x,
     weight,
@@ -233,11 +238,11 @@ def _conv2d_bn_backward_fake(
     )
 
 
-def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+def _bn_act_conv2d_stats_backward(ctx, grad_out, _grad_mean, _grad_var):
     x, weight, bn_mean, bn_var, bn_weight, bn_bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
     input_grad = needs[0] or needs[4] or needs[5]
-    grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv2d_bn_backward_triton(
+    grad_x, grad_weight, grad_bn_weight, grad_bn_bias = bn_act_conv2d_stats_backward_triton(
         grad_out,
         x,
         weight,
@@ -268,7 +273,9 @@ def _conv2d_bn_backward(ctx, grad_out, _grad_mean, _grad_var):
     )
 
 
-conv2d_bn_triton.register_autograd(_conv2d_bn_backward, setup_context=_conv2d_bn_setup)
+bn_act_conv2d_stats_triton.register_autograd(
+    _bn_act_conv2d_stats_backward, setup_context=_bn_act_conv2d_stats_setup
+)
 
 
 @torch.library.custom_op("fastres::conv2d_bias_act_triton", mutates_args=())

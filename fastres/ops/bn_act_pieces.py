@@ -1,4 +1,4 @@
-"""bn_act's computation split where synchronized BatchNorm communicates.
+"""bn_act's pieces: its computation split where synchronized BatchNorm communicates.
 
 A synchronized BatchNorm needs per-channel values from every process at two points: the batch
 statistics in forward, and the two per-channel gradient sums in backward. These ops expose the
@@ -14,7 +14,7 @@ kernels of :mod:`fastres.ops.bn_act` around those points, one set per backend:
 
 Compiled family (cpu, cuda): ``torch.ops.fastres.<name>``, schemas in ``csrc/fastres.cpp``. Triton
 family: ``torch.ops.fastres.<name>_triton``, defined here. The ``torch`` backend's pieces are
-plain PyTorch (the reference). :data:`SPLIT_OPS` maps a backend to its four pieces.
+plain PyTorch (the reference). :func:`pieces_for` gives a backend's four pieces.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from torch import Tensor
 
 from fastres._layout import memory_format_of, param_dtype_of
 from fastres.backends import STATUS
-from fastres.ops.bn_act import FORWARD_OPS
+from fastres.ops.registry import op
 
-__all__ = ["SplitOps", "SPLIT_OPS"]
+__all__ = ["BnActPieces", "pieces_for"]
 
 
-class SplitOps(NamedTuple):
+class BnActPieces(NamedTuple):
     """One backend's pieces of bn_act (signatures as the schemas in csrc/fastres.cpp)."""
 
     stats: Callable[..., tuple[Tensor, Tensor]]
@@ -221,22 +221,22 @@ def _register_fakes(family_suffix: str) -> None:
 
 
 _register_fakes("_triton")
-SPLIT_OPS: dict[str, SplitOps] = {
-    "triton": SplitOps(
-        torch.ops.fastres.bn_stats_triton,
-        FORWARD_OPS["triton"],
-        torch.ops.fastres.bn_act_backward_reduce_triton,
-        torch.ops.fastres.bn_act_backward_apply_triton,
-    ),
-    "torch": SplitOps(_stats_torch, _forward_torch, _backward_reduce_torch, _backward_apply_torch),
-}
-
 if STATUS["cpu"].built:  # the compiled family exists once fastres._C is loaded
     _register_fakes("")
-    for _name in ("cpu", "cuda"):
-        SPLIT_OPS[_name] = SplitOps(
-            torch.ops.fastres.bn_stats,
-            FORWARD_OPS[_name],
-            torch.ops.fastres.bn_act_backward_reduce,
-            torch.ops.fastres.bn_act_backward_apply,
-        )
+
+_TORCH_PIECES = BnActPieces(
+    _stats_torch, _forward_torch, _backward_reduce_torch, _backward_apply_torch
+)
+
+
+def pieces_for(backend: str) -> BnActPieces:
+    """``backend``'s pieces of bn_act: its family's ops (fastres/ops/registry.py), or PyTorch's
+    composition for the ``torch`` backend."""
+    if backend == "torch":
+        return _TORCH_PIECES
+    return BnActPieces(
+        op("bn_stats", backend),
+        op("bn_act_forward", backend),
+        op("bn_act_backward_reduce", backend),
+        op("bn_act_backward_apply", backend),
+    )

@@ -2,8 +2,8 @@
 bottleneck's training step on them against torchvision eager and torch.compile(max-autotune).
 
 GPU only: under the Triton interpreter a timing says nothing about the kernels, so on CPU these
-are skipped (the interpreter checks correctness, in tests/test_conv_bn.py). Targets (on an H100
-in bfloat16): each convolution at least 0.8x cuDNN's throughput; a block's training
+are skipped (the interpreter checks correctness, in tests/test_conv2d_triton.py). Targets (on an
+H100 in bfloat16): each convolution at least 0.8x cuDNN's throughput; a block's training
 step faster than both eager and torch.compile. benchmarks/report.py prints them.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
 import fastres
-from fastres.ops.conv_bn import conv2d_bn_triton
+from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
 from fastres.testing import RESNET50_CONVOLUTIONS, conv_id
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="Triton convolutions are timed on a GPU only")
@@ -52,7 +52,7 @@ def test_convolution(benchmark, describe, spec, impl):
     if impl == "triton":
 
         def run():
-            return conv2d_bn_triton(
+            return bn_act_conv2d_stats_triton(
                 x, weight, None, None, None, None, False, 1e-5, stride, padding, 1, groups, False
             )[0]
     else:

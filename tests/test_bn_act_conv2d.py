@@ -140,11 +140,11 @@ def test_float64_matches_and_gradchecks(
 
 
 @pytest.mark.parametrize(
-    "backend,device",
+    "op_name,device",
     [
-        ("cpu", "cpu"),
-        pytest.param("triton", "cpu", marks=pytest.mark.triton_interpreter),
-        pytest.param("cuda", "cuda", marks=pytest.mark.cuda),
+        ("bn_act_conv2d", "cpu"),
+        pytest.param("bn_act_conv2d_triton", "cpu", marks=pytest.mark.triton_interpreter),
+        pytest.param("bn_act_conv2d", "cuda", marks=pytest.mark.cuda),
     ],
 )
 @pytest.mark.parametrize(
@@ -152,11 +152,12 @@ def test_float64_matches_and_gradchecks(
     [torch.contiguous_format, torch.channels_last],
     ids=["contiguous", "channels_last"],
 )
-def test_opcheck(backend, device, memory_format):
+def test_opcheck(op_name, device, memory_format):
+    """One op per family (fastres/ops/registry.py), no backend argument in the schema."""
     t = _inputs(8, 8, 3, 2, torch.float32, device)
     t["y"] = t["y"].detach().contiguous(memory_format=memory_format).requires_grad_()
     opcheck(
-        torch.ops.fastres.bn_act_conv2d.default,
+        getattr(torch.ops.fastres, op_name).default,
         (
             t["y"],
             t["bn_weight"],
@@ -170,9 +171,24 @@ def test_opcheck(backend, device, memory_format):
             2,
             True,
             1e-5,
-            backend,
         ),
     )
+
+
+def test_the_torch_backend_is_pytorchs_composition():
+    """backend="torch" runs F.batch_norm, relu and conv2d, and returns the ops' results: the
+    batch statistics, the running statistics untouched."""
+    t = _inputs(8, 8, 3, 1, torch.float64)
+    running = (t["running_mean"].clone(), t["running_var"].clone())
+    args = (t["y"], t["bn_weight"], t["bn_bias"], *running, t["conv_weight"])
+    out, mean, var = bn_act_conv2d(*args, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, "torch")
+    expected, expected_mean, expected_var = bn_act_conv2d(
+        *args, [1, 1], [1, 1], [1, 1], 1, True, 1e-5, "cpu"
+    )
+    assert_close(out, expected, "out")
+    assert_close(mean, expected_mean, "mean")
+    assert_close(var, expected_var, "var")
+    assert torch.equal(running[0], t["running_mean"]) and torch.equal(running[1], t["running_var"])
 
 
 def test_keeps_only_the_batch_norm_input():
