@@ -26,6 +26,8 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -41,7 +43,7 @@ class BackendStatus:
     available: bool
     reason: str  # empty when available
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"built": self.built, "available": self.available, "reason": self.reason}
 
 
@@ -51,10 +53,10 @@ REBUILD_HINT = (
 )
 
 
-def _build_info() -> dict:
+def _build_info() -> dict[str, Any]:
     """The build information setup.py wrote for this Python (fastres/_build_info_<tag>.py):
     what was built, against which torch."""
-    facts = {
+    facts: dict[str, Any] = {
         "CUDA_BUILT": False,
         "CUDA_ARCHS": "",
         "CUDA_NOT_BUILT_REASON": "no build information",
@@ -70,7 +72,7 @@ def _build_info() -> dict:
     return {name: getattr(info, name, default) for name, default in facts.items()}
 
 
-def torch_mismatch(build: dict) -> str:
+def torch_mismatch(build: dict[str, Any]) -> str:
     """Why the extension cannot be loaded next to the running torch ("" when it can).
 
     A C++ extension is bound to the exact torch (and CUDA major version) it was compiled
@@ -87,7 +89,7 @@ def torch_mismatch(build: dict) -> str:
     )
 
 
-def _load_extension():
+def _load_extension() -> tuple[ModuleType | None, str]:
     """Imports fastres._C (which registers torch.ops.fastres.*) unless it was built against
     another torch; returns (module or None, why not)."""
     mismatch = torch_mismatch(_build_info())

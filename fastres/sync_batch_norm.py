@@ -4,6 +4,8 @@ model's BatchNorms into it."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from fastres.module_tree import replace_modules, retyped
 from fastres.ops.bn_act import bn_act
 from fastres.ops.sync_bn_act import sync_bn_act
 
-__all__ = ["SyncBatchNorm2d", "sync_batch_norms", "synchronised"]
+__all__ = ["SyncBatchNorm2d", "bn_act_for", "sync_batch_norms", "synchronised"]
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -81,21 +83,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         step = BatchNormStep.of(self)
         args = (x, step.weight, step.bias, step.running_mean, step.running_var)
-        momentum = step.start()
-        if self.training:
-            return sync_bn_act(
-                *args,
-                training=step.training,
-                momentum=momentum,
-                eps=step.eps,
-                relu=False,
-                process_group=self.process_group,
-                backend=self.backend,
-            )
-        return bn_act(
+        return bn_act_for(self)(
             *args,
             training=step.training,
-            momentum=momentum,
+            momentum=step.start(),
             eps=step.eps,
             relu=False,
             backend=self.backend,
@@ -109,6 +100,15 @@ def synchronised(bn: nn.Module) -> bool:
     """Whether bn's statistics come from every process of its group (training only, as in
     nn.SyncBatchNorm: eval and running statistics need no communication)."""
     return isinstance(bn, SyncBatchNorm2d) and bn.training
+
+
+def bn_act_for(bn: nn.Module) -> Callable[..., Tensor]:
+    """The bn_act that computes ``bn``'s statistics: :func:`fastres.ops.sync_bn_act` over its
+    process group when it is :func:`synchronised`, else :func:`fastres.ops.bn_act` (same
+    arguments)."""
+    if synchronised(bn):
+        return functools.partial(sync_bn_act, process_group=bn.process_group)
+    return bn_act
 
 
 def sync_batch_norms(

@@ -37,7 +37,7 @@ def test_info_stays_a_function_whatever_submodules_are_imported():
     import pkgutil
 
     for module in pkgutil.walk_packages(fastres.__path__, "fastres."):
-        if module.name != "fastres.__main__":
+        if not module.name.endswith("__main__"):  # running them runs the command
             importlib.import_module(module.name)
     assert callable(fastres.info) and fastres.info()["backends"]["torch"]["available"]
 

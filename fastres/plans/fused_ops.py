@@ -18,12 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from fastres.batch_norm import BatchNormStep, values_per_channel
-from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_conv import bn_act_conv2d
-from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
+from fastres.ops.sync_bn_act import sync_bn_act_conv2d
 from fastres.plans.description import ResidualBlock
 from fastres.plans.folded_eval import autocast_dtype
-from fastres.sync_batch_norm import synchronised
+from fastres.sync_batch_norm import bn_act_for, synchronised
 
 __all__ = ["FusedOpsPlan"]
 
@@ -73,23 +72,11 @@ def bn_add_relu(y: Tensor, bn: nn.Module, residual: Tensor, backend: str) -> Ten
     if residual.dtype != y.dtype:  # autocast: the residual path may be in another precision
         residual = residual.to(y.dtype)
     args = (y, step.weight, step.bias, step.running_mean, step.running_var)
-    momentum = step.start()
-    if synchronised(bn):
-        return sync_bn_act(
-            *args,
-            residual=residual,
-            training=step.training,
-            momentum=momentum,
-            eps=step.eps,
-            relu=True,
-            process_group=bn.process_group,
-            backend=backend,
-        )
-    return bn_act(
+    return bn_act_for(bn)(
         *args,
         residual=residual,
         training=step.training,
-        momentum=momentum,
+        momentum=step.start(),
         eps=step.eps,
         relu=True,
         backend=backend,

@@ -43,7 +43,7 @@ class _Pending:
     mean: Tensor
     var: Tensor
 
-    def prologue(self) -> tuple:
+    def prologue(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool, float]:
         """The arguments of bn_act_conv2d_stats_triton that apply it in the next prologue."""
         step = self.step
         return (self.mean, self.var, step.weight, step.bias, step.training, step.eps)
