@@ -29,7 +29,13 @@ from fastres.models import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
-from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet, SyncBatchNorm2d
+from fastres.modules import (
+    FastBasicBlock,
+    FastBlockMixin,
+    FastBottleneck,
+    FastResNet,
+    SyncBatchNorm2d,
+)
 
 
 def info() -> dict:
@@ -41,6 +47,7 @@ def info() -> dict:
 
 __all__ = [
     "FastBasicBlock",
+    "FastBlockMixin",
     "FastBottleneck",
     "FastResNet",
     "SyncBatchNorm2d",

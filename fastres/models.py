@@ -13,6 +13,7 @@ from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from fastres.adapters import adapters
 from fastres.backends import check_backend_name
 from fastres.module_tree import replace_modules, retyped
 from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet
@@ -105,10 +106,15 @@ def convert(
     sync_bn: bool = False,
     process_group: Any | None = None,
 ) -> nn.Module:
-    """Replaces every torchvision ``Bottleneck`` and ``BasicBlock`` in ``model`` by the fast blocks.
+    """Replaces every residual block of ``model`` that fastres knows by a fast block.
 
-    Works anywhere in a model (plain ResNets, ResNeXt, Wide ResNet, backbones nested in other
-    models). A torchvision ``ResNet`` itself becomes a :class:`fastres.modules.FastResNet`, whose
+    The blocks: torchvision's ``Bottleneck`` and ``BasicBlock``, anywhere in a model (plain
+    ResNets, ResNeXt, Wide ResNet, backbones nested in other models); timm's ResNet
+    ``Bottleneck`` and ``BasicBlock``, and Hugging Face transformers' ``ResNetBottleNeckLayer`` and
+    ``ResNetBasicLayer``, when those libraries are installed (fastres/adapters/). A block with a
+    layer the fused ops do not reproduce (timm's squeeze-excitation, stochastic depth,
+    anti-aliasing; another activation or norm) is left alone, with the reason in the report that
+    is logged. A torchvision ``ResNet`` itself becomes a :class:`fastres.modules.FastResNet`, whose
     stem convolution is folded in eval like the blocks'. Every parameter and buffer is kept as the
     same tensor (bit for bit), with its device, dtype, memory format and requires_grad, and each
     module keeps its training mode. A subclass of torchvision's blocks or ResNet is left alone
@@ -135,12 +141,18 @@ def convert(
     if not inplace:
         model = copy.deepcopy(model)
 
+    library_adapters = adapters()
+
     def pick(module: nn.Module, name: str):
         if type(module) in _FAST_OF:
             return _FAST_OF[type(module)], ""
         for plain, fast in _FAST_OF.items():
             if isinstance(module, plain) and not isinstance(module, fast):
                 return None, f"{type(module).__name__} subclasses torchvision's {plain.__name__}"
+        for adapter in library_adapters:
+            if type(module) in adapter.fast_classes:
+                why_not = adapter.left_alone(module)
+                return (None, why_not) if why_not else (adapter.fast_classes[type(module)], "")
         return None, ""
 
     def configure(block: nn.Module) -> None:
@@ -167,8 +179,12 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
 
+    originals = dict(_TORCHVISION_OF)
+    for adapter in adapters():
+        originals.update({fast: plain for plain, fast in adapter.fast_classes.items()})
+
     def pick(module: nn.Module, name: str):
-        return _TORCHVISION_OF.get(type(module)), ""
+        return originals.get(type(module)), ""
 
     def configure(block: nn.Module) -> None:
         del block.__dict__["backend"]

@@ -31,14 +31,21 @@ from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name, resolve_backend
 from fastres.folding import FoldedBlock, folding_kind
 from fastres.plans import Plan, plan_for
-from fastres.plans.description import conv_issue, norm_issue
+from fastres.plans.description import ResidualBlock, conv_issue, norm_issue
 from fastres.plans.folded_eval import FOLDED, foldable, folding_input
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
-__all__ = ["FastBottleneck", "FastBasicBlock", "FastResNet", "SyncBatchNorm2d", "sync_batch_norms"]
+__all__ = [
+    "FastBasicBlock",
+    "FastBlockMixin",
+    "FastBottleneck",
+    "FastResNet",
+    "SyncBatchNorm2d",
+    "sync_batch_norms",
+]
 
 
-def _check_block_input(x: Tensor, conv: nn.Conv2d, block: str) -> None:
+def _check_block_input(x: Tensor, conv: nn.Module, block: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{block}: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -53,12 +60,18 @@ def _check_block_input(x: Tensor, conv: nn.Conv2d, block: str) -> None:
         )
 
 
-class _FastBlock(nn.Module):
-    """The forward both fast blocks share: describe the block, run the first plan that
-    applies. Placed before torchvision's block in the bases: ``super()`` is torchvision's."""
+class FastBlockMixin(nn.Module):
+    """The forward every fast block shares, whatever library its block comes from: describe the
+    block (``_describe_with``, the library's adapter), run the first plan that applies. Placed
+    before the library's block class in the bases, so that ``super()`` is the library's block
+    and its forward is the reference."""
 
     backend: str
-    conv1: nn.Conv2d
+    # The adapter's describe(block, reference); typed loosely: each takes its library's blocks.
+    _describe_with: Callable[..., ResidualBlock]
+
+    def _describe(self) -> ResidualBlock:
+        return self._describe_with(self, super().forward)
 
     def _configure(self, backend: str, sync_bn: bool, process_group: Any | None) -> None:
         """The fast blocks' own constructor options (after torchvision's constructor)."""
@@ -67,27 +80,26 @@ class _FastBlock(nn.Module):
             sync_batch_norms(self, process_group, backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_block_input(x, self.conv1, type(self).__name__)
-        block = torchvision_adapter.describe(self, super().forward)
+        block = self._describe()
+        _check_block_input(x, block.stages[0].conv, type(self).__name__)
         backend = resolve_backend(self.backend, x.device, x.dtype)
         return plan_for(block, x, backend).run(block, x, backend)
 
     def fusion_issue(self) -> str:
         """Why the fused ops cannot reproduce this block, "" when they can (then, on any
-        backend but ``torch``, forward runs fused; otherwise torchvision's own forward)."""
-        return torchvision_adapter.describe(self, super().forward).fusion_issue()
+        backend but ``torch``, forward runs fused; otherwise the library's own forward)."""
+        return self._describe().fusion_issue()
 
     def plan_for(self, x: Tensor) -> Plan:
         """The execution plan forward would run for ``x`` now (see :mod:`fastres.plans`)."""
-        block = torchvision_adapter.describe(self, super().forward)
-        return plan_for(block, x, resolve_backend(self.backend, x.device, x.dtype))
+        return plan_for(self._describe(), x, resolve_backend(self.backend, x.device, x.dtype))
 
     def train(self, mode: bool = True):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them
         return super().train(mode)
 
 
-class FastBottleneck(_FastBlock, Bottleneck):
+class FastBottleneck(FastBlockMixin, Bottleneck):
     """torchvision's ``Bottleneck`` (ResNet v1.5: stride on the 3x3) on fused ops.
 
     Same constructor as torchvision's, plus ``backend`` (``"auto"``, ``"cpu"``, ``"cuda"``,
@@ -96,6 +108,8 @@ class FastBottleneck(_FastBlock, Bottleneck):
     over ``process_group`` (None: the default group). Input ``(N, inplanes, H, W)``; output
     ``(N, planes * 4, H / stride, W / stride)``, dtype and memory format as torchvision's.
     """
+
+    _describe_with = staticmethod(torchvision_adapter.describe)
 
     def __init__(
         self,
@@ -118,11 +132,13 @@ class FastBottleneck(_FastBlock, Bottleneck):
         self._configure(backend, sync_bn, process_group)
 
 
-class FastBasicBlock(_FastBlock, BasicBlock):
+class FastBasicBlock(FastBlockMixin, BasicBlock):
     """torchvision's ``BasicBlock`` on fused ops; see :class:`FastBottleneck`.
 
     Input ``(N, inplanes, H, W)``; output ``(N, planes, H / stride, W / stride)``.
     """
+
+    _describe_with = staticmethod(torchvision_adapter.describe)
 
     def __init__(
         self,

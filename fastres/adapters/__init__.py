@@ -1,2 +1,56 @@
 """Adapters: one library's residual blocks as the canonical description plans work on
-(:class:`fastres.plans.description.ResidualBlock`), one file per library."""
+(:class:`fastres.plans.description.ResidualBlock`), one file per library.
+
+torchvision's adapter is always there (fastres/adapters/torchvision.py; its fast blocks are
+:class:`fastres.FastBottleneck` and :class:`fastres.FastBasicBlock`). The others are registered
+only when their library imports: ``import fastres`` needs none of them, and :func:`adapters`
+imports each library once, when a model is first converted or reverted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["LibraryAdapter", "adapters"]
+
+
+@dataclass(frozen=True)
+class LibraryAdapter:
+    """What :func:`fastres.convert` needs of one library.
+
+    Attributes:
+        library: the library's import name.
+        fast_classes: each of the library's block classes -> the fast class that convert()
+            retypes it into (and revert() back from).
+        left_alone: why a block of one of those classes is not converted ("" when it is): a
+            layer the fused ops do not reproduce (squeeze-excitation, anti-aliasing, another
+            activation or norm, ...).
+    """
+
+    library: str
+    fast_classes: dict[type[nn.Module], type[nn.Module]]
+    left_alone: Callable[[Any], str]  # takes the library's block classes
+
+
+# The other libraries' adapters, by module; each defines ADAPTER.
+_OPTIONAL = ("fastres.adapters.timm", "fastres.adapters.transformers")
+_LOADED: list[LibraryAdapter] | None = None
+
+
+def adapters() -> list[LibraryAdapter]:
+    """The adapters whose library imports here (each tried once)."""
+    global _LOADED
+    if _LOADED is None:
+        loaded = []
+        for name in _OPTIONAL:
+            try:
+                loaded.append(importlib.import_module(name).ADAPTER)
+            except ImportError:  # the library is not installed: nothing of it to convert
+                continue
+        _LOADED = loaded
+    return _LOADED

@@ -10,7 +10,14 @@ import torch
 
 import fastres
 from fastres.bench.measure import measure_all, prepare
-from fastres.bench.models import DTYPES, MODELS, available_backends, build_reference, configurations
+from fastres.bench.models import (
+    DTYPES,
+    MODELS,
+    available_backends,
+    build_reference,
+    configurations,
+    reference_library,
+)
 from fastres.bench.report import (
     device_name,
     fastres_commit,
@@ -24,7 +31,7 @@ from fastres.bench.report import (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fastres.bench",
-        description="Verify, then benchmark, a ResNet against torchvision's.",
+        description="Verify, then benchmark, a ResNet against its library's own model.",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model", choices=MODELS, default="resnet50")
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     reference = build_reference(args.model, args.device)
     configs = configurations(
-        args.device, available_backends(args.device, args.backend), args.compile
+        args.model, available_backends(args.device, args.backend), args.compile
     )
     prepared = [
         prepare(config, reference, args, args.device, dtype) for config in _progress(configs)
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Triton autotuning: {_triton_tuning()}")
     meta = {
         "model": args.model,
+        "reference": reference_library(args.model),
         "device": device_name(args.device),
         "device_type": args.device,
         "dtype": args.dtype,
@@ -146,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, meta)
     if not args.compile:
         print("torch.compile not measured (--no-compile)")
-    csv_path = args.csv or os.path.join(args.out, f"{args.model}_{args.device}_{args.dtype}.csv")
+    stem = args.model.replace(":", "-")  # timm:resnet50 -> timm-resnet50_cpu_fp32.csv
+    csv_path = args.csv or os.path.join(args.out, f"{stem}_{args.device}_{args.dtype}.csv")
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     write_csv(rows, csv_path)
     chart_path = os.path.splitext(csv_path)[0] + ".png"

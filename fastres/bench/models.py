@@ -13,7 +13,18 @@ from torch import nn
 import fastres
 from fastres.backends import STATUS
 
-MODELS = ("resnet50", "resnet18", "resnext50_32x4d")
+# torchvision's by name; timm's as "timm:<name>" and Hugging Face transformers' as "hf:<name>"
+# (built from their configurations, random weights: nothing is downloaded).
+MODELS = (
+    "resnet50",
+    "resnet18",
+    "resnext50_32x4d",
+    "timm:resnet18",
+    "timm:resnet50",
+    "timm:resnet50d",
+    "hf:resnet-18",
+    "hf:resnet-50",
+)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,8 +32,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Config:
-    name: str  # e.g. "torchvision", "fastres[cpu]+compile"
-    family: str  # "torchvision" or "fastres"
+    name: str  # e.g. "torchvision", "timm+compile", "fastres[cpu]+compile"
+    family: str  # "reference" (the library's own model) or "fastres"
     backend: str | None
     compile: bool
 
@@ -38,10 +49,51 @@ class Result:
     saved_mib: float | None = None
 
 
+class LogitsOf(nn.Module):
+    """A transformers image classifier whose forward returns the logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def _library_model(model: str) -> nn.Module:
+    library, _, name = model.rpartition(":")
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    if library == "hf":
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        configs = {  # microsoft/resnet-50's and resnet-18's, 1,000 classes like the others
+            "resnet-50": ResNetConfig(num_labels=1000),
+            "resnet-18": ResNetConfig(
+                layer_type="basic",
+                depths=[2, 2, 2, 2],
+                hidden_sizes=[64, 128, 256, 512],
+                num_labels=1000,
+            ),
+        }
+        return LogitsOf(ResNetForImageClassification(configs[name]))
+    return getattr(torchvision.models, name)()
+
+
+def reference_library(model: str) -> str:
+    """The library whose own model is the reference: torchvision, timm or transformers."""
+    library = model.rpartition(":")[0]
+    return {"": "torchvision", "hf": "transformers"}.get(library, library)
+
+
 def build_reference(model: str, device: str) -> nn.Module:
+    """The library's own model (one of MODELS), random weights, channels_last on ``device``."""
     torch.manual_seed(0)
-    net = getattr(torchvision.models, model)()
-    return net.to(device).to(memory_format=torch.channels_last)
+    net = _library_model(model).to(device)
+    # Module.to takes memory_format at run time; its type stubs do not say so.
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def build_fast(reference: nn.Module, backend: str) -> nn.Module:
@@ -73,10 +125,13 @@ def make_train_step(model: nn.Module, x, labels, device, dtype) -> Callable[[], 
     return step
 
 
-def configurations(device: str, backends: list[str], compile_: bool) -> list[Config]:
-    configs = [Config("torchvision", "torchvision", None, False)]
+def configurations(model: str, backends: list[str], compile_: bool) -> list[Config]:
+    """The reference (the library's own model, eager and compiled) and fastres on each
+    backend (eager and compiled)."""
+    library = reference_library(model)
+    configs = [Config(library, "reference", None, False)]
     if compile_:
-        configs.append(Config("torchvision+compile", "torchvision", None, True))
+        configs.append(Config(f"{library}+compile", "reference", None, True))
     for backend in backends:
         configs.append(Config(f"fastres[{backend}]", "fastres", backend, False))
         if compile_:

@@ -70,7 +70,7 @@ def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:
 
 
 def rows_of(results: list[Result], meta: dict) -> list[dict]:
-    base = next(r for r in results if r.config.name == "torchvision")
+    base = next(r for r in results if r.config.family == "reference" and not r.config.compile)
     rows = []
     for r in results:
         row = {
@@ -128,9 +128,11 @@ def print_table(rows: list[dict], meta: dict) -> None:
         f"torch.compile mode {meta.get('compile_mode', 'default')}, "
         f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}"
     )
+    reference = meta.get("reference", "torchvision")
     print(
         f"{rows[0]['rounds'] or 0} interleaved rounds; img/s is the median round, x tv the "
-        "median of per-round speed-ups over torchvision [interquartile range]; n.s.: not "
+        f"median of per-round speed-ups over {reference} (the reference, its own model; 'tv' "
+        "and the CSV's *_vs_torchvision columns name it) [interquartile range]; n.s.: not "
         "significant (the range contains 1.0)"
     )
     header = (
@@ -158,8 +160,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
             f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}"
         )
     print(
-        f"\nparity, relative error against torchvision in float64 (torchvision's own error in "
-        f"brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):"
+        f"\nparity, relative error against {reference} in float64 ({reference}'s own error "
+        f"in brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):"
     )
     for row in rows:
         if "parity_train_output" in row:
