@@ -69,16 +69,15 @@ def _library_model(model: str) -> nn.Module:
     if library == "hf":
         from transformers import ResNetConfig, ResNetForImageClassification
 
-        configs = {  # microsoft/resnet-50's and resnet-18's, 1,000 classes like the others
-            "resnet-50": ResNetConfig(num_labels=1000),
+        configs = {  # microsoft/resnet-50's and resnet-18's
+            "resnet-50": ResNetConfig(),
             "resnet-18": ResNetConfig(
-                layer_type="basic",
-                depths=[2, 2, 2, 2],
-                hidden_sizes=[64, 128, 256, 512],
-                num_labels=1000,
+                layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]
             ),
         }
-        return LogitsOf(ResNetForImageClassification(configs[name]))
+        config = configs[name]
+        config.num_labels = 1000  # ImageNet's, like the other models (the default is 2)
+        return LogitsOf(ResNetForImageClassification(config))
     return getattr(torchvision.models, name)()
 
 
