@@ -18,15 +18,9 @@ from torch import Tensor, nn
 
 from fastres.adapters import LibraryAdapter
 from fastres.modules import FastBlockMixin
-from fastres.plans.description import ResidualBlock, Stage, activation_name
+from fastres.plans.description import ResidualBlock, Stage, activation_name, conv_norm_stage
 
 __all__ = ["ADAPTER", "FastTimmBasicBlock", "FastTimmBottleneck", "describe"]
-
-
-def _shortcut_stage(downsample: nn.Module | None) -> Stage | None:
-    if type(downsample) is nn.Sequential and len(downsample) == 2:
-        return Stage(downsample[0], downsample[1], "identity")
-    return None
 
 
 def describe(
@@ -52,7 +46,7 @@ def describe(
         module=block,
         stages=stages,
         shortcut=block.downsample,
-        shortcut_stage=_shortcut_stage(block.downsample),
+        shortcut_stage=conv_norm_stage(block.downsample),
         activation=activation,
         reference=reference,
     )

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from fastres.plans.description import ResidualBlock, Stage, activation_name
+from fastres.plans.description import ResidualBlock, Stage, activation_name, conv_norm_stage
 
 __all__ = ["describe"]
 
 _LAYERS = {Bottleneck: ("1", "2", "3"), BasicBlock: ("1", "2")}
-
-
-def _shortcut_stage(downsample: nn.Module | None) -> Stage | None:
-    """torchvision's downsample branch, ``Sequential(conv1x1, BatchNorm2d)``, as one stage."""
-    if type(downsample) is nn.Sequential and len(downsample) == 2:
-        return Stage(downsample[0], downsample[1], "identity")
-    return None
 
 
 def describe(
@@ -45,7 +38,7 @@ def describe(
         module=block,
         stages=stages,
         shortcut=block.downsample,
-        shortcut_stage=_shortcut_stage(block.downsample),
+        shortcut_stage=conv_norm_stage(block.downsample),
         activation=activation,
         reference=reference,
     )

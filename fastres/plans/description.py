@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from fastres.sync_batch_norm import SyncBatchNorm2d
 
-__all__ = ["ResidualBlock", "Stage", "activation_name", "conv_issue", "norm_issue"]
+__all__ = [
+    "ResidualBlock",
+    "Stage",
+    "activation_name",
+    "conv_issue",
+    "conv_norm_stage",
+    "norm_issue",
+]
 
 # The activations the fused ops apply, by the name the ops take.
 FUSED_ACTIVATIONS = ("relu",)
@@ -71,6 +78,14 @@ class Stage:
         if not why and self.activation not in activations:
             why = f"the activation is {self.activation}"
         return why
+
+
+def conv_norm_stage(shortcut: nn.Module | None) -> Stage | None:
+    """A shortcut that is ``Sequential(convolution, norm)`` (torchvision's and timm's
+    downsample branch) as one stage without activation, else None (run as its own modules)."""
+    if type(shortcut) is nn.Sequential and len(shortcut) == 2:
+        return Stage(shortcut[0], shortcut[1], "identity")
+    return None
 
 
 @dataclass(frozen=True)
