@@ -90,7 +90,7 @@ def convolution_layers(args):
         calls = {
             "triton": lambda x=x, w=weight, s=stride, p=padding, g=groups: (
                 bn_act_conv2d_stats_triton(
-                    x, w, None, None, None, None, False, 1e-5, s, p, 1, g, False
+                    x, w, None, None, None, None, False, 1e-5, "identity", s, p, 1, g, False
                 )
             ),
             reference: lambda x=x, w=weight, s=stride, p=padding, g=groups: F.conv2d(

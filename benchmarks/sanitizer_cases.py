@@ -76,7 +76,7 @@ def conv_case(device: str, n, c_in, side, c_out, kernel, stride, groups) -> None
     weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
     padding = kernel // 2
     out, mean, var = bn_act_conv2d_stats_triton(
-        x, weight, None, None, None, None, False, 1e-5, stride, padding, 1, groups, True
+        x, weight, None, None, None, None, False, 1e-5, "identity", stride, padding, 1, groups, True
     )
     expected = F.conv2d(x, weight, None, stride, padding, 1, groups)
     grad = torch.randn(out.shape, device=device)

@@ -53,7 +53,20 @@ def test_convolution(benchmark, describe, spec, impl):
 
         def run():
             return bn_act_conv2d_stats_triton(
-                x, weight, None, None, None, None, False, 1e-5, stride, padding, 1, groups, False
+                x,
+                weight,
+                None,
+                None,
+                None,
+                None,
+                False,
+                1e-5,
+                "identity",
+                stride,
+                padding,
+                1,
+                groups,
+                False,
             )[0]
     else:
 

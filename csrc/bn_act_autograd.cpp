@@ -11,8 +11,11 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
+
+#include "common/bn_act_checks.h"
 
 namespace fastres {
 namespace {
@@ -26,13 +29,14 @@ using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 ForwardResult call_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& residual, const OptTensor& running_mean,
-                           const OptTensor& running_var, bool training, double eps, bool relu) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastres::bn_act_forward", "")
-          .typed<ForwardResult(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                               const OptTensor&, const OptTensor&, bool, double, bool)>();
-  return op.call(x, weight, bias, residual, running_mean, running_var, training, eps, relu);
+                           const OptTensor& running_var, bool training, double eps,
+                           c10::string_view activation) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastres::bn_act_forward", "")
+                       .typed<ForwardResult(const Tensor&, const OptTensor&, const OptTensor&,
+                                            const OptTensor&, const OptTensor&, const OptTensor&,
+                                            bool, double, c10::string_view)>();
+  return op.call(x, weight, bias, residual, running_mean, running_var, training, eps, activation);
 }
 
 ForwardResult call_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& weight,
@@ -59,17 +63,35 @@ bool needs_grad(AutogradContext* ctx, int64_t edge) {
   return edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge));
 }
 
+OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// SiLU's gradient at its input z = batch_norm(x) + residual. z is recomputed by the forward's
+// elementwise pass with the saved statistics (training=false normalises with the given values,
+// the same arithmetic as the training forward), so no per-element tensor is kept for SiLU.
+Tensor silu_input_grad(const Tensor& grad_out, const Tensor& x, const OptTensor& weight,
+                       const OptTensor& bias, const OptTensor& residual, const Tensor& mean,
+                       const Tensor& var, double eps) {
+  const Tensor z =
+      std::get<0>(call_forward(x, weight, bias, residual, mean, var, false, eps, "identity"));
+  return at::silu_backward(grad_out, z);
+}
+
 class BnActFunction : public torch::autograd::Function<BnActFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual,
                                const OptTensor& running_mean, const OptTensor& running_var,
-                               bool training, double eps, bool relu) {
+                               bool training, double eps, c10::string_view activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, var, mask] =
-        call_forward(x, weight, bias, residual, running_mean, running_var, training, eps, relu);
+    auto [out, mean, var, mask] = call_forward(x, weight, bias, residual, running_mean, running_var,
+                                               training, eps, activation);
     // Saved: the input, the per-channel statistics and the 1-bit ReLU mask; never the output.
-    ctx->save_for_backward({x, weight.value_or(Tensor()), mean, var, mask});
+    // SiLU also keeps references to bias and residual (tensors that exist anyway) to recompute
+    // its input.
+    const bool silu = parse_activation(activation) == Activation::kSilu;
+    ctx->save_for_backward({x, weight.value_or(Tensor()), mean, var, mask,
+                            silu ? bias.value_or(Tensor()) : Tensor(),
+                            silu ? residual.value_or(Tensor()) : Tensor()});
     const auto edges =
         edge_indices({true, weight.has_value(), bias.has_value(), residual.has_value()});
     ctx->saved_data["weight_edge"] = edges[1];
@@ -77,7 +99,7 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
     ctx->saved_data["residual_edge"] = edges[3];
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({mean, var, mask});
     // The statistics and the mask never receive gradients: do not fill zeros for them.
     ctx->set_materialize_grads(false);
@@ -88,14 +110,19 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(9);  // out did not reach the loss
     const auto saved = ctx->get_saved_variables();
-    const Tensor& weight = saved[1];
+    const OptTensor weight = present(saved[1]);
     const bool weight_grad = needs_grad(ctx, ctx->saved_data["weight_edge"].toInt());
     const bool bias_grad = needs_grad(ctx, ctx->saved_data["bias_edge"].toInt());
     const bool residual_grad = needs_grad(ctx, ctx->saved_data["residual_edge"].toInt());
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const Activation activation = parse_activation(ctx->saved_data["activation"].toStringRef());
+    const Tensor grad = activation == Activation::kSilu
+                            ? silu_input_grad(grads[0], saved[0], weight, present(saved[5]),
+                                              present(saved[6]), saved[2], saved[3], eps)
+                            : grads[0];
     auto [grad_x, grad_weight, grad_bias, grad_residual] = call_backward(
-        grads[0], saved[0], weight.defined() ? OptTensor(weight) : std::nullopt, saved[2], saved[3],
-        saved[4], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["relu"].toBool(), residual_grad);
+        grad, saved[0], weight, saved[2], saved[3], saved[4], ctx->saved_data["training"].toBool(),
+        eps, activation == Activation::kRelu, residual_grad);
     return {ctx->needs_input_grad(0) ? grad_x : Tensor(),
             weight_grad ? grad_weight : Tensor(),
             bias_grad ? grad_bias : Tensor(),
@@ -111,9 +138,9 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
 ForwardResult bn_act_forward_autograd(const Tensor& x, const OptTensor& weight,
                                       const OptTensor& bias, const OptTensor& residual,
                                       const OptTensor& running_mean, const OptTensor& running_var,
-                                      bool training, double eps, bool relu) {
+                                      bool training, double eps, c10::string_view activation) {
   auto out = BnActFunction::apply(x, weight, bias, residual, running_mean, running_var, training,
-                                  eps, relu);
+                                  eps, activation);
   return {out[0], out[1], out[2], out[3]};
 }
 

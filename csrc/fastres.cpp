@@ -6,15 +6,19 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastres, m) {
-  // out = relu?(batch_norm(x) + residual). Returns (out, save_mean, save_var, relu_mask):
-  // save_mean/save_var are the batch mean and biased variance in training, copies of the running
-  // statistics in eval; relu_mask packs one bit per element of out (out > 0), empty if not relu.
+  // out = activation(batch_norm(x) + residual), activation "identity", "relu" or "silu".
+  // Returns (out, save_mean, save_var, relu_mask): save_mean/save_var are the batch mean and
+  // biased variance in training, copies of the running statistics in eval; relu_mask packs one
+  // bit per element of out (out > 0) for "relu", and is empty otherwise.
   m.def(
       "bn_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "Tensor? running_mean, Tensor? running_var, bool training, float eps, bool relu) "
+      "Tensor? running_mean, Tensor? running_var, bool training, float eps, str activation) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty unless
-  // residual_grad. Recomputes the normalised input from x and the saved statistics.
+  // residual_grad. Recomputes the normalised input from x and the saved statistics. grad_out is
+  // the gradient at the activation's output for relu (masked here) and at its input otherwise:
+  // for silu the autograd formulas apply SiLU's derivative first, at the recomputed input
+  // (csrc/bn_act_autograd.cpp, fastres/ops/bn_act.py).
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
       "Tensor save_var, Tensor relu_mask, bool training, float eps, bool relu, "

@@ -1,9 +1,9 @@
 """Inference with BatchNorm folded into the convolutions.
 
 In eval mode a BatchNorm is an affine map, so ``bn(conv(x))`` is one convolution with a new weight
-and bias (:func:`fold_bn`). The fast blocks use that to run each convolution once, with its
-bias, the residual add and the ReLU fused into the convolution, from weights folded once: oneDNN
-post-ops on CPU (``mkldnn::_convolution_pointwise``, weights prepacked), cuDNN's fused
+and bias (:func:`fold_bn`). The fast blocks use that to run each convolution once, with its bias,
+the residual add and the activation (ReLU, SiLU) fused into the convolution, from weights folded
+once: oneDNN post-ops on CPU (``mkldnn::_convolution_pointwise``, weights prepacked), cuDNN's fused
 convolution + bias + add + ReLU on CUDA (``aten::cudnn_convolution_add_relu``), or the Triton
 convolution's epilogue on the triton backend.
 
@@ -18,6 +18,8 @@ import functools
 
 import torch
 from torch import Tensor, nn
+
+from fastres.activation import apply_activation
 
 __all__ = ["fold_bn"]
 
@@ -72,27 +74,47 @@ class _Stage:
         self.packed: Tensor | None = None
         self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
-    def run(self, x: Tensor, *, relu: bool, residual: Tensor | None = None) -> Tensor:
+    def run(self, x: Tensor, *, activation: str, residual: Tensor | None = None) -> Tensor:
+        """``activation(conv(x) + bias + residual)``, ``activation`` one of
+        :data:`fastres.activation.ACTIVATIONS`."""
         if self.kind == "onednn":
-            return self._run_onednn(x, relu, residual)
+            return self._run_onednn(x, activation, residual)
         weight, bias = self._in_dtype(x.dtype)
         c = self.conv
         if self.kind == "triton":
             from fastres.ops.conv2d_triton import conv2d_bias_act_triton
 
             return conv2d_bias_act_triton(
-                x, weight, bias, residual, relu, c.stride[0], c.padding[0], c.dilation[0], c.groups
+                x,
+                weight,
+                bias,
+                residual,
+                activation,
+                c.stride[0],
+                c.padding[0],
+                c.dilation[0],
+                c.groups,
             )
+        return self._run_cudnn(x, weight, bias, activation, residual)
+
+    def _run_cudnn(
+        self, x: Tensor, weight: Tensor, bias: Tensor, activation: str, residual: Tensor | None
+    ) -> Tensor:
+        c = self.conv
         geometry = (list(c.stride), list(c.padding), list(c.dilation), c.groups)
-        if residual is not None:
-            # relu(conv(x) + bias + alpha * residual); the blocks always ReLU after the add.
-            assert relu, "the residual add is always followed by ReLU in a residual block"
+        if activation == "relu" and residual is not None:
+            # relu(conv(x) + bias + alpha * residual), one cuDNN call.
             return torch.ops.aten.cudnn_convolution_add_relu(
                 x, weight, residual, 1.0, bias, *geometry
             )
-        if relu:
+        if activation == "relu":
             return torch.ops.aten.cudnn_convolution_relu(x, weight, bias, *geometry)
-        return torch.ops.aten.convolution(x, weight, bias, *geometry[:3], False, [0, 0], c.groups)
+        # ATen has no fused cuDNN call for SiLU (or a plain add): the convolution with its bias,
+        # then the add and the activation as their own kernels (see CUDNN_UNFUSED).
+        out = torch.ops.aten.convolution(x, weight, bias, *geometry[:3], False, [0, 0], c.groups)
+        if residual is not None:
+            out = out + residual
+        return apply_activation(out, activation)
 
     def _in_dtype(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The folded weight (channels_last) and bias in the activations' dtype (autocast runs
@@ -104,7 +126,7 @@ class _Stage:
             )
         return self._cast[dtype]
 
-    def _run_onednn(self, x: Tensor, relu: bool, residual: Tensor | None) -> Tensor:
+    def _run_onednn(self, x: Tensor, activation: str, residual: Tensor | None) -> Tensor:
         c = self.conv
         geometry = (list(c.padding), list(c.stride), list(c.dilation), c.groups)
         if self.packed is None:
@@ -117,26 +139,34 @@ class _Stage:
                     c.groups,
                     list(x.shape),
                 )
+        post_op = _ONEDNN_POST_OPS[activation]
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed, self.bias, *geometry, "relu" if relu else "none", [], ""
+                x, self.packed, self.bias, *geometry, post_op, [], ""
             )
         weight = self.packed
         if residual.shape[-2:] == (1, 1) and not onednn_binary_takes_packed_weight_at_1x1():
             # See onednn_binary_takes_packed_weight_at_1x1: NCHW input and plain weight there.
             x, weight = _nchw(x), self.weight.contiguous()
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x,
-            residual,
-            weight,
-            self.bias,
-            *geometry,
-            "add",
-            1.0,
-            "relu" if relu else "none",
-            [],
-            "",
+        # ATen's fused oneDNN add takes ReLU after it, and no other activation: SiLU after the add
+        # runs as its own pass (see ONEDNN_UNFUSED).
+        after_add = "relu" if activation == "relu" else None
+        out = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, self.bias, *geometry, "add", 1.0, after_add, [], ""
         )
+        return out if after_add is not None else apply_activation(out, activation)
+
+
+# oneDNN's eltwise post-op for each activation ("swish" with oneDNN's default alpha of 1 is
+# x * sigmoid(x), SiLU).
+_ONEDNN_POST_OPS = {"identity": "none", "relu": "relu", "silu": "swish"}
+
+# What folded inference on oneDNN runs as a separate pass.
+ONEDNN_UNFUSED = "SiLU after the residual add runs as its own pass"
+
+# What folded inference on cuDNN runs as separate kernels: ATen's fused cuDNN calls are
+# convolution + bias + ReLU and convolution + bias + add + ReLU only.
+CUDNN_UNFUSED = "SiLU and a plain residual add run after the convolution as their own kernels"
 
 
 def _nchw(x: Tensor) -> Tensor:
@@ -176,7 +206,10 @@ def folding_description(backend: str) -> str:
     if kind is None:
         return "not available (no fused convolution for this backend here): eval runs unfolded"
     if kind == "onednn":
-        text = "oneDNN fused convolution + bias (+ add) (+ ReLU), prepacked weights"
+        text = (
+            "oneDNN fused convolution + bias (+ add) (+ ReLU or SiLU), prepacked weights; "
+            + ONEDNN_UNFUSED
+        )
         if not onednn_binary_takes_packed_weight_at_1x1():
             text += (
                 "; where the output is 1x1 the residual-add convolution takes the plain "
@@ -184,8 +217,8 @@ def folding_description(backend: str) -> str:
             )
         return text
     if kind == "cudnn":
-        return "cuDNN fused convolution + bias (+ add) + ReLU"
-    return "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU) epilogue"
+        return f"cuDNN fused convolution + bias (+ add) + ReLU; {CUDNN_UNFUSED}"
+    return "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU or SiLU) epilogue"
 
 
 def _state_key(tensors: list[Tensor | None]) -> tuple:

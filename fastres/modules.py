@@ -206,7 +206,7 @@ class FastResNet(ResNet):
         assert kind is not None  # _stem_folding_backend checked that the backend folds
         (stage,), _ = cache.stages([(self.conv1, self.bn1)], None, kind)
         with torch.autocast(x.device.type, enabled=False):
-            out = stage.run(folding_input(x, backend), relu=True)
+            out = stage.run(folding_input(x, backend), activation="relu")
         return out.contiguous(memory_format=memory_format_of(x))
 
     def train(self, mode: bool = True):

@@ -88,7 +88,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             training=step.training,
             momentum=step.start(),
             eps=step.eps,
-            relu=False,
+            activation="identity",
             backend=self.backend,
         )
 

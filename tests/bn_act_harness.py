@@ -35,7 +35,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     memory_format: torch.memory_format = torch.contiguous_format
     residual: bool = True
-    relu: bool = True
+    activation: str = "relu"
     affine: bool = True
     track_running_stats: bool = True
     training: bool = True
@@ -108,7 +108,7 @@ def run(fn, inputs: dict, case: Case, dtype: torch.dtype, device: str) -> dict:
             training=case.training,
             momentum=case.momentum,
             eps=case.eps,
-            relu=case.relu,
+            activation=case.activation,
         )
         out.backward(grad)
     # The op must never modify the caller's activations.

@@ -18,6 +18,7 @@ from bn_act_harness import (
 )
 from torch.autograd import gradcheck
 
+from fastres.activation import ACTIVATIONS
 from fastres.ops import bn_act
 from fastres.testing import backend_device_params
 
@@ -57,18 +58,30 @@ def test_odd_shapes(backend, device, shape, dtype, memory_format):
 
 
 FLAG_COMBINATIONS = [
-    dict(residual=r, relu=a, affine=f, track_running_stats=t, training=tr)
-    for r, a, f, t, tr in itertools.product([True, False], repeat=5)
+    dict(residual=r, affine=f, track_running_stats=t, training=tr)
+    for r, f, t, tr in itertools.product([True, False], repeat=4)
     if tr or t  # eval needs running statistics
 ]
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize(
     "flags", FLAG_COMBINATIONS, ids=lambda f: "-".join(k for k, v in f.items() if v) or "none"
 )
-def test_flags(backend, device, flags):
-    check_case(backend, device, Case((3, 6, 5, 3), **flags))
+def test_flags(backend, device, activation, flags):
+    check_case(backend, device, Case((3, 6, 5, 3), activation=activation, **flags))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=_fmt_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_in_every_dtype(backend, device, dtype, memory_format):
+    """SiLU recomputes its input in backward (nothing per element is saved for it): training
+    and eval, with a residual, by the tolerance rule in each dtype."""
+    for training in (True, False):
+        case = Case((4, 13, 5, 3), dtype, memory_format, activation="silu", training=training)
+        check_case(backend, device, case)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -96,10 +109,17 @@ def test_stats_are_robust_to_a_large_mean(backend, device):
         rv.to(device),
         training=True,
         backend=backend,
-        relu=False,
+        activation="identity",
     )
     ref = bn_act(
-        x, None, None, rm_ref.double(), rv_ref.double(), training=True, backend="torch", relu=False
+        x,
+        None,
+        None,
+        rm_ref.double(),
+        rv_ref.double(),
+        training=True,
+        backend="torch",
+        activation="identity",
     )
     # float32 inputs carry about 1e-5 relative error at this offset; the normalised output then
     # scatters by about that much relative to the (0.01) spread.
@@ -107,9 +127,10 @@ def test_stats_are_robust_to_a_large_mean(backend, device):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=_fmt_id)
-def test_gradcheck_float64(backend, training, memory_format):
+def test_gradcheck_float64(backend, activation, training, memory_format):
     g = torch.Generator().manual_seed(1)
     x = (
         (torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64) * 2 + 0.5)
@@ -135,6 +156,7 @@ def test_gradcheck_float64(backend, training, memory_format):
             rv.clone(),
             residual=residual,
             training=training,
+            activation=activation,
             backend=backend,
         )
 

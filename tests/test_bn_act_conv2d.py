@@ -1,4 +1,5 @@
-"""bn_act_conv2d: conv2d(relu(batch_norm(y))) without keeping the ReLU output for backward."""
+"""bn_act_conv2d: conv2d(act(batch_norm(y))) without keeping the activation's output for
+backward."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 from torch.library import opcheck
 
+from fastres.activation import ACTIVATIONS, apply_activation
 from fastres.ops import bn_act_conv2d
 from fastres.testing import assert_close, assert_within_error_factor, backend_params
 
@@ -35,8 +37,8 @@ def _inputs(cin, cout, k, groups, dtype, device="cpu", seed=0):
     )
 
 
-def _reference(t, stride, padding, dilation, groups, training, eps=1e-5):
-    z = F.relu(
+def _reference(t, stride, padding, dilation, groups, training, eps=1e-5, activation="relu"):
+    z = apply_activation(
         F.batch_norm(
             t["y"],
             t["running_mean"].clone(),
@@ -46,7 +48,8 @@ def _reference(t, stride, padding, dilation, groups, training, eps=1e-5):
             training,
             0.0,
             eps,
-        )
+        ),
+        activation,
     )
     return F.conv2d(z, t["conv_weight"], None, stride, padding, dilation, groups)
 
@@ -60,13 +63,14 @@ def _run(fn, t, grad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "name,cin,cout,k,stride,padding,dilation,groups", CONVS, ids=[c[0] for c in CONVS]
 )
 def test_matches_reference(
-    name, cin, cout, k, stride, padding, dilation, groups, dtype, training, backend
+    name, cin, cout, k, stride, padding, dilation, groups, dtype, training, activation, backend
 ):
     device = "cuda" if backend == "cuda" else "cpu"
     if dtype == torch.float16 and device == "cpu":
@@ -85,11 +89,12 @@ def test_matches_reference(
             training,
             1e-5,
             backend,
+            activation,
         )
         return out
 
     def reference(t):
-        return _reference(t, *args, training)
+        return _reference(t, *args, training, activation=activation)
 
     t = _inputs(cin, cout, k, groups, dtype, device)
     with torch.no_grad():
@@ -104,12 +109,13 @@ def test_matches_reference(
         assert_within_error_factor(got[key], expected[key], value, key, dtype)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
     "name,cin,cout,k,stride,padding,dilation,groups", CONVS, ids=[c[0] for c in CONVS]
 )
 def test_float64_matches_and_gradchecks(
-    name, cin, cout, k, stride, padding, dilation, groups, training
+    name, cin, cout, k, stride, padding, dilation, groups, training, activation
 ):
     args = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
     t = _inputs(cin, cout, k, groups, torch.float64)
@@ -126,10 +132,11 @@ def test_float64_matches_and_gradchecks(
             training,
             1e-5,
             "cpu",
+            activation,
         )[0]
 
     out = fused(t["y"], t["bn_weight"], t["bn_bias"], t["conv_weight"])
-    assert_close(out, _reference(t, *args, training), "out")
+    assert_close(out, _reference(t, *args, training, activation=activation), "out")
     assert gradcheck(
         fused,
         (t["y"], t["bn_weight"], t["bn_bias"], t["conv_weight"]),
@@ -152,7 +159,8 @@ def test_float64_matches_and_gradchecks(
     [torch.contiguous_format, torch.channels_last],
     ids=["contiguous", "channels_last"],
 )
-def test_opcheck(op_name, device, memory_format):
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_opcheck(op_name, device, memory_format, activation):
     """One op per family (fastres/ops/registry.py), no backend argument in the schema."""
     t = _inputs(8, 8, 3, 2, torch.float32, device)
     t["y"] = t["y"].detach().contiguous(memory_format=memory_format).requires_grad_()
@@ -171,6 +179,7 @@ def test_opcheck(op_name, device, memory_format):
             2,
             True,
             1e-5,
+            activation,
         ),
     )
 

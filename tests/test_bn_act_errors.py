@@ -244,7 +244,17 @@ def test_compiled_op_checks_arguments(breaker, error, match):
             args["running_var"],
             True,
             1e-5,
-            True,
+            "relu",
+        )
+
+
+def test_an_unknown_activation_is_refused_by_name():
+    args = _args()
+    with pytest.raises(ValueError, match="activation must be one of 'identity', 'relu', 'silu'"):
+        bn_act(**args, training=True, activation="gelu")
+    with pytest.raises(ValueError, match="activation must be 'identity', 'relu' or 'silu'"):
+        torch.ops.fastres.bn_act_forward(
+            args["x"], None, None, None, None, None, True, 1e-5, "gelu"
         )
 
 
@@ -297,4 +307,4 @@ def test_triton_rejects_more_elements_than_int32_offsets_reach():
 
     x = torch.empty(2700, 64, 112, 112, device="meta")
     with pytest.raises(ValueError, match="bn_act: the triton backend addresses x with 32-bit"):
-        bn_act_forward(x, None, None, None, None, None, True, 1e-5, True)
+        bn_act_forward(x, None, None, None, None, None, True, 1e-5, "relu")

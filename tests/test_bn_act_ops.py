@@ -26,7 +26,7 @@ OP_FAMILIES = [
 ]
 
 
-def _sample(device, memory_format, training, relu, residual):
+def _sample(device, memory_format, training, activation, residual):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 3, 4, generator=g).to(device).contiguous(memory_format=memory_format)
     return dict(
@@ -43,7 +43,7 @@ def _sample(device, memory_format, training, relu, residual):
         running_var=torch.ones(5, device=device),
         training=training,
         eps=1e-5,
-        relu=relu,
+        activation=activation,
     )
 
 
@@ -54,10 +54,17 @@ def _sample(device, memory_format, training, relu, residual):
     ids=["contiguous", "channels_last"],
 )
 @pytest.mark.parametrize(
-    "training,relu,residual", [(True, True, True), (False, True, False), (True, False, False)]
+    "training,activation,residual",
+    [
+        (True, "relu", True),
+        (False, "relu", False),
+        (True, "identity", False),
+        (True, "silu", True),
+        (False, "silu", False),
+    ],
 )
-def test_opcheck(forward, backward, device, memory_format, training, relu, residual):
-    kwargs = _sample(device, memory_format, training, relu, residual)
+def test_opcheck(forward, backward, device, memory_format, training, activation, residual):
+    kwargs = _sample(device, memory_format, training, activation, residual)
     forward_op = getattr(torch.ops.fastres, forward)
     opcheck(forward_op, (), kwargs)
 
@@ -74,17 +81,18 @@ def test_opcheck(forward, backward, device, memory_format, training, relu, resid
             mask,
             training,
             1e-5,
-            relu,
+            activation == "relu",
             residual,
         ),
     )
 
 
 def _block(backend):
-    """A small function with two fused BatchNorms, the second with a residual, as in a block."""
+    """A small function with two fused BatchNorms, the second with a residual, as in a block
+    (the first with SiLU, as in an Ultralytics block, the second with ReLU)."""
 
     def fn(x, w1, b1, w2, b2, rm1, rv1, rm2, rv2):
-        y = bn_act(x, w1, b1, rm1, rv1, training=True, backend=backend)
+        y = bn_act(x, w1, b1, rm1, rv1, training=True, activation="silu", backend=backend)
         return bn_act(y * 0.5, w2, b2, rm2, rv2, residual=x, training=True, backend=backend)
 
     return fn
@@ -167,3 +175,34 @@ def test_backward_saves_no_output_or_normalised_tensor(backend):
     assert all(t.data_ptr() != out.data_ptr() for t in saved), "the output was saved"
     mask = [t for t in saved if t.dtype == torch.uint8]
     assert len(mask) == 1 and mask[0].numel() == x.numel() // 8
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
+def test_silu_backward_saves_only_the_inputs_it_was_given(backend):
+    """SiLU keeps no mask and no output: its input is recomputed from x, the statistics, the
+    affine parameters and the residual, all tensors the caller holds anyway."""
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    residual = torch.randn(4, 8, 6, 6, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = bn_act(
+            x,
+            torch.ones(8, requires_grad=True),
+            torch.zeros(8, requires_grad=True),
+            torch.zeros(8),
+            torch.ones(8),
+            residual=residual,
+            training=True,
+            activation="silu",
+            backend=backend,
+        )
+    full_size = {t.data_ptr() for t in saved if t.numel() == x.numel()}
+    assert full_size == {x.data_ptr(), residual.data_ptr()}, "a new full-size tensor was saved"
+    assert all(t.data_ptr() != out.data_ptr() for t in saved), "the output was saved"
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert all(t.numel() == 0 for t in masks), "SiLU needs no mask"

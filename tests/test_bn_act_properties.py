@@ -8,6 +8,8 @@ from bn_act_harness import Case, SlicedView, TransposedView, check_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastres.activation import ACTIVATIONS
+
 # CI runs a fixed set of examples so that a submission's result does not depend on the draw;
 # locally each run explores new ones.
 settings.register_profile("ci", derandomize=True)
@@ -39,7 +41,7 @@ def cases(draw, max_channels=17, max_side=7):
         memory_format=memory_format,
         view=view,
         residual=draw(st.booleans()),
-        relu=draw(st.booleans()),
+        activation=draw(st.sampled_from(ACTIVATIONS)),
         affine=draw(st.booleans()),
         track_running_stats=draw(st.booleans()) or not training,
         training=training,

@@ -45,6 +45,8 @@ CONVOLUTIONS = {
     "3x3-two-channel-blocks": (1, 80, 5, 5, 70, 3, 1, 1, 1, 1),
 }
 LOW = [torch.float32, torch.float16]
+# PyTorch's own activations, the reference for the kernels' activation codes.
+TORCH_ACTIVATIONS = {"identity": lambda y: y, "relu": F.relu, "silu": F.silu}
 
 
 def _inputs(spec, dtype, seed=0):
@@ -62,11 +64,12 @@ def _inputs(spec, dtype, seed=0):
     return x, weight.to(dtype), bn, (stride, padding, dilation, groups)
 
 
-def _unfused(x, weight, bn, conv_args, prologue):
-    """PyTorch's composition in x's dtype: conv2d(relu(batch_norm(x)))."""
+def _unfused(x, weight, bn, conv_args, prologue: str | None):
+    """PyTorch's composition in x's dtype: conv2d(prologue(batch_norm(x))), prologue the name
+    of an activation; conv2d(x) when None."""
     stride, padding, dilation, groups = conv_args
-    if prologue:
-        x = F.relu(
+    if prologue is not None:
+        x = TORCH_ACTIVATIONS[prologue](
             F.batch_norm(
                 x,
                 bn["mean"].to(x.dtype),
@@ -114,22 +117,42 @@ def _check_against_torch(fn, spec, dtype, prologue):
         )
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn-relu-prologue"])
-@pytest.mark.parametrize("kind", list(CONVOLUTIONS))
-def test_convolution_forward_and_gradients_match_torch(kind, prologue, dtype):
-    spec = CONVOLUTIONS[kind]
+def _fused(spec, prologue: str | None):
+    """bn_act_conv2d_stats_triton with a BatchNorm + ``prologue`` activation (None: without)."""
 
     def fused(x, weight, bn):
         bn_args = (
             (bn["mean"], bn["var"], bn["weight"], bn["bias"])
-            if prologue
+            if prologue is not None
             else (None, None, None, None)
         )
-        out, _, _ = bn_act_conv2d_stats_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
+        activation = prologue if prologue is not None else "identity"
+        out, _, _ = bn_act_conv2d_stats_triton(
+            x, weight, *bn_args, False, 1e-5, activation, *spec[6:], False
+        )
         return out
 
-    _check_against_torch(fused, spec, dtype, prologue)
+    return fused
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("prologue", [None, "relu"], ids=["plain", "bn-relu-prologue"])
+@pytest.mark.parametrize("kind", list(CONVOLUTIONS))
+def test_convolution_forward_and_gradients_match_torch(kind, prologue, dtype):
+    spec = CONVOLUTIONS[kind]
+    _check_against_torch(_fused(spec, prologue), spec, dtype, prologue)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+@pytest.mark.parametrize("kind", ["3x3-stride2", "3x3-wide"])
+def test_prologue_activation_forward_and_gradients_match_torch(kind, activation, dtype):
+    """The other prologue activations, through the output, the input gradient (the activation's
+    derivative at the recomputed BatchNorm), the weight gradient and the BatchNorm's parameter
+    gradients. Two kinds (the interpreter is slow) that between them take both reductions
+    (flat and per channel block) and both input gradients (by phase at stride 2, and not)."""
+    spec = CONVOLUTIONS[kind]
+    _check_against_torch(_fused(spec, activation), spec, dtype, activation)
 
 
 @pytest.mark.parametrize("kind", ["3x3-stride2", "3x3-grouped", "1x1"])
@@ -138,7 +161,7 @@ def test_statistics_epilogue_gives_the_batch_mean_and_variance(kind):
     x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
     x = x + 100.0
     out, mean, var = bn_act_conv2d_stats_triton(
-        x, weight, None, None, None, None, False, 1e-5, *conv_args, True
+        x, weight, None, None, None, None, False, 1e-5, "identity", *conv_args, True
     )
     var64, mean64 = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
@@ -153,7 +176,7 @@ def test_triton_ops_launch_on_their_tensors_device_not_the_current_one():
     x1, weight1 = x.to("cuda:1").requires_grad_(), weight.to("cuda:1").requires_grad_()
     with torch.cuda.device(0):  # cuda:0 current, tensors on cuda:1
         out, mean, var = bn_act_conv2d_stats_triton(
-            x1, weight1, None, None, None, None, False, 1e-5, *conv_args, True
+            x1, weight1, None, None, None, None, False, 1e-5, "identity", *conv_args, True
         )
         grad_x, grad_w = torch.autograd.grad(out.sum(), (x1, weight1))
     expected = F.conv2d(x1, weight1, None, *conv_args)
@@ -185,9 +208,10 @@ def test_gradients_are_bitwise_reproducible_in_deterministic_mode():
     torch.use_deterministic_algorithms(True)
     try:
         runs = []
+        bn_args = (bn["mean"], bn["var"], bn_weight, bn_bias)
         for _ in range(2):
             out, _, _ = bn_act_conv2d_stats_triton(
-                x, weight, bn["mean"], bn["var"], bn_weight, bn_bias, False, 1e-5, *conv_args, False
+                x, weight, *bn_args, False, 1e-5, "relu", *conv_args, False
             )
             runs.append(torch.autograd.grad(out.sum(), (x, weight, bn_weight, bn_bias)))
     finally:
@@ -222,7 +246,7 @@ def test_more_elements_than_int32_offsets_reach_is_a_clear_error():
     weight = torch.empty(64, 64, 3, 3, device="meta")
     with pytest.raises(ValueError, match="conv2d: the triton backend addresses the input"):
         bn_act_conv2d_stats_triton(
-            x, weight, None, None, None, None, False, 1e-5, 1, 1, 1, 1, False
+            x, weight, None, None, None, None, False, 1e-5, "identity", 1, 1, 1, 1, False
         )
 
 
@@ -285,8 +309,9 @@ def test_weight_layout_changes_neither_results_nor_the_gradient_layout(kind):
     for layout in (torch.contiguous_format, torch.channels_last):
         w = weight.clone(memory_format=layout).requires_grad_()
         xi = x.detach().clone().requires_grad_()
+        bn_args = (bn["mean"], bn["var"], bn["weight"], bn["bias"])
         out, _, _ = bn_act_conv2d_stats_triton(
-            xi, w, bn["mean"], bn["var"], bn["weight"], bn["bias"], False, 1e-5, *conv_args, False
+            xi, w, *bn_args, False, 1e-5, "relu", *conv_args, False
         )
         out.backward(torch.ones_like(out))
         assert w.grad.stride() == w.stride()
@@ -320,24 +345,37 @@ def test_another_batch_size_in_the_same_power_of_two_reuses_the_tuned_tiles(monk
     for batch, tunings in [(3, 1), (2, 1), (4, 2)]:  # 108, 72 and 144 output pixels
         x, weight, _, conv_args = _inputs((batch, *spec[1:]), torch.float32)
         out, _, _ = bn_act_conv2d_stats_triton(
-            x, weight, None, None, None, None, False, 1e-5, *conv_args, False
+            x, weight, None, None, None, None, False, 1e-5, "identity", *conv_args, False
         )
         torch.testing.assert_close(out, F.conv2d(x, weight, None, *conv_args))
         assert len(benchmarked) == 2 * tunings
         assert triton_conv.tuning_report()["_conv_forward_kernel"].shapes == tunings
 
 
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
 @pytest.mark.parametrize("kind", ["1x1-stride2", "3x3-grouped"])
-def test_inference_epilogue_adds_bias_and_residual_then_relu(kind, relu):
+def test_inference_epilogue_adds_bias_and_residual_then_the_activation(kind, activation):
     x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
     bias = torch.randn(weight.shape[0], device=DEVICE)
     expected = F.conv2d(x, weight, bias, *conv_args)
     residual = torch.randn_like(expected).contiguous(memory_format=torch.channels_last)
-    expected = expected + residual
-    expected = F.relu(expected) if relu else expected
-    out = conv2d_bias_act_triton(x, weight, bias, residual, relu, *conv_args)
+    expected = TORCH_ACTIVATIONS[activation](expected + residual)
+    out = conv2d_bias_act_triton(x, weight, bias, residual, activation, *conv_args)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["meta", DEVICE])
+def test_conv_ops_reject_an_unknown_activation(device):
+    """In the ops and in their fake kernels (meta tensors: what torch.compile runs)."""
+    x = torch.zeros(1, 4, 3, 3, device=device)
+    weight = torch.zeros(4, 4, 1, 1, device=device)
+    unknown = "activation must be one of 'identity', 'relu', 'silu', got 'gelu'"
+    with pytest.raises(ValueError, match=f"conv2d_bias_act_triton: {unknown}"):
+        conv2d_bias_act_triton(x, weight, None, None, "gelu", 1, 0, 1, 1)
+    with pytest.raises(ValueError, match=f"bn_act_conv2d_stats_triton: {unknown}"):
+        bn_act_conv2d_stats_triton(
+            x, weight, None, None, None, None, False, 1e-5, "gelu", 1, 0, 1, 1, True
+        )
 
 
 def test_conv_ops_pass_opcheck():
@@ -346,11 +384,13 @@ def test_conv_ops_pass_opcheck():
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(
         bn_act_conv2d_stats_triton,
-        (x.requires_grad_(), weight, *bn_args, True, 1e-5, *conv_args, True),
+        (x.requires_grad_(), weight, *bn_args, True, 1e-5, "silu", *conv_args, True),
         test_utils=tests,
     )
     torch.library.opcheck(
-        conv2d_bias_act_triton, (x.detach(), weight, None, None, True, *conv_args), test_utils=tests
+        conv2d_bias_act_triton,
+        (x.detach(), weight, None, None, "relu", *conv_args),
+        test_utils=tests,
     )
 
 
@@ -363,7 +403,7 @@ def test_conv_backward_op_passes_opcheck(prologue):
     grad = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(
         bn_act_conv2d_stats_backward_triton,
-        (grad, x, weight, *bn_args, True, 1e-5, *conv_args, True, True),
+        (grad, x, weight, *bn_args, True, 1e-5, "relu", *conv_args, True, True),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -384,6 +424,11 @@ def _randomise(model):
     return model
 
 
+def _with_silu(block: nn.Module) -> nn.Module:
+    block.relu = nn.SiLU()
+    return block
+
+
 BLOCKS = {
     "bottleneck": lambda: Bottleneck(16, 4),
     "bottleneck-stride2-downsample": lambda: Bottleneck(
@@ -391,6 +436,8 @@ BLOCKS = {
     ),
     "resnext-bottleneck": lambda: Bottleneck(16, 4, groups=4, base_width=64),
     "basic": lambda: BasicBlock(16, 16),
+    # torchvision's one activation module serves all three of the block's activations.
+    "bottleneck-silu": lambda: _with_silu(Bottleneck(16, 4)),
 }
 
 
@@ -444,9 +491,14 @@ def test_block_on_triton_raises_like_torchvision_on_one_value_per_channel():
         torch.testing.assert_close(a, b)  # the same partial update as torchvision's
 
 
-def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_last():
-    """conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) -> BN3 + add + ReLU."""
-    block = fastres.FastBottleneck(16, 4, backend="triton").to(DEVICE).train()
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_last(activation):
+    """conv1(+stats) -> [BN1+act]conv2(+stats) -> [BN2+act]conv3(+stats) -> BN3 + add + act."""
+    if activation == "relu":
+        block = fastres.FastBottleneck(16, 4, backend="triton")
+    else:
+        block = fastres.convert(_with_silu(Bottleneck(16, 4)), backend="triton")
+    block = block.to(DEVICE).train()
     x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     with OpLog() as log:
         block(x)
@@ -454,7 +506,8 @@ def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_las
     assert kernels == ["fastres.bn_act_conv2d_stats_triton"] * 3 + [
         "fastres.bn_act_forward_triton"
     ], log.ops
-    assert not [op for op in log.ops if "batch_norm" in op or "relu" in op or "convolution" in op]
+    unfused = ("batch_norm", "relu", "silu", "convolution")
+    assert not [op for op in log.ops if any(name in op for name in unfused)]
 
 
 def test_bottleneck_on_triton_under_torch_compile_fullgraph():
@@ -492,15 +545,6 @@ RESNET50_ON_GPU = {
 @pytest.mark.parametrize("kind", list(RESNET50_ON_GPU))
 def test_resnet50_convolutions_on_gpu(kind, dtype):
     spec = RESNET50_ON_GPU[kind]
-    prologue = spec[1] != 3  # every convolution but the stem's follows a BatchNorm + ReLU
-
-    def fused(x, weight, bn):
-        bn_args = (
-            (bn["mean"], bn["var"], bn["weight"], bn["bias"])
-            if prologue
-            else (None, None, None, None)
-        )
-        out, _, _ = bn_act_conv2d_stats_triton(x, weight, *bn_args, False, 1e-5, *spec[6:], False)
-        return out
-
-    _check_against_torch(fused, spec, dtype, prologue)
+    # Every convolution but the stem's follows a BatchNorm + ReLU.
+    prologue = "relu" if spec[1] != 3 else None
+    _check_against_torch(_fused(spec, prologue), spec, dtype, prologue)

@@ -198,11 +198,43 @@ def test_other_norm_layers_run_the_reference_computation(norm_name, norm_layer):
 
 def test_other_activation_runs_the_reference_computation():
     block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1))
-    block.relu = nn.SiLU()
+    block.relu = nn.GELU()
     fast = fastres.convert(block)
-    assert fast.fusion_issue() == "the activation is SiLU"
+    assert fast.fusion_issue() == "the activation is GELU"
     x = torch.randn(2, 64, 6, 6)
     torch.testing.assert_close(fast(x), block(x), rtol=0, atol=0)
+
+
+def test_a_silu_block_trains_fused_and_matches_torchvision():
+    """SiLU is a fused activation: training runs bn_act_conv2d and bn_act with it."""
+    block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1)).double()
+    block.relu = nn.SiLU()
+    fast = fastres.convert(copy.deepcopy(block), backend="cpu")
+    assert fast.fusion_issue() == ""
+    x = torch.randn(2, 64, 6, 6, dtype=torch.float64)
+    assert fast.plan_for(x).name == "fused ops"
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [fast(xs[0]), block(xs[1])]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for out in outs:
+        out.sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-10)
+    for (name, p), q in zip(block.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_a_silu_block_folds_in_eval_and_follows_the_error_factor_rule():
+    """Folded eval applies SiLU as oneDNN's swish post-op (after the residual add: its own
+    pass); judged against torchvision's float32 result by the error-factor rule."""
+    block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1)).eval()
+    block.relu = nn.SiLU()
+    exact = copy.deepcopy(block).double()
+    fast = fastres.convert(copy.deepcopy(block), backend="cpu")
+    x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert fast.plan_for(x).name == "folded eval"
+        got, expected, reference = fast(x), block(x), exact(x.double())
+    assert_within_error_factor(got, expected, reference, "eval output", torch.float32)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

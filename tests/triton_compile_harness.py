@@ -156,19 +156,22 @@ def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         x = torch.zeros(2, 64, 4, 4, dtype=dtype).contiguous(memory_format=fmt)
         c = x.shape[1]
         mask = torch.zeros(x.numel() // 8, dtype=torch.uint8)
-        cases[f"bn_act train residual relu {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
-            x,
-            _channel(c, 1),
-            _channel(c),
-            torch.zeros_like(x),
-            _channel(c),
-            _channel(c, 1),
-            True,
-            1e-5,
-            True,
-        )
+        for activation in ("relu", "silu"):
+            cases[f"bn_act train residual {activation} {layout}"] = (
+                lambda x=x, c=c, activation=activation: ops.bn_act_forward_triton(
+                    x,
+                    _channel(c, 1),
+                    _channel(c),
+                    torch.zeros_like(x),
+                    _channel(c),
+                    _channel(c, 1),
+                    True,
+                    1e-5,
+                    activation,
+                )
+            )
         cases[f"bn_act eval plain {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
-            x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, False
+            x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, "identity"
         )
         cases[f"bn_act backward train {layout}"] = lambda x=x, c=c, mask=mask: (
             ops.bn_act_backward_triton(
@@ -234,31 +237,53 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
             else [_channel(c_in), _channel(c_in, 1), _channel(c_in, 1), _channel(c_in)]
         )
         kind = "plain" if c_in == 3 else "bn-relu prologue"
-        cases[f"{name} {kind} + stats"] = lambda x=x, w=w, bn=bn, geometry=geometry: (
-            ops.bn_act_conv2d_stats_triton(x, w, *bn, True, 1e-5, *geometry, True)
-        )
-        cases[f"{name} {kind} backward"] = (
-            lambda x=x, w=w, bn=bn, geometry=geometry, out=out, input_grad=c_in != 3: (
-                ops.bn_act_conv2d_stats_backward_triton(
-                    torch.zeros_like(out), x, w, *bn, True, 1e-5, *geometry, input_grad, True
-                )
+        activation = "identity" if c_in == 3 else "relu"
+        cases |= _training_cases(f"{name} {kind}", x, w, bn, activation, geometry, out, c_in != 3)
+        if name == "3x3/2":
+            # With a SiLU prologue too: a sigmoid per element loaded, SiLU's derivative in the
+            # input gradient's epilogue.
+            cases |= _training_cases(
+                f"{name} bn-silu prologue", x, w, bn, "silu", geometry, out, True
             )
-        )
         cases[f"{name} bias + residual + relu"] = lambda x=x, w=w, geometry=geometry, out=out: (
             ops.conv2d_bias_act_triton(
-                x, w, torch.zeros(out.shape[1], dtype=dtype), torch.zeros_like(out), True, *geometry
+                x,
+                w,
+                torch.zeros(out.shape[1], dtype=dtype),
+                torch.zeros_like(out),
+                "relu",
+                *geometry,
             )
         )
     # conv1 of a bottleneck: no BatchNorm before it, statistics after; its input gradient.
     x = torch.zeros(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.zeros(64, 64, 1, 1, dtype=dtype)
-    cases["1x1 plain + stats"] = lambda: ops.bn_act_conv2d_stats_triton(
-        x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True
-    )
-    cases["1x1 plain backward"] = lambda: ops.bn_act_conv2d_stats_backward_triton(
-        x, x, w, None, None, None, None, True, 1e-5, 1, 0, 1, 1, True, True
-    )
+    cases |= _training_cases("1x1 plain", x, w, [None] * 4, "identity", (1, 0, 1, 1), x, True)
     return cases
+
+
+def _training_cases(
+    name: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bn: list,
+    activation: str,
+    geometry: tuple,
+    out: torch.Tensor,
+    input_grad: bool,
+) -> dict[str, Callable[[], object]]:
+    """A convolution with statistics (training's forward), and its backward: ``bn`` (mean, var,
+    weight, bias) is its BatchNorm prologue (all None: none) with ``activation``; ``out`` is
+    like its output."""
+    ops = torch.ops.fastres
+    return {
+        f"{name} + stats": lambda: ops.bn_act_conv2d_stats_triton(
+            x, w, *bn, True, 1e-5, activation, *geometry, True
+        ),
+        f"{name} backward": lambda: ops.bn_act_conv2d_stats_backward_triton(
+            torch.zeros_like(out), x, w, *bn, True, 1e-5, activation, *geometry, input_grad, True
+        ),
+    }
 
 
 # (family, dtype, precision, case names or None for all, every autotuning config): every case in

@@ -31,6 +31,16 @@ inline void check_activation(const at::Tensor& t, const char* name) {
                    "bn_act: ", name, " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
+// The activation named by an op's `activation` argument.
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(name == "identity",
+                    "bn_act: activation must be 'identity', 'relu' or 'silu', got '",
+                    std::string(name), "'");
+  return Activation::kIdentity;
+}
+
 // Statistics and affine parameters are float32 for float32/float16/bfloat16 activations (what
 // autocast produces) and float64 for float64 activations.
 inline at::ScalarType param_dtype_for(const at::Tensor& x) {

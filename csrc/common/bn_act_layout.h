@@ -31,6 +31,10 @@ struct BnActLayout {
   FASTRES_HOST_DEVICE int64_t reduce_size() const { return n * hw; }
 };
 
+// The activation applied after the normalisation (and the residual add). The op schemas take it
+// by name: "identity", "relu", "silu" (z * sigmoid(z)).
+enum class Activation : uint8_t { kIdentity = 0, kRelu = 1, kSilu = 2 };
+
 // Bytes needed for the packed ReLU mask of `numel` elements.
 FASTRES_HOST_DEVICE inline int64_t relu_mask_bytes(int64_t numel) { return (numel + 7) / 8; }
 

@@ -13,8 +13,10 @@ using OptTensor = std::optional<at::Tensor>;
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double eps, bool relu) {
+    bool training, double eps, c10::string_view activation_name) {
   check_x_device_type(x_in, at::kCPU);
+  const Activation activation = parse_activation(activation_name);
+  const bool relu = activation == Activation::kRelu;
   check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
                      eps);
   const auto format = memory_format_of(x_in);
@@ -52,7 +54,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
         FASTRES_CPU_DISPATCH(bn_act_apply<scalar_t>, x.data_ptr<scalar_t>(),
                              residual ? residual->data_ptr<scalar_t>() : nullptr,
                              save_mean.data_ptr<P>(), scale.data_ptr<P>(), shift.data_ptr<P>(),
-                             layout, relu, out.data_ptr<scalar_t>(),
+                             layout, activation, out.data_ptr<scalar_t>(),
                              relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
       });
   return {out, save_mean, save_var, relu_mask};

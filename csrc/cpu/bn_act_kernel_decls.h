@@ -14,11 +14,11 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
                     const opmath<T>* bias, double eps, int64_t channels, opmath<T>* scale,
                     opmath<T>* shift);
 
-// out = relu?((x - mean[c]) * scale[c] + shift[c] + residual); residual may be null. When relu
-// is set, relu_mask (relu_mask_bytes(numel) bytes) receives a bit per element: out > 0.
+// out = activation((x - mean[c]) * scale[c] + shift[c] + residual); residual may be null. For
+// ReLU, relu_mask (relu_mask_bytes(numel) bytes) receives a bit per element: out > 0.
 template <typename T>
 void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
-                  const opmath<T>* shift, const BnActLayout& layout, bool relu, T* out,
+                  const opmath<T>* shift, const BnActLayout& layout, Activation activation, T* out,
                   uint8_t* relu_mask);
 
 // Per-channel sums of the masked gradient gm = grad_out * mask (mask null: all ones):

@@ -450,8 +450,18 @@ V channel_val(const V* values, int64_t k, bool broadcast) {
 }
 
 template <typename V>
-V relu_scalar(V y) {
-  return (y < V(0)) ? V(0) : y;  // NaN stays NaN, as in torch.relu
+V activation_scalar(V y, Activation activation) {
+  if (activation == Activation::kRelu) return (y < V(0)) ? V(0) : y;  // NaN stays NaN (torch.relu)
+  if (activation == Activation::kSilu) return y / (V(1) + std::exp(-y));  // torch's CPU formula
+  return y;
+}
+
+template <typename V>
+Vectorized<V> activation_vec(Vectorized<V> y, Activation activation) {
+  using Vec = Vectorized<V>;
+  if (activation == Activation::kRelu) return at::vec::clamp_min(y, Vec(V(0)));
+  if (activation == Activation::kSilu) return y / (Vec(V(1)) + y.neg().exp());
+  return y;
 }
 
 // Where a run's opmath results are written: straight into `out` when T is opmath, else into
@@ -474,7 +484,7 @@ void store_from_opmath(const opmath<T>* src, int64_t len, T* dst) {
 
 template <typename T>
 void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
-               const opmath<T>* shift, int64_t len, bool broadcast, bool relu, T* out,
+               const opmath<T>* shift, int64_t len, bool broadcast, Activation activation, T* out,
                opmath<T>* scratch) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
@@ -486,14 +496,13 @@ void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmat
     Vec y = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
                            channel_vec(scale, k, broadcast), channel_vec(shift, k, broadcast));
     if (rv) y += Vec::loadu(rv + k);
-    if (relu) y = at::vec::clamp_min(y, Vec(V(0)));
-    y.store(yv + k);
+    activation_vec(y, activation).store(yv + k);
   }
   for (; k < len; ++k) {
     V y = (xv[k] - channel_val(mean, k, broadcast)) * channel_val(scale, k, broadcast) +
           channel_val(shift, k, broadcast);
     if (rv) y += rv[k];
-    yv[k] = relu ? relu_scalar(y) : y;
+    yv[k] = activation_scalar(y, activation);
   }
   store_from_opmath(yv, len, out);
 }
@@ -569,14 +578,14 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
 
 template <typename T>
 void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
-                  const opmath<T>* shift, const BnActLayout& layout, bool relu, T* out,
+                  const opmath<T>* shift, const BnActLayout& layout, Activation activation, T* out,
                   uint8_t* relu_mask) {
   parallel_blocks<opmath<T>>(layout.numel(), [&](int64_t begin, int64_t end, opmath<T>* scratch) {
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
       apply_run(x + i, residual ? residual + i : nullptr, mean + c, scale + c, shift + c, len,
-                broadcast, relu, out + i, scratch);
+                broadcast, activation, out + i, scratch);
     });
-    if (relu) pack_relu_mask(out, begin, end, relu_mask);
+    if (activation == Activation::kRelu) pack_relu_mask(out, begin, end, relu_mask);
   });
 }
 
@@ -641,19 +650,19 @@ void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_ma
   });
 }
 
-#define FASTRES_INSTANTIATE_CPU_BN_ACT(T)                                                       \
-  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*);        \
-  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,         \
-                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);   \
-  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,         \
-                                const opmath<T>*, const BnActLayout&, bool, T*, uint8_t*);      \
-  template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
-                                          const BnActLayout&, opmath<T>*, opmath<T>*);          \
-  template void bn_backward_coefficients<T>(                                                    \
-      const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, \
-      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);          \
-  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*,  \
-                                         const opmath<T>*, const opmath<T>*, const opmath<T>*,  \
+#define FASTRES_INSTANTIATE_CPU_BN_ACT(T)                                                        \
+  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*);         \
+  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,          \
+                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);    \
+  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,          \
+                                const opmath<T>*, const BnActLayout&, Activation, T*, uint8_t*); \
+  template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*,  \
+                                          const BnActLayout&, opmath<T>*, opmath<T>*);           \
+  template void bn_backward_coefficients<T>(                                                     \
+      const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*,  \
+      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);           \
+  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*,   \
+                                         const opmath<T>*, const opmath<T>*, const opmath<T>*,   \
                                          const BnActLayout&, T*, T*);
 
 FASTRES_INSTANTIATE_CPU_BN_ACT(float)

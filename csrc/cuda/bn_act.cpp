@@ -36,8 +36,10 @@ Tensor workspace_for(const BnActLayout& layout, const Tensor& x) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double eps, bool relu) {
+    bool training, double eps, c10::string_view activation_name) {
   check_x_device_type(x_in, at::kCUDA);
+  const Activation activation = parse_activation(activation_name);
+  const bool relu = activation == Activation::kRelu;
   check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
                      eps);
   const ActivationType dtype = activation_type(x_in);
@@ -79,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   params.layout = layout;
   params.dtype = dtype;
   params.training = training;
-  params.relu = relu;
+  params.activation = activation;
   params.eps = static_cast<float>(eps);
   launch_bn_act_forward(params, x.get_device(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

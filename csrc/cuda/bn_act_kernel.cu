@@ -398,9 +398,15 @@ __global__ void coefficients_from_sums_kernel(const float* sum_grad, const float
 // ----------------------------------------------------------------------------------------------
 // Elementwise passes
 
+__device__ __forceinline__ float activation_of(float y, Activation activation) {
+  if (activation == Activation::kRelu) return y < 0.f ? 0.f : y;     // NaN stays NaN (torch.relu)
+  if (activation == Activation::kSilu) return y / (1.f + expf(-y));  // torch's CUDA formula
+  return y;
+}
+
 template <typename T, bool kAligned>
 __global__ void apply_kernel(const T* x, const T* residual, const float* mean, const float* scale,
-                             const float* shift, BnActLayout layout, bool relu, T* out,
+                             const float* shift, BnActLayout layout, Activation activation, T* out,
                              uint8_t* relu_mask) {
   const int64_t numel = layout.numel();
   const int64_t groups = (numel + kGroup - 1) / kGroup;
@@ -423,13 +429,14 @@ __global__ void apply_kernel(const T* x, const T* residual, const float* mean, c
     for (int k = 0; k < kGroup; ++k) {
       const int64_t c = cursor.c;
       float y = fmaf(xv[k] - __ldg(mean + c), __ldg(scale + c), __ldg(shift + c)) + rv[k];
-      if (relu) y = y < 0.f ? 0.f : y;  // NaN stays NaN, as in torch.relu
-      ov[k] = from_float<T>(y);
+      ov[k] = from_float<T>(activation_of(y, activation));
       bits |= static_cast<uint8_t>(to_float(ov[k]) > 0.f) << k;
       cursor.advance();
     }
     store_group<T, kAligned>(out + base, count, ov);
-    if (relu) relu_mask[g] = count == kGroup ? bits : bits & ((1u << count) - 1u);
+    if (activation == Activation::kRelu) {
+      relu_mask[g] = count == kGroup ? bits : bits & ((1u << count) - 1u);
+    }
   }
 }
 
@@ -579,10 +586,10 @@ void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream)
   const dim3 grid = elementwise_grid(layout, device);
   if (aligned16(x) && aligned16(residual) && aligned16(out)) {
     apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
-                                                         p.relu, out, p.relu_mask);
+                                                         p.activation, out, p.relu_mask);
   } else {
     apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
-                                                          p.relu, out, p.relu_mask);
+                                                          p.activation, out, p.relu_mask);
   }
 }
 

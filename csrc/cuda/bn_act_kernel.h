@@ -1,4 +1,4 @@
-// CUDA launchers of the fused BatchNorm (+ residual) (+ ReLU) op.
+// CUDA launchers of the fused BatchNorm (+ residual) (+ activation) op.
 //
 // No torch here: the binding (bn_act.cpp) checks tensors, allocates outputs and workspace, and
 // passes raw pointers. Activations are float32, float16 or bfloat16 (`dtype`); per-channel values
@@ -14,6 +14,7 @@
 
 namespace fastres::cuda {
 
+// The dtype of the activation tensors (x, residual, out, gradients).
 enum class ActivationType { kFloat, kHalf, kBFloat16 };
 
 struct BnActForwardParams {
@@ -25,12 +26,12 @@ struct BnActForwardParams {
   float* mean = nullptr;
   float* var = nullptr;
   void* out = nullptr;
-  uint8_t* relu_mask = nullptr;  // relu_mask_bytes(numel) bytes; only when relu
+  uint8_t* relu_mask = nullptr;  // relu_mask_bytes(numel) bytes; only for Activation::kRelu
   void* workspace = nullptr;     // bn_act_workspace_bytes(layout, device) bytes
   BnActLayout layout;
   ActivationType dtype = ActivationType::kFloat;
   bool training = true;
-  bool relu = true;
+  Activation activation = Activation::kRelu;
   float eps = 1e-5f;
 };
 

@@ -1,4 +1,4 @@
-"""``bn_act``: fused BatchNorm + residual add + ReLU, as ``torch.library`` custom ops.
+"""``bn_act``: fused BatchNorm + residual add + activation, as ``torch.library`` custom ops.
 
 Two op families share one schema, one fake kernel and one autograd formula (in C++ for the
 compiled family, where the Python autograd path would cost as much as a small kernel):
@@ -8,10 +8,13 @@ compiled family, where the Python autograd path would cost as much as a small ke
 * ``torch.ops.fastres.bn_act_forward_triton`` / ``bn_act_backward_triton``: Triton kernels
   (``fastres/triton/bn_act.py``), defined here.
 
-The forward saves only its input, the per-channel statistics and a 1-bit-per-element ReLU mask;
-the backward recomputes the normalised input, in one fused reduction pass plus one elementwise
-pass. Running statistics are updated by :func:`bn_act` itself, outside the autograd op, so the
-op stays functional (no mutated inputs) and composes with ``torch.compile``.
+The forward saves only its input, the per-channel statistics and, for ReLU, a 1-bit-per-element
+mask; the backward recomputes the normalised input, in one fused reduction pass plus one
+elementwise pass. SiLU's backward first recomputes its input ``z = batch_norm(x) + residual`` with
+the forward's elementwise pass and applies SiLU's derivative (``aten::silu_backward``); it keeps
+references to ``bias`` and ``residual`` for that, tensors that exist anyway. Running statistics are
+updated by :func:`bn_act` itself, outside the autograd op, so the op stays functional (no mutated
+inputs) and composes with ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres._layout import memory_format_of, param_dtype_of
+from fastres.activation import apply_activation, check_activation
 from fastres.backends import STATUS, resolve_backend
 from fastres.batch_norm import (
     require_more_than_one_value,
@@ -31,7 +35,7 @@ from fastres.batch_norm import (
 )
 from fastres.ops.registry import op
 
-__all__ = ["bn_act", "bn_act_reference"]
+__all__ = ["bn_act", "bn_act_reference", "silu_input_grad"]
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -51,10 +55,11 @@ def bn_act(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    relu: bool = True,
+    activation: str = "relu",
     backend: str = "auto",
 ) -> Tensor:
-    """``relu(batch_norm(x) + residual)`` in one fused op, with ``F.batch_norm``'s semantics.
+    """``activation(batch_norm(x) + residual)`` in one fused op, with ``F.batch_norm``'s
+    semantics.
 
     Args:
         x: activations, shape ``(N, C, H, W)``, float32, float16 or bfloat16 (float64 on the
@@ -71,7 +76,7 @@ def bn_act(
         momentum: running-statistics factor. ``nn.BatchNorm2d``'s ``momentum=None`` (cumulative
             average) is resolved by the module layer into ``1 / num_batches_tracked``.
         eps: added to the variance before the square root.
-        relu: apply ReLU after the residual add.
+        activation: ``"relu"``, ``"silu"`` or ``"identity"``, applied after the residual add.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see
             :mod:`fastres.backends`).
 
@@ -80,6 +85,7 @@ def bn_act(
         to ``x``, ``weight``, ``bias`` and ``residual``.
     """
     check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
+    check_activation(activation, "bn_act")
     name = resolve_backend(backend, x.device, x.dtype)
     if name == "torch":
         return bn_act_reference(
@@ -92,10 +98,10 @@ def bn_act(
             training=training,
             momentum=momentum,
             eps=eps,
-            relu=relu,
+            activation=activation,
         )
     out, mean, var, _ = op("bn_act_forward", name)(
-        x, weight, bias, residual, running_mean, running_var, training, eps, relu
+        x, weight, bias, residual, running_mean, running_var, training, eps, activation
     )
     if training:
         update_running_stats(running_mean, running_var, mean, var, momentum, values_per_channel(x))
@@ -113,13 +119,14 @@ def bn_act_reference(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    relu: bool = True,
+    activation: str = "relu",
 ) -> Tensor:
-    """The ``torch`` backend: ``F.batch_norm``, add and ``relu`` as PyTorch runs them eagerly."""
+    """The ``torch`` backend: ``F.batch_norm``, add and the activation as PyTorch runs them
+    eagerly."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    return apply_activation(y, activation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +210,9 @@ def check_args(
 # Fake kernels (shapes, dtypes and strides only), shared by both op families
 
 
-def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, eps, relu):
+def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, eps, activation):
+    check_activation(activation, "bn_act_forward")
+    relu = activation == "relu"
     fmt = memory_format_of(x)
     channels = x.shape[1]
     out = torch.empty_like(x, memory_format=fmt)
@@ -230,11 +239,14 @@ def _backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, _running_mean, _running_var, training, eps, relu = inputs
+    x, weight, bias, residual, _running_mean, _running_var, training, eps, activation = inputs
     _out, mean, var, mask = output
     ctx.mark_non_differentiable(mean, var, mask)
-    ctx.save_for_backward(x, weight, mean, var, mask)
-    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    silu = activation == "silu"
+    ctx.save_for_backward(
+        x, weight, mean, var, mask, bias if silu else None, residual if silu else None
+    )
+    ctx.training, ctx.eps, ctx.activation = training, eps, activation
     ctx.has_weight, ctx.has_bias, ctx.has_residual = (
         weight is not None,
         bias is not None,
@@ -242,13 +254,29 @@ def _setup_context(ctx, inputs, output):
     )
 
 
-def _make_backward(backward_op):
+def silu_input_grad(forward_op, grad_out, x, weight, bias, residual, mean, var, eps) -> Tensor:
+    """SiLU's gradient at its input ``z = batch_norm(x) + residual``: ``z`` is recomputed by
+    ``forward_op`` (a ``bn_act_forward``) in eval mode with the saved statistics, the same
+    arithmetic as the training forward, so no per-element tensor is kept for SiLU."""
+    z, *_ = forward_op(x, weight, bias, residual, mean, var, False, eps, "identity")
+    return torch.ops.aten.silu_backward(grad_out, z)
+
+
+def _make_backward(forward_op, backward_op):
+    """The backward of ``forward_op``. SiLU's input ``z`` is recomputed by ``forward_op`` itself
+    in eval mode with the saved statistics (the same arithmetic as the training forward)."""
+
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
-        x, weight, mean, var, mask = ctx.saved_tensors
+        x, weight, mean, var, mask, bias, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
         residual_grad = ctx.has_residual and needs[3]
+        if ctx.activation == "silu":
+            grad_out = silu_input_grad(
+                forward_op, grad_out, x, weight, bias, residual, mean, var, ctx.eps
+            )
+        relu = ctx.activation == "relu"
         grad_x, grad_weight, grad_bias, grad_residual = backward_op(
-            grad_out, x, weight, mean, var, mask, ctx.training, ctx.eps, ctx.relu, residual_grad
+            grad_out, x, weight, mean, var, mask, ctx.training, ctx.eps, relu, residual_grad
         )
         return (
             grad_x if needs[0] else None,
@@ -270,7 +298,7 @@ def _register(forward_op, backward_op, *, autograd: bool) -> None:
     torch.library.register_fake(backward_op, _backward_fake)
     if autograd:
         torch.library.register_autograd(
-            forward_op, _make_backward(backward_op), setup_context=_setup_context
+            forward_op, _make_backward(forward_op, backward_op), setup_context=_setup_context
         )
 
 
@@ -288,15 +316,16 @@ def bn_act_forward_triton(
     running_var: Tensor | None,
     training: bool,
     eps: float,
-    relu: bool,
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``fastres::bn_act_forward`` (same arguments and results)."""
     from fastres.triton import bn_act as kernels
     from fastres.triton import launch_device
 
+    check_activation(activation, "bn_act_forward_triton")
     with launch_device(x):
         return kernels.bn_act_forward(
-            x, weight, bias, residual, running_mean, running_var, training, eps, relu
+            x, weight, bias, residual, running_mean, running_var, training, eps, activation
         )
 
 

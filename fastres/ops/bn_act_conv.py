@@ -1,16 +1,17 @@
-"""``bn_act_conv2d``: ``conv2d(relu(batch_norm(y)))`` without keeping ``relu(batch_norm(y))``.
+"""``bn_act_conv2d``: ``conv2d(act(batch_norm(y)))`` without keeping ``act(batch_norm(y))``.
 
-In a residual block every BatchNorm + ReLU feeds a convolution. Run separately, autograd keeps
-both the BatchNorm input ``y`` (for BatchNorm's backward) and the ReLU output ``z`` (for ReLU's
-and the convolution's backward). This op keeps only ``y`` and the per-channel statistics:
-its backward recomputes ``z`` from them with the same kernel and the same per-channel values
-as the forward (so the recomputed ``z``, and its ReLU mask, are bit-identical), runs the
-convolution's backward, then bn_act's fused backward.
+In a residual block every BatchNorm + activation feeds a convolution. Run separately, autograd
+keeps both the BatchNorm input ``y`` (for BatchNorm's backward) and the activation's output ``z``
+(for the activation's and the convolution's backward). This op keeps only ``y`` and the
+per-channel statistics: its backward recomputes ``z`` from them with the same kernel and the
+same per-channel values as the forward (so the recomputed ``z``, and its ReLU mask, are
+bit-identical), runs the convolution's backward, then bn_act's fused backward (for SiLU, after
+SiLU's derivative at its recomputed input, :func:`fastres.ops.bn_act.silu_input_grad`).
 
-The BatchNorm + ReLU half runs on a fastres backend: ``fastres::bn_act_conv2d`` on the compiled
-kernels (cpu, cuda), ``fastres::bn_act_conv2d_triton`` on Triton's (see fastres/ops/registry.py);
-the convolution is ATen's (oneDNN on CPU, cuDNN on CUDA). :func:`bn_act_conv2d` picks the op for
-a backend; on ``torch`` it runs PyTorch's composition.
+The BatchNorm + activation half runs on a fastres backend: ``fastres::bn_act_conv2d`` on the
+compiled kernels (cpu, cuda), ``fastres::bn_act_conv2d_triton`` on Triton's (see
+fastres/ops/registry.py); the convolution is ATen's (oneDNN on CPU, cuDNN on CUDA).
+:func:`bn_act_conv2d` picks the op for a backend; on ``torch`` it runs PyTorch's composition.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres._layout import memory_format_of, param_dtype_of
+from fastres.activation import apply_activation, check_activation
 from fastres.backends import STATUS, resolve_backend
+from fastres.ops.bn_act import silu_input_grad
 from fastres.ops.registry import op
 
 __all__ = ["bn_act_conv2d"]
@@ -47,8 +50,9 @@ def bn_act_conv2d(
     training: bool,
     eps: float,
     backend: str = "auto",
+    activation: str = "relu",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``conv2d(relu(batch_norm(y)), conv_weight)`` (no conv bias, zero padding).
+    """``conv2d(activation(batch_norm(y)), conv_weight)`` (no conv bias, zero padding).
 
     Args:
         y: the BatchNorm input, ``(N, C, H, W)``; the arguments up to ``running_var`` and
@@ -57,7 +61,9 @@ def bn_act_conv2d(
         conv_weight: ``(C_out, C / groups, kH, kW)``, same dtype as ``y``.
         stride, padding, dilation, groups: as for ``F.conv2d``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see
-            :mod:`fastres.backends`), for the BatchNorm + ReLU half.
+            :mod:`fastres.backends`), for the BatchNorm + activation half.
+        activation: ``"relu"``, ``"silu"`` or ``"identity"``, between BatchNorm and the
+            convolution.
 
     Returns:
         ``(out, save_mean, save_var)``: the convolution output (``y``'s dtype and memory format)
@@ -65,10 +71,11 @@ def bn_act_conv2d(
     """
     args = (y, bn_weight, bn_bias, running_mean, running_var, conv_weight)
     conv_args = (stride, padding, dilation, groups)
+    check_activation(activation, "bn_act_conv2d")
     name = resolve_backend(backend, y.device, y.dtype)
     if name == "torch":
-        return _bn_act_conv2d_torch(*args, *conv_args, training, eps)
-    return op("bn_act_conv2d", name)(*args, *conv_args, training, eps)
+        return _bn_act_conv2d_torch(*args, *conv_args, training, eps, activation)
+    return op("bn_act_conv2d", name)(*args, *conv_args, training, eps, activation)
 
 
 def _bn_act_conv2d_torch(
@@ -84,6 +91,7 @@ def _bn_act_conv2d_torch(
     groups,
     training,
     eps,
+    activation,
 ):
     """The torch backend: PyTorch's composition, with the results of the ops."""
     if training:
@@ -92,7 +100,9 @@ def _bn_act_conv2d_torch(
     else:
         mean, var = running_mean.clone(), running_var.clone()
         stats = (running_mean, running_var)
-    z = F.relu(F.batch_norm(y, *stats, bn_weight, bn_bias, training, 0.0, eps))
+    z = apply_activation(
+        F.batch_norm(y, *stats, bn_weight, bn_bias, training, 0.0, eps), activation
+    )
     return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
 
 
@@ -116,9 +126,10 @@ def _define(suffix: str):
         groups: int,
         training: bool,
         eps: float,
+        activation: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         z, mean, var, _ = forward_op(
-            y, bn_weight, bn_bias, None, running_mean, running_var, training, eps, True
+            y, bn_weight, bn_bias, None, running_mean, running_var, training, eps, activation
         )
         return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
 
@@ -142,7 +153,9 @@ def _bn_act_conv2d_fake(
     groups,
     training,
     eps,
+    activation,
 ):
+    check_activation(activation, "bn_act_conv2d")
     z = torch.empty_like(y, memory_format=memory_format_of(y))
     out = convolution(z, conv_weight, stride, padding, dilation, groups)
     channels = y.shape[1]
@@ -167,12 +180,13 @@ def _setup_context(ctx, inputs, output):
         groups,
         training,
         eps,
+        activation,
     ) = inputs
     _out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(y, bn_weight, bn_bias, mean, var, conv_weight)
     ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.training, ctx.eps = training, eps
+    ctx.training, ctx.eps, ctx.activation = training, eps, activation
 
 
 def _make_backward(forward_op, backward_op):
@@ -186,7 +200,9 @@ def _backward(ctx, grad_out, forward_op, backward_op):
     stride, padding, dilation, groups = ctx.conv_args
     needs = ctx.needs_input_grad
     # Recompute z exactly as the forward made it: same kernel, same per-channel scale and shift.
-    z, _, _, mask = forward_op(y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, True)
+    z, _, _, mask = forward_op(
+        y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, ctx.activation
+    )
     grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
         grad_out,
         z,
@@ -201,8 +217,13 @@ def _backward(ctx, grad_out, forward_op, backward_op):
         [True, needs[5], False],
     )
     del z
+    if ctx.activation == "silu":
+        grad_z = silu_input_grad(
+            forward_op, grad_z, y, bn_weight, bn_bias, None, mean, var, ctx.eps
+        )
+    relu = ctx.activation == "relu"
     grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
-        grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, True, False
+        grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, relu, False
     )
     return (
         grad_y if needs[0] else None,
@@ -211,6 +232,7 @@ def _backward(ctx, grad_out, forward_op, backward_op):
         None,
         None,
         grad_conv_weight if needs[5] else None,
+        None,
         None,
         None,
         None,

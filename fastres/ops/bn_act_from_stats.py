@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastres.activation import check_activation
 from fastres.backends import resolve_backend
 from fastres.batch_norm import values_per_channel
-from fastres.ops.bn_act import check_args
+from fastres.ops.bn_act import check_args, silu_input_grad
 from fastres.ops.bn_act_pieces import BnActPieces, pieces_for
 
 __all__ = ["BnActFromStats", "all_reduce_sums", "backward_from_sums", "bn_act_from_stats"]
@@ -76,22 +77,29 @@ def backward_from_sums(
 
 
 class BnActFromStats(torch.autograd.Function):
-    """relu?(batch_norm(x) + residual) from given batch statistics of x (over ``group``'s batch,
-    or x's own when ``group`` is None); backward through the statistics."""
+    """activation(batch_norm(x) + residual) from given batch statistics of x (over ``group``'s
+    batch, or x's own when ``group`` is None); backward through the statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, var, count, eps, relu, group, ops):
-        out, _, _, mask = ops.forward(x, weight, bias, residual, mean, var, False, eps, relu)
-        ctx.save_for_backward(x, weight, mean, var, mask)
-        ctx.count, ctx.eps, ctx.relu, ctx.group, ctx.ops = count, eps, relu, group, ops
+    def forward(ctx, x, weight, bias, residual, mean, var, count, eps, activation, group, ops):
+        out, _, _, mask = ops.forward(x, weight, bias, residual, mean, var, False, eps, activation)
+        silu = activation == "silu"  # recomputes its input in backward (see silu_input_grad)
+        ctx.save_for_backward(
+            x, weight, mean, var, mask, bias if silu else None, residual if silu else None
+        )
+        ctx.count, ctx.eps, ctx.activation, ctx.group, ctx.ops = count, eps, activation, group, ops
         ctx.has_residual = residual is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var, mask = ctx.saved_tensors
+        x, weight, mean, var, mask, bias, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
         residual_grad = ctx.has_residual and needs[3]
+        if ctx.activation == "silu":
+            grad_out = silu_input_grad(
+                ctx.ops.forward, grad_out, x, weight, bias, residual, mean, var, ctx.eps
+            )
         grad_x, grad_weight, grad_bias, grad_residual = backward_from_sums(
             ctx.ops,
             ctx.group,
@@ -103,7 +111,7 @@ class BnActFromStats(torch.autograd.Function):
             mask,
             ctx.count,
             ctx.eps,
-            ctx.relu,
+            ctx.activation == "relu",
             residual_grad,
         )
         return (
@@ -123,7 +131,7 @@ def bn_act_from_stats(
     *,
     residual: Tensor | None = None,
     eps: float = 1e-5,
-    relu: bool = True,
+    activation: str = "relu",
     backend: str = "auto",
 ) -> Tensor:
     """Training-mode :func:`fastres.ops.bn_act` whose batch statistics were computed elsewhere.
@@ -135,6 +143,9 @@ def bn_act_from_stats(
     caller's to update.
     """
     check_args(x, weight, bias, None, None, residual, True, 0.0, eps)
+    check_activation(activation, "bn_act_from_stats")
     ops = pieces_for(resolve_backend(backend, x.device, x.dtype))
     count = values_per_channel(x)
-    return BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, None, ops)
+    return BnActFromStats.apply(
+        x, weight, bias, residual, mean, var, count, eps, activation, None, ops
+    )

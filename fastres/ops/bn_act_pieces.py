@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastres._layout import memory_format_of, param_dtype_of
+from fastres.activation import apply_activation
 from fastres.backends import STATUS
 from fastres.ops.registry import op
 
@@ -162,11 +163,12 @@ def _stats_torch(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _forward_torch(x, weight, bias, residual, mean, var, training, eps, relu):
+def _forward_torch(x, weight, bias, residual, mean, var, training, eps, activation):
     y = F.batch_norm(x, mean, var, weight, bias, training, 0.0, eps)
     if residual is not None:
         y = y + residual
-    out = F.relu(y) if relu else y
+    relu = activation == "relu"
+    out = apply_activation(y, activation)
     return (
         out,
         mean.clone(),

@@ -3,32 +3,35 @@
 ``fastres::bn_act_conv2d_stats_triton`` is one convolution of a residual block on the Triton backend
 (kernels in ``fastres/triton/conv.py``)::
 
-    out = conv2d(relu(batch_norm(x)) if a BatchNorm is given else x, weight)
+    out = conv2d(activation(batch_norm(x)) if a BatchNorm is given else x, weight)
     mean, var = batch statistics of out           (when stats=True, for the next BatchNorm)
 
-The BatchNorm before the convolution is applied as its input is loaded and never written; the
-statistics come out of the convolution's epilogue. Chained, they make a bottleneck's training
-forward ``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> [BN2+ReLU]conv3(+stats) -> BN3 + residual
-+ ReLU`` with no standalone BatchNorm or ReLU pass before the last one (see
-``fastres/plans/triton_chain.py``).
+``activation`` is ``"relu"``, ``"silu"`` or ``"identity"``. The BatchNorm and activation before
+the convolution are applied as its input is loaded and never written; the statistics come out of
+the convolution's epilogue. Chained, they make a bottleneck's training forward ``conv1(+stats)
+-> [BN1+act]conv2(+stats) -> [BN2+act]conv3(+stats) -> BN3 + residual + act`` with no standalone
+BatchNorm or activation pass before the last one (see ``fastres/plans/triton_chain.py``).
 
 Backward: the input gradient and the weight gradient are implicit GEMMs that recompute
-``relu(batch_norm(x))`` from the saved pre-BatchNorm ``x`` instead of loading a saved activation;
-the input-gradient epilogue applies ReLU's mask and computes BatchNorm's two backward
-reductions, and bn_act's Triton elementwise pass finishes the BatchNorm (through the batch
-statistics when ``bn_training``). The ``mean``/``var`` outputs are
-not differentiable: the op that consumes them (the next ``bn_act_conv2d_stats_triton``, or
-:func:`fastres.ops.sync_bn_act.bn_act_from_stats`) differentiates through them as part of its
-own BatchNorm backward, which is exact because they are the batch statistics of its input.
+``activation(batch_norm(x))`` from the saved pre-BatchNorm ``x`` instead of loading a saved
+activation; the input-gradient epilogue applies the activation's derivative (at the recomputed
+``batch_norm(x)``) and computes BatchNorm's two backward reductions, and bn_act's Triton
+elementwise pass finishes the BatchNorm (through the batch statistics when ``bn_training``).
+The ``mean``/``var`` outputs are not differentiable: the op that consumes them (the next
+``bn_act_conv2d_stats_triton``, or :func:`fastres.ops.sync_bn_act.bn_act_from_stats`)
+differentiates through them as part of its own BatchNorm backward, which is exact because they
+are the batch statistics of its input.
 
 ``fastres::conv2d_bias_act_triton`` is the inference form: a convolution (BatchNorm folded into
-its weight and bias) with bias, residual add and ReLU in the epilogue.
+its weight and bias) with bias, residual add and activation in the epilogue.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fastres.activation import check_activation
 
 __all__ = [
     "bn_act_conv2d_stats_triton",
@@ -43,12 +46,12 @@ def _geometry(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: in
     return ConvGeometry.of(x.shape, weight.shape, stride, padding, dilation, groups)
 
 
-def _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps):
+def _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps, activation):
     if bn_mean is None:
         return None
     from fastres.triton.conv import prologue_from_stats
 
-    return prologue_from_stats(bn_mean, bn_var, bn_weight, bn_bias, eps)
+    return prologue_from_stats(bn_mean, bn_var, bn_weight, bn_bias, eps, activation)
 
 
 def _channels_last(t: Tensor) -> Tensor:
@@ -65,14 +68,15 @@ def bn_act_conv2d_stats_triton(
     bn_bias: Tensor | None,
     bn_training: bool,
     eps: float,
+    activation: str,
     stride: int,
     padding: int,
     dilation: int,
     groups: int,
     stats: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``conv2d(relu(batch_norm(x)))`` (or ``conv2d(x)`` when ``bn_mean`` is None), and the
-    batch statistics of the result.
+    """``conv2d(activation(batch_norm(x)))`` (or ``conv2d(x)`` when ``bn_mean`` is None), and
+    the batch statistics of the result.
 
     Args:
         x: ``(N, C_in, H, W)`` float32, float16 or bfloat16 (computed channels_last).
@@ -83,6 +87,8 @@ def bn_act_conv2d_stats_triton(
         bn_training: whether ``bn_mean``/``bn_var`` are x's batch statistics (the backward then
             differentiates through them).
         eps: the BatchNorm's eps.
+        activation: ``"relu"``, ``"silu"`` or ``"identity"``, applied after the BatchNorm
+            (checked, and ignored, without one).
         stride, padding, dilation, groups: as for ``F.conv2d`` (the same along H and W).
         stats: also return the batch mean and biased variance of the output per channel.
 
@@ -93,9 +99,10 @@ def bn_act_conv2d_stats_triton(
     from fastres.triton import launch_device
     from fastres.triton.conv import conv_forward, finalize_stats
 
+    check_activation(activation, "bn_act_conv2d_stats_triton")
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
     with launch_device(x):
-        prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+        prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps, activation)
         out, partials = conv_forward(
             _channels_last(x), weight, geometry, prologue=prologue, stats=stats
         )
@@ -117,12 +124,14 @@ def _bn_act_conv2d_stats_fake(
     bn_bias,
     bn_training,
     eps,
+    activation,
     stride,
     padding,
     dilation,
     groups,
     stats,
 ):
+    check_activation(activation, "bn_act_conv2d_stats_triton")
     g = _geometry(x, weight, stride, padding, dilation, groups)
     out = x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)
     channels = g.C_OUT if stats else 0
@@ -143,6 +152,7 @@ def _bn_act_conv2d_stats_setup(ctx, inputs, output):
         bn_bias,
         bn_training,
         eps,
+        activation,
         stride,
         padding,
         dilation,
@@ -151,7 +161,7 @@ def _bn_act_conv2d_stats_setup(ctx, inputs, output):
     ) = inputs
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.save_for_backward(x, weight, bn_mean, bn_var, bn_weight, bn_bias)
-    ctx.bn_training, ctx.eps = bn_training, eps
+    ctx.bn_training, ctx.eps, ctx.activation = bn_training, eps, activation
     ctx.conv = (stride, padding, dilation, groups)
 
 
@@ -166,6 +176,7 @@ def bn_act_conv2d_stats_backward_triton(
     bn_bias: Tensor | None,
     bn_training: bool,
     eps: float,
+    activation: str,
     stride: int,
     padding: int,
     dilation: int,
@@ -184,6 +195,7 @@ def bn_act_conv2d_stats_backward_triton(
     from fastres.triton.bn_act import bn_backward_from_partials
     from fastres.triton.conv import conv_input_grad, conv_weight_grad
 
+    check_activation(activation, "bn_act_conv2d_stats_backward_triton")
     x = _channels_last(x)
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
 
@@ -192,15 +204,16 @@ def bn_act_conv2d_stats_backward_triton(
 
     grad_x, grad_bn_weight, grad_bn_bias = empty(), empty(torch.float32), empty(torch.float32)
     with launch_device(x):
-        prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps)
+        prologue = _prologue(bn_mean, bn_var, bn_weight, bn_bias, eps, activation)
         grad_weight = (
             conv_weight_grad(x, grad_out, geometry, weight, prologue) if weight_grad else empty()
         )
         if input_grad and prologue is None:
             grad_x = conv_input_grad(grad_out, weight, geometry)[0]
         elif input_grad:
-            # Gradient with respect to batch_norm(x) (ReLU's mask applied) with BatchNorm's
-            # backward reductions in the same kernel's epilogue; then its elementwise pass.
+            # Gradient with respect to batch_norm(x) (through the activation's derivative) with
+            # BatchNorm's backward reductions in the same kernel's epilogue; then its
+            # elementwise pass.
             grad_bn, sums = conv_input_grad(grad_out, weight, geometry, x, prologue)
             # A prologue comes with its statistics, and conv_input_grad then returns the sums.
             assert bn_mean is not None and bn_var is not None and sums is not None
@@ -221,6 +234,7 @@ def _bn_act_conv2d_stats_backward_fake(
     bn_bias,
     bn_training,
     eps,
+    activation,
     stride,
     padding,
     dilation,
@@ -228,6 +242,7 @@ def _bn_act_conv2d_stats_backward_fake(
     input_grad,
     weight_grad,
 ):
+    check_activation(activation, "bn_act_conv2d_stats_backward_triton")
     empty = x.new_empty((0,))
     channels = x.shape[1] if input_grad and bn_mean is not None else 0
     return (
@@ -252,6 +267,7 @@ def _bn_act_conv2d_stats_backward(ctx, grad_out, _grad_mean, _grad_var):
         bn_bias,
         ctx.bn_training,
         ctx.eps,
+        ctx.activation,
         *ctx.conv,
         input_grad,
         needs[1],
@@ -263,6 +279,7 @@ def _bn_act_conv2d_stats_backward(ctx, grad_out, _grad_mean, _grad_var):
         None,
         grad_bn_weight if bn_weight is not None and needs[4] else None,
         grad_bn_bias if bn_bias is not None and needs[5] else None,
+        None,
         None,
         None,
         None,
@@ -284,13 +301,14 @@ def conv2d_bias_act_triton(
     weight: Tensor,
     bias: Tensor | None,
     residual: Tensor | None,
-    relu: bool,
+    activation: str,
     stride: int,
     padding: int,
     dilation: int,
     groups: int,
 ) -> Tensor:
-    """``relu?(conv2d(x, weight, bias) + residual)`` in one kernel (inference; no autograd).
+    """``activation(conv2d(x, weight, bias) + residual)`` in one kernel (inference; no
+    autograd); ``activation`` is ``"relu"``, ``"silu"`` or ``"identity"``.
 
     x and residual ``(N, C, H, W)`` (computed channels_last), weight ``(C_out, C_in / groups, KH,
     KW)`` and bias ``(C_out,)`` in x's dtype. Returns ``(N, C_out, OH, OW)`` channels_last.
@@ -298,6 +316,7 @@ def conv2d_bias_act_triton(
     from fastres.triton import launch_device
     from fastres.triton.conv import conv_forward
 
+    check_activation(activation, "conv2d_bias_act_triton")
     geometry = _geometry(x, weight, stride, padding, dilation, groups)
     with launch_device(x):
         out, _ = conv_forward(
@@ -306,12 +325,13 @@ def conv2d_bias_act_triton(
             geometry,
             bias=bias,
             residual=_channels_last(residual) if residual is not None else None,
-            relu=relu,
+            activation=activation,
         )
     return out
 
 
 @conv2d_bias_act_triton.register_fake
-def _conv2d_bias_act_fake(x, weight, bias, residual, relu, stride, padding, dilation, groups):
+def _conv2d_bias_act_fake(x, weight, bias, residual, activation, stride, padding, dilation, groups):
+    check_activation(activation, "conv2d_bias_act_triton")
     g = _geometry(x, weight, stride, padding, dilation, groups)
     return x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)

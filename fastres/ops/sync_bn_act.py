@@ -37,13 +37,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastres.activation import check_activation
 from fastres.backends import resolve_backend
 from fastres.batch_norm import (
     require_more_than_one_value,
     update_running_stats,
     values_per_channel,
 )
-from fastres.ops.bn_act import bn_act, check_args
+from fastres.ops.bn_act import bn_act, check_args, silu_input_grad
 from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
 from fastres.ops.bn_act_from_stats import BnActFromStats, backward_from_sums
 from fastres.ops.bn_act_pieces import BnActPieces, pieces_for
@@ -106,11 +107,24 @@ def global_batch_stats(x: Tensor, ops: BnActPieces, group: Any) -> tuple[Tensor,
 class _SyncBnActConv2d(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group, ops
+        ctx,
+        y,
+        bn_weight,
+        bn_bias,
+        conv_weight,
+        mean,
+        var,
+        count,
+        eps,
+        activation,
+        conv_args,
+        group,
+        ops,
     ):
-        z, _, _, _ = ops.forward(y, bn_weight, bn_bias, None, mean, var, False, eps, True)
+        z, _, _, _ = ops.forward(y, bn_weight, bn_bias, None, mean, var, False, eps, activation)
         ctx.save_for_backward(y, bn_weight, bn_bias, conv_weight, mean, var)
         ctx.count, ctx.eps, ctx.conv_args, ctx.group, ctx.ops = count, eps, conv_args, group, ops
+        ctx.activation = activation
         return convolution(z, conv_weight, *conv_args)
 
     @staticmethod
@@ -120,7 +134,7 @@ class _SyncBnActConv2d(torch.autograd.Function):
         needs = ctx.needs_input_grad
         # Recompute z as the forward made it (same kernel, same statistics: bit-identical).
         z, _, _, mask = ctx.ops.forward(
-            y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, True
+            y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, ctx.activation
         )
         grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
             grad_out,
@@ -136,6 +150,10 @@ class _SyncBnActConv2d(torch.autograd.Function):
             [True, needs[3], False],
         )
         del z
+        if ctx.activation == "silu":
+            grad_z = silu_input_grad(
+                ctx.ops.forward, grad_z, y, bn_weight, bn_bias, None, mean, var, ctx.eps
+            )
         grad_y, grad_bn_weight, grad_bn_bias, _ = backward_from_sums(
             ctx.ops,
             ctx.group,
@@ -147,7 +165,7 @@ class _SyncBnActConv2d(torch.autograd.Function):
             mask,
             ctx.count,
             ctx.eps,
-            True,
+            ctx.activation == "relu",
             False,
         )
         return (
@@ -155,7 +173,7 @@ class _SyncBnActConv2d(torch.autograd.Function):
             grad_bn_weight if needs[1] else None,
             grad_bn_bias if needs[2] else None,
             grad_conv_weight if needs[3] else None,
-        ) + (None,) * 7
+        ) + (None,) * 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +200,7 @@ def sync_bn_act(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    relu: bool = True,
+    activation: str = "relu",
     process_group: Any | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -208,6 +226,7 @@ def sync_bn_act(
         eps,
         local_batch=True,
     )
+    check_activation(activation, "sync_bn_act")
     prepared = _prepare(x, backend, process_group) if training else None
     if prepared is None:
         return bn_act(
@@ -220,13 +239,15 @@ def sync_bn_act(
             training=training,
             momentum=momentum,
             eps=eps,
-            relu=relu,
+            activation=activation,
             backend=backend,
         )
     group, ops = prepared
     mean, var, count = global_batch_stats(x.detach(), ops, group)
     update_running_stats(running_mean, running_var, mean, var, momentum, count)
-    return BnActFromStats.apply(x, weight, bias, residual, mean, var, count, eps, relu, group, ops)
+    return BnActFromStats.apply(
+        x, weight, bias, residual, mean, var, count, eps, activation, group, ops
+    )
 
 
 def sync_bn_act_conv2d(
@@ -244,10 +265,11 @@ def sync_bn_act_conv2d(
     training: bool,
     momentum: float,
     eps: float,
+    activation: str = "relu",
     process_group: Any | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """``conv2d(relu(batch_norm(y)))`` with batch statistics over every process of
+    """``conv2d(activation(batch_norm(y)))`` with batch statistics over every process of
     ``process_group``, keeping only ``y`` for backward (see :mod:`fastres.ops.bn_act_conv`).
 
     Unlike :func:`fastres.ops.bn_act_conv2d` (an op that reads running statistics and returns
@@ -266,6 +288,7 @@ def sync_bn_act_conv2d(
         eps,
         local_batch=True,
     )
+    check_activation(activation, "sync_bn_act_conv2d")
     prepared = _prepare(y, backend, process_group) if training else None
     if prepared is None:
         out, mean, var = bn_act_conv2d(
@@ -282,6 +305,7 @@ def sync_bn_act_conv2d(
             training,
             eps,
             backend,
+            activation,
         )
         if training:
             count = values_per_channel(y)
@@ -292,5 +316,5 @@ def sync_bn_act_conv2d(
     update_running_stats(running_mean, running_var, mean, var, momentum, count)
     conv_args = (list(stride), list(padding), list(dilation), groups)
     return _SyncBnActConv2d.apply(
-        y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, conv_args, group, ops
+        y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, activation, conv_args, group, ops
     )

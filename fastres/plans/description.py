@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from fastres.activation import ACTIVATIONS, activation_name
 from fastres.sync_batch_norm import SyncBatchNorm2d
 
 __all__ = [
@@ -29,17 +30,7 @@ __all__ = [
 ]
 
 # The activations the fused ops apply, by the name the ops take.
-FUSED_ACTIVATIONS = ("relu",)
-
-
-def activation_name(module: nn.Module | None) -> str:
-    """What an activation module applies: ``"identity"`` (None or ``nn.Identity``), ``"relu"``
-    (an exact ``nn.ReLU``), else the module's class name (which no fused op applies)."""
-    if module is None or type(module) is nn.Identity:
-        return "identity"
-    if type(module) is nn.ReLU:
-        return "relu"
-    return type(module).__name__
+FUSED_ACTIVATIONS = ACTIVATIONS
 
 
 def conv_issue(conv: nn.Module) -> str:

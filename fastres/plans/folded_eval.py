@@ -87,12 +87,12 @@ class FoldedEvalPlan:
         with torch.autocast(x.device.type, enabled=False):
             h = folding_input(x, backend)
             out = h
-            for stage in stages[:-1]:
-                out = stage.run(out, relu=True)
+            for stage, described in zip(stages[:-1], block.stages[:-1], strict=True):
+                out = stage.run(out, activation=described.activation)
             if folded_shortcut is not None:
-                identity = folded_shortcut.run(h, relu=False)
+                identity = folded_shortcut.run(h, activation="identity")
             else:
                 identity = h if unfolded_identity is None else unfolded_identity
             identity = identity.to(h.dtype).contiguous(memory_format=memory_format_of(out))
-            out = stages[-1].run(out, relu=True, residual=identity)
+            out = stages[-1].run(out, activation=block.activation, residual=identity)
         return out.contiguous(memory_format=memory_format_of(x))

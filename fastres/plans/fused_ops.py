@@ -34,8 +34,9 @@ def _conv_args(conv: nn.Module) -> tuple[Tensor, list[int], list[int], list[int]
     return conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
-def bn_relu_conv(y: Tensor, bn: nn.Module, conv: nn.Module, backend: str) -> Tensor:
-    """conv(relu(bn(y))) through bn_act_conv2d, updating bn's running statistics as bn would."""
+def bn_act_conv(y: Tensor, bn: nn.Module, activation: str, conv: nn.Module, backend: str) -> Tensor:
+    """conv(activation(bn(y))) through bn_act_conv2d, updating bn's running statistics as bn
+    would."""
     weight, stride, padding, dilation, groups = _conv_args(conv)
     step = BatchNormStep.of(bn)
     momentum = step.start()
@@ -56,18 +57,28 @@ def bn_relu_conv(y: Tensor, bn: nn.Module, conv: nn.Module, backend: str) -> Ten
                 training=step.training,
                 momentum=momentum,
                 eps=step.eps,
+                activation=activation,
                 process_group=bn.process_group,
                 backend=backend,
             )
         out, mean, var = bn_act_conv2d(
-            *bn_args, weight, stride, padding, dilation, groups, step.training, step.eps, backend
+            *bn_args,
+            weight,
+            stride,
+            padding,
+            dilation,
+            groups,
+            step.training,
+            step.eps,
+            backend,
+            activation,
         )
     step.update(mean, var, momentum, values_per_channel(y))
     return out
 
 
-def bn_add_relu(y: Tensor, bn: nn.Module, residual: Tensor, backend: str) -> Tensor:
-    """relu(bn(y) + residual) through bn_act."""
+def bn_add_act(y: Tensor, bn: nn.Module, residual: Tensor, activation: str, backend: str) -> Tensor:
+    """activation(bn(y) + residual) through bn_act."""
     step = BatchNormStep.of(bn)
     if residual.dtype != y.dtype:  # autocast: the residual path may be in another precision
         residual = residual.to(y.dtype)
@@ -78,7 +89,7 @@ def bn_add_relu(y: Tensor, bn: nn.Module, residual: Tensor, backend: str) -> Ten
         training=step.training,
         momentum=step.start(),
         eps=step.eps,
-        relu=True,
+        activation=activation,
         backend=backend,
     )
 
@@ -92,11 +103,11 @@ class FusedOpsPlan:
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
         first, *rest = block.stages
         out = first.conv(x)
-        norm = first.norm
+        previous = first
         for stage in rest:
-            out = bn_relu_conv(out, norm, stage.conv, backend)
-            norm = stage.norm
+            out = bn_act_conv(out, previous.norm, previous.activation, stage.conv, backend)
+            previous = stage
         # After the main branch, as in torchvision: an error there leaves the shortcut's
         # BatchNorm untouched.
         identity = x if block.shortcut is None else block.shortcut(x)
-        return bn_add_relu(out, norm, identity, backend)
+        return bn_add_act(out, previous.norm, identity, block.activation, backend)

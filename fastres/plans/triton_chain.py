@@ -1,9 +1,10 @@
 """Plan: the Triton convolution chain, BatchNorms inside the convolutions (ops/conv2d_triton.py).
 
-``conv1(+stats) -> [BN1+ReLU]conv2(+stats) -> ... -> BN_last + shortcut + ReLU``: each BatchNorm
-but the last is applied in the next convolution's prologue, each batch statistic comes from the
-previous convolution's epilogue, so no standalone BatchNorm or ReLU pass runs before the last.
-Computed channels_last; the result has x's memory format.
+``conv1(+stats) -> [BN1+act1]conv2(+stats) -> ... -> act(BN_last + shortcut)``: each BatchNorm
+but the last is applied, with its stage's activation (ReLU, SiLU or none), in the next
+convolution's prologue, each batch statistic comes from the previous convolution's epilogue, so
+no standalone BatchNorm or activation pass runs before the last. Computed channels_last; the
+result has x's memory format.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres._layout import memory_format_of
+from fastres.activation import ACTIVATIONS
 from fastres.batch_norm import BatchNormStep, require_more_than_one_value, values_per_channel
 from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_from_stats import bn_act_from_stats
@@ -37,16 +39,31 @@ def _uniform(conv: nn.Module) -> bool:
 @dataclass(frozen=True)
 class _Pending:
     """A BatchNorm still to be applied, with the statistics it normalises with: the batch's
-    (training, from the convolution's epilogue) or the running ones (eval)."""
+    (training, from the convolution's epilogue) or the running ones (eval), and the activation
+    of its stage."""
 
     step: BatchNormStep
     mean: Tensor
     var: Tensor
+    activation: str
 
-    def prologue(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool, float]:
+    def prologue(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool, float, str]:
         """The arguments of bn_act_conv2d_stats_triton that apply it in the next prologue."""
         step = self.step
-        return (self.mean, self.var, step.weight, step.bias, step.training, step.eps)
+        return (
+            self.mean,
+            self.var,
+            step.weight,
+            step.bias,
+            step.training,
+            step.eps,
+            self.activation,
+        )
+
+
+def _no_prologue(eps: float) -> tuple[None, None, None, None, bool, float, str]:
+    """The same arguments for a convolution with no BatchNorm before it (the block's first)."""
+    return (None, None, None, None, False, eps, "identity")
 
 
 class TritonChainPlan:
@@ -54,13 +71,18 @@ class TritonChainPlan:
 
     def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
         """The triton backend, float32/16/bf16, square uniform convolutions (every block of
-        ResNet-50 and ResNeXt). Synchronized BatchNorm keeps the fused-ops plan (its
-        statistics need a collective)."""
+        ResNet-50 and ResNeXt), activations the kernels apply (a prologue applies any of
+        ACTIVATIONS; the last BatchNorm's goes after the add, so its stage has none).
+        Synchronized BatchNorm keeps the fused-ops plan (its statistics need a collective)."""
+        *inner, last = block.stages
         return (
             backend == "triton"
             and x.dtype in _DTYPES
             and all(type(norm) is nn.BatchNorm2d for norm in block.norms)
             and all(_uniform(conv) for conv in block.convs)
+            and all(stage.activation in ACTIVATIONS for stage in inner)
+            and last.activation == "identity"
+            and block.activation in ACTIVATIONS
         )
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
@@ -74,20 +96,26 @@ class TritonChainPlan:
             step = last.step
             args = (h, step.weight, step.bias, last.mean, last.var)
             residual = identity.to(h.dtype)
+            activation = block.activation
             if step.training:
                 out = bn_act_from_stats(
-                    *args, residual=residual, eps=step.eps, relu=True, backend="triton"
+                    *args, residual=residual, eps=step.eps, activation=activation, backend="triton"
                 )
             else:
                 out = bn_act(
-                    *args, residual=residual, training=False, eps=step.eps, backend="triton"
+                    *args,
+                    residual=residual,
+                    training=False,
+                    eps=step.eps,
+                    activation=activation,
+                    backend="triton",
                 )
         return out.contiguous(memory_format=memory_format_of(x))
 
     @staticmethod
     def _main_branch(block: ResidualBlock, h: Tensor) -> tuple[Tensor, _Pending]:
         """Every convolution of the main branch; returns the last one's output and the last
-        BatchNorm, still to be applied."""
+        BatchNorm, still to be applied (its stage has no activation: applies() checked)."""
         pending: _Pending | None = None  # the BatchNorm waiting to be applied to h
         for stage in block.stages:
             step = BatchNormStep.of(stage.norm)
@@ -98,7 +126,7 @@ class TritonChainPlan:
             h, mean, var = bn_act_conv2d_stats_triton(
                 h,
                 conv.weight.to(h.dtype),
-                *(pending.prologue() if pending else (None, None, None, None, False, step.eps)),
+                *(pending.prologue() if pending else _no_prologue(step.eps)),
                 conv.stride[0],
                 conv.padding[0],
                 conv.dilation[0],
@@ -108,8 +136,8 @@ class TritonChainPlan:
             if step.training:
                 require_more_than_one_value(h.size())  # where, and as, torchvision's would
                 step.update(mean, var, momentum, values_per_channel(h))
-                pending = _Pending(step, mean, var)
+                pending = _Pending(step, mean, var, stage.activation)
             else:
-                pending = _Pending(step, *step.running_statistics())
+                pending = _Pending(step, *step.running_statistics(), stage.activation)
         assert pending is not None  # a block has at least one stage
         return h, pending

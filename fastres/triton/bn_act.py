@@ -4,10 +4,13 @@ Same algorithm and results as the C++ kernels (csrc/cpu, csrc/cuda):
 
 * forward statistics: split reduction over (rows x channels) tiles, each tile's mean and M2
   computed two-pass in registers and Chan-merged, then a finalize kernel merging the splits;
-* elementwise pass: normalise, add the residual, ReLU, pack the ReLU mask (bit i % 8 of byte
-  i // 8 is out[i] > 0, in memory order);
+* elementwise pass: normalise, add the residual, apply the activation (identity, ReLU or SiLU,
+  fastres/triton/activation.py); for ReLU, pack its mask (bit i % 8 of byte i // 8 is
+  out[i] > 0, in memory order);
 * backward: one split reduction (sum gm, sum gm * (x - mean)), a finalize kernel producing
-  grad_weight, grad_bias and per-channel coefficients, and one elementwise pass.
+  grad_weight, grad_bias and per-channel coefficients, and one elementwise pass. It applies
+  ReLU's mask itself (``relu``); for SiLU the caller passes the gradient at SiLU's input
+  (fastres/ops/) and ``relu=False``.
 
 Tensors are made dense in their suggested memory format (NCHW-contiguous or channels_last) by the
 launchers; the kernels address elements by memory offset. Runs on CUDA tensors, and on CPU
@@ -22,6 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastres._layout import memory_format_of
+from fastres.activation import activation_code
+from fastres.triton.activation import RELU, apply_activation
 
 ELEMENTWISE_BLOCK = 1024  # elements per program; a multiple of 8 (one mask byte per 8)
 REDUCE_BLOCK_ROWS = 32
@@ -179,7 +184,7 @@ def _apply_kernel(
     C,
     hw,
     HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -193,11 +198,9 @@ def _apply_kernel(
     )
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as in torch.relu
-    out = y.to(out_ptr.dtype.element_ty)
+    out = apply_activation(y, ACTIVATION).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offsets, out, mask=ok)
-    if RELU:
+    if ACTIVATION == RELU:  # the mask ReLU's backward reads (SiLU's recomputes its input)
         positive = (ok & (out.to(tl.float32) > 0.0)).to(tl.int32)
         bits = tl.sum(positive << tl.arange(0, 8)[None, :], axis=1)
         tl.store(mask_ptr + byte_index, bits.to(tl.uint8), mask=byte_index * 8 < numel)
@@ -458,14 +461,18 @@ def bn_act_forward(
     running_var: Tensor | None,
     training: bool,
     eps: float,
-    relu: bool,
+    activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """See ``fastres::bn_act_forward`` in csrc/fastres.cpp; float32/float16/bfloat16 x."""
+    """See ``fastres::bn_act_forward`` in csrc/fastres.cpp; float32/float16/bfloat16 x;
+    ``activation`` one of fastres.activation.ACTIVATIONS. The mask (one bit an element) is
+    empty unless ``activation`` is ``"relu"``."""
     _check_dtype(x)
+    code = activation_code(activation)
     d = _Dense(x)
     residual = residual.contiguous(memory_format=d.format) if residual is not None else None
     out = torch.empty_like(d.x, memory_format=d.format)
-    mask = torch.empty(((d.numel + 7) // 8 if relu else 0,), dtype=torch.uint8, device=x.device)
+    mask_bytes = (d.numel + 7) // 8 if activation == "relu" else 0
+    mask = torch.empty((mask_bytes,), dtype=torch.uint8, device=x.device)
     if training:
         save_mean, save_var = d.channel_vector(), d.channel_vector()
     else:  # outputs never alias inputs (a custom-op rule)
@@ -491,7 +498,7 @@ def bn_act_forward(
         d.C,
         d.hw,
         HAS_RESIDUAL=residual is not None,
-        RELU=relu,
+        ACTIVATION=code,
         CHANNELS_LAST=d.channels_last,
         BLOCK=ELEMENTWISE_BLOCK,
     )

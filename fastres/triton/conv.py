@@ -6,19 +6,21 @@ materialises an im2col matrix:
 
 * forward ``out[m, co] = sum_k A[m, k] W[k, co]``: m runs over output pixels (n, oh, ow), k over
   (kh, kw, ci); A is gathered from x on the fly. A *prologue* may apply the previous BatchNorm
-  (per-channel ``scale * (x - mean) + shift``) and ReLU to x as it is loaded: the normalised
-  activation never exists in memory, and padding stays zero as in the unfused computation. An
-  *epilogue* may add a bias and a residual, apply ReLU, and write each tile's per-channel count,
-  mean and M2 of the output for the next BatchNorm's statistics. The tiles' statistics are merged
-  by bn_act's finalize kernel (Chan et al.'s pairwise formula): each tile's M2 is computed around
-  its own mean, so nothing cancels however large the mean is against the spread (the naive
-  ``E[y^2] - E[y]^2`` from sums of squares would lose all digits then).
+  (per-channel ``scale * (x - mean) + shift``) and its activation (identity, ReLU or SiLU) to x
+  as it is loaded: the normalised activation never exists in memory, and padding stays zero as
+  in the unfused computation. An *epilogue* may add a bias and a residual, apply an activation,
+  and write each tile's per-channel count, mean and M2 of the output for the next BatchNorm's
+  statistics. The tiles' statistics are merged by bn_act's finalize kernel (Chan et al.'s
+  pairwise formula): each tile's M2 is computed around its own mean, so nothing cancels however
+  large the mean is against the spread (the naive ``E[y^2] - E[y]^2`` from sums of squares would
+  lose all digits then).
 * input gradient ``dx[m', ci] = sum dy[m, co] W[co, ci, kh, kw]`` over the (kh, kw, co) that reach
   input pixel m' (a stride-s convolution reaches it only where ``ih + pad - kh * dil`` is a
-  multiple of s). With a prologue, the epilogue recomputes ``z = relu(scale * (x - mean) +
-  shift)`` at m' and keeps the gradient only where z > 0 (ReLU's backward without a saved
-  mask), and sums that gradient and its product with ``x - mean`` per channel: BatchNorm's
-  backward reductions, so that only BatchNorm's elementwise pass is left.
+  multiple of s). With a prologue, the epilogue recomputes the activation's input ``z = scale *
+  (x - mean) + shift`` at m' from the saved pre-BatchNorm x and multiplies the gradient by the
+  activation's derivative there (ReLU: keeps it where z > 0, without a saved mask), and sums
+  that gradient and its product with ``x - mean`` per channel: BatchNorm's backward reductions,
+  so that only BatchNorm's elementwise pass is left.
 * weight gradient ``dW[k, co] = sum_m A[m, k] dy[m, co]``, A gathered as in forward, prologue
   included (recomputed, not loaded), the sum over m split across programs and added atomically.
 
@@ -44,6 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastres.activation import activation_code
+from fastres.triton.activation import activation_grad, apply_activation
 from fastres.triton.bn_act import (
     REDUCE_BLOCK_CHANNELS,
     REDUCE_BLOCK_SPLITS,
@@ -95,7 +99,9 @@ def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
 # What a tuned configuration is kept for: the problem's shape, with the batch only as far as
 # the power of two the row count rounds up to (a last partial batch, another evaluation batch
 # size, reuse the tiles tuned for it rather than tuning and compiling again mid-epoch; the
-# kernels do not specialise on N either).
+# kernels do not specialise on N either). Nor what is fused around the product (prologue,
+# epilogue, their activations): per element of a tile it costs little beside the BLOCK_N or
+# BLOCK_K products that element takes part in.
 _SHAPE_KEY = [
     "ROWS_BUCKET",
     "H",
@@ -123,24 +129,25 @@ def _tile_of(tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _bn_relu(x, mean, scale, shift):
-    """The previous BatchNorm + ReLU of x, in float32: exactly what bn_act's elementwise pass
-    computes, so that recomputing it anywhere gives the same bits."""
-    y = (x - mean) * scale + shift
-    return tl.where(y < 0.0, 0.0, y)
+def _batch_norm(x, mean, scale, shift):
+    """The previous BatchNorm of x, in float32: exactly what bn_act's elementwise pass computes,
+    so that recomputing it anywhere gives the same bits."""
+    return (x - mean) * scale + shift
 
 
 @triton.jit
-def _apply_prologue(a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr):
-    """relu(bn(a)) for a tile of x whose columns are ``channel``; zero where a_ok is not (the
-    padding stays zero, as when the normalised activation is padded), in a's dtype."""
-    z = _bn_relu(
+def _apply_prologue(
+    a, a_ok, channel, channel_ok, mean_ptr, scale_ptr, shift_ptr, ACTIVATION: tl.constexpr
+):
+    """activation(bn(a)) for a tile of x whose columns are ``channel``; zero where a_ok is not
+    (the padding stays zero, as when the normalised activation is padded), in a's dtype."""
+    z = _batch_norm(
         a.to(tl.float32),
         tl.load(mean_ptr + channel, mask=channel_ok, other=0.0)[None, :],
         tl.load(scale_ptr + channel, mask=channel_ok, other=0.0)[None, :],
         tl.load(shift_ptr + channel, mask=channel_ok, other=0.0)[None, :],
     )
-    return tl.where(a_ok, z, 0.0).to(a.dtype)
+    return tl.where(a_ok, apply_activation(z, ACTIVATION), 0.0).to(a.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +194,10 @@ def _conv_forward_kernel(
     W_STRIDE_KW,
     POINTWISE: tl.constexpr,
     PROLOGUE: tl.constexpr,
+    PROLOGUE_ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    EPILOGUE_ACTIVATION: tl.constexpr,
     STATS: tl.constexpr,
     FLAT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -199,9 +207,11 @@ def _conv_forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     """Rows: output pixels (n, oh, ow); columns: output channels of one group; reduction:
-    k = (kh, kw, ci). The weight is read through its strides (contiguous along ci when it is
-    channels_last). ROWS_BUCKET (the row count rounded up to a power of two) is only the
-    autotuning key's, so that another batch size reuses the tuned tiles."""
+    k = (kh, kw, ci). PROLOGUE applies BatchNorm and then PROLOGUE_ACTIVATION (a
+    fastres.activation.activation_code) to x as it is loaded; EPILOGUE_ACTIVATION is applied
+    after the bias and the residual. The weight is read through its strides (contiguous along ci
+    when it is channels_last). ROWS_BUCKET (the row count rounded up to a power of two) is only
+    the autotuning key's, so that another batch size reuses the tuned tiles."""
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
     M = N * OH * OW
     pid_m, pid_n = _tile_of(tl.cdiv(M, BLOCK_M), tl.cdiv(cout_g, BLOCK_N), GROUP_M)
@@ -233,7 +243,9 @@ def _conv_forward_kernel(
                 other=0.0,
             )
             if PROLOGUE:
-                a = _apply_prologue(a, a_ok, channel, k_ok, mean_ptr, scale_ptr, shift_ptr)
+                a = _apply_prologue(
+                    a, a_ok, channel, k_ok, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_ACTIVATION
+                )
             w_k = ci * W_STRIDE_CI + kh * W_STRIDE_KH + kw * W_STRIDE_KW
             b = tl.load(
                 w_cols[None, :] + w_k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
@@ -262,7 +274,9 @@ def _conv_forward_kernel(
             channel = group * cin_g + ci
             a = tl.load(x_ptr + a_row[:, None] + channel[None, :], mask=a_ok, other=0.0)
             if PROLOGUE:
-                a = _apply_prologue(a, a_ok, channel, ci_ok, mean_ptr, scale_ptr, shift_ptr)
+                a = _apply_prologue(
+                    a, a_ok, channel, ci_ok, mean_ptr, scale_ptr, shift_ptr, PROLOGUE_ACTIVATION
+                )
             b = tl.load(
                 w_cols[None, :] + (w_tap + ci * W_STRIDE_CI)[:, None],
                 mask=ci_ok[:, None] & col_ok[None, :],
@@ -276,9 +290,7 @@ def _conv_forward_kernel(
         acc += tl.load(
             residual_ptr + rows[:, None] * C_OUT + cols[None, :], mask=out_ok, other=0.0
         ).to(tl.float32)
-    if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)
-    out = acc.to(out_ptr.dtype.element_ty)
+    out = apply_activation(acc, EPILOGUE_ACTIVATION).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], out, mask=out_ok)
     if STATS:
         # This tile's count, mean and M2 per channel, of the values as stored (what the next
@@ -338,6 +350,7 @@ def _conv_input_grad_kernel(
     POINTWISE: tl.constexpr,
     PHASED: tl.constexpr,
     PROLOGUE: tl.constexpr,
+    PROLOGUE_ACTIVATION: tl.constexpr,
     FLAT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -354,8 +367,9 @@ def _conv_input_grad_kernel(
     PHASED (STRIDE > 1) reads the tap table; stride 1 counts the taps in order (no table
     lookups, and fewer registers: ResNeXt's grouped 3x3 spilled with them).
     The weight is read through its strides, as in forward.
-    With a prologue, the epilogue also writes this tile's per-channel sums of the masked
-    gradient gm and of gm * (x - mean): BatchNorm's backward reductions, fused here."""
+    With a prologue, the epilogue multiplies the gradient by PROLOGUE_ACTIVATION's derivative
+    (recomputed from x) into gm, the gradient at bn(x), and also writes this tile's per-channel
+    sums of gm and of gm * (x - mean): BatchNorm's backward reductions, fused here."""
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
     rows_per_phase = N * PHASE_H * PHASE_W
     tiles_m = tl.cdiv(rows_per_phase, BLOCK_M)
@@ -445,16 +459,19 @@ def _conv_input_grad_kernel(
         pixel = rows
     offsets = pixel[:, None] * C_IN + cols[None, :]
     if PROLOGUE:
-        # The forward's input was relu(bn(x)): recompute it here and keep the gradient only
-        # where it was positive (ReLU's backward, as torch's, on the stored value).
+        # The forward's input was activation(bn(x)): recompute bn(x) here and apply the
+        # activation's backward at it, rounded to x's dtype first: PyTorch's unfused computation
+        # holds bn(x) in that dtype and differentiates the activation there (a float16 value
+        # that rounds to 0 is masked by ReLU there too).
         x = tl.load(x_ptr + offsets, mask=out_ok, other=0.0).to(tl.float32)
-        z = _bn_relu(
+        z = _batch_norm(
             x,
             tl.load(mean_ptr + cols, mask=col_ok, other=0.0)[None, :],
             tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :],
             tl.load(shift_ptr + cols, mask=col_ok, other=0.0)[None, :],
         )
-        acc = tl.where(z.to(x_ptr.dtype.element_ty).to(tl.float32) > 0.0, acc, 0.0)
+        z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc = activation_grad(acc, z, PROLOGUE_ACTIVATION)
     stored = acc.to(grad_x_ptr.dtype.element_ty)
     tl.store(grad_x_ptr + offsets, stored, mask=out_ok)
     if PROLOGUE:
@@ -499,6 +516,7 @@ def _conv_weight_grad_kernel(
     DILATION,
     SPLIT,
     PROLOGUE: tl.constexpr,
+    PROLOGUE_ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -508,7 +526,8 @@ def _conv_weight_grad_kernel(
     output pixels, split SPLIT ways and added atomically into the float32 grad_w (C_OUT, KH, KW,
     C_IN / GROUPS), a channels_last weight's layout. Output channels are the rows so that a
     tile's columns run along k, contiguous in grad_w: the atomic adds go out in the
-    accumulator's own layout, coalesced and vectorised."""
+    accumulator's own layout, coalesced and vectorised. With a prologue, A is
+    PROLOGUE_ACTIVATION(bn(x)), recomputed from the pre-BatchNorm x as in forward."""
     pid_k, pid_n, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     group, split = pid_gs // SPLIT, pid_gs % SPLIT
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
@@ -537,8 +556,10 @@ def _conv_weight_grad_kernel(
             x_ptr + ((n[:, None] * H + ih) * W + iw) * C_IN + channel[None, :], mask=a_ok, other=0.0
         )
         if PROLOGUE:
-            a = tl.where(a_ok, _bn_relu(a.to(tl.float32), mean, scale, shift), 0.0)
-            a = a.to(x_ptr.dtype.element_ty)
+            z = apply_activation(
+                _batch_norm(a.to(tl.float32), mean, scale, shift), PROLOGUE_ACTIVATION
+            )
+            a = tl.where(a_ok, z, 0.0).to(x_ptr.dtype.element_ty)
         g_t = tl.load(
             grad_ptr + rows[None, :] * C_OUT + cols[:, None],
             mask=col_ok[:, None] & row_ok[None, :],
@@ -701,12 +722,14 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 @dataclass
 class Prologue:
-    """The BatchNorm + ReLU applied to a convolution's input as it is loaded: per-channel mean
-    and the scale and shift of ``(x - mean) * scale + shift`` (float32)."""
+    """The BatchNorm and activation applied to a convolution's input as it is loaded:
+    per-channel mean and the scale and shift of ``(x - mean) * scale + shift`` (float32), then
+    ``activation`` (one of fastres.activation.ACTIVATIONS)."""
 
     mean: Tensor
     scale: Tensor
     shift: Tensor
+    activation: str
 
 
 def _scratch(device: torch.device) -> Tensor:
@@ -721,6 +744,14 @@ def _prologue_args(prologue: Prologue | None, like: Tensor) -> tuple[Tensor, Ten
     return prologue.mean, prologue.scale, prologue.shift
 
 
+def _prologue_flags(prologue: Prologue | None) -> dict:
+    """The kernels' PROLOGUE and PROLOGUE_ACTIVATION (0 without a prologue: one compiled
+    variant, whatever it would have been)."""
+    if prologue is None:
+        return dict(PROLOGUE=False, PROLOGUE_ACTIVATION=0)
+    return dict(PROLOGUE=True, PROLOGUE_ACTIVATION=activation_code(prologue.activation))
+
+
 def conv_forward(
     x: Tensor,
     weight: Tensor,
@@ -728,10 +759,11 @@ def conv_forward(
     prologue: Prologue | None = None,
     bias: Tensor | None = None,
     residual: Tensor | None = None,
-    relu: bool = False,
+    activation: str = "identity",
     stats: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """``epilogue(conv2d(prologue(x), weight))``; x, residual and the result channels_last.
+    """``epilogue(conv2d(prologue(x), weight))``, the epilogue ``activation(... + bias +
+    residual)``; x, residual and the result channels_last.
 
     Returns ``(out, partials)``: partials is the (3, tiles, C_out) float32 per-tile count, mean
     and M2 of ``out`` when ``stats`` (see :func:`finalize_stats`), else None.
@@ -768,10 +800,10 @@ def conv_forward(
         **g.args(M),
         **w_strides,
         POINTWISE=g.pointwise,
-        PROLOGUE=prologue is not None,
+        **_prologue_flags(prologue),
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
-        RELU=relu,
+        EPILOGUE_ACTIVATION=activation_code(activation),
         STATS=stats,
         FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW,
         INPUT_PRECISION=_input_precision(x.dtype),
@@ -783,10 +815,15 @@ def conv_forward(
 
 
 def finalize_stats(
-    partials: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    partials: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str = "relu",
 ) -> tuple[Tensor, Tensor, Prologue]:
     """Merges per-tile statistics into the batch mean and biased variance per channel, and the
-    prologue that applies this BatchNorm (with ``weight``, ``bias``, ``eps``) + ReLU."""
+    prologue that applies this BatchNorm (with ``weight``, ``bias``, ``eps``) and then
+    ``activation``."""
     channels = partials.shape[2]
     mean, var, scale, shift = (
         torch.empty(channels, dtype=torch.float32, device=partials.device) for _ in range(4)
@@ -810,13 +847,19 @@ def finalize_stats(
         BLOCK_S=REDUCE_BLOCK_SPLITS,
         BLOCK_C=REDUCE_BLOCK_CHANNELS,
     )
-    return mean, var, Prologue(mean, scale, shift)
+    return mean, var, Prologue(mean, scale, shift, activation)
 
 
 def prologue_from_stats(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str,
 ) -> Prologue:
-    """The prologue of a BatchNorm with known statistics (eval: the running ones)."""
+    """The prologue of a BatchNorm with known statistics (eval: the running ones) followed by
+    ``activation``."""
     channels = mean.shape[0]
     scale, shift = (
         torch.empty(channels, dtype=torch.float32, device=mean.device) for _ in range(2)
@@ -841,7 +884,7 @@ def prologue_from_stats(
         BLOCK_S=REDUCE_BLOCK_SPLITS,
         BLOCK_C=REDUCE_BLOCK_CHANNELS,
     )
-    return Prologue(mean, scale, shift)
+    return Prologue(mean, scale, shift, activation)
 
 
 def conv_input_grad(
@@ -853,9 +896,9 @@ def conv_input_grad(
 ) -> tuple[Tensor, Tensor | None]:
     """Gradient with respect to the convolution's input, channels_last, and None. With a
     prologue (and the pre-BatchNorm x it was applied to): the gradient gm with respect to
-    bn(x) (relu(bn(x))'s gradient masked where that was positive), and the (2, tiles, C_in)
-    float32 per-tile sums of gm and gm * (x - mean) for BatchNorm's backward (tiles a larger
-    tiling leaves out are zero)."""
+    bn(x) (the input's gradient times the prologue activation's derivative at bn(x),
+    recomputed), and the (2, tiles, C_in) float32 per-tile sums of gm and gm * (x - mean) for
+    BatchNorm's backward (tiles a larger tiling leaves out are zero)."""
     g = geometry
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     grad_x = torch.empty(
@@ -896,7 +939,7 @@ def conv_input_grad(
         **w_strides,
         POINTWISE=g.pointwise,
         PHASED=g.STRIDE > 1,
-        PROLOGUE=prologue is not None,
+        **_prologue_flags(prologue),
         FLAT_K=g.C_OUT // g.GROUPS < FLAT_K_BELOW,
         INPUT_PRECISION=_input_precision(grad_out.dtype),
         GROUP_M=GROUP_M,
@@ -935,8 +978,8 @@ def conv_weight_grad(
     prologue: Prologue | None = None,
 ) -> Tensor:
     """Gradient with respect to ``weight`` (C_out, C_in / groups, KH, KW), in its dtype and
-    layout; with a prologue, x is the pre-BatchNorm input and relu(bn(x)) is recomputed on the
-    fly."""
+    layout; with a prologue, x is the pre-BatchNorm input and activation(bn(x)) is recomputed
+    on the fly."""
     g = geometry
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     cin_g, cout_g = g.C_IN // g.GROUPS, g.C_OUT // g.GROUPS
@@ -961,7 +1004,7 @@ def conv_weight_grad(
             shift,
             **g.args(M),
             SPLIT=split,
-            PROLOGUE=prologue is not None,
+            **_prologue_flags(prologue),
             INPUT_PRECISION=_input_precision(x.dtype),
         )
     return _as_layout_of(weight, grad_w.permute(0, 3, 1, 2))
