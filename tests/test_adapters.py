@@ -1,4 +1,4 @@
-"""convert() on the ResNets of other libraries: timm and Hugging Face transformers.
+"""convert() on the ResNets of other libraries: timm, Hugging Face transformers, Ultralytics.
 
 Each library's model, built from its own config with random weights (nothing is downloaded), is
 converted and compared with the library's own forward, not with torchvision's: logits, every
@@ -17,6 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from op_log import OpLog
+from optional_libraries import HAS_ULTRALYTICS, needs_ultralytics
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -24,6 +25,14 @@ import fastres
 from fastres.adapters.timm import FastTimmBasicBlock, FastTimmBottleneck
 from fastres.adapters.transformers import FastResNetBasicLayer, FastResNetBottleNeckLayer
 from fastres.testing import assert_within_error_factor
+
+if HAS_ULTRALYTICS:
+    from ultralytics.nn.tasks import ClassificationModel
+    from ultralytics.utils.torch_utils import initialize_weights
+
+    from fastres.adapters.ultralytics import FastResNetBlock
+else:
+    ClassificationModel = FastResNetBlock = initialize_weights = None
 
 
 def _timm(name: str) -> nn.Module:
@@ -40,17 +49,34 @@ def _hf(layer_type: str) -> nn.Module:
     return ResNetForImageClassification(config)
 
 
+def _ultralytics(yaml: str = "yolov8-cls-resnet50.yaml") -> nn.Module:
+    """Ultralytics' classification model as ``YOLO(yaml)`` builds it (random weights), its
+    BatchNorms set as Ultralytics' detection models set theirs (eps 1e-3, momentum 0.03)."""
+    model = ClassificationModel(yaml, nc=10, verbose=False)
+    initialize_weights(model)
+    return model
+
+
 MODELS = {
     "timm-resnet18": (lambda: _timm("resnet18"), FastTimmBasicBlock, 8),
     "timm-resnet50": (lambda: _timm("resnet50"), FastTimmBottleneck, 16),
     "timm-resnet50d": (lambda: _timm("resnet50d"), FastTimmBottleneck, 16),
     "hf-resnet-50": (lambda: _hf("bottleneck"), FastResNetBottleNeckLayer, 16),
     "hf-resnet-18": (lambda: _hf("basic"), FastResNetBasicLayer, 8),
+    "ultralytics-yolov8-cls-resnet50": (_ultralytics, FastResNetBlock, 16),
 }
+# Each model's test marks: Ultralytics' may skip on the GPU machine (see needs_ultralytics).
+_MARKS = {"ultralytics-yolov8-cls-resnet50": [needs_ultralytics]}
+
+
+def _params(names) -> list:
+    return [pytest.param(name, marks=_MARKS.get(name, [])) for name in names]
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
+    if isinstance(out, tuple):  # Ultralytics' classifier in eval: (probabilities, logits)
+        return out[1]
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -99,7 +125,7 @@ def _train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: int =
     return logits
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", _params(MODELS))
 def test_float64_training_and_eval_match_the_librarys_own_forward(name):
     reference, fast, _ = _pair(name, torch.float64)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
@@ -120,7 +146,9 @@ def test_float64_training_and_eval_match_the_librarys_own_forward(name):
         _close(_logits(fast, x), _logits(reference, x), "eval logits")
 
 
-@pytest.mark.parametrize("name", ["timm-resnet18", "hf-resnet-18"])
+@pytest.mark.parametrize(
+    "name", _params(["timm-resnet18", "hf-resnet-18", "ultralytics-yolov8-cls-resnet50"])
+)
 def test_float32_training_step_follows_the_error_factor_rule(name):
     reference64, _, _ = _pair(name, torch.float64)
     reference = copy.deepcopy(reference64).float()
@@ -190,5 +218,37 @@ def test_sync_bn_conversion_retypes_the_libraries_batch_norms_too():
     norms = [m for m in fast.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(type(m) is fastres.SyncBatchNorm2d for m in norms)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        _close(fast(x), reference(x), "eval logits")
+
+
+@needs_ultralytics
+def test_ultralytics_blocks_run_silu_in_the_fused_ops_and_keep_their_state():
+    """cv1 and cv2 end in SiLU: bn_act_conv2d with activation="silu"; state_dict, classes after
+    revert() and a model fused by Ultralytics (left alone: its BatchNorms are folded away)."""
+    reference = _ultralytics()
+    fast = fastres.convert(reference, inplace=False, backend="cpu")
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with OpLog() as log:
+        _logits(fast.train(), x).sum().backward()
+    assert "fastres.bn_act_conv2d" in log.ops, sorted(set(log.ops))
+    back = fastres.revert(fast)
+    assert [type(m) for m in back.modules()] == [type(m) for m in reference.modules()]
+    fused = _ultralytics().eval().fuse()
+    with pytest.warns(UserWarning, match="no block to convert") as warned:
+        fastres.convert(fused)
+    assert "fused by model.fuse()" in str(warned[0].message)
+
+
+def test_timm_blocks_with_silu_are_converted():
+    """timm's act_layer="silu": the fused ops apply SiLU (no block left alone)."""
+    reference = timm.create_model("resnet18", pretrained=False, act_layer="silu").double()
+    _randomise_batch_norms(reference)
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    assert len([m for m in fast.modules() if type(m) is FastTimmBasicBlock]) == 8
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    _close(fast(x), reference(x), "training logits")
+    reference.eval(), fast.eval()
     with torch.no_grad():
         _close(fast(x), reference(x), "eval logits")

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from optional_libraries import needs_ultralytics
 
 import fastres
 from fastres import bench
@@ -78,7 +79,14 @@ def test_bad_arguments_exit_with_usage(bad):
     assert error.value.code == 2
 
 
-@pytest.mark.parametrize("model", ["timm:resnet18", "hf:resnet-18"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "timm:resnet18",
+        "hf:resnet-18",
+        pytest.param("ultralytics:yolov8-cls-resnet50", marks=needs_ultralytics),
+    ],
+)
 def test_models_of_other_libraries_are_benchmarked_against_their_own(model, tmp_path):
     """The reference row is the library's own model, and fastres's converted copy passes the
     parity check against it. 64 px: at 32 px and batch 2 the last stage normalises two values
@@ -89,6 +97,8 @@ def test_models_of_other_libraries_are_benchmarked_against_their_own(model, tmp_
     args += ["--rounds", "2", "--no-compile"]
     assert bench.main([*args, "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / f"{model.replace(':', '-')}_cpu_fp32.csv")
-    library = {"timm": "timm", "hf": "transformers"}[model.split(":")[0]]
+    library = {"timm": "timm", "hf": "transformers", "ultralytics": "ultralytics"}[
+        model.split(":")[0]
+    ]
     assert [row["config"] for row in rows] == [library, "fastres[cpu]"]
     assert rows[1]["parity_ok"] == "True" and rows[1]["train_img_s"]

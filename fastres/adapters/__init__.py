@@ -38,7 +38,11 @@ class LibraryAdapter:
 
 
 # The other libraries' adapters, by module; each defines ADAPTER.
-_OPTIONAL = ("fastres.adapters.timm", "fastres.adapters.transformers")
+_OPTIONAL = (
+    "fastres.adapters.timm",
+    "fastres.adapters.transformers",
+    "fastres.adapters.ultralytics",
+)
 _LOADED: list[LibraryAdapter] | None = None
 
 

@@ -13,8 +13,9 @@ from torch import nn
 import fastres
 from fastres.backends import STATUS
 
-# torchvision's by name; timm's as "timm:<name>" and Hugging Face transformers' as "hf:<name>"
-# (built from their configurations, random weights: nothing is downloaded).
+# torchvision's by name; timm's as "timm:<name>", Hugging Face transformers' as "hf:<name>" and
+# Ultralytics' as "ultralytics:<model yaml without .yaml>" (built from their configurations,
+# random weights: nothing is downloaded).
 MODELS = (
     "resnet50",
     "resnet18",
@@ -24,6 +25,7 @@ MODELS = (
     "timm:resnet50d",
     "hf:resnet-18",
     "hf:resnet-50",
+    "ultralytics:yolov8-cls-resnet50",
 )
 
 
@@ -50,14 +52,19 @@ class Result:
 
 
 class LogitsOf(nn.Module):
-    """A transformers image classifier whose forward returns the logits tensor."""
+    """A classifier whose forward returns more than the logits, as one that returns the logits
+    tensor: transformers' (an output object with ``.logits``) and Ultralytics' (in eval,
+    ``(probabilities, logits)``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
+        out = self.model(x)
+        if isinstance(out, tuple):  # Ultralytics in eval (in training: the logits)
+            return out[1]
+        return out if isinstance(out, torch.Tensor) else out.logits
 
 
 def _library_model(model: str) -> nn.Module:
@@ -78,11 +85,16 @@ def _library_model(model: str) -> nn.Module:
         config = configs[name]
         config.num_labels = 1000  # ImageNet's, like the other models (the default is 2)
         return LogitsOf(ResNetForImageClassification(config))
+    if library == "ultralytics":
+        from ultralytics.nn.tasks import ClassificationModel
+
+        return LogitsOf(ClassificationModel(f"{name}.yaml", nc=1000, verbose=False))
     return getattr(torchvision.models, name)()
 
 
 def reference_library(model: str) -> str:
-    """The library whose own model is the reference: torchvision, timm or transformers."""
+    """The library whose own model is the reference: torchvision, timm, transformers or
+    ultralytics."""
     library = model.rpartition(":")[0]
     return {"": "torchvision", "hf": "transformers"}.get(library, library)
 

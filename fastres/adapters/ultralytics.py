@@ -1,0 +1,79 @@
+"""Ultralytics' ResNet block (``ultralytics.nn.modules.block.ResNetBlock``, the blocks of
+``yolov8-cls-resnet50.yaml`` and of the RT-DETR ResNet backbones) as the canonical residual-block
+description; imported only when ultralytics is installed.
+
+A ResNetBlock is ``cv1 cv2 cv3``, each an Ultralytics ``Conv`` (``conv``, ``bn``, ``act``: SiLU
+for cv1 and cv2, Identity for cv3), a ``shortcut`` (``Sequential(Conv)`` without activation, or
+Identity), the add and ``F.relu``. Ultralytics' BatchNorms use eps 1e-3 and momentum 0.03; the
+fused ops take them as they are. A model fused by Ultralytics (``model.fuse()``: BatchNorm folded
+into the convolutions, ``bn`` deleted) is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeGuard
+
+from torch import Tensor, nn
+from ultralytics.nn.modules.block import ResNetBlock
+from ultralytics.nn.modules.conv import Conv
+
+from fastres.adapters import LibraryAdapter
+from fastres.modules import FastBlockMixin
+from fastres.plans.description import ResidualBlock, Stage, activation_name
+
+__all__ = ["ADAPTER", "FastResNetBlock", "describe"]
+
+
+def _stage(conv: Conv) -> Stage:
+    return Stage(conv.conv, conv.bn, activation_name(conv.act))
+
+
+def _shortcut_stage(shortcut: nn.Module) -> Stage | None:
+    """``Sequential(Conv)`` as one stage, else None (then it runs as its own modules)."""
+    if type(shortcut) is nn.Sequential and len(shortcut) == 1 and _is_unfused_conv(shortcut[0]):
+        return _stage(shortcut[0])
+    return None
+
+
+def _is_unfused_conv(module: nn.Module) -> TypeGuard[Conv]:
+    """An exact Ultralytics Conv that still has its BatchNorm (model.fuse() deletes it)."""
+    return type(module) is Conv and hasattr(module, "bn")
+
+
+def describe(block: ResNetBlock, reference: Callable[[Tensor], Tensor]) -> ResidualBlock:
+    """The description of an Ultralytics ResNetBlock; ``reference`` runs its own forward. The
+    activation after the add is ``F.relu`` in its forward."""
+    shortcut = None if type(block.shortcut) is nn.Identity else block.shortcut
+    return ResidualBlock(
+        module=block,
+        stages=(_stage(block.cv1), _stage(block.cv2), _stage(block.cv3)),
+        shortcut=shortcut,
+        shortcut_stage=None if shortcut is None else _shortcut_stage(shortcut),
+        activation="relu",
+        reference=reference,
+    )
+
+
+def left_alone(block: ResNetBlock) -> str:
+    """Why convert() leaves an Ultralytics ResNetBlock alone ("" when it converts it)."""
+    for name in ("cv1", "cv2", "cv3"):
+        conv = getattr(block, name)
+        if type(conv) is not Conv:
+            return f"Ultralytics ResNetBlock whose {name} is a {type(conv).__name__}, not a Conv"
+        if not hasattr(conv, "bn"):
+            return "Ultralytics ResNetBlock fused by model.fuse() (BatchNorm folded into its conv)"
+    return describe(block, block.forward).fusion_issue()
+
+
+class FastResNetBlock(FastBlockMixin, ResNetBlock):
+    """Ultralytics' ``ResNetBlock`` on fused ops (made by :func:`fastres.convert`)."""
+
+    _describe_with = staticmethod(describe)
+
+
+ADAPTER = LibraryAdapter(
+    library="ultralytics",
+    fast_classes={ResNetBlock: FastResNetBlock},
+    left_alone=left_alone,
+)
