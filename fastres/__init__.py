@@ -34,6 +34,7 @@ from fastres.modules import (
     FastBlockMixin,
     FastBottleneck,
     FastResNet,
+    FastStemMixin,
     SyncBatchNorm2d,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "FastBlockMixin",
     "FastBottleneck",
     "FastResNet",
+    "FastStemMixin",
     "SyncBatchNorm2d",
     "ConversionReport",
     "convert",

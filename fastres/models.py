@@ -110,8 +110,10 @@ def convert(
 
     The blocks: torchvision's ``Bottleneck`` and ``BasicBlock``, anywhere in a model (plain
     ResNets, ResNeXt, Wide ResNet, backbones nested in other models); timm's ResNet
-    ``Bottleneck`` and ``BasicBlock``, and Hugging Face transformers' ``ResNetBottleNeckLayer`` and
-    ``ResNetBasicLayer``, when those libraries are installed (fastres/adapters/). A block with a
+    ``Bottleneck`` and ``BasicBlock``, Hugging Face transformers' ``ResNetBottleNeckLayer`` and
+    ``ResNetBasicLayer`` (and its stem, ``ResNetEmbeddings``), and Ultralytics' ``ResNetBlock``
+    (and its stem ``ResNetLayer``), when those libraries are installed (fastres/adapters/); the
+    stems fold in eval like torchvision's. A block with a
     layer the fused ops do not reproduce (timm's squeeze-excitation, stochastic depth,
     anti-aliasing; another activation or norm) is left alone, with the reason in the report that
     is logged. A torchvision ``ResNet`` itself becomes a :class:`fastres.modules.FastResNet`, whose
@@ -152,6 +154,8 @@ def convert(
         for adapter in library_adapters:
             if type(module) in adapter.fast_classes:
                 why_not = adapter.left_alone(module)
+                if why_not is None:  # not a candidate (see LibraryAdapter.left_alone)
+                    return None, ""
                 return (None, why_not) if why_not else (adapter.fast_classes[type(module)], "")
         return None, ""
 

@@ -26,13 +26,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from fastres._layout import memory_format_of
 from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name, resolve_backend
-from fastres.folding import FoldedBlock, folding_kind
 from fastres.plans import Plan, plan_for
-from fastres.plans.description import ResidualBlock, conv_issue, norm_issue
-from fastres.plans.folded_eval import FOLDED, foldable, folding_input
+from fastres.plans.description import ResidualBlock, Stage, activation_name
+from fastres.plans.folded_eval import FOLDED, run_folded_stage, stage_folding_backend
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
@@ -40,6 +38,7 @@ __all__ = [
     "FastBlockMixin",
     "FastBottleneck",
     "FastResNet",
+    "FastStemMixin",
     "SyncBatchNorm2d",
     "sync_batch_norms",
 ]
@@ -173,41 +172,14 @@ class FastResNet(ResNet):
     backend: str
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        backend = self._stem_folding_backend(x)
+        stem = Stage(self.conv1, self.bn1, activation_name(self.relu))
+        backend = stage_folding_backend(self, stem, x, self.backend)
         if backend is None:
             return super()._forward_impl(x)
-        x = self.maxpool(self._folded_stem(x, backend))
+        x = self.maxpool(run_folded_stage(self, stem, x, backend))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    def _stem_folding_backend(self, x: Tensor) -> str | None:
-        """The backend the stem runs folded on, or None to run ResNet's own forward: for a
-        (N, C, H, W) input the stem takes (anything else gets ResNet's own errors), the usual
-        stem layers, in eval, where :func:`fastres.plans.folded_eval.foldable` allows."""
-        if not (
-            isinstance(x, Tensor)
-            and x.dim() == 4
-            and x.shape[1] == self.conv1.in_channels
-            and not conv_issue(self.conv1)
-            and not norm_issue(self.bn1)
-            and type(self.relu) is nn.ReLU
-            and not self.training
-        ):
-            return None
-        backend = resolve_backend(self.backend, x.device, x.dtype)
-        if backend == "torch" or not foldable(x, backend, [self.conv1, self.bn1], [self.bn1]):
-            return None
-        return backend
-
-    def _folded_stem(self, x: Tensor, backend: str) -> Tensor:
-        cache = FOLDED.setdefault(self, FoldedBlock())
-        kind = folding_kind(backend)
-        assert kind is not None  # _stem_folding_backend checked that the backend folds
-        (stage,), _ = cache.stages([(self.conv1, self.bn1)], None, kind)
-        with torch.autocast(x.device.type, enabled=False):
-            out = stage.run(folding_input(x, backend), activation="relu")
-        return out.contiguous(memory_format=memory_format_of(x))
 
     def train(self, mode: bool = True):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them
@@ -215,3 +187,26 @@ class FastResNet(ResNet):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+
+class FastStemMixin(nn.Module):
+    """A library's stem, ``pool(activation(norm(conv(x))))``, whose convolution, BatchNorm and
+    activation run in eval as one fused convolution from folded weights, as the blocks' do
+    (:func:`fastres.plans.folded_eval.run_folded_stage`). Training, autograd and anything the
+    fused ops do not reproduce run the library's own forward. ``_stem_with`` (the library's
+    adapter) gives the stage and the pooling after it. Placed before the library's class in the
+    bases, so that ``super()`` is the library's module."""
+
+    backend: str
+    _stem_with: Callable[..., tuple[Stage, nn.Module]]
+
+    def forward(self, x: Tensor) -> Tensor:
+        stage, pool = self._stem_with(self)
+        backend = stage_folding_backend(self, stage, x, self.backend)
+        if backend is None:
+            return super().forward(x)
+        return pool(run_folded_stage(self, stage, x, backend))
+
+    def train(self, mode: bool = True):
+        FOLDED.pop(self, None)  # folded weights are for eval only; free them
+        return super().train(mode)

@@ -252,3 +252,24 @@ def test_timm_blocks_with_silu_are_converted():
     reference.eval(), fast.eval()
     with torch.no_grad():
         _close(fast(x), reference(x), "eval logits")
+
+
+@pytest.mark.parametrize("name", _params(["hf-resnet-50", "ultralytics-yolov8-cls-resnet50"]))
+def test_stems_fold_in_eval_and_run_the_librarys_modules_in_training(name):
+    """The stem (transformers' ResNetEmbeddings, Ultralytics' first ResNetLayer: 7x7/2
+    convolution, BatchNorm, activation, max-pool) runs as one folded convolution in eval,
+    never calling its BatchNorm module, and as the library's modules in training."""
+    reference, fast, _ = _pair(name, torch.float32)
+    (stem,) = [m for m in fast.modules() if isinstance(m, fastres.FastStemMixin)]
+    stage, _ = stem._stem_with(stem)
+    calls = []
+    stage.norm.register_forward_hook(lambda *_: calls.append(stage.norm.training))
+    exact = copy.deepcopy(reference).double().eval()
+    reference.eval(), fast.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, expected, truth = _logits(fast, x), _logits(reference, x), _logits(exact, x.double())
+    assert calls == [], "the stem's BatchNorm ran in eval: the stem was not folded"
+    assert_within_error_factor(got, expected, truth, "eval logits", torch.float32)
+    _logits(fast.train(), x)
+    assert calls == [True]

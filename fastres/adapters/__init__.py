@@ -27,14 +27,15 @@ class LibraryAdapter:
         library: the library's import name.
         fast_classes: each of the library's block classes -> the fast class that convert()
             retypes it into (and revert() back from).
-        left_alone: why a block of one of those classes is not converted ("" when it is): a
+        left_alone: why a module of one of those classes is not converted ("" when it is): a
             layer the fused ops do not reproduce (squeeze-excitation, anti-aliasing, another
-            activation or norm, ...).
+            activation or norm, ...); None when the module is not a candidate at all (a class
+            that serves as a stem only in some of its instances), so nothing is said of it.
     """
 
     library: str
     fast_classes: dict[type[nn.Module], type[nn.Module]]
-    left_alone: Callable[[Any], str]  # takes the library's block classes
+    left_alone: Callable[[Any], str | None]  # takes the library's block classes
 
 
 # The other libraries' adapters, by module; each defines ADAPTER.

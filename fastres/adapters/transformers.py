@@ -1,10 +1,12 @@
 """Hugging Face transformers' ResNet layers (``ResNetBasicLayer`` / ``ResNetBottleNeckLayer``,
 the blocks of ``ResNetModel`` and ``ResNetForImageClassification``) as the canonical
-residual-block description; imported only when transformers is installed.
+residual-block description, and their stem (``ResNetEmbeddings``); imported only when
+transformers is installed.
 
-Each is a ``layer`` Sequential of ``ResNetConvLayer`` (``convolution``, ``normalization``,
+Each layer is a ``layer`` Sequential of ``ResNetConvLayer`` (``convolution``, ``normalization``,
 ``activation``; the last one's activation is Identity), a ``shortcut`` (``ResNetShortCut``:
-convolution and BatchNorm, or Identity), the add and ``activation``.
+convolution and BatchNorm, or Identity), the add and ``activation``. The stem is one
+``ResNetConvLayer`` (``embedder``, 7x7/2) and a max-pool (``pooler``); it folds in eval.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ from transformers.models.resnet.modeling_resnet import (
     ResNetBasicLayer,
     ResNetBottleNeckLayer,
     ResNetConvLayer,
+    ResNetEmbeddings,
     ResNetShortCut,
 )
 
+from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
-from fastres.modules import FastBlockMixin
+from fastres.modules import FastBlockMixin, FastStemMixin
 from fastres.plans.description import ResidualBlock, Stage, activation_name
 
-__all__ = ["ADAPTER", "FastResNetBasicLayer", "FastResNetBottleNeckLayer", "describe"]
+__all__ = [
+    "ADAPTER",
+    "FastResNetBasicLayer",
+    "FastResNetBottleNeckLayer",
+    "FastResNetEmbeddings",
+    "describe",
+]
 
 
 def _stage(conv: nn.Module) -> Stage:
@@ -53,8 +63,19 @@ def describe(
     )
 
 
-def left_alone(layer: ResNetBasicLayer | ResNetBottleNeckLayer) -> str:
-    """Why convert() leaves a transformers ResNet layer alone ("" when it converts it)."""
+def stem(embeddings: ResNetEmbeddings) -> tuple[Stage, nn.Module]:
+    """The stem's (convolution, BatchNorm, activation) stage and the pooling after it."""
+    return _stage(embeddings.embedder), embeddings.pooler
+
+
+def left_alone(module: ResNetBasicLayer | ResNetBottleNeckLayer | ResNetEmbeddings) -> str:
+    """Why convert() leaves a transformers ResNet layer or stem alone ("" when it converts
+    it)."""
+    if isinstance(module, ResNetEmbeddings):
+        if type(module.embedder) is not ResNetConvLayer:
+            return f"transformers ResNetEmbeddings with a {type(module.embedder).__name__} embedder"
+        return stem(module)[0].issue(ACTIVATIONS)
+    layer = module
     others = [type(m).__name__ for m in layer.layer if type(m) is not ResNetConvLayer]
     if others:
         return f"transformers {type(layer).__name__} with {', '.join(others)} in its layer"
@@ -73,11 +94,19 @@ class FastResNetBottleNeckLayer(FastBlockMixin, ResNetBottleNeckLayer):
     _describe_with = staticmethod(describe)
 
 
+class FastResNetEmbeddings(FastStemMixin, ResNetEmbeddings):
+    """transformers' ``ResNetEmbeddings`` (the stem), folded in eval (made by
+    :func:`fastres.convert`)."""
+
+    _stem_with = staticmethod(stem)
+
+
 ADAPTER = LibraryAdapter(
     library="transformers",
     fast_classes={
         ResNetBasicLayer: FastResNetBasicLayer,
         ResNetBottleNeckLayer: FastResNetBottleNeckLayer,
+        ResNetEmbeddings: FastResNetEmbeddings,
     },
     left_alone=left_alone,
 )

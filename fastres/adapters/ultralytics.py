@@ -7,6 +7,9 @@ for cv1 and cv2, Identity for cv3), a ``shortcut`` (``Sequential(Conv)`` without
 Identity), the add and ``F.relu``. Ultralytics' BatchNorms use eps 1e-3 and momentum 0.03; the
 fused ops take them as they are. A model fused by Ultralytics (``model.fuse()``: BatchNorm folded
 into the convolutions, ``bn`` deleted) is left alone.
+
+The stem is the first ``ResNetLayer`` (``is_first``): ``Sequential(Conv 7x7/2 + SiLU, MaxPool)``;
+it folds in eval. The other ResNetLayers only hold blocks, which convert on their own.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ from collections.abc import Callable
 from typing import TypeGuard
 
 from torch import Tensor, nn
-from ultralytics.nn.modules.block import ResNetBlock
+from ultralytics.nn.modules.block import ResNetBlock, ResNetLayer
 from ultralytics.nn.modules.conv import Conv
 
+from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
-from fastres.modules import FastBlockMixin
+from fastres.modules import FastBlockMixin, FastStemMixin
 from fastres.plans.description import ResidualBlock, Stage, activation_name
 
-__all__ = ["ADAPTER", "FastResNetBlock", "describe"]
+__all__ = ["ADAPTER", "FastResNetBlock", "FastResNetLayer", "describe"]
 
 
 def _stage(conv: Conv) -> Stage:
@@ -55,8 +59,30 @@ def describe(block: ResNetBlock, reference: Callable[[Tensor], Tensor]) -> Resid
     )
 
 
-def left_alone(block: ResNetBlock) -> str:
-    """Why convert() leaves an Ultralytics ResNetBlock alone ("" when it converts it)."""
+def stem(layer: ResNetLayer) -> tuple[Stage, nn.Module]:
+    """The stem's (convolution, BatchNorm, activation) stage and the pooling after it."""
+    conv, pool = layer.layer
+    if not _is_unfused_conv(conv):  # convert() checked it (_stem_left_alone)
+        raise TypeError(f"an Ultralytics stem starts with a Conv and its BatchNorm, got {conv}")
+    return _stage(conv), pool
+
+
+def _stem_left_alone(layer: ResNetLayer) -> str | None:
+    """None for a ResNetLayer of blocks (not a stem: convert() says nothing of it), else why the
+    stem is left alone ("" when it converts it)."""
+    if not layer.is_first:
+        return None
+    parts = layer.layer
+    if not (len(parts) == 2 and type(parts[1]) is nn.MaxPool2d and _is_unfused_conv(parts[0])):
+        return "Ultralytics ResNetLayer stem that is not Conv (with its BatchNorm) + MaxPool2d"
+    return stem(layer)[0].issue(ACTIVATIONS)
+
+
+def left_alone(block: ResNetBlock | ResNetLayer) -> str | None:
+    """Why convert() leaves an Ultralytics ResNetBlock or stem alone ("" when it converts it;
+    None for a ResNetLayer that is not a stem)."""
+    if isinstance(block, ResNetLayer):
+        return _stem_left_alone(block)
     for name in ("cv1", "cv2", "cv3"):
         conv = getattr(block, name)
         if type(conv) is not Conv:
@@ -72,8 +98,15 @@ class FastResNetBlock(FastBlockMixin, ResNetBlock):
     _describe_with = staticmethod(describe)
 
 
+class FastResNetLayer(FastStemMixin, ResNetLayer):
+    """Ultralytics' stem ``ResNetLayer`` (``is_first``), folded in eval (made by
+    :func:`fastres.convert`)."""
+
+    _stem_with = staticmethod(stem)
+
+
 ADAPTER = LibraryAdapter(
     library="ultralytics",
-    fast_classes={ResNetBlock: FastResNetBlock},
+    fast_classes={ResNetBlock: FastResNetBlock, ResNetLayer: FastResNetLayer},
     left_alone=left_alone,
 )

@@ -14,10 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from fastres._layout import memory_format_of
+from fastres.activation import ACTIVATIONS
+from fastres.backends import resolve_backend
 from fastres.folding import FoldedBlock, folding_kind
 from fastres.plans.description import ResidualBlock, Stage
 
-__all__ = ["FOLDED", "FoldedEvalPlan", "autocast_dtype", "foldable", "folding_input"]
+__all__ = [
+    "FOLDED",
+    "FoldedEvalPlan",
+    "autocast_dtype",
+    "foldable",
+    "folding_input",
+    "run_folded_stage",
+    "stage_folding_backend",
+]
 
 # Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are
 # neither state to save nor something deepcopy should duplicate).
@@ -56,6 +66,37 @@ def folding_input(x: Tensor, backend: str) -> Tensor:
     cuDNN's and Triton's fused convolutions."""
     h = x.to(autocast_dtype(x) or x.dtype)
     return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
+
+
+def stage_folding_backend(module: nn.Module, stage: Stage, x: object, backend: str) -> str | None:
+    """The backend on which a lone stage (a stem's convolution, BatchNorm and activation, held
+    by ``module``) runs folded for input ``x``, or None to run the library's own forward: for a
+    (N, C, H, W) tensor with the convolution's channels (anything else gets the library's own
+    errors), a stage the fused ops reproduce, in eval, where :func:`foldable` allows."""
+    if not (
+        isinstance(x, Tensor)
+        and x.dim() == 4
+        and x.shape[1] == getattr(stage.conv, "in_channels", None)
+        and not stage.issue(ACTIVATIONS)
+        and not module.training
+    ):
+        return None
+    name = resolve_backend(backend, x.device, x.dtype)
+    if name == "torch" or not foldable(x, name, [stage.conv, stage.norm], [stage.norm]):
+        return None
+    return name
+
+
+def run_folded_stage(module: nn.Module, stage: Stage, x: Tensor, backend: str) -> Tensor:
+    """``activation(norm(conv(x)))`` as one fused convolution from folded weights, cached beside
+    ``module`` (see :data:`FOLDED`); in x's memory format."""
+    kind = folding_kind(backend)
+    assert kind is not None  # stage_folding_backend checked that the backend folds
+    cache = FOLDED.setdefault(module, FoldedBlock())
+    (folded,), _ = cache.stages([(stage.conv, stage.norm)], None, kind)
+    with torch.autocast(x.device.type, enabled=False):
+        out = folded.run(folding_input(x, backend), activation=stage.activation)
+    return out.contiguous(memory_format=memory_format_of(x))
 
 
 def _folded_shortcut(block: ResidualBlock) -> Stage | None:
