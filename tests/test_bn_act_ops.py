@@ -144,43 +144,8 @@ def test_torch_compile_fullgraph_matches_eager(backend, device, compiler):
         )
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
-def test_backward_saves_no_output_or_normalised_tensor(backend):
-    """Saved for backward: x, the parameters, per-channel statistics and a 1-bit mask only."""
-    x = torch.randn(4, 8, 6, 6, requires_grad=True)
-    residual = torch.randn(4, 8, 6, 6, requires_grad=True)
-    weight = torch.ones(8, requires_grad=True)
-    bias = torch.zeros(8, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = bn_act(
-            x,
-            weight,
-            bias,
-            torch.zeros(8),
-            torch.ones(8),
-            residual=residual,
-            training=True,
-            backend=backend,
-        )
-    full_size = [t for t in saved if t.numel() == x.numel()]
-    assert len(full_size) == 1 and full_size[0].data_ptr() == x.data_ptr(), (
-        "only x itself may be saved at full size"
-    )
-    assert all(t.data_ptr() != out.data_ptr() for t in saved), "the output was saved"
-    mask = [t for t in saved if t.dtype == torch.uint8]
-    assert len(mask) == 1 and mask[0].numel() == x.numel() // 8
-
-
-@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
-def test_silu_backward_saves_only_the_inputs_it_was_given(backend):
-    """SiLU keeps no mask and no output: its input is recomputed from x, the statistics, the
-    affine parameters and the residual, all tensors the caller holds anyway."""
+def _saved_for_backward(backend: str, activation: str):
+    """(x, residual, out, every tensor autograd saved) for a training bn_act with a residual."""
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     residual = torch.randn(4, 8, 6, 6, requires_grad=True)
     saved = []
@@ -198,9 +163,30 @@ def test_silu_backward_saves_only_the_inputs_it_was_given(backend):
             torch.ones(8),
             residual=residual,
             training=True,
-            activation="silu",
+            activation=activation,
             backend=backend,
         )
+    return x, residual, out, saved
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
+def test_backward_saves_no_output_or_normalised_tensor(backend):
+    """Saved for backward: x, the parameters, per-channel statistics and a 1-bit mask only."""
+    x, _, out, saved = _saved_for_backward(backend, "relu")
+    full_size = [t for t in saved if t.numel() == x.numel()]
+    assert len(full_size) == 1 and full_size[0].data_ptr() == x.data_ptr(), (
+        "only x itself may be saved at full size"
+    )
+    assert all(t.data_ptr() != out.data_ptr() for t in saved), "the output was saved"
+    mask = [t for t in saved if t.dtype == torch.uint8]
+    assert len(mask) == 1 and mask[0].numel() == x.numel() // 8
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu", "triton"))
+def test_silu_backward_saves_only_the_inputs_it_was_given(backend):
+    """SiLU keeps no mask and no output: its input is recomputed from x, the statistics, the
+    affine parameters and the residual, all tensors the caller holds anyway."""
+    x, residual, out, saved = _saved_for_backward(backend, "silu")
     full_size = {t.data_ptr() for t in saved if t.numel() == x.numel()}
     assert full_size == {x.data_ptr(), residual.data_ptr()}, "a new full-size tensor was saved"
     assert all(t.data_ptr() != out.data_ptr() for t in saved), "the output was saved"
