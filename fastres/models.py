@@ -16,7 +16,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from fastres.adapters import adapters
 from fastres.backends import check_backend_name
 from fastres.module_tree import replace_modules, retyped
-from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet
+from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet, FastStemMixin
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
@@ -51,6 +51,7 @@ class ConversionReport:
 
     converted: list[str] = field(default_factory=list)  # qualified names of the blocks
     resnets: list[str] = field(default_factory=list)  # ResNets made FastResNet (or back)
+    stems: list[str] = field(default_factory=list)  # other libraries' stems (FastStemMixin)
     left_alone: dict[str, str] = field(default_factory=dict)  # name -> reason
     # BatchNorms made SyncBatchNorm2d (convert with sync_bn=True) or made plain again (revert)
     batch_norms: list[str] = field(default_factory=list)
@@ -59,6 +60,8 @@ class ConversionReport:
         text = f"fastres: {verb} {len(self.converted)} block(s)"
         if self.resnets:
             text += f", {len(self.resnets)} ResNet stem(s)"
+        if self.stems:
+            text += f", {len(self.stems)} stem(s)"
         if self.batch_norms:
             text += f" and {len(self.batch_norms)} BatchNorm layer(s)"
         if self.left_alone:
@@ -85,7 +88,8 @@ def _swap_blocks(
         elif cls is not None:
             block: nn.Module = retyped(module, cls)
             configure(block)
-            report.converted.append(name or "<model>")
+            stem = isinstance(block, FastStemMixin) or isinstance(module, FastStemMixin)
+            (report.stems if stem else report.converted).append(name or "<model>")
             return block
         elif why_not:
             report.left_alone[name or "<model>"] = why_not

@@ -182,15 +182,27 @@ def test_blocks_with_squeeze_excitation_are_left_alone_with_the_reason():
     assert not [m for m in fast.modules() if isinstance(m, fastres.FastBlockMixin)]
 
 
-def test_blocks_with_stochastic_depth_are_left_alone_the_others_converted(caplog):
-    """timm's drop_path_rate rises block by block from 0: the first block has no DropPath."""
-    model = timm.create_model("resnet18", pretrained=False, drop_path_rate=0.1)
-    with caplog.at_level(logging.INFO, logger="fastres"):
-        fast = fastres.convert(model)
-    assert "drop_path (stochastic depth)" in caplog.text
-    for original, converted in zip(model.modules(), fast.modules(), strict=True):
-        if hasattr(original, "drop_path"):
-            assert isinstance(converted, fastres.FastBlockMixin) == (original.drop_path is None)
+def test_blocks_with_stochastic_depth_run_timms_forward_in_training_and_fuse_in_eval():
+    """timm's drop_path_rate rises block by block from 0 (the first block has no DropPath).
+    DropPath is an identity in eval: every block converts; those with one run timm's forward in
+    training (same random draws: same results) and the fused ops in eval."""
+    reference = timm.create_model("resnet18", pretrained=False, drop_path_rate=0.1).double()
+    _randomise_batch_norms(reference)
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    blocks = [m for m in fast.modules() if type(m) is FastTimmBasicBlock]
+    assert len(blocks) == 8
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    plans = [block.plan_for(x).name for block in blocks]
+    assert plans == ["fused ops"] + ["reference"] * 7, plans
+    assert blocks[1].fusion_issue() == "drop_path (stochastic depth) in training"
+    torch.manual_seed(3)
+    ours = fast(x)
+    torch.manual_seed(3)
+    _close(ours, reference(x), "training logits")
+    reference.eval(), fast.eval()
+    assert all(block.fusion_issue() == "" for block in blocks)
+    with torch.no_grad():
+        _close(fast(x), reference(x), "eval logits")
 
 
 def test_the_log_says_what_was_converted_and_what_was_left_alone(caplog):

@@ -4,14 +4,16 @@ residual-block description; imported only when timm is installed.
 A timm Bottleneck is ``conv1 bn1 act1 conv2 bn2 drop_block act2 aa conv3 bn3 se drop_path``, the
 ``downsample`` shortcut, the add and ``act3``; a BasicBlock ``conv1 bn1 drop_block act1 aa conv2
 bn2 se drop_path``, ``downsample``, add, ``act2``. It is the plain chain the fused ops run when
-``drop_block`` and ``aa`` are Identity and ``se`` and ``drop_path`` are None; anything else is
-left alone, with the reason. resnet50d's downsample (AvgPool, conv, BatchNorm) runs as its own
-modules.
+``drop_block`` and ``aa`` are Identity and ``se`` is None; anything else is left alone, with the
+reason. A ``drop_path`` (stochastic depth, DropPath with a non-zero rate) is an identity in eval:
+such a block converts, runs fused in eval and timm's own forward in training. resnet50d's
+downsample (AvgPool, conv, BatchNorm) runs as its own modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
@@ -42,6 +44,7 @@ def describe(
             Stage(block.conv2, block.bn2, "identity"),
         )
         activation = activation_name(block.act2)
+    drop_path = block.drop_path
     return ResidualBlock(
         module=block,
         stages=stages,
@@ -49,6 +52,9 @@ def describe(
         shortcut_stage=conv_norm_stage(block.downsample),
         activation=activation,
         reference=reference,
+        layer_issue="drop_path (stochastic depth) in training"
+        if drop_path is not None and drop_path.training
+        else "",
     )
 
 
@@ -56,14 +62,14 @@ def left_alone(block: BasicBlock | Bottleneck) -> str:
     """Why convert() leaves a timm block alone ("" when it converts it)."""
     extras = {
         "squeeze-excitation / attention (se)": block.se is not None,
-        "drop_path (stochastic depth)": block.drop_path is not None,
         "drop_block": type(block.drop_block) is not nn.Identity,
         "anti-aliasing (aa)": type(block.aa) is not nn.Identity,
     }
     found = [name for name, present in extras.items() if present]
     if found:
         return f"timm {type(block).__name__} with {', '.join(found)}"
-    return describe(block, block.forward).fusion_issue()
+    # A DropPath in training only makes the block run timm's forward until eval (layer_issue).
+    return replace(describe(block, block.forward), layer_issue="").fusion_issue()
 
 
 class FastTimmBasicBlock(FastBlockMixin, BasicBlock):

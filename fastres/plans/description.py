@@ -92,6 +92,9 @@ class ResidualBlock:
             that (folded eval folds it), else None.
         activation: applied after the add.
         reference: the library's own forward, the computation every plan reproduces.
+        layer_issue: why a layer outside the chain above keeps the fused ops from reproducing
+            the block as it is now ("" when none does): timm's DropPath in training, an
+            identity in eval.
     """
 
     module: nn.Module
@@ -100,6 +103,7 @@ class ResidualBlock:
     shortcut_stage: Stage | None
     activation: str
     reference: Callable[[Tensor], Tensor]
+    layer_issue: str = ""
 
     @property
     def norms(self) -> list[nn.Module]:
@@ -111,6 +115,8 @@ class ResidualBlock:
 
     def fusion_issue(self) -> str:
         """Why the fused ops cannot reproduce this block ("" when they can)."""
+        if self.layer_issue:
+            return self.layer_issue
         *inner, last = self.stages
         for stage in inner:
             if why := stage.issue(FUSED_ACTIVATIONS):
