@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from op_log import OpLog
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet50_Weights
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, FastResNet
 from fastres.memory import saved_tensor_bytes
+from fastres.testing import assert_within_error_factor
 
 ACTIVATION_BYTES_TARGET = 0.86  # of torchvision's, for a converted ResNet-50 in training
 
@@ -261,3 +263,22 @@ def test_resnet50_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-4)
     for (name, b), c in zip(model.named_buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(c, b, msg=name)
+
+
+def test_folded_eval_of_an_nchw_input_reorders_it_once():
+    """An NCHW input is made channels_last once, before the folded stem, so that no block converts
+    its output back (each did: the whole network ran no faster than torchvision's); the caller's
+    input is left as it was."""
+    reference = torchvision.models.resnet18().eval()
+    fast = fastres.convert(reference, backend="cpu").eval()
+    exact = copy.deepcopy(reference).double()
+    x = torch.randn(2, 3, 64, 64)
+    before = x.clone()
+    with torch.no_grad():
+        fast(x)  # folds and packs the weights
+        with OpLog() as log:
+            got = fast(x)
+        expected, truth = reference(x), exact(x.double())
+    assert log.ops.count("aten.clone") == 1, [op for op in log.ops if "clone" in op]
+    assert torch.equal(x, before) and x.is_contiguous()
+    assert_within_error_factor(got, expected, truth, "logits", torch.float32)
