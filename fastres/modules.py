@@ -30,7 +30,13 @@ from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name, resolve_backend
 from fastres.plans import Plan, plan_for
 from fastres.plans.description import ResidualBlock, Stage, activation_name
-from fastres.plans.folded_eval import FOLDED, run_folded_stage, stage_folding_backend
+from fastres.plans.folded_eval import (
+    FOLDED,
+    FoldedEvalPlan,
+    hooks_can_see_activations,
+    run_folded_stem,
+    stage_folding_backend,
+)
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
@@ -79,10 +85,18 @@ class FastBlockMixin(nn.Module):
             sync_batch_norms(self, process_group, backend)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, input_is_scratch=False)
+
+    def _run(self, x: Tensor, *, input_is_scratch: bool) -> Tensor:
+        """forward; ``input_is_scratch=True`` (from :class:`FastResNet` only) says x is an
+        activation the network owns and needs no more, which folded eval may overwrite."""
         block = self._describe()
         _check_block_input(x, block.stages[0].conv, type(self).__name__)
         backend = resolve_backend(self.backend, x.device, x.dtype)
-        return plan_for(block, x, backend).run(block, x, backend)
+        plan = plan_for(block, x, backend)
+        if input_is_scratch and isinstance(plan, FoldedEvalPlan):
+            return plan.run(block, x, backend, input_is_scratch=True)
+        return plan.run(block, x, backend)
 
     def fusion_issue(self) -> str:
         """Why the fused ops cannot reproduce this block, "" when they can (then, on any
@@ -160,6 +174,21 @@ class FastBasicBlock(FastBlockMixin, BasicBlock):
         self._configure(backend, sync_bn, process_group)
 
 
+def _run_on_scratch(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` for an ``x`` the network owns and needs no more (the stem's or a previous
+    block's output): the fast blocks of a plain ``nn.Sequential`` run with
+    ``input_is_scratch=True``, so that folded eval adds each block's residual in place into
+    its input instead of allocating a new output (measured: ResNet-50, batch 16, CPU, 1.10x).
+    Anything else runs as ``layer(x)``."""
+    blocks = [b for b in layer.children() if isinstance(b, FastBlockMixin)]
+    if type(layer) is not nn.Sequential or len(blocks) != len(layer):
+        out: Tensor = layer(x)
+        return out
+    for block in blocks:
+        x = block._run(x, input_is_scratch=True)
+    return x
+
+
 class FastResNet(ResNet):
     """torchvision's ``ResNet`` whose stem runs like the fast blocks in eval:
     ``relu(bn1(conv1(x)))`` as one convolution with bn1 folded in and the ReLU fused
@@ -179,10 +208,14 @@ class FastResNet(ResNet):
         # Folded eval runs on channels_last (oneDNN's and cuDNN's layout): reordering the input
         # once here keeps every block on it, where an NCHW input would make each block convert
         # its output back (measured: ResNet-50, batch 16, CPU: 1268 ms NCHW vs 655 ms).
-        x = run_folded_stage(self, stem, x.contiguous(memory_format=torch.channels_last), backend)
-        x = self.maxpool(x)
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
+        x = run_folded_stem(self, stem, self.maxpool, x, backend)
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if hooks_can_see_activations(self):
+            for layer in layers:
+                x = layer(x)
+        else:
+            for layer in layers:
+                x = _run_on_scratch(layer, x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def train(self, mode: bool = True):
@@ -211,9 +244,7 @@ class FastStemMixin(nn.Module):
             return super().forward(x)
         # The output is channels_last whatever x's layout (the same values): the blocks after
         # the stem then fold without converting each output back to NCHW (see FastResNet).
-        return pool(
-            run_folded_stage(self, stage, x.contiguous(memory_format=torch.channels_last), backend)
-        )
+        return run_folded_stem(self, stage, pool, x, backend)
 
     def train(self, mode: bool = True):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them

@@ -161,3 +161,19 @@ def test_gradcheck_float64(backend, activation, training, memory_format):
         )
 
     assert gradcheck(fn, (x, weight, bias, residual), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_callers_input_and_residual_are_never_written(backend, device, training):
+    """bn_act reads x and residual and writes only its output and (training) the running
+    statistics; forward and backward leave the caller's tensors as they were."""
+    x = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    residual = torch.randn(3, 4, 5, 5, device=device, requires_grad=True)
+    weight, bias = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    mean, var = torch.zeros(4, device=device), torch.ones(4, device=device)
+    before = (x.detach().clone(), residual.detach().clone(), x._version, residual._version)
+    out = bn_act(x, weight, bias, mean, var, residual=residual, training=training, backend=backend)
+    out.sum().backward()
+    assert torch.equal(x.detach(), before[0]) and torch.equal(residual.detach(), before[1])
+    assert (x._version, residual._version) == before[2:]

@@ -97,7 +97,12 @@ def test_every_convolution_runs_folded_in_eval(builder):
         model(x)  # folds and prepacks the weights: once
         with OpLog() as log:
             model(x)
-    assert log.ops.count("mkldnn._convolution_pointwise") == convolutions
+    # Each block's last convolution adds its residual in place (mkldnn._convolution_pointwise_).
+    assert (
+        log.ops.count("mkldnn._convolution_pointwise")
+        + log.ops.count("mkldnn._convolution_pointwise_")
+        == convolutions
+    )
     leftovers = [
         op
         for op in log.ops
@@ -222,3 +227,91 @@ def test_eval_under_torch_compile_fullgraph():
     compiled = torch.compile(copy.deepcopy(fast), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def _rule_matches(fast, reference, x):
+    """fast(x) against reference(x) by the error-factor rule (float64 reference)."""
+    with torch.no_grad():
+        exact = copy.deepcopy(reference).double()(x.double())
+        assert_within_error_factor(fast(x), reference(x), exact, "logits", torch.float32)
+
+
+@pytest.mark.parametrize("builder", ["resnet18", "resnet50"])
+@pytest.mark.parametrize(
+    "memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"]
+)
+def test_the_callers_input_is_never_written(builder, memory_format):
+    """Folded eval adds residuals in place into activations the network owns: never into the
+    tensor the caller passed, to the model or to a block (whose input is its residual)."""
+    reference = _realistic(getattr(torchvision.models, builder)(num_classes=10))
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=memory_format)
+    before = x.clone()
+    _rule_matches(fast, reference, x)
+    assert torch.equal(x, before)
+    for block in (fast.layer1[0], fast.layer1[1], fast.layer2[0]):  # with and without shortcut
+        h = torch.randn(2, block.conv1.in_channels, 16, 16).contiguous(
+            memory_format=torch.channels_last
+        )
+        before = h.clone()
+        with torch.no_grad():
+            block(h)
+        assert torch.equal(h, before), "a block wrote its input (its residual)"
+
+
+def test_blocks_add_their_residual_in_place_within_the_network():
+    """Inside FastResNet every block's last convolution accumulates into a buffer the network
+    owns (its input, or its shortcut's output) instead of allocating its output."""
+    reference = _realistic(torchvision.models.resnet50(num_classes=10))
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), OpLog() as log:
+        fast(x)
+    blocks = sum(isinstance(m, fastres.FastBottleneck) for m in fast.modules())
+    assert log.ops.count("mkldnn._convolution_pointwise_") == blocks
+    _rule_matches(fast, reference, x)
+
+
+def test_forward_hooks_see_every_activation_intact():
+    """With a forward hook anywhere in the model, no activation is overwritten: what a hook
+    kept is still what the module returned."""
+    reference = _realistic(torchvision.models.resnet18(num_classes=10))
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    kept = []
+    for module in (fast.maxpool, *fast.layer1, *fast.layer2):
+        module.register_forward_hook(lambda m, i, out: kept.append((out, out.clone())))
+    x = torch.randn(2, 3, 64, 64)
+    _rule_matches(fast, reference, x)
+    assert len(kept) == 5
+    for out, copy_at_hook in kept:
+        assert torch.equal(out, copy_at_hook), "an activation a hook kept was overwritten"
+
+
+@pytest.mark.parametrize("images", [1, 5])
+def test_stem_runs_image_chunks_with_its_pooling(monkeypatch, images):
+    """In folded eval on CPU the stem convolves and max-pools a few images at a time (its
+    output is the network's largest activation); the logits stay within the rule."""
+    import fastres.plans.folded_eval as folded_eval
+
+    reference = _realistic(torchvision.models.resnet18(num_classes=10))
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    x = torch.randn(images, 3, 64, 64)
+    stem_bytes = 64 * 32 * 32 * 4  # one image's stem output
+    monkeypatch.setattr(folded_eval, "STEM_CHUNK_BYTES", 2 * stem_bytes)
+    with torch.no_grad(), OpLog() as log:
+        fast(x)
+    pools = log.ops.count("aten.max_pool2d_with_indices") + log.ops.count("aten.max_pool2d")
+    assert pools == -(-images // 2)  # ceil: chunks of at most two images
+    _rule_matches(fast, reference, x)
+
+
+def test_a_hooked_stem_pooling_runs_once_on_the_whole_batch(monkeypatch):
+    import fastres.plans.folded_eval as folded_eval
+
+    reference = _realistic(torchvision.models.resnet18(num_classes=10))
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    monkeypatch.setattr(folded_eval, "STEM_CHUNK_BYTES", 1)
+    shapes = []
+    fast.maxpool.register_forward_hook(lambda m, i, out: shapes.append(out.shape[0]))
+    _rule_matches(fast, reference, torch.randn(4, 3, 64, 64))
+    assert shapes == [4]
