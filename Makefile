@@ -31,11 +31,11 @@ BUILD_STAMP := $(VENV)/.fastres-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BENCH_DIR ?= benchmarks/results/local
 
-.PHONY: setup build lint format test test-compat bench bench-kernels gpu-check-dry-run info clean
+.PHONY: setup build lint format test test-compat bench bench-peers bench-kernels gpu-check-dry-run info clean
 
 setup: $(DEPS_STAMP)
 
-$(DEPS_STAMP): requirements-dev.txt
+$(DEPS_STAMP): requirements-dev.txt requirements-peers.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(TORCH_PIP_ENV) $(PIP) install --quiet torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) \
 		triton==$(TRITON_VERSION) -r requirements-dev.txt
@@ -92,6 +92,15 @@ gpu-check-dry-run: build
 BENCH_ARGS ?=
 bench: build
 	$(PY) -m fastres.bench --out $(BENCH_DIR) $(BENCH_ARGS)
+
+# fastres's eval against ONNX Runtime and OpenVINO (the model exported inside the benchmark), at
+# batch 1 and 16 on this CPU; PyTorch's configurations are timed too (training included).
+PEERS_ARGS ?= --no-compile
+bench-peers: build
+	$(PY) -m fastres.bench --device cpu --peers --batch-size 1 --rounds 15 --out $(BENCH_DIR) \
+		--csv $(BENCH_DIR)/resnet50_cpu_fp32_peers_batch1.csv $(PEERS_ARGS)
+	$(PY) -m fastres.bench --device cpu --peers --batch-size 16 --rounds 7 --out $(BENCH_DIR) \
+		--csv $(BENCH_DIR)/resnet50_cpu_fp32_peers_batch16.csv $(PEERS_ARGS)
 
 # Every fused op at every ResNet-50 layer shape against eager PyTorch and torch.compile.
 bench-kernels: build

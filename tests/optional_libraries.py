@@ -1,7 +1,8 @@
-"""Ultralytics, a test dependency everywhere but on the GPU machine, which cannot install it.
+"""Test dependencies the GPU machine cannot install: Ultralytics, and ONNX Runtime / OpenVINO
+(with onnx and onnxscript, for ``fastres.bench --peers``).
 
-Only there may its tests skip: elsewhere a missing ultralytics is an import error, as for the
-other test dependencies.
+Only there may their tests skip: elsewhere a missing one is an import error, as for the other
+test dependencies (requirements-dev.txt).
 """
 
 import importlib.util
@@ -9,10 +10,25 @@ import importlib.util
 import pytest
 import torch
 
-HAS_ULTRALYTICS = importlib.util.find_spec("ultralytics") is not None
-if not HAS_ULTRALYTICS and not torch.cuda.is_available():
-    raise ImportError("ultralytics is a test dependency (requirements-dev.txt): install it")
+from fastres.bench.peers import missing_packages
+
+
+def _installed_or_on_the_gpu_machine(installed: bool, what: str) -> bool:
+    if not installed and not torch.cuda.is_available():
+        raise ImportError(f"{what} is a test dependency (requirements-dev.txt): install it")
+    return installed
+
+
+HAS_ULTRALYTICS = _installed_or_on_the_gpu_machine(
+    importlib.util.find_spec("ultralytics") is not None, "ultralytics"
+)
+HAS_PEERS = _installed_or_on_the_gpu_machine(
+    not missing_packages(), ", ".join(missing_packages()) or "onnxruntime"
+)
 
 needs_ultralytics = pytest.mark.skipif(
     not HAS_ULTRALYTICS, reason="ultralytics is not installed on this GPU machine"
+)
+needs_peers = pytest.mark.skipif(
+    not HAS_PEERS, reason="onnxruntime / openvino are not installed on this GPU machine"
 )

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from optional_libraries import needs_ultralytics
+from optional_libraries import needs_peers, needs_ultralytics
 
 import fastres
 from fastres import bench
@@ -71,7 +71,15 @@ def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "bad", [["--batch-size", "0"], ["--rounds", "0"], ["--model", "vgg16"], ["--dtype", "fp8"]]
+    "bad",
+    [
+        ["--batch-size", "0"],
+        ["--rounds", "0"],
+        ["--threads", "0"],
+        ["--model", "vgg16"],
+        ["--dtype", "fp8"],
+        ["--peers", "--device", "cpu", "--dtype", "bf16"],
+    ],
 )
 def test_bad_arguments_exit_with_usage(bad):
     with pytest.raises(SystemExit) as error:
@@ -102,3 +110,30 @@ def test_models_of_other_libraries_are_benchmarked_against_their_own(model, tmp_
     ]
     assert [row["config"] for row in rows] == [library, "fastres[cpu]"]
     assert rows[1]["parity_ok"] == "True" and rows[1]["train_img_s"]
+
+
+@needs_peers
+def test_peers_are_rows_of_the_same_interleaved_table(tmp_path, capsys):
+    """--peers exports the reference to ONNX, runs it on ONNX Runtime and OpenVINO (inference
+    only) in the same interleaved rounds, and compares fastres with each: speed, error and
+    first-call cost."""
+    csv_path = tmp_path / "peers.csv"
+    args = [*TINY, "--peers", "--threads", "1", "--csv", str(csv_path), "--no-chart"]
+    assert bench.main(args) == 0
+    rows = {row["config"]: row for row in _rows(csv_path)}
+    assert list(rows) == ["torchvision", "fastres[cpu]", "onnxruntime", "openvino"]
+    for peer in ("onnxruntime", "openvino"):
+        row = rows[peer]
+        assert row["parity_ok"] == "True" and row["train_img_s"] == ""
+        assert float(row["infer_img_s"]) > 0 and float(row["first_call_s"]) > 0
+        assert 0 < float(row["parity_inference_output"]) < 1e-5
+        assert row["threads"] == "1" and row[peer]  # the runtime's version
+    fast = rows["fastres[cpu]"]
+    assert float(fast["first_call_s"]) > 0
+    for peer in ("onnxruntime", "openvino"):
+        low, median, high = (float(fast[f"infer_vs_{peer}{k}"]) for k in ("_low", "", "_high"))
+        assert 0 < low <= median <= high
+        assert float(fast[f"eval_error_vs_{peer}"]) > 0
+    assert fast["peers_target_met"] in ("True", "False")
+    assert float(fast["onnx_export_s"]) > 0
+    assert "against the peers" in capsys.readouterr().out

@@ -9,7 +9,8 @@ import sys
 import torch
 
 import fastres
-from fastres.bench.measure import measure_all, prepare
+from fastres.bench import peers
+from fastres.bench.measure import make_batch, measure_all, prepare, prepare_peers
 from fastres.bench.models import (
     DTYPES,
     MODELS,
@@ -70,6 +71,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.compile mode for the compiled configurations (the GPU "
         "inference target compares with max-autotune)",
     )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run the model exported to ONNX on ONNX Runtime and OpenVINO (CPU, fp32, "
+        "inference only; pip install -r requirements-peers.txt)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch and the peers (default: torch's, one per core)",
+    )
     parser.add_argument("--out", default="benchmarks/results/local", help="folder for CSV and PNG")
     parser.add_argument("--csv", help="the CSV's path (default: OUT/<model>_<device>_<dtype>.csv)")
     parser.add_argument(
@@ -88,9 +100,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_size = 256 if on_gpu else 16
     if args.rounds is None:
         args.rounds = 20 if on_gpu else 5
-    for name in ("batch_size", "rounds", "image_size"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "rounds", "image_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.peers:
+        if args.device != "cpu" or args.dtype != "fp32":
+            parser.error("--peers runs on --device cpu with --dtype fp32 (the runtimes' CPU case)")
+        missing = peers.missing_packages()
+        if missing:
+            parser.error(
+                f"--peers needs {', '.join(missing)}: pip install -r requirements-peers.txt"
+            )
     return args
 
 
@@ -123,15 +144,22 @@ def _progress(items):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     reference = build_reference(args.model, args.device)
+    batch = make_batch(args, args.device)
     configs = configurations(
         args.model, available_backends(args.device, args.backend), args.compile
     )
     prepared = [
-        prepare(config, reference, args, args.device, dtype) for config in _progress(configs)
+        prepare(config, reference, batch, args, args.device, dtype) for config in _progress(configs)
     ]
-    measure_all(prepared, args, args.device, dtype)
+    export_s = None
+    if args.peers:
+        peer_runs, export_s = prepare_peers(reference, batch)
+        prepared += peer_runs
+    measure_all(prepared, batch, args, args.device, dtype)
     results = [p.result for p in prepared]
     print(f"Triton autotuning: {_triton_tuning()}")
     meta = {
@@ -149,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         "triton_autotune": _triton_autotune(),
         "triton_tuning": _triton_tuning(),
         "fastres_commit": fastres_commit(),
+        "threads": torch.get_num_threads() if args.device == "cpu" else None,
+        "onnx_export_s": export_s,
+        **(peers.versions() if args.peers else {}),
     }
     rows = rows_of(results, meta)
     print_table(rows, meta)

@@ -35,7 +35,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Config:
     name: str  # e.g. "torchvision", "timm+compile", "fastres[cpu]+compile"
-    family: str  # "reference" (the library's own model) or "fastres"
+    # "reference" (the library's own model), "fastres", or "peer" (ONNX Runtime, OpenVINO)
+    family: str
     backend: str | None
     compile: bool
 
@@ -49,6 +50,8 @@ class Result:
     infer_seconds: list[float] = field(default_factory=list)
     peak_mem_mib: float | None = None
     saved_mib: float | None = None
+    # Seconds of the first inference in eval (a peer: its session or compilation, then that).
+    first_call_s: float | None = None
 
 
 class LogitsOf(nn.Module):

@@ -71,3 +71,15 @@ def check_parity(reference: nn.Module, candidate: nn.Module, x, labels, device, 
 
 def parity_passes(parity: dict, dtype: torch.dtype) -> bool:
     return all(within_error_factor(ours, theirs, dtype) for ours, theirs in parity.values())
+
+
+def check_eval_parity(reference: nn.Module, outputs: torch.Tensor, x: torch.Tensor) -> dict:
+    """The eval-output error of ``outputs`` (another runtime's logits for ``x``, float32)
+    against a float64 eval of the reference, beside the reference's own float32 error.
+
+    Returns {"inference output": (their error, the reference's error)}.
+    """
+    with torch.no_grad():
+        exact = copy.deepcopy(reference).double().eval()(x.double())
+        own = copy.deepcopy(reference).eval()(x)
+    return {"inference output": (_relative(outputs, exact), _relative(own, exact))}

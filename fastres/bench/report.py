@@ -42,7 +42,7 @@ def fastres_commit() -> str:
 def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:
     """Images per second (median, interquartile range) of training and inference, and the
     speed-up over torchvision eager from steps paired round by round."""
-    row: dict = {"rounds": len(result.train_seconds) or None}
+    row: dict = {"rounds": len(result.infer_seconds) or len(result.train_seconds) or None}
     for mode in ("train", "infer"):
         seconds, base_seconds = getattr(result, f"{mode}_seconds"), getattr(base, f"{mode}_seconds")
         if not seconds:
@@ -69,8 +69,35 @@ def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:
     return row
 
 
+def _peer_columns(result: Result, peers: list[Result]) -> dict:
+    """For a fastres configuration beside ONNX Runtime / OpenVINO: its inference speed-up over
+    each (paired round by round), its eval error against each's, and the issue's targets: at
+    least as fast as ONNX Runtime, faster than OpenVINO, an error no larger than ONNX
+    Runtime's."""
+    row: dict = {}
+    error = result.parity.get("inference output", (None, None))[0]
+    for peer in peers:
+        name = peer.config.name
+        if result.infer_seconds and peer.infer_seconds:
+            ratio = spread_of(paired_speedups(peer.infer_seconds, result.infer_seconds))
+            row[f"infer_vs_{name}"] = ratio.median
+            row[f"infer_vs_{name}_low"] = ratio.low
+            row[f"infer_vs_{name}_high"] = ratio.high
+        peer_error = peer.parity.get("inference output", (None, None))[0]
+        if error is not None and peer_error is not None:
+            row[f"eval_error_vs_{name}"] = error / peer_error if peer_error else None
+    if "infer_vs_onnxruntime" in row and "infer_vs_openvino" in row:
+        row["peers_target_met"] = (
+            row["infer_vs_onnxruntime"] >= 1.0
+            and row["infer_vs_openvino"] > 1.0
+            and (row.get("eval_error_vs_onnxruntime") or 0.0) <= 1.0
+        )
+    return row
+
+
 def rows_of(results: list[Result], meta: dict) -> list[dict]:
     base = next(r for r in results if r.config.family == "reference" and not r.config.compile)
+    peers = [r for r in results if r.config.family == "peer"]
     rows = []
     for r in results:
         row = {
@@ -78,6 +105,7 @@ def rows_of(results: list[Result], meta: dict) -> list[dict]:
             "config": r.config.name,
             "parity_ok": r.parity_ok,
             **_timing_columns(r, base, meta["batch_size"]),
+            "first_call_s": r.first_call_s,
             "peak_mem_mib": r.peak_mem_mib,
             "saved_mib": r.saved_mib,
             **{f"parity_{k.replace(' ', '_')}": ours for k, (ours, _) in r.parity.items()},
@@ -86,6 +114,8 @@ def rows_of(results: list[Result], meta: dict) -> list[dict]:
                 for k, (_, theirs) in r.parity.items()
             },
         }
+        if r.config.family == "fastres" and not r.config.compile and peers:
+            row.update(_peer_columns(r, peers))
         if r.saved_mib is not None and base.saved_mib:
             row["saved_vs_torchvision"] = r.saved_mib / base.saved_mib
         if r.config.family == "fastres" and "saved_vs_torchvision" in row:
@@ -137,8 +167,8 @@ def print_table(rows: list[dict], meta: dict) -> None:
     )
     header = (
         f"{'configuration':<26}{'parity':>8}{'train img/s':>13}  {'x tv':<22}"
-        f"{'infer img/s':>13}  {'x tv':<22}{'saved MiB':>10}{'x tv':>7}{'peak MiB':>10}  "
-        "target"
+        f"{'infer img/s':>13}  {'x tv':<22}{'1st call s':>11}{'saved MiB':>10}{'x tv':>7}"
+        f"{'peak MiB':>10}  target"
     )
     print(header)
     print("-" * len(header))
@@ -155,10 +185,12 @@ def print_table(rows: list[dict], meta: dict) -> None:
         print(
             f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}  "
             f"{row_speedup_text(row, 'train'):<22}{_fmt(row['infer_img_s'], '.2f'):>13}  "
-            f"{row_speedup_text(row, 'infer'):<22}{_fmt(row['saved_mib'], '.0f'):>10}"
+            f"{row_speedup_text(row, 'infer'):<22}{_fmt(row['first_call_s'], '.2f'):>11}"
+            f"{_fmt(row['saved_mib'], '.0f'):>10}"
             f"{_fmt(row.get('saved_vs_torchvision'), '.3f'):>7}"
             f"{_fmt(row['peak_mem_mib'], '.0f'):>10}  {target}"
         )
+    _print_peer_lines(rows, meta)
     print(
         f"\nparity, relative error against {reference} in float64 ({reference}'s own error "
         f"in brackets; rule: at most {ERROR_FACTOR:g}x it plus {FLOOR_ULPS} ulp):"
@@ -174,6 +206,41 @@ def print_table(rows: list[dict], meta: dict) -> None:
                 )
             ]
             print(f"  {row['config']}: " + ", ".join(parts))
+
+
+def _print_peer_lines(rows: list[dict], meta: dict) -> None:
+    """The fastres rows against ONNX Runtime and OpenVINO, when they ran."""
+    peer_rows = [r for r in rows if "peers_target_met" in r]
+    if not peer_rows:
+        return
+    print(
+        f"\nagainst the peers (ONNX exported in {meta['onnx_export_s']:.1f} s; onnxruntime "
+        f"{meta.get('onnxruntime')}, openvino {meta.get('openvino')}; {meta['threads']} "
+        "threads), inference speed-up [interquartile range], eval error / the peer's:"
+    )
+    for row in peer_rows:
+        parts = []
+        for peer in ("onnxruntime", "openvino"):
+            ratio = speedup_text(
+                row[f"infer_vs_{peer}"],
+                row[f"infer_vs_{peer}_low"],
+                row[f"infer_vs_{peer}_high"],
+                not (row[f"infer_vs_{peer}_low"] <= 1.0 <= row[f"infer_vs_{peer}_high"]),
+            )
+            parts.append(f"x {peer} {ratio}, error {_fmt(row.get(f'eval_error_vs_{peer}'), '.2f')}")
+        verdict = "met" if row["peers_target_met"] else "NOT met"
+        print(f"  {row['config']}: " + "; ".join(parts) + f"  (target: {verdict})")
+    errors = [
+        f"{r['config']} {r['parity_inference_output']:.2e}"
+        for r in rows
+        if r.get("parity_inference_output") is not None
+    ]
+    own = next(r["torchvision_error_inference_output"] for r in peer_rows)
+    print(
+        f"  inference output, relative error against {meta.get('reference', 'torchvision')} "
+        f"in float64 (the model as converted, eval): {meta.get('reference')} {own:.2e}, "
+        + ", ".join(errors)
+    )
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -193,17 +260,18 @@ def write_chart(rows: list[dict], meta: dict, path: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no chart written")
         return False
-    measured = [r for r in rows if r["train_img_s"]]
-    names = [r["config"] for r in measured]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(names) + 2))
+    measured = [r for r in rows if r["train_img_s"] or r["infer_img_s"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(measured) + 2))
     for ax, key, title in (
         (axes[0], "train_img_s", "training img/s"),
         (axes[1], "infer_img_s", "inference img/s"),
     ):
-        medians = [r[key] for r in measured]
+        rows_with = [r for r in measured if r[key]]  # peers: inference only
+        names = [r["config"] for r in rows_with]
+        medians = [r[key] for r in rows_with]
         errors = [
-            [m - r[key + "_low"] for m, r in zip(medians, measured, strict=True)],
-            [r[key + "_high"] - m for m, r in zip(medians, measured, strict=True)],
+            [m - r[key + "_low"] for m, r in zip(medians, rows_with, strict=True)],
+            [r[key + "_high"] - m for m, r in zip(medians, rows_with, strict=True)],
         ]
         ax.barh(names, medians, xerr=errors, color="tab:blue", capsize=3)
         ax.set_title(title)
