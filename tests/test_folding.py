@@ -315,3 +315,21 @@ def test_a_hooked_stem_pooling_runs_once_on_the_whole_batch(monkeypatch):
     fast.maxpool.register_forward_hook(lambda m, i, out: shapes.append(out.shape[0]))
     _rule_matches(fast, reference, torch.randn(4, 3, 64, 64))
     assert shapes == [4]
+
+
+def test_weights_are_prepacked_for_each_input_shape_they_meet():
+    """oneDNN reorders a weight packed for another input shape on every call: each folded
+    convolution keeps one packed weight per shape, for the last PACKED_SHAPES shapes."""
+    from fastres.folding import PACKED_SHAPES
+
+    reference = _realistic(torchvision.models.resnet18(num_classes=10))
+    fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
+    block = fast.layer1[0]
+    for images in (1, 2, 1):
+        _rule_matches(fast, reference, torch.randn(images, 3, 32, 32))
+    first = FOLDED[block]._stages[0]
+    assert [shape[0] for shape in first.packed] == [2, 1]  # least recently used first
+    for images in range(3, 4 + PACKED_SHAPES):
+        with torch.no_grad():
+            fast(torch.randn(images, 3, 32, 32))
+    assert len(first.packed) == PACKED_SHAPES
