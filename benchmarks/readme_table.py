@@ -4,8 +4,10 @@ Usage: python benchmarks/readme_table.py   (from the repository root)
 
 Reads every benchmarks/results/<device>/<model>_<device>_<dtype>.csv written by
 ``python -m fastres.bench --out benchmarks/results/<device>`` and replaces the lines between the
-README's perf-table markers. The table is never typed by hand. Speed-ups are medians of
-per-round ratios from interleaved rounds, with their interquartile range.
+README's perf-table markers; the runs against ONNX Runtime and OpenVINO
+(``make bench-peers``: ``*_peers_*.csv``) fill the peers-table markers. The tables are never
+typed by hand. Speed-ups are medians of per-round ratios from interleaved rounds, with their
+interquartile range.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from fastres.bench import MODELS, row_speedup_text
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+PEERS_START, PEERS_END = "<!-- peers-table:start -->", "<!-- peers-table:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,7 +38,7 @@ def table_lines() -> list[str]:
     for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
         paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
     # results/local/ is every run's scratch folder (not committed); the table is what is.
-    paths = [p for p in paths if os.path.basename(os.path.dirname(p)) != "local"]
+    paths = [p for p in _committed(paths) if "_peers_" not in os.path.basename(p)]
     for path in sorted(paths):
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if "config" in r]
@@ -57,15 +60,67 @@ def table_lines() -> list[str]:
     return lines
 
 
+def _committed(paths: list[str]) -> list[str]:
+    return [p for p in paths if os.path.basename(os.path.dirname(p)) != "local"]
+
+
+def _peer_ratio(row: dict, peer: str) -> str:
+    median = row.get(f"infer_vs_{peer}")
+    if median in (None, ""):
+        return "-"
+    low, high = float(row[f"infer_vs_{peer}_low"]), float(row[f"infer_vs_{peer}_high"])
+    return f"{float(median):.2f} [{low:.2f}-{high:.2f}]" + (" n.s." if low <= 1 <= high else "")
+
+
+def peers_table_lines() -> list[str]:
+    """Inference of every configuration of the ``--peers`` runs, and fastres's speed-up over
+    each peer, paired round by round."""
+    lines = [
+        "| device | threads | batch | rounds | configuration | infer img/s "
+        "| x torchvision [IQR] | x onnxruntime [IQR] | x openvino [IQR] "
+        "| error vs float64 | first call s | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_peers_*.csv")
+    for path in sorted(_committed(glob.glob(pattern))):
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if "config" in r]
+        # the reference's own float32 error, recorded on the rows compared with it
+        own = next(
+            (
+                r["torchvision_error_inference_output"]
+                for r in rows
+                if r.get("torchvision_error_inference_output")
+            ),
+            "",
+        )
+        for r in rows:
+            error = r.get("parity_inference_output") or (own if r["parity_ok"] else "")
+            lines.append(
+                f"| {r['device']} | {r['threads']} | {r['batch_size']} | {r['rounds']} "
+                f"| {r['config']} | {_fmt(r['infer_img_s'], '.2f')} "
+                f"| {row_speedup_text(r, 'infer')} | {_peer_ratio(r, 'onnxruntime')} "
+                f"| {_peer_ratio(r, 'openvino')} | {_fmt(error, '.2e')} "
+                f"| {_fmt(r['first_call_s'], '.2f')} | {r['fastres_commit']} |"
+            )
+    return lines
+
+
+def _replace_between(text: str, start: str, end: str, lines: list[str]) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = "\n".join(lines)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def main() -> None:
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    body = "\n".join(table_lines())
+    text = _replace_between(text, START, END, table_lines())
+    text = _replace_between(text, PEERS_START, PEERS_END, peers_table_lines())
     with open(readme, "w") as f:
-        f.write(f"{head}{START}\n{body}\n{END}{tail}")
+        f.write(text)
     print(f"updated {readme}")
 
 
