@@ -79,6 +79,7 @@ def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatc
         ["--model", "vgg16"],
         ["--dtype", "fp8"],
         ["--peers", "--device", "cpu", "--dtype", "bf16"],
+        ["--freezing", "--no-compile"],
     ],
 )
 def test_bad_arguments_exit_with_usage(bad):

@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "inference target compares with max-autotune)",
     )
     parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="compile inference with Inductor's freezing (weights as constants, BatchNorm "
+        "folded by the compiler): the strongest torch.compile CPU inference setting",
+    )
+    parser.add_argument(
         "--peers",
         action="store_true",
         help="also run the model exported to ONNX on ONNX Runtime and OpenVINO (CPU, fp32, "
@@ -104,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.freezing and not args.compile:
+        parser.error("--freezing applies to the compiled configurations: drop --no-compile")
     if args.peers:
         if args.device != "cpu" or args.dtype != "fp32":
             parser.error("--peers runs on --device cpu with --dtype fp32 (the runtimes' CPU case)")
@@ -146,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # applies to graphs compiled without autograd
     dtype = DTYPES[args.dtype]
     reference = build_reference(args.model, args.device)
     batch = make_batch(args, args.device)
@@ -171,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "compile_mode": args.compile_mode,
+        "inductor_freezing": args.freezing,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": fastres.info()["triton"],

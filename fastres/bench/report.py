@@ -69,12 +69,17 @@ def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:
     return row
 
 
-def _peer_columns(result: Result, peers: list[Result]) -> dict:
+def _peer_columns(result: Result, peers: list[Result], compiled: Result | None) -> dict:
     """For a fastres configuration beside ONNX Runtime / OpenVINO: its inference speed-up over
-    each (paired round by round), its eval error against each's, and the issue's targets: at
-    least as fast as ONNX Runtime, faster than OpenVINO, an error no larger than ONNX
-    Runtime's."""
+    each (paired round by round), its eval error against each's, and the CPU inference
+    targets: at least as fast as ONNX Runtime, faster than OpenVINO and than the compiled
+    reference (when measured), an error no larger than ONNX Runtime's."""
     row: dict = {}
+    if compiled is not None and result.infer_seconds and compiled.infer_seconds:
+        ratio = spread_of(paired_speedups(compiled.infer_seconds, result.infer_seconds))
+        row["infer_vs_compiled"] = ratio.median
+        row["infer_vs_compiled_low"] = ratio.low
+        row["infer_vs_compiled_high"] = ratio.high
     error = result.parity.get("inference output", (None, None))[0]
     for peer in peers:
         name = peer.config.name
@@ -91,6 +96,7 @@ def _peer_columns(result: Result, peers: list[Result]) -> dict:
             row["infer_vs_onnxruntime"] >= 1.0
             and row["infer_vs_openvino"] > 1.0
             and (row.get("eval_error_vs_onnxruntime") or 0.0) <= 1.0
+            and row.get("infer_vs_compiled", 2.0) > 1.0
         )
     return row
 
@@ -98,6 +104,9 @@ def _peer_columns(result: Result, peers: list[Result]) -> dict:
 def rows_of(results: list[Result], meta: dict) -> list[dict]:
     base = next(r for r in results if r.config.family == "reference" and not r.config.compile)
     peers = [r for r in results if r.config.family == "peer"]
+    compiled = next(
+        (r for r in results if r.config.family == "reference" and r.config.compile), None
+    )
     rows = []
     for r in results:
         row = {
@@ -115,7 +124,7 @@ def rows_of(results: list[Result], meta: dict) -> list[dict]:
             },
         }
         if r.config.family == "fastres" and not r.config.compile and peers:
-            row.update(_peer_columns(r, peers))
+            row.update(_peer_columns(r, peers, compiled))
         if r.saved_mib is not None and base.saved_mib:
             row["saved_vs_torchvision"] = r.saved_mib / base.saved_mib
         if r.config.family == "fastres" and "saved_vs_torchvision" in row:
@@ -155,7 +164,8 @@ def row_speedup_text(row: dict, mode: str) -> str:
 def print_table(rows: list[dict], meta: dict) -> None:
     print(
         f"\n{meta['model']} on {meta['device']} ({meta['dtype']}, batch {meta['batch_size']}, "
-        f"torch.compile mode {meta.get('compile_mode', 'default')}, "
+        f"torch.compile mode {meta.get('compile_mode', 'default')}"
+        f"{' with freezing' if meta.get('inductor_freezing') else ''}, "
         f"{meta['image_size']}px), torch {meta['torch']}, fastres {meta['fastres_commit']}"
     )
     reference = meta.get("reference", "torchvision")
@@ -220,13 +230,17 @@ def _print_peer_lines(rows: list[dict], meta: dict) -> None:
     )
     for row in peer_rows:
         parts = []
-        for peer in ("onnxruntime", "openvino"):
+        others = ["onnxruntime", "openvino"] + (["compiled"] if "infer_vs_compiled" in row else [])
+        for peer in others:
             ratio = speedup_text(
                 row[f"infer_vs_{peer}"],
                 row[f"infer_vs_{peer}_low"],
                 row[f"infer_vs_{peer}_high"],
                 not (row[f"infer_vs_{peer}_low"] <= 1.0 <= row[f"infer_vs_{peer}_high"]),
             )
+            if peer == "compiled":
+                parts.append(f"x {meta.get('reference', 'torchvision')}+compile {ratio}")
+                continue
             parts.append(f"x {peer} {ratio}, error {_fmt(row.get(f'eval_error_vs_{peer}'), '.2f')}")
         verdict = "met" if row["peers_target_met"] else "NOT met"
         print(f"  {row['config']}: " + "; ".join(parts) + f"  (target: {verdict})")
