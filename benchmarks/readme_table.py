@@ -95,7 +95,8 @@ def peers_table_lines() -> list[str]:
             "",
         )
         for r in rows:
-            error = r.get("parity_inference_output") or (own if r["parity_ok"] else "")
+            baseline = r["config"] == r.get("reference", "torchvision")
+            error = r.get("parity_inference_output") or (own if baseline else "")
             lines.append(
                 f"| {r['device']} | {r['threads']} | {r['batch_size']} | {r['rounds']} "
                 f"| {r['config']} | {_fmt(r['infer_img_s'], '.2f')} "
