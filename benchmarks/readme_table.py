@@ -16,7 +16,7 @@ import csv
 import glob
 import os
 
-from fastres.bench import MODELS, row_speedup_text
+from fastres.bench import MODELS, row_speedup_text, speedup_text
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 PEERS_START, PEERS_END = "<!-- peers-table:start -->", "<!-- peers-table:end -->"
@@ -69,7 +69,7 @@ def _peer_ratio(row: dict, peer: str) -> str:
     if median in (None, ""):
         return "-"
     low, high = float(row[f"infer_vs_{peer}_low"]), float(row[f"infer_vs_{peer}_high"])
-    return f"{float(median):.2f} [{low:.2f}-{high:.2f}]" + (" n.s." if low <= 1 <= high else "")
+    return speedup_text(float(median), low, high, significant=not low <= 1.0 <= high)
 
 
 def peers_table_lines() -> list[str]:
