@@ -155,8 +155,9 @@ class _Stage:
     def _packed_for(self, x: Tensor) -> Tensor:
         """The weight prepacked for oneDNN for x's shape. oneDNN picks the weight layout by
         input shape, and a weight packed for another shape is reordered on every call
-        (measured, ResNet-50 on a 2-thread Xeon: batch 1 from weights packed for batch 16,
-        113 ms against 43 ms; batch 16 from batch 1's, 662 ms against 568 ms). The last
+        (diagnostic medians, ResNet-50 on a 2-thread Xeon, the two models alternating: batch 1
+        from weights packed for batch 16, 113 ms against 43 ms; batch 16 from batch 1's, 662
+        ms against 568 ms; no spread taken). The last
         PACKED_SHAPES shapes keep theirs: each is a copy of the weight."""
         shape = tuple(x.shape)
         packed = self.packed.get(shape)
@@ -192,8 +193,9 @@ class _Stage:
     def _run_onednn_into(self, x: Tensor, activation: str, residual: Tensor) -> Tensor:
         """``activation(conv(x) + bias + residual)`` written into ``residual``. A new output
         above glibc's mmap threshold (32 MiB, ResNet-50's 256-channel 56x56 maps at batch 16)
-        is fresh memory, page-faulted on every call: measured 24 ms for the 64->256 1x1
-        convolution against 9.6 ms into reused memory (issue 16)."""
+        is fresh memory, page-faulted on every call: the 64->256 1x1 convolution alone took
+        24 ms, and 9.6 ms with glibc told to reuse memory (diagnostic medians of separate
+        processes, issue 16; the whole-model A/B is in FastResNet's notes)."""
         after_add = "relu" if activation == "relu" else None  # as in _run_onednn
         out = torch.ops.mkldnn._convolution_pointwise_.binary(
             residual,
