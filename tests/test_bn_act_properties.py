@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from bn_act_harness import Case, SlicedView, TransposedView, check_case
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fastres.activation import ACTIVATIONS
@@ -55,6 +55,12 @@ def cases(draw, max_channels=17, max_side=7):
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+# Two values a channel whose spread is small against its mean (channel 5: 1.85 and 1.91): the
+# normalisation divides the rounding error of a float32 mean by the standard deviation. Found by
+# a random draw; the CPU kernels then kept the mean in float32 (error 2.2e-6 against PyTorch's
+# 5.9e-7).
+@example(case=Case(shape=(1, 8, 1, 2), seed=5))
+@example(case=Case(shape=(1, 8, 1, 2), seed=5, memory_format=torch.channels_last, steps=1))
 @settings(max_examples=80, **COMMON)
 @given(case=cases())
 def test_cpu_backend_matches_reference(case):

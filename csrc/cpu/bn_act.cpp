@@ -34,6 +34,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
       training ? at::empty({layout.c}, param_options) : running_mean->contiguous().clone();
   Tensor save_var =
       training ? at::empty({layout.c}, param_options) : running_var->contiguous().clone();
+  // What rounding the batch mean to save_mean's dtype left out (zero for given statistics).
+  Tensor mean_low = at::zeros({layout.c}, param_options);
   Tensor scale = at::empty({layout.c}, param_options);
   Tensor shift = at::empty({layout.c}, param_options);
 
@@ -42,7 +44,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
         using P = opmath<scalar_t>;
         if (training && layout.numel() > 0) {
           FASTRES_CPU_DISPATCH(bn_batch_stats<scalar_t>, x.data_ptr<scalar_t>(), layout,
-                               save_mean.data_ptr<P>(), save_var.data_ptr<P>());
+                               save_mean.data_ptr<P>(), save_var.data_ptr<P>(),
+                               mean_low.data_ptr<P>());
         } else if (training) {
           // An empty batch has no statistics; PyTorch reports NaN for them.
           save_mean.fill_(NAN);
@@ -53,8 +56,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
                              eps, layout.c, scale.data_ptr<P>(), shift.data_ptr<P>());
         FASTRES_CPU_DISPATCH(bn_act_apply<scalar_t>, x.data_ptr<scalar_t>(),
                              residual ? residual->data_ptr<scalar_t>() : nullptr,
-                             save_mean.data_ptr<P>(), scale.data_ptr<P>(), shift.data_ptr<P>(),
-                             layout, activation, out.data_ptr<scalar_t>(),
+                             save_mean.data_ptr<P>(), mean_low.data_ptr<P>(), scale.data_ptr<P>(),
+                             shift.data_ptr<P>(), layout, activation, out.data_ptr<scalar_t>(),
                              relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
       });
   return {out, save_mean, save_var, relu_mask};
@@ -119,7 +122,7 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_cpu", [&] {
     using P = opmath<scalar_t>;
     FASTRES_CPU_DISPATCH(bn_batch_stats<scalar_t>, x.data_ptr<scalar_t>(), layout,
-                         mean.data_ptr<P>(), var.data_ptr<P>());
+                         mean.data_ptr<P>(), var.data_ptr<P>(), /*mean_low=*/nullptr);
   });
   return {mean, var};
 }

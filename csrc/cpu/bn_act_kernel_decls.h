@@ -2,9 +2,13 @@
 // Included by bn_act_kernel.h once per instruction set (hence no include guard).
 namespace fastres::cpu::FASTRES_CPU_DECLS_NS {
 
-// Per-channel batch mean and biased variance of x (robust: chunked two-pass, Chan-merged).
+// Per-channel batch mean and biased variance of x (robust: chunked two-pass, Chan-merged in
+// double). mean is the double-precision mean rounded to opmath; when mean_low is not null it
+// receives what that rounding left out (mean + mean_low is the mean to about twice opmath's
+// precision), for bn_act_apply.
 template <typename T>
-void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opmath<T>* var);
+void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opmath<T>* var,
+                    opmath<T>* mean_low);
 
 // Folds invstd and the affine parameters into out = (x - mean) * scale + shift (scale = weight *
 // invstd, shift = bias). Centring first keeps the result as accurate as the input when |mean| is
@@ -14,12 +18,15 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
                     const opmath<T>* bias, double eps, int64_t channels, opmath<T>* scale,
                     opmath<T>* shift);
 
-// out = activation((x - mean[c]) * scale[c] + shift[c] + residual); residual may be null. For
-// ReLU, relu_mask (relu_mask_bytes(numel) bytes) receives a bit per element: out > 0.
+// out = activation((x - mean[c] - mean_low[c]) * scale[c] + shift[c] + residual); residual may
+// be null. mean_low (zeros for given statistics) is bn_batch_stats's: centring on the two-part
+// mean keeps a channel whose spread is small against its mean from inheriting the rounding of
+// the mean, amplified by 1 / std. For ReLU, relu_mask (relu_mask_bytes(numel) bytes) receives a
+// bit per element: out > 0.
 template <typename T>
-void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
-                  const opmath<T>* shift, const BnActLayout& layout, Activation activation, T* out,
-                  uint8_t* relu_mask);
+void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
+                  const opmath<T>* scale, const opmath<T>* shift, const BnActLayout& layout,
+                  Activation activation, T* out, uint8_t* relu_mask);
 
 // Per-channel sums of the masked gradient gm = grad_out * mask (mask null: all ones):
 //   sum_g[c] = sum gm,   sum_gx[c] = sum gm * (x - mean[c]).

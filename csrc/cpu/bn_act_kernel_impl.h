@@ -24,6 +24,7 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -113,19 +114,40 @@ V sum_of(const V* p, int64_t n) {
   return total;
 }
 
+// Sums of the deviations from `center` and of their squares: the second pass of the corrected
+// two-pass algorithm (see corrected_moments).
 template <typename V>
-V sum_of_squared_deviations(const V* p, int64_t n, V center) {
+std::pair<V, V> deviation_sums(const V* p, int64_t n, V center) {
   using Vec = Vectorized<V>;
-  Vec acc(V(0));
+  Vec sum(V(0)), squares(V(0));
   const Vec c(center);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec d = Vec::loadu(p + i) - c;
-    acc = at::vec::fmadd(d, d, acc);
+    sum += d;
+    squares = at::vec::fmadd(d, d, squares);
   }
-  V total = horizontal_sum(acc);
-  for (; i < n; ++i) total += (p[i] - center) * (p[i] - center);
-  return total;
+  V total = horizontal_sum(sum), total_squares = horizontal_sum(squares);
+  for (; i < n; ++i) {
+    total += p[i] - center;
+    total_squares += (p[i] - center) * (p[i] - center);
+  }
+  return {total, total_squares};
+}
+
+// The mean and M2 of n values, in double, from a first-pass mean `center` (rounded to opmath)
+// and the sums of deviations from it: the corrected two-pass algorithm (Chan, Golub and LeVeque).
+// The deviations' sum carries what rounding the first mean lost, so the mean is good to about
+// double precision where opmath alone would leave its rounding error, which the normalisation
+// divides by the standard deviation (large for a channel whose spread is small against its
+// mean). PyTorch's CPU BatchNorm accumulates in double for the same reason.
+struct CorrectedMoments {
+  double mean, m2;
+};
+
+inline CorrectedMoments corrected_moments(double n, double center, double sum, double squares) {
+  // The subtraction is tiny against squares; rounding must not make M2 negative.
+  return {center + sum / n, std::max(0.0, squares - sum * sum / n)};
 }
 
 // Running (count, mean, M2) of one channel, merged chunk by chunk with Chan et al.'s formula, so
@@ -311,9 +333,11 @@ void batch_stats_nchw(const T* x, const BnActLayout& layout, std::vector<Moments
       const int64_t start = (item % pieces_per_plane) * kBlock;
       const int64_t len = std::min(kBlock, layout.hw - start);
       const V* v = as_opmath(x + plane * layout.hw + start, len, buf.get());
-      const V mean = sum_of(v, len) / static_cast<V>(len);
-      const V m2 = sum_of_squared_deviations(v, len, mean);
-      mine[plane % layout.c].merge(static_cast<double>(len), mean, m2);
+      const V center = sum_of(v, len) / static_cast<V>(len);
+      const auto [sum, squares] = deviation_sums(v, len, center);
+      const double n = static_cast<double>(len);
+      const CorrectedMoments m = corrected_moments(n, center, sum, squares);
+      mine[plane % layout.c].merge(n, m.mean, m.m2);
     }
   });
 }
@@ -329,7 +353,7 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     auto buf = scratch_buffer<V>(tile_rows * C);
-    std::vector<V> mean(C), m2(C);
+    std::vector<V> mean(C), deviations(C), squares(C);
     // Every channel of a tile has the same count, so this chunk's running moments share one
     // count and the Chan merge weights are scalars: the merge vectorises, with no division.
     double count = 0;
@@ -343,17 +367,20 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
       });
       const Vec inv_rows(V(1) / static_cast<V>(nr));
       at::vec::map([&](Vec a) { return a * inv_rows; }, mean.data(), mean.data(), C);
-      column_sums<V>(nr, C, m2.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
-        const Vec d = Vec::loadu(v + r * C + c, n) - Vec::loadu(mean.data() + c, n);
-        return d * d;
-      });
-      const double total = count + static_cast<double>(nr);
-      const double w_mean = static_cast<double>(nr) / total;
-      const double w_m2 = count * static_cast<double>(nr) / total;
+      column_sums2<V>(nr, C, deviations.data(), squares.data(),
+                      [&](int64_t r, int64_t c, int64_t n) {
+                        const Vec d = Vec::loadu(v + r * C + c, n) - Vec::loadu(mean.data() + c, n);
+                        return std::make_pair(d, d * d);
+                      });
+      const double tile_n = static_cast<double>(nr);
+      const double total = count + tile_n;
+      const double w_mean = tile_n / total;
+      const double w_m2 = count * tile_n / total;
       for (int64_t c = 0; c < C; ++c) {
-        const double delta = static_cast<double>(mean[c]) - run_mean[c];
+        const CorrectedMoments m = corrected_moments(tile_n, mean[c], deviations[c], squares[c]);
+        const double delta = m.mean - run_mean[c];
         run_mean[c] += delta * w_mean;
-        run_m2[c] += static_cast<double>(m2[c]) + delta * delta * w_m2;
+        run_m2[c] += m.m2 + delta * delta * w_m2;
       }
       count = total;
     }
@@ -483,9 +510,9 @@ void store_from_opmath(const opmath<T>* src, int64_t len, T* dst) {
 }
 
 template <typename T>
-void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
-               const opmath<T>* shift, int64_t len, bool broadcast, Activation activation, T* out,
-               opmath<T>* scratch) {
+void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
+               const opmath<T>* scale, const opmath<T>* shift, int64_t len, bool broadcast,
+               Activation activation, T* out, opmath<T>* scratch) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
   const V* xv = as_opmath(x, len, scratch);
@@ -493,14 +520,16 @@ void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmat
   V* yv = opmath_output(out, scratch + 2 * kBlock);
   int64_t k = 0;
   for (; k + Vec::size() <= len; k += Vec::size()) {
-    Vec y = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
-                           channel_vec(scale, k, broadcast), channel_vec(shift, k, broadcast));
+    const Vec centred =
+        Vec::loadu(xv + k) - channel_vec(mean, k, broadcast) - channel_vec(mean_low, k, broadcast);
+    Vec y =
+        at::vec::fmadd(centred, channel_vec(scale, k, broadcast), channel_vec(shift, k, broadcast));
     if (rv) y += Vec::loadu(rv + k);
     activation_vec(y, activation).store(yv + k);
   }
   for (; k < len; ++k) {
-    V y = (xv[k] - channel_val(mean, k, broadcast)) * channel_val(scale, k, broadcast) +
-          channel_val(shift, k, broadcast);
+    const V centred = xv[k] - channel_val(mean, k, broadcast) - channel_val(mean_low, k, broadcast);
+    V y = centred * channel_val(scale, k, broadcast) + channel_val(shift, k, broadcast);
     if (rv) y += rv[k];
     yv[k] = activation_scalar(y, activation);
   }
@@ -546,7 +575,8 @@ void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t 
 // Public kernels
 
 template <typename T>
-void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opmath<T>* var) {
+void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opmath<T>* var,
+                    opmath<T>* mean_low) {
   std::vector<Moments> acc(static_cast<size_t>(at::get_num_threads() * layout.c));
   if (layout.channels_last) {
     batch_stats_nhwc(x, layout, acc);
@@ -560,6 +590,9 @@ void bn_batch_stats(const T* x, const BnActLayout& layout, opmath<T>* mean, opma
       total.merge(part.count, part.mean, part.m2);
     }
     mean[c] = static_cast<opmath<T>>(total.mean);
+    if (mean_low != nullptr) {
+      mean_low[c] = static_cast<opmath<T>>(total.mean - static_cast<double>(mean[c]));
+    }
     var[c] = static_cast<opmath<T>>(total.count > 0 ? total.m2 / total.count : 0.0);
   }
 }
@@ -577,13 +610,13 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
 }
 
 template <typename T>
-void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* scale,
-                  const opmath<T>* shift, const BnActLayout& layout, Activation activation, T* out,
-                  uint8_t* relu_mask) {
+void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
+                  const opmath<T>* scale, const opmath<T>* shift, const BnActLayout& layout,
+                  Activation activation, T* out, uint8_t* relu_mask) {
   parallel_blocks<opmath<T>>(layout.numel(), [&](int64_t begin, int64_t end, opmath<T>* scratch) {
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
-      apply_run(x + i, residual ? residual + i : nullptr, mean + c, scale + c, shift + c, len,
-                broadcast, activation, out + i, scratch);
+      apply_run(x + i, residual ? residual + i : nullptr, mean + c, mean_low + c, scale + c,
+                shift + c, len, broadcast, activation, out + i, scratch);
     });
     if (activation == Activation::kRelu) pack_relu_mask(out, begin, end, relu_mask);
   });
@@ -650,19 +683,21 @@ void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_ma
   });
 }
 
-#define FASTRES_INSTANTIATE_CPU_BN_ACT(T)                                                        \
-  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*);         \
-  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,          \
-                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);    \
-  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,          \
-                                const opmath<T>*, const BnActLayout&, Activation, T*, uint8_t*); \
-  template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*,  \
-                                          const BnActLayout&, opmath<T>*, opmath<T>*);           \
-  template void bn_backward_coefficients<T>(                                                     \
-      const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*,  \
-      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);           \
-  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*,   \
-                                         const opmath<T>*, const opmath<T>*, const opmath<T>*,   \
+#define FASTRES_INSTANTIATE_CPU_BN_ACT(T)                                                       \
+  template void bn_batch_stats<T>(const T*, const BnActLayout&, opmath<T>*, opmath<T>*,         \
+                                  opmath<T>*);                                                  \
+  template void bn_scale_shift<T>(const opmath<T>*, const opmath<T>*, const opmath<T>*,         \
+                                  const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);   \
+  template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,         \
+                                const opmath<T>*, const opmath<T>*, const BnActLayout&,         \
+                                Activation, T*, uint8_t*);                                      \
+  template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
+                                          const BnActLayout&, opmath<T>*, opmath<T>*);          \
+  template void bn_backward_coefficients<T>(                                                    \
+      const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, const opmath<T>*, \
+      double, int64_t, int64_t, bool, opmath<T>*, opmath<T>*, opmath<T>*, opmath<T>*);          \
+  template void bn_act_backward_apply<T>(const T*, const T*, const uint8_t*, const opmath<T>*,  \
+                                         const opmath<T>*, const opmath<T>*, const opmath<T>*,  \
                                          const BnActLayout&, T*, T*);
 
 FASTRES_INSTANTIATE_CPU_BN_ACT(float)
