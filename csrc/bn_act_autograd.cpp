@@ -29,14 +29,15 @@ using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 ForwardResult call_forward(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& residual, const OptTensor& running_mean,
-                           const OptTensor& running_var, bool training, double eps,
+                           const OptTensor& running_var, bool training, double momentum, double eps,
                            c10::string_view activation) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastres::bn_act_forward", "")
                        .typed<ForwardResult(const Tensor&, const OptTensor&, const OptTensor&,
                                             const OptTensor&, const OptTensor&, const OptTensor&,
-                                            bool, double, c10::string_view)>();
-  return op.call(x, weight, bias, residual, running_mean, running_var, training, eps, activation);
+                                            bool, double, double, c10::string_view)>();
+  return op.call(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                 activation);
 }
 
 ForwardResult call_backward(const Tensor& grad_out, const Tensor& x, const OptTensor& weight,
@@ -65,14 +66,38 @@ bool needs_grad(AutogradContext* ctx, int64_t edge) {
 
 OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// The forward op below autograd. In training it updates the running statistics in place, which
+// autograd's in-place bookkeeping (the ADInplaceOrView key this skips) would have recorded:
+// their version counters are bumped here, as for nn.BatchNorm2d's buffers, so that anything
+// keyed on them (folded eval's cache) sees the change.
+ForwardResult forward_below_autograd(const Tensor& x, const OptTensor& weight,
+                                     const OptTensor& bias, const OptTensor& residual,
+                                     const OptTensor& running_mean, const OptTensor& running_var,
+                                     bool training, double momentum, double eps,
+                                     c10::string_view activation) {
+  ForwardResult result;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    result = call_forward(x, weight, bias, residual, running_mean, running_var, training, momentum,
+                          eps, activation);
+  }
+  if (training) {
+    for (const OptTensor& running : {running_mean, running_var}) {
+      if (running.has_value()) torch::autograd::impl::bump_version(*running);
+    }
+  }
+  return result;
+}
+
 // SiLU's gradient at its input z = batch_norm(x) + residual. z is recomputed by the forward's
 // elementwise pass with the saved statistics (training=false normalises with the given values,
-// the same arithmetic as the training forward), so no per-element tensor is kept for SiLU.
+// the training forward's arithmetic but for its correction of the saved mean's rounding on CPU),
+// so no per-element tensor is kept for SiLU.
 Tensor silu_input_grad(const Tensor& grad_out, const Tensor& x, const OptTensor& weight,
                        const OptTensor& bias, const OptTensor& residual, const Tensor& mean,
                        const Tensor& var, double eps) {
-  const Tensor z =
-      std::get<0>(call_forward(x, weight, bias, residual, mean, var, false, eps, "identity"));
+  const Tensor z = std::get<0>(
+      call_forward(x, weight, bias, residual, mean, var, false, /*momentum=*/0.0, eps, "identity"));
   return at::silu_backward(grad_out, z);
 }
 
@@ -81,10 +106,10 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual,
                                const OptTensor& running_mean, const OptTensor& running_var,
-                               bool training, double eps, c10::string_view activation) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, var, mask] = call_forward(x, weight, bias, residual, running_mean, running_var,
-                                               training, eps, activation);
+                               bool training, double momentum, double eps,
+                               c10::string_view activation) {
+    auto [out, mean, var, mask] = forward_below_autograd(
+        x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation);
     // Saved: the input, the per-channel statistics and the 1-bit ReLU mask; never the output.
     // SiLU also keeps references to bias and residual (tensors that exist anyway) to recompute
     // its input.
@@ -108,7 +133,7 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
 
   // One gradient per forward argument, undefined where none is needed or possible.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);  // out did not reach the loss
+    if (!grads[0].defined()) return variable_list(10);  // out did not reach the loss
     const auto saved = ctx->get_saved_variables();
     const OptTensor weight = present(saved[1]);
     const bool weight_grad = needs_grad(ctx, ctx->saved_data["weight_edge"].toInt());
@@ -131,6 +156,7 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
             Tensor(),
             Tensor(),
             Tensor(),
+            Tensor(),
             Tensor()};
   }
 };
@@ -138,9 +164,10 @@ class BnActFunction : public torch::autograd::Function<BnActFunction> {
 ForwardResult bn_act_forward_autograd(const Tensor& x, const OptTensor& weight,
                                       const OptTensor& bias, const OptTensor& residual,
                                       const OptTensor& running_mean, const OptTensor& running_var,
-                                      bool training, double eps, c10::string_view activation) {
+                                      bool training, double momentum, double eps,
+                                      c10::string_view activation) {
   auto out = BnActFunction::apply(x, weight, bias, residual, running_mean, running_var, training,
-                                  eps, activation);
+                                  momentum, eps, activation);
   return {out[0], out[1], out[2], out[3]};
 }
 

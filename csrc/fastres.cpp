@@ -9,11 +9,14 @@ TORCH_LIBRARY(fastres, m) {
   // out = activation(batch_norm(x) + residual), activation "identity", "relu" or "silu".
   // Returns (out, save_mean, save_var, relu_mask): save_mean/save_var are the batch mean and
   // biased variance in training, copies of the running statistics in eval; relu_mask packs one
-  // bit per element of out (out > 0) for "relu", and is empty otherwise.
+  // bit per element of out (out > 0) for "relu", and is empty otherwise. In training the op
+  // updates running_mean/running_var in place (when given) with factor momentum and the unbiased
+  // batch variance, as ATen's native_batch_norm does: inside the op, so that a recomputation
+  // (torch.utils.checkpoint) that stops at the op's saved tensors still updates them.
   m.def(
       "bn_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "Tensor? running_mean, Tensor? running_var, bool training, float eps, str activation) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty unless
   // residual_grad. Recomputes the normalised input from x and the saved statistics. grad_out is
   // the gradient at the activation's output for relu (masked here) and at its input otherwise:

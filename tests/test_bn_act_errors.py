@@ -243,6 +243,7 @@ def test_compiled_op_checks_arguments(breaker, error, match):
             args["running_mean"],
             args["running_var"],
             True,
+            0.1,
             1e-5,
             "relu",
         )
@@ -254,7 +255,7 @@ def test_an_unknown_activation_is_refused_by_name():
         bn_act(**args, training=True, activation="gelu")
     with pytest.raises(ValueError, match="activation must be 'identity', 'relu' or 'silu'"):
         torch.ops.fastres.bn_act_forward(
-            args["x"], None, None, None, None, None, True, 1e-5, "gelu"
+            args["x"], None, None, None, None, None, True, 0.1, 1e-5, "gelu"
         )
 
 

@@ -42,6 +42,7 @@ def _sample(device, memory_format, training, activation, residual):
         running_mean=torch.zeros(5, device=device),
         running_var=torch.ones(5, device=device),
         training=training,
+        momentum=0.1,
         eps=1e-5,
         activation=activation,
     )

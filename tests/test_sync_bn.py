@@ -61,7 +61,7 @@ def test_split_ops_compose_to_batch_norm_training(backend, channels_last, activa
 
     mean, var = ops.stats(x)
     out, _, _, mask = ops.forward(
-        x, weight.to(param), bias.to(param), res, mean, var, False, 1e-5, activation
+        x, weight.to(param), bias.to(param), res, mean, var, False, 0.0, 1e-5, activation
     )
     relu = activation == "relu"
     # The backward pieces take the gradient at SiLU's input (the autograd formulas' first step).
@@ -116,7 +116,7 @@ def test_split_ops_on_an_empty_batch(backend):
     mean, var = ops.stats(x)
     assert mean.isnan().all() and var.isnan().all()
     stats = torch.zeros(4, dtype=mean.dtype, device=x.device)
-    out, _, _, mask = ops.forward(x, None, None, None, stats, stats + 1, False, 1e-5, "relu")
+    out, _, _, mask = ops.forward(x, None, None, None, stats, stats + 1, False, 0.0, 1e-5, "relu")
     sum_grad, sum_centred = ops.backward_reduce(out, x, stats, mask, True)
     assert torch.equal(sum_grad.cpu(), torch.zeros(4, dtype=mean.dtype))
     assert torch.equal(sum_centred.cpu(), torch.zeros(4, dtype=mean.dtype))

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "../common/bn_act_checks.h"
+#include "../common/running_stats.h"
 #include "bn_act_kernel.h"
 
 namespace fastres::cpu {
@@ -13,7 +14,7 @@ using OptTensor = std::optional<at::Tensor>;
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double eps, c10::string_view activation_name) {
+    bool training, double momentum, double eps, c10::string_view activation_name) {
   check_x_device_type(x_in, at::kCPU);
   const Activation activation = parse_activation(activation_name);
   const bool relu = activation == Activation::kRelu;
@@ -60,6 +61,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
                              shift.data_ptr<P>(), layout, activation, out.data_ptr<scalar_t>(),
                              relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
       });
+  if (training) {
+    update_running_stats(running_mean, running_var, save_mean, save_var, momentum,
+                         layout.reduce_size());
+  }
   return {out, save_mean, save_var, relu_mask};
 }
 

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../common/bn_act_checks.h"
+#include "../common/running_stats.h"
 #include "bn_act_kernel.h"
 
 namespace fastres::cuda {
@@ -36,7 +37,7 @@ Tensor workspace_for(const BnActLayout& layout, const Tensor& x) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double eps, c10::string_view activation_name) {
+    bool training, double momentum, double eps, c10::string_view activation_name) {
   check_x_device_type(x_in, at::kCUDA);
   const Activation activation = parse_activation(activation_name);
   const bool relu = activation == Activation::kRelu;
@@ -85,6 +86,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   params.eps = static_cast<float>(eps);
   launch_bn_act_forward(params, x.get_device(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (training) {
+    update_running_stats(running_mean, running_var, save_mean, save_var, momentum,
+                         layout.reduce_size());
+  }
   return {out, save_mean, save_var, relu_mask};
 }
 

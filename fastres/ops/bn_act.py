@@ -12,9 +12,15 @@ The forward saves only its input, the per-channel statistics and, for ReLU, a 1-
 mask; the backward recomputes the normalised input, in one fused reduction pass plus one
 elementwise pass. SiLU's backward first recomputes its input ``z = batch_norm(x) + residual`` with
 the forward's elementwise pass and applies SiLU's derivative (``aten::silu_backward``); it keeps
-references to ``bias`` and ``residual`` for that, tensors that exist anyway. Running statistics are
-updated by :func:`bn_act` itself, outside the autograd op, so the op stays functional (no mutated
-inputs) and composes with ``torch.compile``.
+references to ``bias`` and ``residual`` for that, tensors that exist anyway.
+
+In training the forward op updates the running statistics in place, as ATen's
+``native_batch_norm`` does (its schema says so, so ``torch.compile`` functionalizes it): inside
+the op, before autograd saves the op's tensors. ``torch.utils.checkpoint`` stops recomputing a
+segment at the last saved tensor; an update made after the op would then be skipped where
+``nn.BatchNorm2d``'s is recomputed (running statistics would differ from the library's model).
+``torch.library.register_autograd`` takes functional ops only, so the Triton forward's autograd
+is installed with the same helper it uses (see :func:`_register_triton_autograd`).
 """
 
 from __future__ import annotations
@@ -69,8 +75,9 @@ def bn_act(
             (float64 for float64 ``x``), as autocast leaves BatchNorm's parameters.
         running_mean, running_var: shape ``(C,)``, same dtype as ``weight``, or None
             (``track_running_stats=False``). In training they are updated in place with the batch
-            mean and the unbiased batch variance and factor ``momentum``; in eval they normalise
-            ``x`` and are required.
+            mean and the unbiased batch variance and factor ``momentum`` (inside the op, as
+            ``F.batch_norm`` does, so activation checkpointing recomputes the update as it does
+            ``nn.BatchNorm2d``'s); in eval they normalise ``x`` and are required.
         residual: added after the normalisation, same shape, dtype and device as ``x``, or None.
         training: batch statistics (True) or running statistics (False).
         momentum: running-statistics factor. ``nn.BatchNorm2d``'s ``momentum=None`` (cumulative
@@ -100,11 +107,9 @@ def bn_act(
             eps=eps,
             activation=activation,
         )
-    out, mean, var, _ = op("bn_act_forward", name)(
-        x, weight, bias, residual, running_mean, running_var, training, eps, activation
+    out, _, _, _ = op("bn_act_forward", name)(
+        x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation
     )
-    if training:
-        update_running_stats(running_mean, running_var, mean, var, momentum, values_per_channel(x))
     return out
 
 
@@ -210,7 +215,9 @@ def check_args(
 # Fake kernels (shapes, dtypes and strides only), shared by both op families
 
 
-def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, eps, activation):
+def _forward_fake(
+    x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation
+):
     check_activation(activation, "bn_act_forward")
     relu = activation == "relu"
     fmt = memory_format_of(x)
@@ -239,7 +246,9 @@ def _backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, _running_mean, _running_var, training, eps, activation = inputs
+    x, weight, bias, residual, _running_mean, _running_var, training, _momentum, eps, activation = (
+        inputs
+    )
     _out, mean, var, mask = output
     ctx.mark_non_differentiable(mean, var, mask)
     silu = activation == "silu"
@@ -256,15 +265,16 @@ def _setup_context(ctx, inputs, output):
 
 def silu_input_grad(forward_op, grad_out, x, weight, bias, residual, mean, var, eps) -> Tensor:
     """SiLU's gradient at its input ``z = batch_norm(x) + residual``: ``z`` is recomputed by
-    ``forward_op`` (a ``bn_act_forward``) in eval mode with the saved statistics, the same
-    arithmetic as the training forward, so no per-element tensor is kept for SiLU."""
-    z, *_ = forward_op(x, weight, bias, residual, mean, var, False, eps, "identity")
+    ``forward_op`` (a ``bn_act_forward``) in eval mode with the saved statistics, the training
+    forward's arithmetic (the CPU kernels' training forward also corrects for the rounding of
+    the saved float32 mean, which this cannot), so no per-element tensor is kept for SiLU."""
+    z, *_ = forward_op(x, weight, bias, residual, mean, var, False, 0.0, eps, "identity")
     return torch.ops.aten.silu_backward(grad_out, z)
 
 
 def _make_backward(forward_op, backward_op):
     """The backward of ``forward_op``. SiLU's input ``z`` is recomputed by ``forward_op`` itself
-    in eval mode with the saved statistics (the same arithmetic as the training forward)."""
+    in eval mode with the saved statistics (see :func:`silu_input_grad`)."""
 
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_mask):
         x, weight, mean, var, mask, bias, residual = ctx.saved_tensors
@@ -288,25 +298,40 @@ def _make_backward(forward_op, backward_op):
             None,
             None,
             None,
+            None,
         )
 
     return backward
 
 
-def _register(forward_op, backward_op, *, autograd: bool) -> None:
+def _register_fakes(forward_op, backward_op) -> None:
     torch.library.register_fake(forward_op, _forward_fake)
     torch.library.register_fake(backward_op, _backward_fake)
-    if autograd:
-        torch.library.register_autograd(
-            forward_op, _make_backward(forward_op, backward_op), setup_context=_setup_context
-        )
+
+
+def _register_triton_autograd(forward_op, backward_op) -> None:
+    """The Triton forward's autograd: the formula ``torch.library.register_autograd`` would
+    install, with the helper it installs it with. register_autograd refuses an op that mutates
+    its inputs (the running statistics); autograd never sees them (no gradient flows to them)."""
+    from torch._library.autograd import Info, make_autograd_impl
+
+    impl = make_autograd_impl(
+        forward_op, Info(_make_backward(forward_op, backward_op), _setup_context)
+    )
+    _TRITON_LIBRARY.impl(forward_op._opname, impl, "Autograd", with_keyset=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # The Triton op family
 
+_TRITON_LIBRARY = torch.library.Library("fastres", "FRAGMENT")
+_TRITON_LIBRARY.define(
+    "bn_act_forward_triton(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+    "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+    "float eps, str activation) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
-@torch.library.custom_op("fastres::bn_act_forward_triton", mutates_args=())
+
 def bn_act_forward_triton(
     x: Tensor,
     weight: Tensor | None,
@@ -315,18 +340,27 @@ def bn_act_forward_triton(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     training: bool,
+    momentum: float,
     eps: float,
     activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton twin of ``fastres::bn_act_forward`` (same arguments and results)."""
+    """Triton twin of ``fastres::bn_act_forward`` (same arguments, results and running-statistics
+    update); the kernel of ``fastres::bn_act_forward_triton`` on CPU (interpreter) and CUDA."""
     from fastres.triton import bn_act as kernels
     from fastres.triton import launch_device
 
     check_activation(activation, "bn_act_forward_triton")
     with launch_device(x):
-        return kernels.bn_act_forward(
+        out, mean, var, mask = kernels.bn_act_forward(
             x, weight, bias, residual, running_mean, running_var, training, eps, activation
         )
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, momentum, values_per_channel(x))
+    return out, mean, var, mask
+
+
+for _key in ("CPU", "CUDA"):
+    _TRITON_LIBRARY.impl("bn_act_forward_triton", bn_act_forward_triton, _key)
 
 
 @torch.library.custom_op("fastres::bn_act_backward_triton", mutates_args=())
@@ -352,12 +386,14 @@ def bn_act_backward_triton(
         )
 
 
-_register(bn_act_forward_triton, bn_act_backward_triton, autograd=True)
+_register_fakes(torch.ops.fastres.bn_act_forward_triton.default, bn_act_backward_triton)
+_register_triton_autograd(
+    torch.ops.fastres.bn_act_forward_triton.default,
+    torch.ops.fastres.bn_act_backward_triton.default,
+)
 
 if STATUS["cpu"].built:  # the compiled op family exists once fastres._C is loaded
     # Their autograd is registered in C++ (csrc/bn_act_autograd.cpp): it costs less per call.
-    _register(
-        torch.ops.fastres.bn_act_forward.default,
-        torch.ops.fastres.bn_act_backward.default,
-        autograd=False,
+    _register_fakes(
+        torch.ops.fastres.bn_act_forward.default, torch.ops.fastres.bn_act_backward.default
     )

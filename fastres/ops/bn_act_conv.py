@@ -4,9 +4,12 @@ In a residual block every BatchNorm + activation feeds a convolution. Run separa
 keeps both the BatchNorm input ``y`` (for BatchNorm's backward) and the activation's output ``z``
 (for the activation's and the convolution's backward). This op keeps only ``y`` and the
 per-channel statistics: its backward recomputes ``z`` from them with the same kernel and the
-same per-channel values as the forward (so the recomputed ``z``, and its ReLU mask, are
-bit-identical), runs the convolution's backward, then bn_act's fused backward (for SiLU, after
-SiLU's derivative at its recomputed input, :func:`fastres.ops.bn_act.silu_input_grad`).
+same per-channel values as the forward (bit-identical, but for the CPU kernels' training forward,
+which centres on the batch mean to twice float32's precision where the saved mean has float32's:
+the two ``z`` then differ by that rounding, scaled by ``weight / std``, and the backward uses the
+recomputed one and its ReLU mask throughout), runs the convolution's backward, then bn_act's
+fused backward (for SiLU, after SiLU's derivative at its recomputed input,
+:func:`fastres.ops.bn_act.silu_input_grad`).
 
 The BatchNorm + activation half runs on a fastres backend: ``fastres::bn_act_conv2d`` on the
 compiled kernels (cpu, cuda), ``fastres::bn_act_conv2d_triton`` on Triton's (see
@@ -128,8 +131,11 @@ def _define(suffix: str):
         eps: float,
         activation: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # The running statistics are read in eval only: this op returns the batch statistics
+        # and leaves their update to the caller (the forward op would update them in training).
+        given = (None, None) if training else (running_mean, running_var)
         z, mean, var, _ = forward_op(
-            y, bn_weight, bn_bias, None, running_mean, running_var, training, eps, activation
+            y, bn_weight, bn_bias, None, *given, training, 0.0, eps, activation
         )
         return convolution(z, conv_weight, stride, padding, dilation, groups), mean, var
 
@@ -201,7 +207,7 @@ def _backward(ctx, grad_out, forward_op, backward_op):
     needs = ctx.needs_input_grad
     # Recompute z exactly as the forward made it: same kernel, same per-channel scale and shift.
     z, _, _, mask = forward_op(
-        y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, ctx.activation
+        y, bn_weight, bn_bias, None, mean, var, False, 0.0, ctx.eps, ctx.activation
     )
     grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
         grad_out,

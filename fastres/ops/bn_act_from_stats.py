@@ -82,7 +82,9 @@ class BnActFromStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, mean, var, count, eps, activation, group, ops):
-        out, _, _, mask = ops.forward(x, weight, bias, residual, mean, var, False, eps, activation)
+        out, _, _, mask = ops.forward(
+            x, weight, bias, residual, mean, var, False, 0.0, eps, activation
+        )
         silu = activation == "silu"  # recomputes its input in backward (see silu_input_grad)
         ctx.save_for_backward(
             x, weight, mean, var, mask, bias if silu else None, residual if silu else None

@@ -163,8 +163,9 @@ def _stats_torch(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _forward_torch(x, weight, bias, residual, mean, var, training, eps, activation):
-    y = F.batch_norm(x, mean, var, weight, bias, training, 0.0, eps)
+def _forward_torch(x, weight, bias, residual, mean, var, training, momentum, eps, activation):
+    # Called with training=False (the normalising pass with given statistics): nothing updated.
+    y = F.batch_norm(x, mean, var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
     relu = activation == "relu"

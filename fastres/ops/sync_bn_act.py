@@ -121,7 +121,9 @@ class _SyncBnActConv2d(torch.autograd.Function):
         group,
         ops,
     ):
-        z, _, _, _ = ops.forward(y, bn_weight, bn_bias, None, mean, var, False, eps, activation)
+        z, _, _, _ = ops.forward(
+            y, bn_weight, bn_bias, None, mean, var, False, 0.0, eps, activation
+        )
         ctx.save_for_backward(y, bn_weight, bn_bias, conv_weight, mean, var)
         ctx.count, ctx.eps, ctx.conv_args, ctx.group, ctx.ops = count, eps, conv_args, group, ops
         ctx.activation = activation
@@ -134,7 +136,7 @@ class _SyncBnActConv2d(torch.autograd.Function):
         needs = ctx.needs_input_grad
         # Recompute z as the forward made it (same kernel, same statistics: bit-identical).
         z, _, _, mask = ctx.ops.forward(
-            y, bn_weight, bn_bias, None, mean, var, False, ctx.eps, ctx.activation
+            y, bn_weight, bn_bias, None, mean, var, False, 0.0, ctx.eps, ctx.activation
         )
         grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
             grad_out,
