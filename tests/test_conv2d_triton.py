@@ -35,6 +35,8 @@ CONVOLUTIONS = {
     "7x7-stride2-stem": (1, 3, 15, 15, 8, 7, 2, 3, 1, 1),
     "3x3-dilated-odd": (1, 5, 7, 5, 7, 3, 1, 2, 2, 1),
     "3x3-stride2-dilated": (1, 6, 9, 8, 5, 3, 2, 2, 2, 1),
+    # taps every stride / gcd(stride, dilation) along an axis (see _tap_step): 2 at stride 4
+    "5x5-stride4-dilated": (1, 4, 13, 11, 17, 5, 4, 3, 2, 1),
     # 16+ channels per group: the kernels' channel-block reduction (fewer: one flat index)
     "3x3-wide": (2, 24, 6, 6, 32, 3, 1, 1, 1, 1),
     "1x1-stride2-wide": (2, 32, 7, 7, 16, 1, 2, 0, 1, 1),
@@ -221,22 +223,32 @@ def test_gradients_are_bitwise_reproducible_in_deterministic_mode():
 
 
 @pytest.mark.parametrize(
-    "stride, padding, dilation, k", [(2, 1, 1, 3), (2, 0, 1, 1), (2, 3, 1, 7), (3, 2, 2, 3)]
+    "stride, padding, dilation, k",
+    [(2, 1, 1, 3), (2, 0, 1, 1), (2, 3, 1, 7), (3, 2, 2, 3), (2, 2, 2, 3), (4, 1, 2, 7)],
 )
 def test_input_gradient_visits_each_tap_once_per_phase_that_it_reaches(
     stride, padding, dilation, k
 ):
     """The stride-s input gradient loops, in each phase (ih mod s, iw mod s), over the taps that
     reach it: k * k tap visits over all s * s phases, not s * s * k * k (3/4 of them masked off
-    at stride 2), and every one reaches (the divisions by the stride are exact)."""
-    from fastres.triton.conv import _phase_taps
+    at stride 2), and every one reaches (the divisions by the stride are exact). The kernel
+    computes them as ``first + j * step`` (j < count) along each axis, from the tap ranges."""
+    from fastres.triton.conv import _phase_tap_ranges, _tap_step
 
-    table, counts = _phase_taps(stride, padding, dilation, k, k, torch.device("cpu"))
-    assert int(counts.sum()) == k * k
-    for phase, count in enumerate(counts.tolist()):
-        for tap in table[phase, :count].tolist():
-            assert (phase // stride + padding - tap // k * dilation) % stride == 0
-            assert (phase % stride + padding - tap % k * dilation) % stride == 0
+    ranges = _phase_tap_ranges(stride, padding, dilation, k, k, torch.device("cpu")).tolist()
+    step = _tap_step(stride, dilation)
+    visits = 0
+    for phase_h in range(stride):
+        for phase_w in range(stride):
+            first_h, count_h = ranges[phase_h][:2]
+            first_w, count_w = ranges[phase_w][2:]
+            taps_h = [first_h + j * step for j in range(count_h)]
+            taps_w = [first_w + j * step for j in range(count_w)]
+            for phase, taps in ((phase_h, taps_h), (phase_w, taps_w)):
+                reaching = [t for t in range(k) if (phase + padding - t * dilation) % stride == 0]
+                assert taps == reaching
+            visits += len(taps_h) * len(taps_w)
+    assert visits == k * k
 
 
 def test_more_elements_than_int32_offsets_reach_is_a_clear_error():
@@ -318,6 +330,37 @@ def test_weight_layout_changes_neither_results_nor_the_gradient_layout(kind):
         results.append((out, xi.grad, w.grad))
     for ours, theirs in zip(*results, strict=True):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "shape, layout, dtype, copies",
+    [
+        ((6, 4, 1, 1), torch.contiguous_format, torch.float32, False),  # NCHW strides, same memory
+        ((6, 4, 1, 1), torch.channels_last, torch.float32, False),
+        ((6, 4, 3, 3), torch.channels_last, torch.float32, False),
+        ((6, 4, 3, 3), torch.contiguous_format, torch.float32, True),  # another memory layout
+        ((6, 4, 1, 1), torch.contiguous_format, torch.float16, True),  # another dtype
+    ],
+    ids=["1x1-nchw", "1x1-channels-last", "3x3-channels-last", "3x3-nchw", "1x1-float16"],
+)
+def test_weight_gradient_is_copied_only_when_the_weights_memory_layout_differs(
+    shape, layout, dtype, copies
+):
+    """The weight gradient, accumulated in float32 as (C_out, KH, KW, C_in) and seen as
+    (C_out, C_in, KH, KW), comes back with the weight's strides: a view when the memory layout
+    is the same (strides of size-1 dims do not matter: a 1x1 NCHW weight is laid out as a
+    channels_last one), one copy otherwise."""
+    from fastres.triton.conv import _as_layout_of
+
+    weight = torch.zeros(shape, dtype=dtype).contiguous(memory_format=layout)
+    c_out, c_in, kh, kw = shape
+    grad = torch.randn(c_out, kh, kw, c_in).permute(0, 3, 1, 2)
+    with OpLog() as log:
+        result = _as_layout_of(weight, grad)
+    assert result.stride() == weight.stride() and result.dtype == dtype
+    assert torch.equal(result, grad.to(dtype))
+    assert ("aten.copy_" in log.ops) == copies, log.ops
+    assert (result.data_ptr() == grad.data_ptr()) != copies
 
 
 def test_another_batch_size_in_the_same_power_of_two_reuses_the_tuned_tiles(monkeypatch):

@@ -16,8 +16,10 @@ imported, and the interpreter would skip compilation)::
 
 What compiles in which precision and configuration is ``PLAN`` below. OUT.json gets one record
 per launch: kernel, dtype, case, configuration, shared memory bytes, registers per thread and
-spilled bytes (cuobjdump), and whether Hopper's warpgroup MMA (wgmma) was chosen for its
-``tl.dot``; and every convolution kernel's autotuning configurations.
+spilled bytes (cuobjdump), whether Hopper's warpgroup MMA (wgmma) was chosen for its
+``tl.dot``, and how deep the software pipeline is (the buffers of multi-buffered shared-memory
+allocations, the depths of the async waits); and every convolution kernel's autotuning
+configurations and the one it runs in deterministic mode.
 tests/test_triton_compile.py runs it (two shards at once) and checks them.
 
 It hooks Triton's launch path (``JITFunction.run``, ``Autotuner.run`` and the active driver), as
@@ -91,6 +93,20 @@ def _config_of(kwargs: dict) -> dict:
     }
 
 
+def _pipelining(ttgir: str) -> dict:
+    """The software pipeline Triton built (TritonGPU IR): ``buffers``, for each shared-memory
+    allocation a loop fills (``ttg.local_alloc`` with no initial value), its number of
+    buffers (the leading size of a 3-D one, the pipeline's stages; 1 for a 2-D one), and
+    ``async_waits``, the ``num`` of each ``ttg.async_wait`` (how many asynchronous copies may
+    stay in flight; 0 in a K loop means that none does across an iteration)."""
+    shapes = re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<((?:\d+x)+)", ttgir)
+    dims = [shape.rstrip("x").split("x") for shape in shapes]
+    return {
+        "buffers": [int(d[0]) if len(d) == 3 else 1 for d in dims],
+        "async_waits": [int(n) for n in re.findall(r"ttg\.async_wait\b[^\n]*\{num = (\d+)", ttgir)],
+    }
+
+
 def _atomics(ptx: str) -> dict:
     """How many atomic instructions (atom / red) the PTX holds, and how many of them order
     memory (acquire, release, acq_rel) where a relaxed one would do."""
@@ -102,8 +118,8 @@ def _atomics(ptx: str) -> dict:
 @contextmanager
 def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> Iterator[None]:
     """Within the block, launching a ``@triton.jit`` kernel compiles it for ``sm_<arch>`` and
-    appends a record; an autotuned kernel compiles every configuration when ``all_configs()``,
-    else its first one."""
+    appends a record; an autotuned kernel compiles every configuration it would time for the
+    launch (its early_config_prune applied) when ``all_configs()``, else the first of them."""
     run, autotuned_run = JITFunction.run, Autotuner.run
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
@@ -117,6 +133,7 @@ def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> I
                 "config": _config_of(kwargs),
                 "shared": kernel.metadata.shared,
                 "wgmma": "warp_group_dot" in kernel.asm["ttgir"],
+                **_pipelining(kernel.asm["ttgir"]),
                 **_atomics(kernel.asm["ptx"]),
                 **_resource_usage(kernel.asm["cubin"]),
                 "seconds": round(time.perf_counter() - started, 2),
@@ -125,8 +142,11 @@ def compile_only(arch: int, all_configs: Callable[[], bool], records: list) -> I
         return kernel
 
     def compile_configs(self, *args, grid, warmup, **kwargs):
-        configs = self.configs if all_configs() else self.configs[:1]
-        for config in configs:
+        # What prune_configs reads, as Autotuner.run sets it (the rest come as keywords).
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
+        configs = self.prune_configs(kwargs)
+        self.nargs = None
+        for config in configs if all_configs() else configs[:1]:
             self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
 
     active = driver._active  # no public getter that does not create the default driver
@@ -148,6 +168,14 @@ def _channel(c: int, value: float = 0.0) -> torch.Tensor:
     return torch.full((c,), value, dtype=torch.float32)
 
 
+def _bn_act_forward_triton(x, weight, bias, residual, mean, var, training, eps, activation):
+    """``fastres::bn_act_forward_triton`` with a momentum of 0.1 (in training it updates the
+    running statistics it is given)."""
+    return torch.ops.fastres.bn_act_forward_triton(
+        x, weight, bias, residual, mean, var, training, 0.1, eps, activation
+    )
+
+
 def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     ops = torch.ops.fastres
     cases = {}
@@ -158,7 +186,7 @@ def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         mask = torch.zeros(x.numel() // 8, dtype=torch.uint8)
         for activation in ("relu", "silu"):
             cases[f"bn_act train residual {activation} {layout}"] = (
-                lambda x=x, c=c, activation=activation: ops.bn_act_forward_triton(
+                lambda x=x, c=c, activation=activation: _bn_act_forward_triton(
                     x,
                     _channel(c, 1),
                     _channel(c),
@@ -170,7 +198,7 @@ def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
                     activation,
                 )
             )
-        cases[f"bn_act eval plain {layout}"] = lambda x=x, c=c: ops.bn_act_forward_triton(
+        cases[f"bn_act eval plain {layout}"] = lambda x=x, c=c: _bn_act_forward_triton(
             x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, "identity"
         )
         cases[f"bn_act backward train {layout}"] = lambda x=x, c=c, mask=mask: (
@@ -211,6 +239,7 @@ CONVOLUTIONS = [
     ("stem 7x7/2", 3, 64, 7, 2, 3, 1, 16),
     ("1x1", 64, 64, 1, 1, 0, 1, 8),
     ("3x3/2", 64, 64, 3, 2, 1, 1, 8),
+    ("1x1/2", 64, 128, 1, 2, 0, 1, 8),  # the projection shortcut of a stage's first block
     ("grouped 3x3 (32 groups)", 128, 128, 3, 1, 1, 32, 8),
 ]
 
@@ -239,11 +268,21 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
         kind = "plain" if c_in == 3 else "bn-relu prologue"
         activation = "identity" if c_in == 3 else "relu"
         cases |= _training_cases(f"{name} {kind}", x, w, bn, activation, geometry, out, c_in != 3)
+        if name == "1x1/2":
+            continue  # only its training path: ResNets run the shortcut's BatchNorm after it
         if name == "3x3/2":
             # With a SiLU prologue too: a sigmoid per element loaded, SiLU's derivative in the
             # input gradient's epilogue.
             cases |= _training_cases(
                 f"{name} bn-silu prologue", x, w, bn, "silu", geometry, out, True
+            )
+            # The weight gradient alone (its candidates for float32 with TF32 off).
+            cases[f"{name} bn-relu prologue weight gradient"] = (
+                lambda x=x, w=w, bn=bn, g=geometry, out=out: (
+                    ops.bn_act_conv2d_stats_backward_triton(
+                        torch.zeros_like(out), x, w, *bn, True, 1e-5, "relu", *g, False, True
+                    )
+                )
             )
         cases[f"{name} bias + residual + relu"] = lambda x=x, w=w, geometry=geometry, out=out: (
             ops.conv2d_bias_act_triton(
@@ -286,29 +325,39 @@ def _training_cases(
     }
 
 
-# (family, dtype, precision, case names or None for all, every autotuning config): every case in
-# bfloat16 (the dtype of the targets); the most involved convolution (3x3 stride 2 with a
-# BatchNorm prologue, forward and backward) in the other precisions; and a 1x1 one with a
-# prologue in every tile configuration (the 3x3's forward takes 15 s a configuration). All of it
-# in every precision and configuration would take 20 minutes on 2 cores.
+# (family, dtype, precision, case names or None for all, every autotuning config, under
+# torch.use_deterministic_algorithms(True)): every case in bfloat16 (the dtype of the targets);
+# the most involved convolution (3x3 stride 2 with a BatchNorm prologue, forward and backward)
+# in the other precisions, and in every precision in deterministic mode (each kernel's one
+# configuration then); a 1x1 one with a prologue in every tile configuration (the 3x3's
+# forward takes 15 s a configuration); and the 3x3's weight gradient in every configuration it
+# times in float32 with TF32 off. All of it in every precision and configuration would take 20
+# minutes on 2 cores.
 INVOLVED = ["3x3/2 bn-relu prologue + stats", "3x3/2 bn-relu prologue backward"]
 CONFIG_SWEEP = ["1x1 bn-relu prologue + stats", "1x1 bn-relu prologue backward"]
-PLAN = [("bn_act", dtype, "", None, False) for dtype in DTYPES] + [
-    ("conv", "bfloat16", "", None, False),
-    ("conv", "float32", "tf32", INVOLVED, False),
-    ("conv", "float32", "ieee", INVOLVED, False),
-    ("conv", "float16", "", INVOLVED, False),
-    ("conv", "bfloat16", "", CONFIG_SWEEP, True),
-]
+EXACT_WEIGHT_GRAD = ["3x3/2 bn-relu prologue weight gradient"]
+PRECISIONS = [("bfloat16", ""), ("float16", ""), ("float32", "tf32"), ("float32", "ieee")]
+PLAN = (
+    [("bn_act", dtype, "", None, False, False) for dtype in DTYPES]
+    + [
+        ("conv", "bfloat16", "", None, False, False),
+        ("conv", "float32", "tf32", INVOLVED, False, False),
+        ("conv", "float32", "ieee", INVOLVED, False, False),
+        ("conv", "float16", "", INVOLVED, False, False),
+        ("conv", "bfloat16", "", CONFIG_SWEEP, True, False),
+        ("conv", "float32", "ieee", EXACT_WEIGHT_GRAD, True, False),
+    ]
+    + [("conv", dtype, precision, INVOLVED, False, True) for dtype, precision in PRECISIONS]
+)
 
 
-def jobs() -> list[tuple[str, str, str, str, bool]]:
-    """(family, dtype, precision, case, every config), in a fixed order."""
+def jobs() -> list[tuple[str, str, str, str, bool, bool]]:
+    """(family, dtype, precision, case, every config, deterministic), in a fixed order."""
     out = []
-    for family, dtype, precision, names, all_configs in PLAN:
+    for family, dtype, precision, names, all_configs, deterministic in PLAN:
         cases = (bn_act_cases if family == "bn_act" else conv_cases)(DTYPES[dtype])
         out += [
-            (family, dtype, precision, case, all_configs)
+            (family, dtype, precision, case, all_configs, deterministic)
             for case in (names if names is not None else cases)
         ]
     return out
@@ -334,20 +383,34 @@ def main() -> None:
     import fastres  # noqa: F401  (registers the ops)
     from fastres.triton import conv
 
+    kernels = (
+        conv._conv_forward_kernel,
+        conv._conv_input_grad_kernel,
+        conv._conv_weight_grad_kernel,
+    )
+
     records: list = []
     every_config = {"now": False}
     with compile_only(args.arch, lambda: every_config["now"], records):
-        for family, dtype, precision, case, all_configs in jobs()[shard::shards]:
+        for family, dtype, precision, case, all_configs, deterministic in jobs()[shard::shards]:
             # float32 convolutions use TF32 where torch lets cuDNN do so, exact products else.
             torch.backends.cudnn.allow_tf32 = precision != "ieee"
             every_config["now"] = all_configs
             cases = (bn_act_cases if family == "bn_act" else conv_cases)(DTYPES[dtype])
             first = len(records)
-            cases[case]()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                cases[case]()
+            finally:
+                torch.use_deterministic_algorithms(False)
             for record in records[first:]:
-                record.update(dtype=dtype, precision=precision, case=case)
+                record.update(
+                    dtype=dtype, precision=precision, case=case, deterministic=deterministic
+                )
+            mode = " (deterministic)" if deterministic else ""
             print(
-                f"{dtype} {precision} {case}: {len(records) - first} launches compiled", flush=True
+                f"{dtype} {precision} {case}{mode}: {len(records) - first} launches compiled",
+                flush=True,
             )
     with open(args.out, "w") as f:
         json.dump(
@@ -357,11 +420,13 @@ def main() -> None:
                 "records": records,
                 "autotune_configs": {
                     kernel.base_fn.__name__: [_config_of(c.all_kwargs()) for c in kernel.configs]
-                    for kernel in (
-                        conv._conv_forward_kernel,
-                        conv._conv_input_grad_kernel,
-                        conv._conv_weight_grad_kernel,
+                    for kernel in kernels
+                },
+                "deterministic_configs": {
+                    kernel.base_fn.__name__: _config_of(
+                        conv._deterministic_config(kernel).all_kwargs()
                     )
+                    for kernel in kernels
                 },
             },
             f,

@@ -136,9 +136,15 @@ def _triton_tuning() -> str:
     report = conv.tuning_report() if conv is not None else {}
     if not report:
         return "none"
+
+    def cost(c) -> str:
+        text = f"{c.shapes} shapes in {c.seconds:.1f} s"
+        if c.from_disk_cache:
+            text += f", {c.from_disk_cache} from Triton's disk cache"
+        return text
+
     return "; ".join(
-        f"{name.strip('_').removesuffix('_kernel')}: {c.shapes} shapes in {c.seconds:.1f} s"
-        for name, c in report.items()
+        f"{name.strip('_').removesuffix('_kernel')}: {cost(c)}" for name, c in report.items()
     )
 
 

@@ -13,11 +13,14 @@ Same algorithm and results as the C++ kernels (csrc/cpu, csrc/cuda):
   (fastres/ops/) and ``relu=False``.
 
 Tensors are made dense in their suggested memory format (NCHW-contiguous or channels_last) by the
-launchers; the kernels address elements by memory offset. Runs on CUDA tensors, and on CPU
+launchers, and per-channel vectors (any 1-D stride) dense too (:func:`dense_channels`); the
+kernels address elements by memory offset. Runs on CUDA tensors, and on CPU
 tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
+
+from typing import overload
 
 import torch
 import triton
@@ -368,6 +371,29 @@ def check_int32_offsets(op: str, name: str, shape) -> None:
         )
 
 
+@overload
+def dense_channels(vector: Tensor) -> Tensor: ...
+@overload
+def dense_channels(vector: None) -> None: ...
+def dense_channels(vector: Tensor | None) -> Tensor | None:
+    """A per-channel vector ((C,), any 1-D stride, or None) as the kernels read it, at
+    ``ptr + channel``: with stride 1. A column of a (C, k) tensor or an expanded scalar is copied
+    (C values: cheap beside any kernel that reads it), a dense one passed through; the caller's
+    tensor is never written. Every launcher passes its per-channel inputs through this."""
+    return vector.contiguous() if vector is not None else None
+
+
+def dense_rows(partials: Tensor) -> Tensor:
+    """A (..., rows, C) tensor of per-row, per-channel partials with each (rows, C) plane
+    row-major (strides (C, 1)), as the finalize kernels index them (``row * C + channel``). The
+    convolutions' partials are such planes already, a slice of rows of a larger buffer: no copy
+    then."""
+    rows, channels = partials.shape[-2:]
+    if partials.stride(-1) == 1 and (partials.stride(-2) == channels or rows <= 1):
+        return partials
+    return partials.contiguous()
+
+
 class _Dense:
     """x (and grad_out) made dense in x's memory format, with the sizes the launchers need."""
 
@@ -469,6 +495,7 @@ def bn_act_forward(
     _check_dtype(x)
     code = activation_code(activation)
     d = _Dense(x)
+    weight, bias = dense_channels(weight), dense_channels(bias)
     residual = residual.contiguous(memory_format=d.format) if residual is not None else None
     out = torch.empty_like(d.x, memory_format=d.format)
     mask_bytes = (d.numel + 7) // 8 if activation == "relu" else 0
@@ -478,7 +505,9 @@ def bn_act_forward(
     else:  # outputs never alias inputs (a custom-op rule)
         # The op layer has checked that eval comes with running statistics.
         assert running_mean is not None and running_var is not None
-        save_mean, save_var = running_mean.clone(), running_var.clone()
+        # Dense clones (the running statistics may have any 1-D stride, see dense_channels).
+        save_mean = running_mean.clone(memory_format=torch.contiguous_format)
+        save_var = running_var.clone(memory_format=torch.contiguous_format)
     if d.numel == 0:
         if training:  # an empty batch has no statistics; PyTorch reports NaN for them
             save_mean.fill_(float("nan"))
@@ -617,6 +646,8 @@ def bn_act_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``fastres::bn_act_backward`` in csrc/fastres.cpp."""
     d = _Dense(x, grad_out)
+    weight = dense_channels(weight)
+    save_mean, save_var = dense_channels(save_mean), dense_channels(save_var)
     grad_x, grad_residual = _grad_outputs(d, residual_grad)
     grad_weight = torch.zeros(d.C, dtype=torch.float32, device=x.device)
     grad_bias = torch.zeros(d.C, dtype=torch.float32, device=x.device)
@@ -651,6 +682,7 @@ def bn_act_backward_reduce(
 ) -> tuple[Tensor, Tensor]:
     """Per-channel sums of gm and gm * (x - save_mean), float32."""
     d = _Dense(x, grad_out)
+    save_mean = dense_channels(save_mean)
     if d.numel == 0:
         return (
             torch.zeros(d.C, dtype=torch.float32, device=x.device),
@@ -677,9 +709,12 @@ def bn_act_backward_apply(
     """Training grad_x (and grad_residual) from sums over every process, ``count`` values a
     channel in all."""
     d = _Dense(x, grad_out)
+    weight = dense_channels(weight)
+    save_mean, save_var = dense_channels(save_mean), dense_channels(save_var)
     grad_x, grad_residual = _grad_outputs(d, residual_grad)
     if d.numel > 0:
-        sums = torch.stack([sum_grad, sum_grad_centred]).unsqueeze(1)  # one "split"
+        # One "split"; stack copies the sums whatever their strides.
+        sums = torch.stack([sum_grad, sum_grad_centred]).unsqueeze(1)
         unused = d.channel_vector()
         coefficients = _grad_coefficients(
             d, sums, count, save_var, weight, eps, True, unused, unused.clone()
@@ -705,6 +740,9 @@ def bn_backward_from_partials(
     (from the epilogue of a convolution's input gradient). Returns (grad_x, grad_weight,
     grad_bias); one finalize and one elementwise pass."""
     d = _Dense(x, grad)
+    weight = dense_channels(weight)
+    save_mean, save_var = dense_channels(save_mean), dense_channels(save_var)
+    partials = dense_rows(partials)
     grad_x, unused = _grad_outputs(d, False)
     grad_weight = torch.zeros(d.C, dtype=torch.float32, device=x.device)
     grad_bias = torch.zeros(d.C, dtype=torch.float32, device=x.device)

@@ -30,14 +30,18 @@ tiles in GROUP_M-swizzled order. Weights are read in place through their strides
 makes each tile one contiguous load); the weight gradient comes back in the weight's layout.
 
 Accumulation is float32; inputs float32 (TF32 on GPUs where torch allows it for cuDNN), float16
-or bfloat16. Tile sizes are autotuned on GPUs per problem shape, the batch bucketed to a power
-of two (see _SHAPE_KEY, tuning_report()); the interpreter (CPU tests) runs one small
-configuration.
+or bfloat16. Tile sizes are autotuned on GPUs per problem shape and precision, the batch
+bucketed to a power of two (see _SHAPE_KEY, tuning_report()), except under
+``torch.use_deterministic_algorithms(True)``: the tiles fix the order of the sums, so each kernel
+then runs one fixed configuration (DETERMINISTIC_SHAPES). The interpreter (CPU tests) runs one
+small configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -53,6 +57,8 @@ from fastres.triton.bn_act import (
     REDUCE_BLOCK_SPLITS,
     _stats_finalize_kernel,
     check_int32_offsets,
+    dense_channels,
+    dense_rows,
 )
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,11 +73,55 @@ if AUTOTUNE not in ("full", "quick"):
 FLAT_K_BELOW = 16
 
 
+# The tile parameters' names: rows x columns x reduction block of the forward and input
+# gradient; the weight gradient's rows are output channels, its columns k, its reduction m.
+TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+WEIGHT_GRAD_TILES = ("BLOCK_K", "BLOCK_N", "BLOCK_M")
+# The interpreter's cost is per operation, not per FLOP: large tiles, few iterations.
+INTERPRETER_SHAPE = (32, 64, 64, 4, 1)
+# The one configuration each convolution kernel runs under
+# torch.use_deterministic_algorithms(True) (its three tiles in the order of its names, warps,
+# stages): the tiles fix the order of the sums (the reduction block the product's, BLOCK_M the
+# statistics' and the weight gradient's), so a configuration chosen by timing could give two
+# processes different bits. Each compiles without register spills for sm_90 in every dtype and
+# precision, float32 with TF32 off included (tests/test_triton_compile.py checks it): the
+# forward and input gradient 64 x 64 x 32 with 4 warps (in both autotuning sets); the weight
+# gradient 64 x 64 with a reduction block of 16 and 8 warps (as _EXACT_FLOAT32_WEIGHT_GRAD:
+# every shared configuration spills in float32 with TF32 off). The interpreter's one shape
+# when interpreting.
+DETERMINISTIC_SHAPES = {
+    "_conv_forward_kernel": (64, 64, 32, 4, 4),
+    "_conv_input_grad_kernel": (64, 64, 32, 4, 4),
+    "_conv_weight_grad_kernel": (64, 64, 16, 8, 4),
+}
+if INTERPRETING:
+    DETERMINISTIC_SHAPES = dict.fromkeys(DETERMINISTIC_SHAPES, INTERPRETER_SHAPE)
+# The weight gradient's configurations (BLOCK_K x BLOCK_N x BLOCK_M, warps, stages) in float32
+# with TF32 off: its products then run on FMA units, each thread holding its operands' whole
+# BLOCK_M slice, and every configuration of _configs spills registers on sm_90 (the 128 x 128
+# tiles about 6.5 KB a thread, 64 x 64 x 32 2.5 KB); with a reduction block of 16 these do not
+# (tests/test_triton_compile.py checks them). Quick: the largest and a small one.
+_EXACT_FLOAT32_WEIGHT_GRAD = [
+    (64, 64, 16, 8, 4),
+    (64, 32, 16, 4, 4),
+    (32, 64, 16, 4, 4),
+    (32, 32, 16, 4, 4),
+    (32, 32, 16, 2, 2),
+]
+if AUTOTUNE == "quick":
+    _EXACT_FLOAT32_WEIGHT_GRAD = [_EXACT_FLOAT32_WEIGHT_GRAD[0], _EXACT_FLOAT32_WEIGHT_GRAD[3]]
+
+
+def _config(names: tuple[str, str, str], shape: tuple[int, int, int, int, int]) -> triton.Config:
+    """The configuration of ``shape`` (three tile sizes, warps, stages), tiles named ``names``."""
+    *tiles, warps, stages = shape
+    return triton.Config(dict(zip(names, tiles, strict=True)), num_warps=warps, num_stages=stages)
+
+
 def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
     """Tile configurations (rows x columns x reduction block) to autotune over."""
     if INTERPRETING:
-        # The interpreter's cost is per operation, not per FLOP: large tiles, few iterations.
-        shapes = [(32, 64, 64, 4, 1)]
+        shapes = [INTERPRETER_SHAPE]
     else:
         # Larger tiles (128 x 256, 256 x 128, BLOCK_K 64 with 4 warps) spill registers in the
         # epilogues here (tests/test_triton_compile.py checks sm_90 builds).
@@ -88,12 +138,7 @@ def _configs(names: tuple[str, str, str]) -> list[triton.Config]:
         ]
         if AUTOTUNE == "quick":  # the largest tile and a small one
             shapes = [s for s in shapes if s[:3] in ((128, 128, 32), (64, 64, 32))]
-    return [
-        triton.Config(
-            {names[0]: bm, names[1]: bn, names[2]: bk}, num_warps=warps, num_stages=stages
-        )
-        for bm, bn, bk, warps, stages in shapes
-    ]
+    return [_config(names, shape) for shape in shapes]
 
 
 # What a tuned configuration is kept for: the problem's shape, with the batch only as far as
@@ -117,6 +162,10 @@ _SHAPE_KEY = [
     "PADDING",
     "DILATION",
 ]
+# The key of every convolution kernel's tuning: the shape, and the products' precision (float32
+# with TF32 and with exact products are different kernels, with different candidates: see
+# _weight_grad_candidates).
+_TUNING_KEY = _SHAPE_KEY + ["INPUT_PRECISION"]
 
 
 @triton.jit
@@ -157,8 +206,8 @@ def _apply_prologue(
 # Every statistics row is zeroed before each configuration runs while autotuning: a tile height
 # writes only its own rows, and rows left by a configuration tried earlier must not count.
 @triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    key=_SHAPE_KEY,
+    configs=_configs(TILES),
+    key=_TUNING_KEY,
     reset_to_zero=["stat_count_ptr", "stat_mean_ptr", "stat_m2_ptr"],
 )
 @triton.jit(do_not_specialize=["N"])
@@ -309,9 +358,17 @@ def _conv_forward_kernel(
 # Input gradient
 
 
+@triton.jit
+def _phase_tap(t, first_h, first_w, taps_w, TAP_STEP):
+    """(kh, kw) of the t-th tap (a scalar, or a vector of them) that reaches a phase of the
+    input gradient, in row-major order: its taps along each axis are ``first + j * TAP_STEP``
+    (see _phase_tap_ranges), ``taps_w`` of them along W."""
+    return first_h + (t // taps_w) * TAP_STEP, first_w + (t % taps_w) * TAP_STEP
+
+
 @triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    key=_SHAPE_KEY,
+    configs=_configs(TILES),
+    key=_TUNING_KEY,
     reset_to_zero=["sum_grad_ptr", "sum_grad_centred_ptr"],
 )
 @triton.jit(do_not_specialize=["N"])
@@ -325,8 +382,7 @@ def _conv_input_grad_kernel(
     shift_ptr,
     sum_grad_ptr,
     sum_grad_centred_ptr,
-    taps_ptr,
-    tap_count_ptr,
+    tap_ranges_ptr,
     N,
     ROWS_BUCKET,
     H,
@@ -341,6 +397,7 @@ def _conv_input_grad_kernel(
     STRIDE,
     PADDING,
     DILATION,
+    TAP_STEP,
     PHASE_H,
     PHASE_W,
     W_STRIDE_CO,
@@ -360,12 +417,13 @@ def _conv_input_grad_kernel(
 ):
     """Rows: the input pixels (n, ih, iw) of one phase (ih mod STRIDE, iw mod STRIDE), PHASE_H x
     PHASE_W of them an image; columns: input channels of one group; reduction: the (tap, co)
-    that reach the phase, from its row of the tap table (one flat index when a group has few
-    output channels, as in forward). A stride-s convolution reaches each input pixel from only
-    the taps of its phase: looping over those alone does none of the masked-off products
-    (3/4 of them at stride 2) that looping over every tap would. Stride 1: one phase, every tap.
-    PHASED (STRIDE > 1) reads the tap table; stride 1 counts the taps in order (no table
-    lookups, and fewer registers: ResNeXt's grouped 3x3 spilled with them).
+    that reach the phase (one flat index when a group has few output channels, as in forward).
+    A stride-s convolution reaches each input pixel from only the taps of its phase: looping
+    over those alone does none of the masked-off products (3/4 of them at stride 2) that
+    looping over every tap would. Stride 1: one phase, every tap. PHASED (STRIDE > 1): along
+    each axis the phase's taps are ``first + j * TAP_STEP`` for j below a count, read from the
+    (STRIDE, 4) int32 table of tap ranges (first_h, count_h, first_w, count_w per phase along
+    an axis) once, before the loop (see _phase_tap).
     The weight is read through its strides, as in forward.
     With a prologue, the epilogue multiplies the gradient by PROLOGUE_ACTIVATION's derivative
     (recomputed from x) into gm, the gradient at bn(x), and also writes this tile's per-channel
@@ -388,10 +446,17 @@ def _conv_input_grad_kernel(
     cols = group * cin_g + col
     col_ok = col < cin_g
     w_cols = w_ptr + col * W_STRIDE_CI
-    phase_taps = taps_ptr + phase * (KH * KW)
     if PHASED:
-        taps = tl.load(tap_count_ptr + phase)
+        # Scalars loaded before the K loop: the loop computes its taps from them. (Loading each
+        # tap from a table inside the loop cut sm_90's software pipeline from 3 buffers to 2,
+        # with no load in flight across iterations: tests/test_triton_compile.py checks it.)
+        ranges_h = tap_ranges_ptr + (phase // STRIDE) * 4
+        ranges_w = tap_ranges_ptr + (phase % STRIDE) * 4
+        first_h, taps_h = tl.load(ranges_h), tl.load(ranges_h + 1)
+        first_w, taps_w = tl.load(ranges_w + 2), tl.load(ranges_w + 3)
+        taps = taps_h * taps_w
     else:
+        first_h, first_w, taps_w = 0, 0, 1  # not read
         taps = KH * KW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # (ih + PADDING - kh * DILATION) is a multiple of STRIDE for the phase's taps: the divisions
@@ -402,10 +467,9 @@ def _conv_input_grad_kernel(
             k_ok = k < taps * cout_g
             co = k % cout_g
             if PHASED:
-                tap = tl.load(phase_taps + k // cout_g, mask=k_ok, other=0)
+                kh, kw = _phase_tap(k // cout_g, first_h, first_w, taps_w, TAP_STEP)
             else:
-                tap = k // cout_g
-            kh, kw = tap // KW, tap % KW
+                kh, kw = (k // cout_g) // KW, (k // cout_g) % KW
             oh = (ih[:, None] + PADDING - (kh * DILATION)[None, :]) // STRIDE
             ow = (iw[:, None] + PADDING - (kw * DILATION)[None, :]) // STRIDE
             reach = row_ok[:, None] & k_ok[None, :] & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
@@ -432,10 +496,9 @@ def _conv_input_grad_kernel(
                 w_tap = 0
             else:
                 if PHASED:
-                    tap = tl.load(phase_taps + step // chunks)
+                    kh, kw = _phase_tap(step // chunks, first_h, first_w, taps_w, TAP_STEP)
                 else:
-                    tap = step // chunks
-                kh, kw = tap // KW, tap % KW
+                    kh, kw = (step // chunks) // KW, (step // chunks) % KW
                 oh = (ih + PADDING - kh * DILATION) // STRIDE
                 ow = (iw + PADDING - kw * DILATION) // STRIDE
                 reach = row_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
@@ -487,10 +550,24 @@ def _conv_input_grad_kernel(
 # Weight gradient
 
 
+def _weight_grad_candidates(
+    configs: list[triton.Config], named_args: dict, **kwargs
+) -> list[triton.Config]:
+    """The weight gradient's configurations to time for a launch (Triton's early_config_prune;
+    the autotuning key has the dtype and INPUT_PRECISION, so each case keeps its own choice):
+    float32 with exact products (TF32 off) times _EXACT_FLOAT32_WEIGHT_GRAD instead of
+    ``configs``, which spill registers there. ``configs`` otherwise, and when interpreting."""
+    exact = named_args["x_ptr"].dtype == torch.float32 and kwargs["INPUT_PRECISION"] == "ieee"
+    if not exact or INTERPRETING:
+        return configs
+    return [_config(WEIGHT_GRAD_TILES, shape) for shape in _EXACT_FLOAT32_WEIGHT_GRAD]
+
+
 @triton.autotune(
-    configs=_configs(("BLOCK_K", "BLOCK_N", "BLOCK_M")),
-    key=_SHAPE_KEY + ["SPLIT"],
+    configs=_configs(WEIGHT_GRAD_TILES),
+    key=_TUNING_KEY + ["SPLIT"],
     reset_to_zero=["grad_w_ptr"],
+    prune_configs_by={"early_config_prune": _weight_grad_candidates},
 )
 @triton.jit(do_not_specialize=["N"])
 def _conv_weight_grad_kernel(
@@ -627,10 +704,13 @@ GROUP_M = 8
 @dataclass
 class TuningCost:
     """What autotuning one kernel has cost this process: the problem shapes (autotuning keys)
-    it was tuned for, and the seconds spent benchmarking configurations for them."""
+    it benchmarked configurations for and the seconds that took, and the shapes whose tuning
+    Triton's on-disk autotuning cache (``TRITON_CACHE_AUTOTUNING=1``) supplied instead, which
+    cost no benchmarking here (its time was paid by the process that wrote it)."""
 
     shapes: int = 0
     seconds: float = 0.0
+    from_disk_cache: int = 0
 
 
 _TUNING: dict[str, TuningCost] = {}
@@ -638,18 +718,47 @@ _TUNING: dict[str, TuningCost] = {}
 
 def tuning_report() -> dict[str, TuningCost]:
     """Autotuning's cost so far, per convolution kernel that has been tuned. The first call at
-    each shape (see _SHAPE_KEY) pays it; later calls at that shape pay nothing."""
-    return {name: TuningCost(c.shapes, c.seconds) for name, c in _TUNING.items()}
+    each shape (see _TUNING_KEY) pays it; later calls at that shape pay nothing."""
+    return {name: dataclasses.replace(c) for name, c in _TUNING.items()}
+
+
+def _deterministic_config(kernel) -> triton.Config:
+    """The configuration ``kernel`` runs in deterministic mode (see DETERMINISTIC_SHAPES)."""
+    names = WEIGHT_GRAD_TILES if kernel is _conv_weight_grad_kernel else TILES
+    return _config(names, DETERMINISTIC_SHAPES[kernel.base_fn.__name__])
+
+
+def _candidates(kernel) -> list[triton.Config]:
+    """The configurations a launch of ``kernel`` may run now."""
+    if torch.are_deterministic_algorithms_enabled():
+        return [_deterministic_config(kernel)]
+    return kernel.configs
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, adding to tuning_report() when the launch tuned."""
+    """``kernel[grid](*args, **kwargs)``, adding to tuning_report() when the launch tuned.
+
+    Under ``torch.use_deterministic_algorithms(True)`` the kernel runs its deterministic
+    configuration instead, past the autotuner: neither a tile chosen by timing earlier in the
+    process nor a benchmark (Triton's Autotuner times the configurations left after pruning
+    even when one is left, in triton 3.6.0 as in 3.7.1)."""
+    if torch.are_deterministic_algorithms_enabled():
+        kernel.fn[grid](*args, **kwargs, **_deterministic_config(kernel).all_kwargs())
+        return
     tuned_before = len(kernel.cache)
+    # Triton sets bench_time when it benchmarks, and only then: not when its disk cache
+    # supplies the tuning (triton 3.6.0 and 3.7.1), where the attribute is missing in a fresh
+    # process and an earlier shape's time in one that benchmarked before.
+    kernel.bench_time = None
     kernel[grid](*args, **kwargs)
-    if len(kernel.cache) > tuned_before:
+    tuned = len(kernel.cache) - tuned_before
+    if tuned:
         cost = _TUNING.setdefault(kernel.base_fn.__name__, TuningCost())
-        cost.shapes += len(kernel.cache) - tuned_before
-        cost.seconds += kernel.bench_time
+        if kernel.bench_time is None:
+            cost.from_disk_cache += tuned
+        else:
+            cost.shapes += tuned
+            cost.seconds += kernel.bench_time
 
 
 def _weight_args(weight: Tensor) -> tuple[Tensor, dict]:
@@ -658,6 +767,14 @@ def _weight_args(weight: Tensor) -> tuple[Tensor, dict]:
     weight is not channels_last already, as a model in channels_last has it), and its strides."""
     w = weight.contiguous(memory_format=torch.channels_last)
     co, ci, kh, kw = w.stride()
+    # torch gives a size-1 dimension any stride (a 1x1 weight has (C_in, 1, 1, 1)); the kernels
+    # never step along it, but Triton specialises an argument equal to 1, and a weight stride
+    # of 1 along kh or kw kept sm_90 from pipelining the weight loads of a 1x1 stride-2
+    # convolution (tests/test_triton_compile.py checks it). Use channels_last's own strides.
+    if w.shape[3] == 1:
+        kw = w.shape[1] * ci
+    if w.shape[2] == 1:
+        kh = w.shape[3] * kw
     return w, dict(W_STRIDE_CO=co, W_STRIDE_CI=ci, W_STRIDE_KH=kh, W_STRIDE_KW=kw)
 
 
@@ -681,7 +798,7 @@ def _tile_rows(
     ``rows`` (in each of ``phases``) at the smallest tile height ``kernel`` may choose. Left
     uninitialised: a launch writes every row its tiling has, and only those are read (see
     _rows_written)."""
-    smallest = min(c.kwargs["BLOCK_M"] for c in kernel.configs)
+    smallest = min(c.kwargs["BLOCK_M"] for c in _candidates(kernel))
     tiles = max(1, phases * triton.cdiv(rows, smallest))
     return torch.empty((count, tiles, channels), dtype=torch.float32, device=device)
 
@@ -691,26 +808,35 @@ def _rows_written(buffer: Tensor, rows: int, launched: dict, phases: int = 1) ->
     return buffer[..., : phases * triton.cdiv(rows, launched["BLOCK_M"]), :]
 
 
+def _tap_step(stride: int, dilation: int) -> int:
+    """How far apart the taps that reach one phase of the input gradient are along an axis:
+    ``k * dilation = phase + padding (mod stride)`` has its solutions k every
+    ``stride / gcd(stride, dilation)``."""
+    return stride // math.gcd(stride, dilation)
+
+
+def _axis_tap_range(
+    phase: int, size: int, stride: int, padding: int, dilation: int
+) -> tuple[int, int]:
+    """(first, count) of the taps k < size along one axis that reach input positions ``phase``
+    mod stride (``phase + padding - k * dilation`` a multiple of the stride); (0, 0) if none."""
+    reaching = [k for k in range(size) if (phase + padding - k * dilation) % stride == 0]
+    return (reaching[0], len(reaching)) if reaching else (0, 0)
+
+
 @functools.cache
-def _phase_taps(
+def _phase_tap_ranges(
     stride: int, padding: int, dilation: int, kh: int, kw: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """The tap table of the input gradient: for each phase (ih mod stride, iw mod stride) of
-    the input pixels, the taps ``kh * KW + kw`` that reach them (those where ``i + padding -
-    k * dilation`` is a multiple of the stride along each axis), and how many. int32,
-    (stride**2, kh * kw) and (stride**2,), on ``device``; kept, as they depend on these only."""
-
-    def reaching(phase: int, size: int) -> list[int]:
-        return [k for k in range(size) if (phase + padding - k * dilation) % stride == 0]
-
-    table = torch.zeros((stride * stride, kh * kw), dtype=torch.int32)
-    counts = torch.zeros(stride * stride, dtype=torch.int32)
-    for phase_h in range(stride):
-        for phase_w in range(stride):
-            taps = [h * kw + w for h in reaching(phase_h, kh) for w in reaching(phase_w, kw)]
-            table[phase_h * stride + phase_w, : len(taps)] = torch.tensor(taps, dtype=torch.int32)
-            counts[phase_h * stride + phase_w] = len(taps)
-    return table.to(device), counts.to(device)
+) -> Tensor:
+    """The input gradient's tap ranges: for each phase p along an axis, (first_h, count_h,
+    first_w, count_w) of the taps that reach positions p mod stride along H and W, every
+    _tap_step apart. int32, (stride, 4), on ``device``; kept, as it depends on these only."""
+    rows = [
+        [*_axis_tap_range(p, kh, stride, padding, dilation)]
+        + [*_axis_tap_range(p, kw, stride, padding, dilation)]
+        for p in range(stride)
+    ]
+    return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -723,13 +849,19 @@ def _input_precision(dtype: torch.dtype) -> str:
 @dataclass
 class Prologue:
     """The BatchNorm and activation applied to a convolution's input as it is loaded:
-    per-channel mean and the scale and shift of ``(x - mean) * scale + shift`` (float32), then
-    ``activation`` (one of fastres.activation.ACTIVATIONS)."""
+    per-channel mean and the scale and shift of ``(x - mean) * scale + shift`` ((C_in,)
+    float32, any 1-D stride: made dense here, as the kernels read them), then ``activation``
+    (one of fastres.activation.ACTIVATIONS)."""
 
     mean: Tensor
     scale: Tensor
     shift: Tensor
     activation: str
+
+    def __post_init__(self) -> None:
+        self.mean = dense_channels(self.mean)
+        self.scale = dense_channels(self.scale)
+        self.shift = dense_channels(self.shift)
 
 
 def _scratch(device: torch.device) -> Tensor:
@@ -777,6 +909,7 @@ def conv_forward(
     )
     w, w_strides = _weight_args(weight)
     mean, scale, shift = _prologue_args(prologue, x)
+    bias = dense_channels(bias)
     M = g.N * g.OH * g.OW
     partials = None
     if stats:
@@ -823,7 +956,10 @@ def finalize_stats(
 ) -> tuple[Tensor, Tensor, Prologue]:
     """Merges per-tile statistics into the batch mean and biased variance per channel, and the
     prologue that applies this BatchNorm (with ``weight``, ``bias``, ``eps``) and then
-    ``activation``."""
+    ``activation``. partials: (3, rows, C) float32 (see :func:`conv_forward`); weight and bias
+    (C,), any 1-D stride."""
+    partials = dense_rows(partials)
+    weight, bias = dense_channels(weight), dense_channels(bias)
     channels = partials.shape[2]
     mean, var, scale, shift = (
         torch.empty(channels, dtype=torch.float32, device=partials.device) for _ in range(4)
@@ -859,7 +995,8 @@ def prologue_from_stats(
     activation: str,
 ) -> Prologue:
     """The prologue of a BatchNorm with known statistics (eval: the running ones) followed by
-    ``activation``."""
+    ``activation``; every vector (C,), any 1-D stride."""
+    var, weight, bias = dense_channels(var), dense_channels(weight), dense_channels(bias)
     channels = mean.shape[0]
     scale, shift = (
         torch.empty(channels, dtype=torch.float32, device=mean.device) for _ in range(2)
@@ -918,7 +1055,7 @@ def conv_input_grad(
         sums = _tile_rows(2, rows, g.C_IN, _conv_input_grad_kernel, grad_out.device, phases)
     if rows == 0:
         return grad_x, sums.zero_() if sums is not None else None
-    taps, tap_counts = _phase_taps(g.STRIDE, g.PADDING, g.DILATION, g.KH, g.KW, grad_out.device)
+    tap_ranges = _phase_tap_ranges(g.STRIDE, g.PADDING, g.DILATION, g.KH, g.KW, grad_out.device)
     launched: dict = {}
     _launch(
         _conv_input_grad_kernel,
@@ -931,9 +1068,9 @@ def conv_input_grad(
         scale,
         shift,
         *(sums.unbind(0) if sums is not None else [_scratch(grad_out.device)] * 2),
-        taps,
-        tap_counts,
+        tap_ranges,
         **g.args(g.N * g.H * g.W),
+        TAP_STEP=_tap_step(g.STRIDE, g.DILATION),
         PHASE_H=phase_h,
         PHASE_W=phase_w,
         **w_strides,
@@ -1011,8 +1148,18 @@ def conv_weight_grad(
 
 
 def _as_layout_of(weight: Tensor, grad: Tensor) -> Tensor:
-    """``grad`` in ``weight``'s dtype and strides (what the op's fake kernel promises): no copy
-    for a float32 weight in channels_last (or 1x1), one conversion otherwise."""
-    if grad.dtype == weight.dtype and grad.stride() == weight.stride():
-        return grad
+    """``grad`` (weight's shape, float32, dense) in ``weight``'s dtype and strides (what the
+    op's fake kernel promises): a view when the memory layouts are the same (a float32 weight
+    in channels_last, or a 1x1 one, NCHW included), one conversion otherwise."""
+    if grad.dtype == weight.dtype and _same_memory_layout(grad, weight):
+        return grad.as_strided(weight.shape, weight.stride())
     return torch.empty_like(weight).copy_(grad)
+
+
+def _same_memory_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b (same shape) put each element at the same offset: their strides agree
+    on every dimension of more than one element (the stride of a size-1 dimension is never
+    used: torch gives a 1x1 weight (C_in, 1, 1, 1) in NCHW, (C_in, 1, C_in, C_in) here)."""
+    return all(
+        size <= 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+    )
