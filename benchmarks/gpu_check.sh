@@ -18,12 +18,16 @@
 #                eager (GB/s against the copy bandwidth of the same run)       box  60 s
 #   6 profile    benchmarks/profile_step.py: a first-stage bottleneck's training step on the
 #                triton backend, device time per kernel (the finalize share)   box  30 s
+#   7 finalize   benchmarks/finalize_share.py: the BatchNorm finalize kernels alone at every
+#                ResNet-50 shape, batch 256, as a share of the headline's triton step, beside
+#                an estimate by arithmetic (1.5-4%)                            box  30 s
 #                then torch.compile's headline, only if time remains          the rest
 # Budget: GPU_CHECK_SECONDS (default 480). Workers: GPU_CHECK_WORKERS (default 16).
 #
 # OUT gets at most 8 files, none in a sub-folder: summary.md (written last, from the others),
 # gpu_check.log (every phase's output, each capped), tests.xml (JUnit), resnet50_cuda_bf16_*.csv
-# (fastres.bench, one per run), layers.csv and profile.csv.
+# (fastres.bench, one per run), layers.csv and profile.csv. The finalize phase's table is in the
+# log and the summary (its CSV, .finalize.csv, is removed with .phases: 8 files already).
 #
 # --dry-run (no GPU needed; CI runs it through tests/test_gpu_check.py): prints the plan, then
 # runs each phase in the form that needs no GPU: the build is checked rather than redone, the
@@ -132,22 +136,27 @@ else
     --csv "$out/resnet50_cuda_bf16_triton.csv"
 fi
 
-# 5, 6. Per-layer table, the profiled step (and torch.compile, which only fits a warm machine)
+# 5, 6, 7. Per-layer table, the profiled step, the finalize kernels alone (and torch.compile,
+# which only fits a warm machine)
 if [ $dry_run = 1 ]; then
   run_phase layers 60 "$python" benchmarks/layer_table.py --device cpu --batch-size 2 \
     --scale 8 --rounds 2 --csv "$out/layers.csv"
   run_phase profile 60 "$python" benchmarks/profile_step.py --device cpu --side 4 --steps 1 \
     --csv "$out/profile.csv"
+  run_phase finalize 60 "$python" benchmarks/finalize_share.py --device cpu --rounds 2 \
+    --csv "$out/.finalize.csv"
 else
   run_phase layers 60 "$python" benchmarks/layer_table.py --device cuda --csv "$out/layers.csv"
   run_phase profile 30 "$python" benchmarks/profile_step.py --device cuda \
     --csv "$out/profile.csv"
+  run_phase finalize 30 "$python" benchmarks/finalize_share.py --device cuda \
+    --csv "$out/.finalize.csv"
   run_phase "headline compile" 600 "${headline[@]}" --backend cuda --compile --rounds 5 \
     --csv "$out/resnet50_cuda_bf16_compile.csv"
 fi
 
 "$python" benchmarks/gpu_check_summary.py "$out" $([ $dry_run = 1 ] && echo --dry-run) \
   || echo "summary failed; see $log"
-rm -f "$phases"
+rm -f "$phases" "$out/.finalize.csv"
 echo "gpu_check done in $(elapsed) s; results in $out"
 ! grep -qE "\| (failed|timed out)" "$out/summary.md" 2>/dev/null

@@ -3,8 +3,9 @@
 Usage: python benchmarks/gpu_check_summary.py OUT [--dry-run]
 
 Reads OUT/.phases (name|status|seconds per phase), tests.xml (JUnit), the compute-sanitizer
-summaries in gpu_check.log, every resnet50_*.csv (fastres.bench), layers.csv and profile.csv. A
-file a phase did not get to write is reported as missing, never invented.
+summaries in gpu_check.log, every resnet50_*.csv (fastres.bench), layers.csv, profile.csv and
+OUT/.finalize.csv (benchmarks/finalize_share.py). A file a phase did not get to write is reported
+as missing, never invented.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import glob
 import os
 import re
 import xml.etree.ElementTree as ElementTree
+
+from finalize_share import ESTIMATE, TILE_ROWS
 
 from fastres.bench import row_speedup_text, speedup_text
 
@@ -169,6 +172,66 @@ def profile_lines(out: str, top: int = 10) -> list[str]:
     return lines
 
 
+def _triton_step_us(out: str, batch_size: int) -> tuple[float, str] | None:
+    """Microseconds per fastres[triton] training step at ``batch_size`` in the headline
+    phase's CSVs, and the run's file name; None when no such row was measured."""
+    for path in sorted(glob.glob(os.path.join(out, "resnet50_*.csv"))):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if (
+                    "triton" in row.get("config", "")
+                    and row.get("train_img_s")
+                    and int(row.get("batch_size") or 0) == batch_size
+                ):
+                    return 1e6 * batch_size / float(row["train_img_s"]), os.path.basename(path)
+    return None
+
+
+def finalize_lines(out: str) -> list[str]:
+    """The BatchNorm finalize kernels' time per ResNet-50 training step, measured alone
+    (finalize_share.py), as a share of the triton training step the headline phase measured,
+    beside the arithmetic estimate that the measurement confirms or refutes."""
+    path = os.path.join(out, ".finalize.csv")
+    if not os.path.exists(path):
+        return [
+            ".finalize.csv missing: the finalize phase wrote nothing.",
+            f"Estimate: {ESTIMATE}.",
+        ]
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return [".finalize.csv is empty.", f"Estimate: {ESTIMATE}."]
+    batch = int(rows[0]["batch_size"])
+    totals = {
+        tile: sum(float(r["us_per_step"]) for r in rows if int(r["tile_rows"]) == tile)
+        for tile in TILE_ROWS
+    }
+    scale = int(rows[0]["scale"])
+    sizes = "ResNet-50's sizes" if scale == 1 else f"ResNet-50's sizes / {scale}"
+    lines = [
+        f"Stats and gradient finalize kernels alone, {sizes}, batch {batch}, on "
+        f"{rows[0]['device']}: "
+        + ", ".join(
+            f"{totals[tile]:.0f} us per training step with {tile}-row tiles" for tile in TILE_ROWS
+        )
+        + ".",
+    ]
+    step = _triton_step_us(out, batch)
+    if step is None:
+        lines.append(
+            f"No fastres[triton] training step at batch {batch} in the headline CSVs: no share."
+        )
+    else:
+        step_us, source = step
+        shares = " to ".join(f"{100 * totals[tile] / step_us:.1f}%" for tile in TILE_ROWS)
+        lines.append(
+            f"Share of the fastres[triton] training step ({step_us / 1e3:.1f} ms, {source}): "
+            f"{shares} (tiles of {' to '.join(map(str, TILE_ROWS))} rows)."
+        )
+    lines.append(f"Estimate: {ESTIMATE}.")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
@@ -185,6 +248,7 @@ def main() -> None:
         ["## ResNet-50 headline", *headline_lines(args.out)],
         ["## Layers", *layer_lines(args.out)],
         ["## Profiled training step", *profile_lines(args.out)],
+        ["## BatchNorm finalize kernels (Triton chain)", *finalize_lines(args.out)],
     ]
     text = "\n\n".join("\n".join(section) for section in sections) + "\n"
     with open(os.path.join(args.out, "summary.md"), "w") as f:
