@@ -3,17 +3,24 @@
 Builds the sdist, checks that it carries every file the build reads, builds a wheel from it in a
 folder outside the checkout (CPU kernels only, to keep CI short; the CUDA build from an sdist is
 the same setup.py path with FASTRES_CUDA=1), installs the wheel into a folder of its own and runs
-a smoke test from yet another folder. Also: a build with isolation stops with the explanation.
+a smoke test from yet another folder; checks that the wheel declares every third-party package
+``import fastres`` imports. Also: a build with isolation stops with the explanation.
 """
 
+import email.parser
+import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import textwrap
+import zipfile
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,9 +96,10 @@ def test_sdist_carries_every_source_the_build_reads(sdist):
     assert not shipped_build_output
 
 
-def test_wheel_from_the_sdist_installs_and_runs(sdist, tmp_path):
-    wheels, site, elsewhere = (tmp_path / name for name in ("wheels", "site", "elsewhere"))
-    elsewhere.mkdir()
+@pytest.fixture(scope="module")
+def wheel(sdist, tmp_path_factory):
+    """A wheel built from the sdist in a folder outside the checkout, CPU kernels only."""
+    wheels, elsewhere = tmp_path_factory.mktemp("wheels"), tmp_path_factory.mktemp("elsewhere")
     build = _run(
         [
             sys.executable,
@@ -108,7 +116,12 @@ def test_wheel_from_the_sdist_installs_and_runs(sdist, tmp_path):
         env={"FASTRES_CUDA": "0", "MAX_JOBS": "2"},
     )
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    (wheel,) = wheels.glob("fastres-*.whl")
+    (path,) = wheels.glob("fastres-*.whl")
+    return path
+
+
+def _install(wheel, site, cwd) -> None:
+    """The wheel, without its dependencies, into a folder of its own (for PYTHONPATH)."""
     install = _run(
         [
             sys.executable,
@@ -121,9 +134,15 @@ def test_wheel_from_the_sdist_installs_and_runs(sdist, tmp_path):
             str(site),
             str(wheel),
         ],
-        cwd=elsewhere,
+        cwd=cwd,
     )
     assert install.returncode == 0, install.stdout + install.stderr
+
+
+def test_wheel_from_the_sdist_installs_and_runs(wheel, tmp_path):
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _install(wheel, site, elsewhere)
     smoke = _run(
         [sys.executable, "-c", SMOKE, str(site)], cwd=elsewhere, env={"PYTHONPATH": str(site)}
     )
@@ -142,6 +161,66 @@ def test_wheel_from_the_sdist_installs_and_runs(sdist, tmp_path):
     assert other.returncode == 0, other.stderr
     assert "built against torch 2.9.0+cu126" in other.stderr and "is loaded" in other.stderr
     assert "'available': False" in other.stdout and "--no-build-isolation" in other.stdout
+
+
+# Prints the distributions of the third-party modules that ``import fastres`` imports, beyond
+# those ``import torch`` imports (torch is declared: what it imports is its own dependencies').
+IMPORTED_DISTRIBUTIONS = textwrap.dedent("""
+    import importlib.metadata, json, sys
+    import torch
+    before = set(sys.modules)
+    import fastres
+    tops = {name.partition(".")[0] for name in set(sys.modules) - before}
+    owners = importlib.metadata.packages_distributions()
+    print(json.dumps(sorted({d for top in tops for d in owners.get(top, ()) if d != "fastres"})))
+""")
+
+
+def _requires_dist(wheel) -> list[Requirement]:
+    """The wheel's Requires-Dist that hold in this environment, optional extras left out."""
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = email.parser.Parser().parsestr(archive.read(name).decode())
+    requirements = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def _installed_with(requirements: list[Requirement]) -> set[str]:
+    """The distributions installing ``requirements`` installs: them and, transitively, theirs
+    (as installed here, markers evaluated here)."""
+    found: set[str] = set()
+    pending = [r.name for r in requirements]
+    while pending:
+        name = canonicalize_name(pending.pop())
+        if name in found:
+            continue
+        found.add(name)
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return found
+
+
+def test_the_wheel_declares_every_package_import_fastres_needs(wheel, tmp_path):
+    """Every third-party distribution whose modules ``import fastres`` imports is declared by
+    the wheel, or installed by one it declares; otherwise installing the wheel into an
+    environment without it gives a fastres that fails at import."""
+    site = tmp_path / "site"
+    _install(wheel, site, tmp_path)
+    imported = _run(
+        [sys.executable, "-c", IMPORTED_DISTRIBUTIONS],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site)},
+    )
+    assert imported.returncode == 0, imported.stderr
+    distributions = {canonicalize_name(d) for d in json.loads(imported.stdout.splitlines()[-1])}
+    requirements = _requires_dist(wheel)
+    undeclared = sorted(distributions - _installed_with(requirements))
+    assert not undeclared, (
+        f"import fastres imports {undeclared}, which the wheel's Requires-Dist "
+        f"({[str(r) for r in requirements]}) neither names nor installs"
+    )
 
 
 def test_an_isolated_build_stops_and_says_to_use_no_build_isolation(tmp_path):
