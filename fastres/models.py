@@ -37,12 +37,12 @@ __all__ = [
 
 logger = logging.getLogger("fastres")
 
+# What the builders retype (convert() asks the adapters, torchvision's included).
 _FAST_OF: dict[type[nn.Module], type[nn.Module]] = {
     Bottleneck: FastBottleneck,
     BasicBlock: FastBasicBlock,
     ResNet: FastResNet,
 }
-_TORCHVISION_OF = {fast: plain for plain, fast in _FAST_OF.items()}
 
 
 @dataclass
@@ -117,15 +117,16 @@ def convert(
     ``Bottleneck`` and ``BasicBlock``, Hugging Face transformers' ``ResNetBottleNeckLayer`` and
     ``ResNetBasicLayer`` (and its stem, ``ResNetEmbeddings``), and Ultralytics' ``ResNetBlock``
     (and its stem ``ResNetLayer``), when those libraries are installed (fastres/adapters/); the
-    stems fold in eval like torchvision's. A block with a
-    layer the fused ops do not reproduce (timm's squeeze-excitation, stochastic depth,
-    anti-aliasing; another activation or norm) is left alone, with the reason in the report that
-    is logged. A torchvision ``ResNet`` itself becomes a :class:`fastres.modules.FastResNet`, whose
-    stem convolution is folded in eval like the blocks'. Every parameter and buffer is kept as the
-    same tensor (bit for bit), with its device, dtype, memory format and requires_grad, and each
-    module keeps its training mode. A subclass of torchvision's blocks or ResNet is left alone
-    (its computation is not known to be the original's). The outcome is logged on the
-    ``fastres`` logger, and a warning says so when nothing was converted.
+    stems fold in eval like torchvision's. A block or stem with a layer the fused ops do not
+    reproduce (timm's squeeze-excitation or anti-aliasing; the FrozenBatchNorm2d of
+    torchvision's detection backbones; another activation or norm, in any library's blocks) is
+    left alone, with the reason in the report that is logged. A torchvision ``ResNet`` itself
+    becomes a :class:`fastres.modules.FastResNet`, whose stem convolution is folded in eval like
+    the blocks'. Every parameter and buffer is kept as the same tensor (bit for bit), with its
+    device, dtype, memory format and requires_grad, and each module keeps its training mode. A
+    subclass of torchvision's blocks or ResNet is left alone (its computation is not known to be
+    the original's). The outcome is logged on the ``fastres`` logger, and a warning says so when
+    nothing was converted.
 
     Args:
         model: any module.
@@ -150,17 +151,15 @@ def convert(
     library_adapters = adapters()
 
     def pick(module: nn.Module, name: str):
-        if type(module) in _FAST_OF:
-            return _FAST_OF[type(module)], ""
-        for plain, fast in _FAST_OF.items():
-            if isinstance(module, plain) and not isinstance(module, fast):
-                return None, f"{type(module).__name__} subclasses torchvision's {plain.__name__}"
         for adapter in library_adapters:
             if type(module) in adapter.fast_classes:
                 why_not = adapter.left_alone(module)
                 if why_not is None:  # not a candidate (see LibraryAdapter.left_alone)
                     return None, ""
                 return (None, why_not) if why_not else (adapter.fast_classes[type(module)], "")
+        for plain, fast in _FAST_OF.items():
+            if isinstance(module, plain) and not isinstance(module, fast):
+                return None, f"{type(module).__name__} subclasses torchvision's {plain.__name__}"
         return None, ""
 
     def configure(block: nn.Module) -> None:
@@ -187,7 +186,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
 
-    originals = dict(_TORCHVISION_OF)
+    originals: dict[type[nn.Module], type[nn.Module]] = {}
     for adapter in adapters():
         originals.update({fast: plain for plain, fast in adapter.fast_classes.items()})
 

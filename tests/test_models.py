@@ -9,7 +9,10 @@ import torch.nn.functional as F
 import torchvision
 from op_log import OpLog
 from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, ResNet50_Weights
+from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, FastResNet
@@ -200,6 +203,41 @@ def test_convert_finds_nested_backbones_and_reports(caplog):
     assert type(converted.extra) is CustomBlock
     assert "converted 16 block(s)" in caplog.text
     assert "extra: CustomBlock subclasses torchvision's BasicBlock" in caplog.text
+
+
+def test_blocks_with_frozen_batch_norm_are_left_alone_with_the_reason():
+    """torchvision's detection backbones use FrozenBatchNorm2d, which the fused ops do not
+    reproduce: their blocks keep torchvision's classes, reported as left alone with the
+    reason, as timm's and transformers' adapters do; revert() then finds nothing either."""
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None)
+    model = FasterRCNN(backbone, num_classes=3)
+    classes = [type(m) for m in model.modules()]
+    with pytest.warns(UserWarning, match="no block to convert") as warned:
+        converted = fastres.convert(model)
+    assert [type(m) for m in converted.modules()] == classes
+    message = str(warned[0].message)
+    assert "converted 0 block(s)" in message and "left 16 alone" in message, message
+    assert "backbone.body.layer1.0: FrozenBatchNorm2d is not an nn.BatchNorm2d" in message
+    with pytest.warns(UserWarning, match="no block to revert"):
+        reverted = fastres.revert(converted)
+    assert [type(m) for m in reverted.modules()] == classes
+
+
+def test_convert_and_revert_round_trip_a_model_with_blocks_left_alone(caplog):
+    """Blocks (and a ResNet stem) with FrozenBatchNorm2d are left alone beside converted ones;
+    the log says which and why, and revert() restores every class."""
+    model = nn.Sequential(
+        torchvision.models.resnet18(), torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    )
+    classes = [type(m) for m in model.modules()]
+    with caplog.at_level(logging.INFO, logger="fastres"):
+        converted = fastres.convert(model)
+    assert len(_blocks(converted, (FastBasicBlock,))) == 8
+    assert type(converted[1]) is ResNet and type(converted[1].layer1[0]) is BasicBlock
+    assert "converted 8 block(s), 1 ResNet stem(s); left 9 alone" in caplog.text
+    assert "1: FrozenBatchNorm2d is not an nn.BatchNorm2d" in caplog.text
+    assert "1.layer4.1: FrozenBatchNorm2d is not an nn.BatchNorm2d" in caplog.text
+    assert [type(m) for m in fastres.revert(converted).modules()] == classes
 
 
 def test_convert_without_blocks_returns_the_model_and_says_so():

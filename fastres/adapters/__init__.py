@@ -1,10 +1,11 @@
 """Adapters: one library's residual blocks as the canonical description plans work on
 (:class:`fastres.plans.description.ResidualBlock`), one file per library.
 
-torchvision's adapter is always there (fastres/adapters/torchvision.py; its fast blocks are
-:class:`fastres.FastBottleneck` and :class:`fastres.FastBasicBlock`). The others are registered
-only when their library imports: ``import fastres`` needs none of them, and :func:`adapters`
-imports each library once, when a model is first converted or reverted.
+torchvision's adapter is always there, first (fastres/adapters/torchvision.py; its fast blocks
+are :class:`fastres.FastBottleneck` and :class:`fastres.FastBasicBlock`). The others are
+registered only when their library imports: ``import fastres`` needs none of them, and
+:func:`adapters` imports each library once, when a model is first converted or reverted. Every
+library's blocks go through the same interface: converted, or left alone with the reason.
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ _LOADED: list[LibraryAdapter] | None = None
 
 
 def adapters() -> list[LibraryAdapter]:
-    """The adapters whose library imports here (each tried once)."""
+    """torchvision's adapter, then those of the other libraries that import here (each tried
+    once)."""
     global _LOADED
     if _LOADED is None:
-        loaded = []
+        from fastres.adapters import torchvision
+
+        loaded = [torchvision.adapter()]
         for name in _OPTIONAL:
             try:
                 loaded.append(importlib.import_module(name).ADAPTER)
