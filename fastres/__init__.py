@@ -8,6 +8,8 @@
 * :func:`fold_bn`: a convolution's weight and bias with an eval-mode BatchNorm folded in;
 * :mod:`fastres.ops`: the fused ops (``bn_act``, ``bn_act_conv2d``, ``sync_bn_act``,
   ``sync_bn_act_conv2d``);
+* :class:`BlockInputError`: a fast block's input has the wrong shape (a RuntimeError and a
+  ValueError);
 * :func:`info`: which kernel backends were built and which can run here.
 """
 
@@ -30,6 +32,7 @@ from fastres.models import (
     wide_resnet101_2,
 )
 from fastres.modules import (
+    BlockInputError,
     FastBasicBlock,
     FastBlockMixin,
     FastBottleneck,
@@ -47,6 +50,7 @@ def info() -> dict:
 
 
 __all__ = [
+    "BlockInputError",
     "FastBasicBlock",
     "FastBlockMixin",
     "FastBottleneck",

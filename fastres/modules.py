@@ -40,6 +40,7 @@ from fastres.plans.folded_eval import (
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
+    "BlockInputError",
     "FastBasicBlock",
     "FastBlockMixin",
     "FastBottleneck",
@@ -50,19 +51,45 @@ __all__ = [
 ]
 
 
+class BlockInputError(RuntimeError, ValueError):
+    """A fast block's input has the wrong shape (not 4-D, or not the block's input channels).
+
+    A RuntimeError, as the library's block raises from its convolution for the same input, so
+    that code catching that keeps working after :func:`fastres.convert`; and a ValueError, as
+    fastres raised before."""
+
+
 def _check_block_input(x: Tensor, conv: nn.Module, block: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{block}: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(
+        raise BlockInputError(
             f"{block}: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D with "
             f"shape {tuple(x.shape)}"
         )
-    if x.shape[1] != conv.in_channels:
-        raise ValueError(
+    # While tracing, a size is a traced value and comparing it warns, for every block, that the
+    # trace may not generalise; the library's convolution checks the channels there.
+    if not torch.jit.is_tracing() and x.shape[1] != conv.in_channels:
+        raise BlockInputError(
             f"{block}: x must have {conv.in_channels} channels (the block's "
             f"inplanes), got {x.shape[1]}"
         )
+
+
+def _scripting_refused(module: nn.Module) -> RuntimeError:
+    """The error ``torch.jit.script`` meets in a fast module's ``__prepare_scriptable__``.
+
+    TorchScript cannot compile the forward (it chooses a plan in Python), and returning the
+    library's module from ``__prepare_scriptable__`` instead is no way out: torch.jit.script
+    writes what that returns into the parent's ``_modules``, which would retype the caller's
+    model."""
+    return RuntimeError(
+        f"fastres: torch.jit.script cannot compile {type(module).__name__} (its forward chooses "
+        "among fused ops in Python); the model is left as it was. Script the model that "
+        "fastres.revert() returns (the library's own modules, on the same tensors), or trace or "
+        "export this one (torch.jit.trace, torch.export.export, torch.onnx.export), which "
+        "records the library's forward."
+    )
 
 
 class FastBlockMixin(nn.Module):
@@ -110,6 +137,9 @@ class FastBlockMixin(nn.Module):
     def train(self, mode: bool = True):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them
         return super().train(mode)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise _scripting_refused(self)
 
 
 class FastBottleneck(FastBlockMixin, Bottleneck):
@@ -223,6 +253,9 @@ class FastResNet(ResNet):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them
         return super().train(mode)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise _scripting_refused(self)
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
@@ -250,3 +283,6 @@ class FastStemMixin(nn.Module):
     def train(self, mode: bool = True):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them
         return super().train(mode)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise _scripting_refused(self)

@@ -65,6 +65,7 @@ MODELS = {
     "hf-resnet-18": (lambda: _hf("basic"), FastResNetBasicLayer, 8),
     "ultralytics-yolov8-cls-resnet50": (_ultralytics, FastResNetBlock, 16),
 }
+ULTRALYTICS = ["ultralytics-yolov8-cls-resnet50"]
 # Each model's test marks: Ultralytics' may skip on the GPU machine (see needs_ultralytics).
 _MARKS = {"ultralytics-yolov8-cls-resnet50": [needs_ultralytics]}
 
@@ -220,6 +221,27 @@ def test_a_converted_block_rejects_bad_input_clearly():
         block(torch.randn(2, 32, 8, 8))
     with pytest.raises(ValueError, match="4-D"):
         block(torch.randn(2, 64, 8))
+
+
+@pytest.mark.parametrize("name", _params(["timm-resnet18", "hf-resnet-18", *ULTRALYTICS]))
+def test_wrong_channels_raise_what_runtime_error_and_value_error_both_catch(name):
+    """The library's block raises RuntimeError (from conv2d) for an input with the wrong channel
+    count; the fast block's clearer error is caught by ``except RuntimeError`` as that one is,
+    and by ``except ValueError`` as before."""
+    build, fast_class, _ = MODELS[name]
+    fast = fastres.convert(build())
+    block = next(m for m in fast.modules() if type(m) is fast_class)
+    library = fastres.revert(block)
+    channels = block._describe().stages[0].conv.in_channels
+    x = torch.randn(2, channels // 2, 8, 8)
+    with pytest.raises(RuntimeError):
+        library(x)
+    for caught in (RuntimeError, ValueError):
+        with pytest.raises(
+            caught, match=f"{fast_class.__name__}: x must have {channels} chan"
+        ) as error:
+            block(x)
+        assert error.type is fastres.BlockInputError
 
 
 def test_sync_bn_conversion_retypes_the_libraries_batch_norms_too():

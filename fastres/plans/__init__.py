@@ -7,8 +7,9 @@ A block's forward runs the first plan of :data:`PLANS` that applies:
 ========================  =====================================================================
 plan                      applies when
 ========================  =====================================================================
-reference                 backend ``torch``, or a layer the fused ops do not reproduce
-folded eval               eval, no gradients needed, not tracing, a backend that folds the dtype
+reference                 backend ``torch``, a layer the fused ops do not reproduce, or while
+                          tracing or exporting (:func:`tracing_or_exporting`)
+folded eval               eval, no gradients needed, not compiling, a backend that folds the dtype
 triton convolution chain  backend ``triton``, float32/16/bf16, plain BatchNorms, uniform convs
 fused ops                 everything else (any backend; synchronized BatchNorm in training)
 ========================  =====================================================================
@@ -21,12 +22,13 @@ from typing import Protocol
 from torch import Tensor
 
 from fastres.plans.description import ResidualBlock, Stage
+from fastres.plans.exporting import tracing_or_exporting
 from fastres.plans.folded_eval import FoldedEvalPlan
 from fastres.plans.fused_ops import FusedOpsPlan
 from fastres.plans.reference import ReferencePlan
 from fastres.plans.triton_chain import TritonChainPlan
 
-__all__ = ["PLANS", "Plan", "ResidualBlock", "Stage", "plan_for"]
+__all__ = ["PLANS", "Plan", "ResidualBlock", "Stage", "plan_for", "tracing_or_exporting"]
 
 
 class Plan(Protocol):

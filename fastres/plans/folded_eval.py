@@ -19,6 +19,7 @@ from fastres.activation import ACTIVATIONS
 from fastres.backends import resolve_backend
 from fastres.folding import FoldedBlock, folding_kind
 from fastres.plans.description import ResidualBlock, Stage
+from fastres.plans.exporting import tracing_or_exporting
 
 __all__ = [
     "FOLDED",
@@ -75,8 +76,9 @@ def stage_folding_backend(module: nn.Module, stage: Stage, x: object, backend: s
     """The backend on which a lone stage (a stem's convolution, BatchNorm and activation, held
     by ``module``) runs folded for input ``x``, or None to run the library's own forward: for a
     (N, C, H, W) tensor with the convolution's channels (anything else gets the library's own
-    errors), a stage the fused ops reproduce, in eval, where :func:`foldable` allows."""
-    if not (
+    errors), a stage the fused ops reproduce, in eval, where :func:`foldable` allows, and not
+    while the model is traced or exported (its trace must hold the library's ops)."""
+    if tracing_or_exporting() or not (
         isinstance(x, Tensor)
         and x.dim() == 4
         and x.shape[1] == getattr(stage.conv, "in_channels", None)

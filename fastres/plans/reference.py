@@ -1,7 +1,9 @@
 """Plan: the block's own forward (its library's), the reference computation.
 
-It runs on the ``torch`` backend, and for any block the fused ops cannot reproduce (another
-norm layer or activation, a convolution with a bias, ...): never a wrong answer.
+It runs on the ``torch`` backend, for any block the fused ops cannot reproduce (another norm
+layer or activation, a convolution with a bias, ...): never a wrong answer; and while the model
+is traced or exported (fastres/plans/exporting.py), so that the trace or export holds the
+library's ATen ops, which every exporter and runtime knows.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fastres.plans.description import ResidualBlock
+from fastres.plans.exporting import tracing_or_exporting
 
 __all__ = ["ReferencePlan"]
 
@@ -17,7 +20,7 @@ class ReferencePlan:
     name = "reference"
 
     def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
-        return backend == "torch" or bool(block.fusion_issue())
+        return backend == "torch" or bool(block.fusion_issue()) or tracing_or_exporting()
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
         return block.reference(x)
