@@ -9,11 +9,13 @@ The fused ops compute batch statistics and normalise; what ``nn.BatchNorm2d.forw
   start`, never on reading a module;
 * the running-statistics update with the unbiased batch variance, skipped for an empty batch:
   :func:`update_running_stats`;
-* PyTorch's "more than 1 value per channel" error: :func:`require_more_than_one_value`.
+* PyTorch's "more than 1 value per channel" error: :func:`require_more_than_one_value`;
+* the dtypes the fused ops keep BatchNorm's tensors in: :func:`require_fused_dtypes`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BatchNormStep",
+    "require_fused_dtypes",
     "require_more_than_one_value",
     "update_running_stats",
     "values_per_channel",
@@ -46,6 +49,38 @@ def require_more_than_one_value(size: torch.Size, in_all: int | None = None) -> 
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size} on "
             f"this process and {in_all} value(s) per channel in all processes"
+        )
+
+
+def require_fused_dtypes(block: nn.Module, norms: Sequence[nn.Module], x: Tensor) -> None:
+    """Raises TypeError, naming the block, the BatchNorm and what to do, when a BatchNorm of
+    ``block`` keeps its parameters or statistics in a dtype the fused ops do not take for ``x``:
+    float32 for float32, float16 and bfloat16 activations (as ``torch.autocast`` leaves
+    BatchNorm), float64 for float64. A model cast with ``.half()`` or ``.to(torch.bfloat16)``
+    has them in that dtype."""
+    expected = torch.float64 if x.dtype == torch.float64 else torch.float32
+    names = {module: name for name, module in block.named_modules()}
+    for bn in norms:
+        tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        found = next((t.dtype for t in tensors if t is not None and t.dtype != expected), None)
+        if found is None:
+            continue
+        if x.device.type == "cpu" and x.dtype == torch.float16:
+            advice = (
+                "on CPU, reduced precision is bfloat16 (float16 has no fast CPU kernels): keep "
+                "the model in float32 and run it under torch.autocast('cpu', "
+                "dtype=torch.bfloat16)"
+            )
+        else:
+            advice = (
+                f"keep the model in {expected} and run it under "
+                f"torch.autocast({x.device.type!r}, dtype={x.dtype})"
+            )
+        raise TypeError(
+            f"{type(block).__name__}: BatchNorm {names.get(bn, '?')!r} holds {found} tensors, "
+            f"but fastres's fused ops keep BatchNorm's parameters and statistics in {expected} "
+            f"for {x.dtype} activations; {advice}, or call fastres.revert(model) to run the "
+            "library's own blocks"
         )
 
 

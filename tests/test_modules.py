@@ -188,21 +188,32 @@ def test_batch_norm_configurations_are_honoured(norm_name, norm_layer, training)
     ],
 )
 def test_other_norm_layers_run_the_reference_computation(norm_name, norm_layer):
+    """A fast block built with a norm layer the fused ops do not reproduce runs torchvision's
+    forward; convert() leaves such a torchvision block alone, saying why."""
     block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1), norm_layer)
-    fast = fastres.convert(block)
+    fast = _make(FastBottleneck, dict(inplanes=64, planes=16), (64, 64, 1), norm_layer)
+    fast.load_state_dict(block.state_dict())
     assert "is not an nn.BatchNorm2d" in fast.fusion_issue()
     x = torch.randn(2, 64, 6, 6)
     assert fast.plan_for(x).name == "reference"
     torch.testing.assert_close(fast(x), block(x), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="is not an nn.BatchNorm2d"):
+        assert type(fastres.convert(block)) is Bottleneck
 
 
 def test_other_activation_runs_the_reference_computation():
+    """As for other norm layers: a fast block given another activation runs torchvision's
+    forward; convert() leaves such a torchvision block alone."""
     block = _make(Bottleneck, dict(inplanes=64, planes=16), (64, 64, 1))
     block.relu = nn.GELU()
-    fast = fastres.convert(block)
+    fast = _make(FastBottleneck, dict(inplanes=64, planes=16), (64, 64, 1))
+    fast.relu = nn.GELU()
+    fast.load_state_dict(block.state_dict())
     assert fast.fusion_issue() == "the activation is GELU"
     x = torch.randn(2, 64, 6, 6)
     torch.testing.assert_close(fast(x), block(x), rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="the activation is GELU"):
+        assert type(fastres.convert(block)) is Bottleneck
 
 
 def test_a_silu_block_trains_fused_and_matches_torchvision():
@@ -288,6 +299,39 @@ def test_bad_input_names_the_problem(block_cls):
         block(torch.randn(64, 4, 4))
     with pytest.raises(ValueError, match="backend must be one of"):
         block_cls(64, 64, backend="gpu")
+
+
+@pytest.mark.parametrize("library_cls", [Bottleneck, BasicBlock])
+def test_wrong_channels_raise_what_runtime_error_and_value_error_both_catch(library_cls):
+    """torchvision's block raises RuntimeError (from conv2d) for an input with the wrong channel
+    count; the fast block's clearer error is caught by ``except RuntimeError`` as that one is,
+    and by ``except ValueError`` as before."""
+    library = library_cls(64, 64 // library_cls.expansion)
+    fast = fastres.convert(library)
+    x = torch.randn(2, 32, 4, 4)
+    with pytest.raises(RuntimeError):
+        library(x)
+    for caught in (RuntimeError, ValueError):
+        with pytest.raises(
+            caught, match=f"{type(fast).__name__}: x must have 64 channels"
+        ) as error:
+            fast(x)
+        assert error.type is fastres.BlockInputError
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_to_half_precision_on_cpu_names_the_layer_and_the_way_out(training, dtype):
+    """``model.half()`` puts BatchNorm's tensors in float16, which the fused ops do not take:
+    the error names the block, the BatchNorm and what to run instead, and changes nothing."""
+    block = fastres.convert(BasicBlock(64, 64)).to(dtype)
+    block.train(training)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    advice = "bfloat16" if dtype == torch.float16 else "torch.autocast"
+    with pytest.raises(TypeError, match=rf"FastBasicBlock: BatchNorm 'bn1' .*{advice}.*revert"):
+        block(torch.randn(2, 64, 8, 8, dtype=dtype))
+    for name, value in block.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastres.batch_norm import BatchNormStep, values_per_channel
+from fastres.batch_norm import BatchNormStep, require_fused_dtypes, values_per_channel
 from fastres.ops.bn_act_conv import bn_act_conv2d
 from fastres.ops.sync_bn_act import sync_bn_act_conv2d
 from fastres.plans.description import ResidualBlock
@@ -101,6 +101,7 @@ class FusedOpsPlan:
         return True  # the last plan: any block the fused ops reproduce, on any fastres backend
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+        require_fused_dtypes(block.module, block.norms, x)
         first, *rest = block.stages
         out = first.conv(x)
         previous = first

@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from fastres._layout import memory_format_of
 from fastres.activation import ACTIVATIONS
-from fastres.batch_norm import BatchNormStep, require_more_than_one_value, values_per_channel
+from fastres.batch_norm import (
+    BatchNormStep,
+    require_fused_dtypes,
+    require_more_than_one_value,
+    values_per_channel,
+)
 from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_from_stats import bn_act_from_stats
 from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
@@ -86,6 +91,7 @@ class TritonChainPlan:
         )
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+        require_fused_dtypes(block.module, block.norms, x)
         compute_dtype = autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
             h, last = self._main_branch(block, x.to(compute_dtype))
