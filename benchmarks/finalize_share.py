@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 
 import torch
+from script_args import require_device, require_positive
 
 # ResNet-50's stages: (bottleneck width, blocks, output side at 224 px); the first block of every
 # stage but the first has its stride (2) on the 3x3 (ResNet v1.5).
@@ -51,17 +51,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--csv", required=True, help="where to write the table")
     args = parser.parse_args()
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible to torch")
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("--device cpu runs the Triton kernels interpreted: set TRITON_INTERPRET=1")
+    on_gpu = require_device(parser, args.device)
     args.batch_size = args.batch_size or (256 if on_gpu else 2)
     args.scale = args.scale or (1 if on_gpu else 16)
     args.repeat = args.repeat or (20 if on_gpu else 1)
-    for name in ("batch_size", "scale", "rounds", "repeat"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, "batch_size", "scale", "rounds", "repeat")
     return args
 
 

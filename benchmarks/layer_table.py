@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
+from script_args import require_device, require_positive
 
 from fastres.testing import RESNET50_BN_SHAPES, RESNET50_CONVOLUTIONS, conv_id
 
@@ -54,17 +54,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--csv", required=True, help="where to write the table")
     args = parser.parse_args()
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible to torch")
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("--device cpu runs the Triton kernels interpreted: set TRITON_INTERPRET=1")
+    on_gpu = require_device(parser, args.device)
     args.batch_size = args.batch_size or (256 if on_gpu else 2)
     args.dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     args.repeat = args.repeat or (20 if on_gpu else 1)
-    for name in ("batch_size", "scale", "rounds", "repeat"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, "batch_size", "scale", "rounds", "repeat")
     return args
 
 

@@ -21,6 +21,7 @@ import os
 from collections import defaultdict
 
 import torch
+from script_args import require_device, require_positive
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -33,16 +34,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=15, help="kernels to print")
     parser.add_argument("--csv", required=True, help="where to write the table")
     args = parser.parse_args()
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible to torch")
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("--device cpu runs the Triton kernels interpreted: set TRITON_INTERPRET=1")
+    on_gpu = require_device(parser, args.device)
     args.batch_size = args.batch_size or (256 if on_gpu else 2)
     args.side = args.side or (56 if on_gpu else 8)
-    for name in ("batch_size", "side", "steps", "top"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_positive(parser, args, "batch_size", "side", "steps", "top")
     return args
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "backend_device_params",
     "backend_params",
     "conv_id",
+    "randomise_batch_norms",
     "within_error_factor",
 ]
 
@@ -199,3 +200,21 @@ def backend_device_params(*names: str, triton_interpreter: bool = True) -> list[
             if triton_interpreter:
                 params.append(_param((name, "cpu"), f"{name}-interpreter", "triton_interpreter"))
     return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Models to compare
+
+
+def randomise_batch_norms(model: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial running statistics and affine parameters for every BatchNorm of ``model``, in
+    place, so that eval is not an identity and a folded BatchNorm differs from an unfolded one."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=generator) * 0.1)

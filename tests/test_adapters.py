@@ -24,7 +24,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 import fastres
 from fastres.adapters.timm import FastTimmBasicBlock, FastTimmBottleneck
 from fastres.adapters.transformers import FastResNetBasicLayer, FastResNetBottleNeckLayer
-from fastres.testing import assert_within_error_factor
+from fastres.testing import assert_within_error_factor, randomise_batch_norms
 
 if HAS_ULTRALYTICS:
     from ultralytics.nn.tasks import ClassificationModel
@@ -81,24 +81,11 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def _randomise_batch_norms(model: nn.Module) -> None:
-    """Non-trivial running statistics and affine parameters, so eval is not an identity."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(c, generator=generator) * 0.1)
-
-
 def _pair(name: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module, int]:
     build, fast_class, blocks = MODELS[name]
     torch.manual_seed(0)
     reference = build().to(dtype)
-    _randomise_batch_norms(reference)
+    randomise_batch_norms(reference)
     fast = fastres.convert(reference, backend="cpu")
     converted = [m for m in fast.modules() if type(m) is fast_class]
     assert len(converted) == blocks, f"{name}: {len(converted)} blocks converted"
@@ -188,7 +175,7 @@ def test_blocks_with_stochastic_depth_run_timms_forward_in_training_and_fuse_in_
     DropPath is an identity in eval: every block converts; those with one run timm's forward in
     training (same random draws: same results) and the fused ops in eval."""
     reference = timm.create_model("resnet18", pretrained=False, drop_path_rate=0.1).double()
-    _randomise_batch_norms(reference)
+    randomise_batch_norms(reference)
     fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
     blocks = [m for m in fast.modules() if type(m) is FastTimmBasicBlock]
     assert len(blocks) == 8
@@ -278,7 +265,7 @@ def test_ultralytics_blocks_run_silu_in_the_fused_ops_and_keep_their_state():
 def test_timm_blocks_with_silu_are_converted():
     """timm's act_layer="silu": the fused ops apply SiLU (no block left alone)."""
     reference = timm.create_model("resnet18", pretrained=False, act_layer="silu").double()
-    _randomise_batch_norms(reference)
+    randomise_batch_norms(reference)
     fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
     assert len([m for m in fast.modules() if type(m) is FastTimmBasicBlock]) == 8
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)

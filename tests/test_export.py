@@ -21,7 +21,7 @@ from torch import nn
 from transformers import ResNetConfig, ResNetModel
 
 import fastres
-from fastres.testing import assert_within_error_factor
+from fastres.testing import assert_within_error_factor, randomise_batch_norms
 
 # What torch says of its TorchScript tracer and compiler on every call, nothing of fastres.
 pytestmark = pytest.mark.filterwarnings(
@@ -29,25 +29,11 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-def _randomise_batch_norms(model: nn.Module) -> None:
-    """Non-trivial running statistics and affine parameters, so eval is not an identity and a
-    folded BatchNorm differs from an unfolded one."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(c, generator=generator) * 0.1)
-
-
 def _resnet18_pair(training: bool) -> tuple[nn.Module, nn.Module]:
     """(torchvision's resnet18, the same converted) in the given mode."""
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(num_classes=10)
-    _randomise_batch_norms(reference)
+    randomise_batch_norms(reference)
     reference.train(training)
     return reference, fastres.convert(reference, backend="cpu")
 
@@ -150,7 +136,7 @@ def test_a_transformers_model_traces_and_exports_with_its_stem_and_blocks():
     )
     torch.manual_seed(0)
     reference = ResNetModel(config).eval()
-    _randomise_batch_norms(reference)
+    randomise_batch_norms(reference)
     fast = fastres.convert(reference, backend="cpu")
     assert isinstance(fast.embedder, fastres.FastStemMixin)
     x = _images()
