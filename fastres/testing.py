@@ -212,9 +212,16 @@ def randomise_batch_norms(model: torch.nn.Module, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(c, generator=generator) * 0.1)
+            if not isinstance(module, torch.nn.BatchNorm2d):
+                continue
+            c = module.num_features
+            values = {
+                "running_mean": torch.randn(c, generator=generator) * 0.1,
+                "running_var": torch.rand(c, generator=generator) + 0.5,
+                "weight": torch.rand(c, generator=generator) + 0.5,
+                "bias": torch.randn(c, generator=generator) * 0.1,
+            }
+            for name, value in values.items():
+                tensor = getattr(module, name)
+                if tensor is not None:  # affine=False, track_running_stats=False
+                    tensor.copy_(value)
