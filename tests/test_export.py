@@ -150,3 +150,27 @@ def test_a_transformers_model_traces_and_exports_with_its_stem_and_blocks():
     with torch.no_grad():
         got = program.module()(x).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_torch_compile_keeps_the_fused_ops():
+    """torch.compile is no export: the compiled block runs fastres's ops, not the library's
+    forward. (torch 2.11's torch.compile folds torch.compiler.is_exporting() to True.)"""
+    from fastres.plans.exporting import tracing_or_exporting
+
+    torch._dynamo.reset()
+    decide = torch.compile(
+        lambda x: x + 1 if tracing_or_exporting() else x - 1, fullgraph=True, backend="eager"
+    )
+    assert decide(torch.zeros(1)).item() == -1.0
+
+    block = fastres.convert(torchvision.models.resnet.BasicBlock(8, 8)).train()
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.compile(block, fullgraph=True, backend=record)(torch.randn(2, 8, 4, 4))
+    targets = {str(node.target) for g in graphs for node in g.graph.nodes}
+    assert any("fastres" in t for t in targets), sorted(targets)
