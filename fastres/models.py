@@ -11,12 +11,13 @@ from typing import Any
 
 from torch import nn
 from torchvision import models as tv
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import ResNet
 
 from fastres.adapters import adapters
+from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name
 from fastres.module_tree import replace_modules, retyped
-from fastres.modules import FastBasicBlock, FastBottleneck, FastResNet, FastStemMixin
+from fastres.modules import FastStemMixin
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
@@ -37,12 +38,8 @@ __all__ = [
 
 logger = logging.getLogger("fastres")
 
-# What the builders retype (convert() asks the adapters, torchvision's included).
-_FAST_OF: dict[type[nn.Module], type[nn.Module]] = {
-    Bottleneck: FastBottleneck,
-    BasicBlock: FastBasicBlock,
-    ResNet: FastResNet,
-}
+# What the builders retype: torchvision's adapter's classes (convert() asks every adapter).
+_FAST_OF = torchvision_adapter.adapter().fast_classes
 
 
 @dataclass
