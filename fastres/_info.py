@@ -10,6 +10,7 @@ import platform
 import torch
 
 from fastres import backends
+from fastres.cpu_isa import bf16_inference_case, cpu_isa
 from fastres.folding import folding_description
 
 
@@ -21,10 +22,13 @@ def info() -> dict:
     were compiled for), ``"built_against"`` (the torch and CUDA versions the extension was
     compiled with; it loads only next to that torch), ``"commit"`` (fastres's commit at build
     time), ``"triton_interpreter"`` (``"off"``, or ``"on"`` with how it runs
-    run-time loop bounds: see fastres/triton/interpreter.py) and ``"backends"``:
+    run-time loop bounds: see fastres/triton/interpreter.py), ``"cpu_isa"`` (the instruction
+    sets that decide reduced-precision speed: AMX, AVX512_BF16, AVX-512, AVX2), ``"cpu_bf16"``
+    (which bfloat16 case applies to this CPU) and ``"backends"``:
     ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch,
     and ``"folded_eval"``: for each available compiled backend, what eval runs with BatchNorm
-    folded (fastres/folding.py), including any path this torch version makes it take.
+    folded (fastres/folding.py): the oneDNN kernel each dtype runs on CPU, and any path this
+    torch version makes it take.
     """
     from fastres import __version__
 
@@ -46,6 +50,8 @@ def info() -> dict:
         "built_against": f"torch {build['TORCH_VERSION']} (CUDA {build['TORCH_CUDA']})",
         "commit": build["COMMIT"],
         "triton_interpreter": _triton_interpreter(triton_version),
+        "cpu_isa": ", ".join(cpu_isa()) or "unknown",
+        "cpu_bf16": bf16_inference_case(),
         "backends": {name: status.as_dict() for name, status in backends.STATUS.items()},
         "folded_eval": {
             name: folding_description(name)

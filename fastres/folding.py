@@ -15,6 +15,10 @@ an in-place edit, ``.to()`` — is seen on the next call and the weights are fol
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import tempfile
+import threading
 from collections import OrderedDict
 from typing import cast
 
@@ -27,15 +31,20 @@ from fastres.activation import apply_activation
 __all__ = ["fold_bn"]
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fold_bn(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """The weight and bias of one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode.
 
     Args:
         conv: a ``Conv2d`` (with or without bias), weight ``(C_out, C_in / groups, kH, kW)``.
         bn: a ``BatchNorm2d`` over ``C_out`` channels with running statistics.
+        dtype: the dtype of the result; default conv's weight's. The folding itself runs in
+            float32 at least, so a bfloat16 or float16 model's weights are rounded once, at
+            the end.
 
     Returns:
-        ``(weight, bias)``: weight of conv's shape, dtype and memory format; bias ``(C_out,)``.
+        ``(weight, bias)``: weight of conv's shape and memory format; bias ``(C_out,)``.
         Differentiable with respect to the conv and BatchNorm parameters. Matches
         ``torch.nn.utils.fusion.fuse_conv_bn_weights``.
     """
@@ -49,16 +58,22 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
             f"fold_bn: bn has {bn.num_features} channels but conv has "
             f"{conv.out_channels} output channels"
         )
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    dtype = dtype or conv.weight.dtype
+    compute = torch.promote_types(conv.weight.dtype, torch.float32)
+
+    def wide(t: Tensor) -> Tensor:
+        return t.to(compute)
+
+    scale = torch.rsqrt(wide(bn.running_var) + bn.eps)
     if bn.weight is not None:
-        scale = bn.weight * scale
-    shift = -bn.running_mean * scale
+        scale = wide(bn.weight) * scale
+    shift = -wide(bn.running_mean) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias
+        shift = shift + wide(bn.bias)
     if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    weight = conv.weight * scale.to(conv.weight.dtype).reshape(-1, 1, 1, 1)
-    return weight, shift.to(conv.weight.dtype)
+        shift = shift + wide(conv.bias) * scale
+    weight = wide(conv.weight) * scale.reshape(-1, 1, 1, 1)
+    return weight.to(dtype), shift.to(dtype)
 
 
 # Input shapes each folded convolution keeps a prepacked weight for (see _Stage._packed_for).
@@ -76,11 +91,15 @@ class _Stage:
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, kind: str):
         self.conv, self.kind = conv, kind
+        # Folded in float32 at least (float64 for a float64 model), whatever the model's dtype;
+        # cast once per activation dtype by _in_dtype.
         with torch.no_grad():
-            self.weight, self.bias = fold_bn(conv, bn)
-        # oneDNN weights prepacked per input shape, the most recently used last.
-        self.packed: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+            wide = torch.promote_types(conv.weight.dtype, torch.float32)
+            self.weight, self.bias = fold_bn(conv, bn, dtype=wide)
+        # oneDNN weights prepacked per (input shape, dtype), the most recently used last.
+        self.packed: OrderedDict[tuple[tuple[int, ...], torch.dtype], Tensor] = OrderedDict()
         self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+        self._packing = threading.Lock()
 
     def run(
         self,
@@ -96,11 +115,11 @@ class _Stage:
         ``into_residual=True`` says ``residual`` is a buffer the network owns and no longer
         needs: on oneDNN the result is then accumulated into it (the in-place sum post-op) and
         it is returned, saving the allocation of a new output. Never pass a caller's tensor."""
+        weight, bias = self._in_dtype(x.dtype)
         if self.kind == "onednn":
             if into_residual and residual is not None and self._sums_in_place(x, residual):
-                return self._run_onednn_into(x, activation, residual)
-            return self._run_onednn(x, activation, residual)
-        weight, bias = self._in_dtype(x.dtype)
+                return self._run_onednn_into(x, bias, activation, residual)
+            return self._run_onednn(x, bias, activation, residual)
         c = self.conv
         if self.kind == "triton":
             from fastres.ops.conv2d_triton import conv2d_bias_act_triton
@@ -138,8 +157,8 @@ class _Stage:
         return apply_activation(out, activation)
 
     def _in_dtype(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The folded weight (channels_last) and bias in the activations' dtype (autocast runs
-        the convolutions in float16 / bfloat16), cast once."""
+        """The folded weight (channels_last) and bias in the activations' dtype (a bfloat16 or
+        float16 model, or autocast to one), cast once."""
         if dtype not in self._cast:
             self._cast[dtype] = (
                 self.weight.to(dtype).contiguous(memory_format=torch.channels_last),
@@ -153,24 +172,29 @@ class _Stage:
         return (list(padding), list(c.stride), list(c.dilation), c.groups)
 
     def _packed_for(self, x: Tensor) -> Tensor:
-        """The weight prepacked for oneDNN for x's shape. oneDNN picks the weight layout by
-        input shape, and a weight packed for another shape is reordered on every call
+        """The weight prepacked for oneDNN for x's shape and dtype (bfloat16 weights for
+        bfloat16 activations: oneDNN's AMX or AVX512_BF16 kernels). oneDNN picks the weight
+        layout by input shape, and a weight packed for another shape is reordered on every call
         (diagnostic medians, ResNet-50 on a 2-thread Xeon, the two models alternating: batch 1
         from weights packed for batch 16, 113 ms against 43 ms; batch 16 from batch 1's, 662
         ms against 568 ms; no spread taken). The last
         PACKED_SHAPES shapes keep theirs: each is a copy of the weight."""
-        shape = tuple(x.shape)
+        shape = (tuple(x.shape), x.dtype)
+        with self._packing:  # threads serving one model share this cache
+            return self._packed_locked(x, shape)
+
+    def _packed_locked(self, x: Tensor, shape: tuple[tuple[int, ...], torch.dtype]) -> Tensor:
         packed = self.packed.get(shape)
         if packed is None:
             padding, stride, dilation, groups = self._onednn_geometry()
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_convolution_weight(
-                    self.weight.contiguous(memory_format=torch.channels_last),
+                    self._in_dtype(x.dtype)[0],
                     padding,
                     stride,
                     dilation,
                     groups,
-                    list(shape),
+                    list(x.shape),
                 )
             if len(self.packed) == PACKED_SHAPES:
                 self.packed.popitem(last=False)
@@ -179,18 +203,20 @@ class _Stage:
         return packed
 
     def _sums_in_place(self, x: Tensor, residual: Tensor) -> bool:
-        """Whether oneDNN's in-place sum can write this residual: a float32 channels_last
-        buffer with a channels_last input (the folded stages' outputs are), not at a 1x1
+        """Whether oneDNN's in-place sum can write this residual: a channels_last buffer in
+        x's dtype with a channels_last input (the folded stages' outputs are), not at a 1x1
         output where this torch's binary op cannot take the packed weight (see
         onednn_binary_takes_packed_weight_at_1x1)."""
         return (
-            residual.dtype == torch.float32
+            residual.dtype == x.dtype
             and residual.is_contiguous(memory_format=torch.channels_last)
             and x.is_contiguous(memory_format=torch.channels_last)
             and (residual.shape[-2:] != (1, 1) or onednn_binary_takes_packed_weight_at_1x1())
         )
 
-    def _run_onednn_into(self, x: Tensor, activation: str, residual: Tensor) -> Tensor:
+    def _run_onednn_into(
+        self, x: Tensor, bias: Tensor, activation: str, residual: Tensor
+    ) -> Tensor:
         """``activation(conv(x) + bias + residual)`` written into ``residual``. A new output
         above glibc's mmap threshold (32 MiB, ResNet-50's 256-channel 56x56 maps at batch 16)
         is fresh memory, page-faulted on every call: the 64->256 1x1 convolution alone took
@@ -201,7 +227,7 @@ class _Stage:
             residual,
             x,
             self._packed_for(x),
-            self.bias,
+            bias,
             *self._onednn_geometry(),
             "add",
             1.0,
@@ -213,22 +239,24 @@ class _Stage:
             return F.silu(out, inplace=True)
         return out
 
-    def _run_onednn(self, x: Tensor, activation: str, residual: Tensor | None) -> Tensor:
+    def _run_onednn(
+        self, x: Tensor, bias: Tensor, activation: str, residual: Tensor | None
+    ) -> Tensor:
         geometry = self._onednn_geometry()
         post_op = _ONEDNN_POST_OPS[activation]
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed_for(x), self.bias, *geometry, post_op, [], ""
+                x, self._packed_for(x), bias, *geometry, post_op, [], ""
             )
         weight = self._packed_for(x)
         if residual.shape[-2:] == (1, 1) and not onednn_binary_takes_packed_weight_at_1x1():
             # See onednn_binary_takes_packed_weight_at_1x1: NCHW input and plain weight there.
-            x, weight = _nchw(x), self.weight.contiguous()
+            x, weight = _nchw(x), self._in_dtype(x.dtype)[0].contiguous()
         # ATen's fused oneDNN add takes ReLU after it, and no other activation: SiLU after the add
         # runs as its own pass (see ONEDNN_UNFUSED).
         after_add = "relu" if activation == "relu" else None
         out = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, weight, self.bias, *geometry, "add", 1.0, after_add, [], ""
+            x, residual, weight, bias, *geometry, "add", 1.0, after_add, [], ""
         )
         return out if after_add is not None else apply_activation(out, activation)
 
@@ -276,15 +304,47 @@ def onednn_binary_takes_packed_weight_at_1x1() -> bool:
     return True
 
 
+@functools.cache
+def onednn_kernels() -> dict[str, str]:
+    """The oneDNN kernel a folded convolution runs in each dtype this CPU folds, by name as
+    oneDNN reports it (e.g. ``"bfloat16": "brgconv_1x1:avx10_1_512_amx"``): one 1x1
+    convolution per dtype run with oneDNN's verbose log on, read from the process's stdout."""
+    from fastres.plans.folded_eval import onednn_dtypes
+
+    return {str(dtype).removeprefix("torch."): _onednn_kernel(dtype) for dtype in onednn_dtypes()}
+
+
+def _onednn_kernel(dtype: torch.dtype) -> str:
+    x = torch.zeros(1, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.zeros(64, 64, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    geometry = ([0, 0], [1, 1], [1, 1], 1)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape))
+    # oneDNN writes its log to file descriptor 1 from C++: point that at a file for one call.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = [line.split(",") for line in log if ",exec," in line and ",convolution," in line]
+    return lines[-1][6] if lines and len(lines[-1]) > 6 else "unknown"
+
+
 def folding_description(backend: str) -> str:
     """What folded inference runs on ``backend``, for ``fastres.info()``."""
     kind = folding_kind(backend)
     if kind is None:
         return "not available (no fused convolution for this backend here): eval runs unfolded"
     if kind == "onednn":
+        kernels = ", ".join(f"{dtype}: {name}" for dtype, name in onednn_kernels().items())
         text = (
-            "oneDNN fused convolution + bias (+ add) (+ ReLU or SiLU), prepacked weights; "
-            + ONEDNN_UNFUSED
+            "oneDNN fused convolution + bias (+ add) (+ ReLU or SiLU), prepacked weights "
+            f"({kernels}); " + ONEDNN_UNFUSED
         )
         if not onednn_binary_takes_packed_weight_at_1x1():
             text += (

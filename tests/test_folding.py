@@ -319,7 +319,7 @@ def test_a_hooked_stem_pooling_runs_once_on_the_whole_batch(monkeypatch):
 
 def test_weights_are_prepacked_for_each_input_shape_they_meet():
     """oneDNN reorders a weight packed for another input shape on every call: each folded
-    convolution keeps one packed weight per shape, for the last PACKED_SHAPES shapes."""
+    convolution keeps one packed weight per shape (and dtype), for the last PACKED_SHAPES."""
     from fastres.folding import PACKED_SHAPES
 
     reference = _realistic(torchvision.models.resnet18(num_classes=10))
@@ -328,7 +328,8 @@ def test_weights_are_prepacked_for_each_input_shape_they_meet():
     for images in (1, 2, 1):
         _rule_matches(fast, reference, torch.randn(images, 3, 32, 32))
     first = FOLDED[block]._stages[0]
-    assert [shape[0] for shape in first.packed] == [2, 1]  # least recently used first
+    # Keyed by (input shape, dtype), the least recently used first.
+    assert [shape[0] for shape, _ in first.packed] == [2, 1]
     for images in range(3, 4 + PACKED_SHAPES):
         with torch.no_grad():
             fast(torch.randn(images, 3, 32, 32))

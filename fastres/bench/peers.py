@@ -3,7 +3,9 @@ exported to ONNX inside the benchmark, run by each runtime on CPU, inference onl
 
 They are optional dependencies (``pip install fastres[peers]``, pinned in
 requirements-peers.txt). Each gets the threads torch has (``--threads``), its own graph
-optimisations (ONNX Runtime: all levels; OpenVINO: the latency hint, float32 precision kept),
+optimisations (ONNX Runtime: all levels; OpenVINO: the latency hint, float32 precision forced
+for ``fastres.bench --peers``'s float32 comparison; ``fastres.bench.cpu_inference`` adds OpenVINO
+at its default precision, bfloat16 on CPUs with AMX),
 and the same batch as the other configurations, as a contiguous NCHW float32 array (ONNX's
 layout), converted once before timing.
 """
@@ -53,6 +55,7 @@ class Peer:
     name: str
     infer: Callable[[], np.ndarray]
     first_call_s: float
+    precision: str = "f32"  # what the runtime computes in
 
 
 def export_onnx(reference: nn.Module, batch: torch.Tensor, folder: str) -> tuple[str, float]:
@@ -87,34 +90,44 @@ def _onnxruntime(path: str, threads: int, feed: np.ndarray) -> Peer:
     return Peer("onnxruntime", infer, time.perf_counter() - start)
 
 
-def _openvino(path: str, threads: int, feed: np.ndarray) -> Peer:
+def _openvino(path: str, threads: int, feed: np.ndarray, precision: str = "f32") -> Peer:
+    """OpenVINO's CPU plugin with the latency hint; ``precision`` "default" leaves the inference
+    precision to OpenVINO (bfloat16 on a CPU with AMX or AVX512_BF16), otherwise it is forced
+    ("f32"). The peer's name says which: "openvino" at the default, "openvino-f32" forced."""
     import openvino as ov
 
     start = time.perf_counter()
-    compiled = ov.Core().compile_model(
-        path,
-        "CPU",
-        {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",  # not bf16/f16 where the CPU has them
-            "INFERENCE_NUM_THREADS": threads,
-        },
-    )
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    chosen = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     request = compiled.create_infer_request()
 
     def infer() -> np.ndarray:
         return request.infer({0: feed})[0]
 
     infer()
-    return Peer("openvino", infer, time.perf_counter() - start)
+    name = "openvino" if precision == "default" else f"openvino-{precision}"
+    return Peer(name, infer, time.perf_counter() - start, _precision_name(chosen))
 
 
-_BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
+def _precision_name(openvino_type: str) -> str:
+    """'bf16' for OpenVINO's "<Type: 'bfloat16'>" (or "bf16"), 'f32' for float32, ..."""
+    text = openvino_type.lower()
+    for long, short in (("bfloat16", "bf16"), ("float32", "f32"), ("float16", "f16")):
+        if long in text or short in text:
+            return short
+    return openvino_type
 
 
-def build_peers(reference: nn.Module, batch: torch.Tensor) -> tuple[list[Peer], float]:
-    """Every peer running the reference on ``batch`` (CPU, float32), and the export's seconds.
-    The ONNX file lives in a temporary folder, removed once the runtimes have loaded it."""
+def build_peers(
+    reference: nn.Module, batch: torch.Tensor, openvino_precisions: tuple[str, ...] = ("f32",)
+) -> tuple[list[Peer], float]:
+    """Every peer running the reference on ``batch`` (CPU, float32 input), and the export's
+    seconds: ONNX Runtime, then OpenVINO once per entry of ``openvino_precisions`` ("default"
+    for the precision OpenVINO picks itself, or one to force, e.g. "f32"). The ONNX file lives
+    in a temporary folder, removed once the runtimes have loaded it."""
     missing = missing_packages()
     if missing:
         raise RuntimeError(
@@ -125,5 +138,6 @@ def build_peers(reference: nn.Module, batch: torch.Tensor) -> tuple[list[Peer], 
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="fastres-peers-") as folder:
         path, export_s = export_onnx(reference, batch, folder)
-        peers = [_BUILDERS[name](path, threads, feed) for name in PEERS]
+        peers = [_onnxruntime(path, threads, feed)]
+        peers += [_openvino(path, threads, feed, p) for p in openvino_precisions]
     return peers, export_s

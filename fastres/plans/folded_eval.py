@@ -8,6 +8,7 @@ exactly the eval computation and nothing needs gradients.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -25,9 +26,12 @@ __all__ = [
     "FOLDED",
     "FoldedEvalPlan",
     "autocast_dtype",
+    "compute_dtype",
     "foldable",
     "folding_input",
     "hooks_can_see_activations",
+    "onednn_dtypes",
+    "require_input_dtype",
     "run_folded_stage",
     "run_folded_stem",
     "stage_folding_backend",
@@ -45,30 +49,75 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype x's convolutions run in: autocast's for a float32, float16 or bfloat16 x
+    under autocast (autocast leaves float64 alone), x's own otherwise."""
+    low = autocast_dtype(x)
+    return low if low is not None and x.dtype != torch.float64 else x.dtype
+
+
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's convolutions run in on this CPU: float32, plus bfloat16 with
+    AVX512_BF16, AMX or AVX-512 (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) and float16
+    with AVX512_FP16 or AMX_FP16."""
+    dtypes = [torch.float32]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.append(torch.bfloat16)
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        dtypes.append(torch.float16)
+    return tuple(dtypes)
+
+
 def foldable(x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.Module]) -> bool:
     """Whether eval of ``layers`` (in eval mode) may run with their BatchNorms ``norms`` folded:
     where that gives exactly the eval computation and nothing needs gradients. Every BatchNorm
-    in eval with running statistics; on cpu in float32 without autocast (oneDNN), on cuda and
-    triton in float32, float16 or bfloat16, autocast included. Anything else (autograd in eval,
-    torch.compile tracing, ...) takes the unfused eval path, which keeps gradients."""
+    in eval with running statistics; convolutions in float32, bfloat16 or float16, from the
+    model's dtype or autocast's (on cpu those oneDNN runs on this CPU, :func:`onednn_dtypes`;
+    float16 where it cannot is an error). Anything else (autograd in eval, torch.compile
+    tracing, ...) takes the unfused eval path, which keeps gradients."""
     if torch.compiler.is_compiling() or folding_kind(backend) is None:
-        return False
-    if backend == "cpu":
-        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-            return False
-    elif (autocast_dtype(x) or x.dtype) not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
     ):
         return False
-    return all(not bn.training and bn.running_mean is not None for bn in norms)
+    if not all(not bn.training and bn.running_mean is not None for bn in norms):
+        return False
+    dtype = compute_dtype(x)
+    if backend == "cpu" and dtype == torch.float16 and dtype not in onednn_dtypes():
+        raise TypeError(
+            "fastres: float16 inference on this CPU has no oneDNN kernels (it needs "
+            "AVX512_FP16 or AMX_FP16); run in bfloat16 (torch.autocast('cpu', "
+            "dtype=torch.bfloat16), or model.to(torch.bfloat16) with bfloat16 inputs) or in "
+            "float32"
+        )
+    allowed = (
+        onednn_dtypes() if backend == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    )
+    return dtype in allowed
+
+
+def require_input_dtype(owner: nn.Module, conv: nn.Module, x: Tensor) -> None:
+    """Raises TypeError, naming ``owner`` and what to do, when x's dtype is not the one its
+    convolution's weight holds and no autocast reconciles them (the library's convolution
+    raises then too: folded weights must not hide it by running in x's dtype)."""
+    weight = getattr(conv, "weight", None)
+    if autocast_dtype(x) is not None or not isinstance(weight, Tensor) or weight.dtype == x.dtype:
+        return
+    advice = f"cast the input (x.to({weight.dtype}))"
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        advice += f" or run under torch.autocast({x.device.type!r}, dtype={weight.dtype})"
+    raise TypeError(
+        f"{type(owner).__name__}: the input is {x.dtype} but the model's weights are "
+        f"{weight.dtype}; {advice}"
+    )
 
 
 def folding_input(x: Tensor, backend: str) -> Tensor:
-    """x as folded convolutions take it: in the autocast dtype if any, and channels_last for
-    cuDNN's and Triton's fused convolutions."""
-    h = x.to(autocast_dtype(x) or x.dtype)
+    """x as folded convolutions take it: in their dtype (:func:`compute_dtype`), and
+    channels_last for cuDNN's and Triton's fused convolutions."""
+    h = x.to(compute_dtype(x))
     return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
 
 
@@ -89,6 +138,7 @@ def stage_folding_backend(module: nn.Module, stage: Stage, x: object, backend: s
     name = resolve_backend(backend, x.device, x.dtype)
     if name == "torch" or not foldable(x, name, [stage.conv, stage.norm], [stage.norm]):
         return None
+    require_input_dtype(module, stage.conv, x)
     return name
 
 
@@ -99,8 +149,9 @@ def run_folded_stage(module: nn.Module, stage: Stage, x: Tensor, backend: str) -
     assert kind is not None  # stage_folding_backend checked that the backend folds
     cache = FOLDED.setdefault(module, FoldedBlock())
     (folded,), _ = cache.stages([(stage.conv, stage.norm)], None, kind)
+    h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
     with torch.autocast(x.device.type, enabled=False):
-        out = folded.run(folding_input(x, backend), activation=stage.activation)
+        out = folded.run(h, activation=stage.activation)
     return out.contiguous(memory_format=memory_format_of(x))
 
 
@@ -174,6 +225,7 @@ class FoldedEvalPlan:
         activation the network owns and needs no more (never a caller's tensor, nothing a hook
         saw): the last convolution may then add into it in place (see ``_Stage.run``), as it
         always may into the folded shortcut's own output."""
+        require_input_dtype(block.module, block.stages[0].conv, x)
         shortcut = _folded_shortcut(block)
         pairs = [(stage.conv, stage.norm) for stage in block.stages]
         cache = FOLDED.setdefault(block.module, FoldedBlock())
@@ -185,8 +237,8 @@ class FoldedEvalPlan:
         unfolded_identity = (
             block.shortcut(x) if folded_shortcut is None and block.shortcut is not None else None
         )
+        h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
         with torch.autocast(x.device.type, enabled=False):
-            h = folding_input(x, backend)
             out = h
             for stage, described in zip(stages[:-1], block.stages[:-1], strict=True):
                 out = stage.run(out, activation=described.activation)
