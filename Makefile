@@ -31,7 +31,7 @@ BUILD_STAMP := $(VENV)/.fastres-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BENCH_DIR ?= benchmarks/results/local
 
-.PHONY: setup build lint format test test-compat bench bench-peers bench-kernels gpu-check-dry-run info clean
+.PHONY: setup build lint format test test-compat bench bench-peers bench-cpu-inference bench-kernels gpu-check-dry-run info clean
 
 setup: $(DEPS_STAMP)
 
@@ -101,6 +101,13 @@ bench-peers: build
 		--csv $(BENCH_DIR)/resnet50_cpu_fp32_peers_batch1.csv $(PEERS_ARGS)
 	$(PY) -m fastres.bench --device cpu --peers --batch-size 16 --rounds 7 --out $(BENCH_DIR) \
 		--csv $(BENCH_DIR)/resnet50_cpu_fp32_peers_batch16.csv $(PEERS_ARGS)
+
+# CPU inference in float32 and bfloat16 against ONNX Runtime and OpenVINO at its default
+# precision (bfloat16 on a CPU with AMX), inference only: batch 16 and 1, 2 threads and 1.
+bench-cpu-inference: build
+	for setting in "16 2 7" "1 2 15" "16 1 7" "1 1 15"; do set -- $$setting; \
+		$(PY) -m fastres.bench.cpu_inference --batch-size $$1 --threads $$2 --rounds $$3 \
+			--out $(BENCH_DIR) $(CPU_INFERENCE_ARGS) || exit 1; done
 
 # Every fused op at every ResNet-50 layer shape against eager PyTorch and torch.compile.
 bench-kernels: build

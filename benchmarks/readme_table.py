@@ -5,7 +5,9 @@ Usage: python benchmarks/readme_table.py   (from the repository root)
 Reads every benchmarks/results/<device>/<model>_<device>_<dtype>.csv written by
 ``python -m fastres.bench --out benchmarks/results/<device>`` and replaces the lines between the
 README's perf-table markers; the runs against ONNX Runtime and OpenVINO
-(``make bench-peers``: ``*_peers_*.csv``) fill the peers-table markers. The tables are never
+(``make bench-peers``: ``*_peers_*.csv``) fill the peers-table markers, and the float32 and
+bfloat16 runs of ``python -m fastres.bench.cpu_inference`` (``make bench-cpu-inference``:
+``*_cpu_inference_*.csv``) the cpu-inference-table markers. The tables are never
 typed by hand. Speed-ups are medians of per-round ratios from interleaved rounds, with their
 interquartile range.
 """
@@ -17,9 +19,11 @@ import glob
 import os
 
 from fastres.bench import MODELS, row_speedup_text, speedup_text
+from fastres.bench.cpu_inference import ratio_text
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 PEERS_START, PEERS_END = "<!-- peers-table:start -->", "<!-- peers-table:end -->"
+CPU_START, CPU_END = "<!-- cpu-inference-table:start -->", "<!-- cpu-inference-table:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +42,11 @@ def table_lines() -> list[str]:
     for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
         paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
     # results/local/ is every run's scratch folder (not committed); the table is what is.
-    paths = [p for p in _committed(paths) if "_peers_" not in os.path.basename(p)]
+    paths = [
+        p
+        for p in _committed(paths)
+        if "_peers_" not in os.path.basename(p) and "_cpu_inference_" not in os.path.basename(p)
+    ]
     for path in sorted(paths):
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if "config" in r]
@@ -108,6 +116,50 @@ def peers_table_lines() -> list[str]:
     return lines
 
 
+def cpu_inference_table_lines() -> list[str]:
+    """Every row of the ``fastres.bench.cpu_inference`` runs (``*_cpu_inference_*.csv``):
+    float32 and bfloat16 against ONNX Runtime and OpenVINO at its default precision."""
+    lines = [
+        "| threads | batch | rounds | configuration | precision | img/s | x fp32 reference [IQR] "
+        "| x OpenVINO default [IQR] | error vs float64 | target | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_cpu_inference_*.csv")
+    for path in sorted(_committed(glob.glob(pattern)), key=_batch_then_threads):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            target = {"True": "met", "False": "not met"}.get(r.get("target_met", ""), "")
+            lines.append(
+                f"| {r['threads']} | {r['batch_size']} | {r['rounds']} | {r['config']} "
+                f"| {r['precision']} | {_fmt(r['infer_img_s'], '.2f')} "
+                f"| {ratio_text(r, 'x_reference_fp32')} | {ratio_text(r, 'x_openvino_default')} "
+                f"| {_fmt(r['error_vs_fp64'], '.2e')} | {target} | {r['fastres_commit']} |"
+            )
+    return lines
+
+
+def cpu_inference_setting() -> str:
+    """The CPU, its instruction sets and the oneDNN kernels, from the first committed run."""
+    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_cpu_inference_*.csv")
+    for path in sorted(_committed(glob.glob(pattern))):
+        with open(path) as f:
+            r = next(csv.DictReader(f))
+        return (
+            f"{r['device'].split(' (')[0]}; instruction sets {r['cpu_isa']}; folded oneDNN "
+            f"kernels {r['onednn_kernels']}; OpenVINO {r['openvino']} (default precision "
+            f"{r['openvino_default_precision']}), ONNX Runtime {r['onnxruntime']}, torch "
+            f"{r['torch']}."
+        )
+    return "No committed run."
+
+
+def _batch_then_threads(path: str) -> tuple[int, int]:
+    with open(path) as f:
+        r = next(csv.DictReader(f))
+    return int(r["batch_size"]), -int(r["threads"])
+
+
 def _replace_between(text: str, start: str, end: str, lines: list[str]) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -115,12 +167,18 @@ def _replace_between(text: str, start: str, end: str, lines: list[str]) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
+def updated(text: str) -> str:
+    """The README's text with every generated table replaced by what the results give."""
+    text = _replace_between(text, START, END, table_lines())
+    text = _replace_between(text, PEERS_START, PEERS_END, peers_table_lines())
+    cpu_lines = [cpu_inference_setting(), "", *cpu_inference_table_lines()]
+    return _replace_between(text, CPU_START, CPU_END, cpu_lines)
+
+
 def main() -> None:
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
-        text = f.read()
-    text = _replace_between(text, START, END, table_lines())
-    text = _replace_between(text, PEERS_START, PEERS_END, peers_table_lines())
+        text = updated(f.read())
     with open(readme, "w") as f:
         f.write(text)
     print(f"updated {readme}")

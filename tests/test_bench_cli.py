@@ -138,3 +138,30 @@ def test_peers_are_rows_of_the_same_interleaved_table(tmp_path, capsys):
     assert fast["peers_target_met"] in ("True", "False")
     assert float(fast["onnx_export_s"]) > 0
     assert "against the peers" in capsys.readouterr().out
+
+
+@needs_peers
+def test_cpu_inference_compares_float32_and_bfloat16_with_openvinos_default(tmp_path, capsys):
+    """fastres.bench.cpu_inference: every configuration in float32 and bfloat16, OpenVINO at
+    its default precision (and float32 forced), each row's error against float64, the CPU's
+    instruction sets and the oneDNN kernels, and a target verdict on fastres's bfloat16 rows."""
+    from fastres.bench import cpu_inference
+
+    args = ["--model", "resnet18", "--batch-size", "2", "--image-size", "32", "--rounds", "2"]
+    args += ["--threads", "1", "--no-compile", "--out", str(tmp_path)]
+    assert cpu_inference.main(args) == 0
+    rows = _rows(tmp_path / "resnet18_cpu_inference_batch2_1thread.csv")
+    configs = [(row["config"], row["precision"]) for row in rows]
+    for name in ("torchvision", "fastres[cpu]"):
+        assert [(name, p) for p in ("fp32", "bf16 autocast", "bf16 cast")] == [
+            c for c in configs if c[0] == name
+        ]
+    openvino = next(r for r in rows if r["config"] == "openvino")
+    assert openvino["precision"] == f"{openvino['openvino_default_precision']} (default)"
+    assert any(r["config"] == "openvino-f32" and r["precision"] == "f32" for r in rows)
+    for row in rows:
+        assert float(row["infer_img_s"]) > 0 and 0 < float(row["error_vs_fp64"]) < 0.05
+        assert "AVX" in row["cpu_isa"] and "float32:" in row["onednn_kernels"]
+    fastres_bf16 = [r for r in rows if r["config"] == "fastres[cpu]" and "bf16" in r["precision"]]
+    assert all(r["target_met"] in ("True", "False") for r in fastres_bf16)
+    assert "x openvino default" in capsys.readouterr().out

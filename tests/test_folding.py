@@ -160,6 +160,24 @@ def test_eval_outputs_match_torchvision_on_cudnn(builder, dtype):
     )
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_model_cast_to_bfloat16_folds_on_the_gpu(backend):
+    """``model.to(torch.bfloat16)`` with bfloat16 input: weights folded in float32 and cast
+    once, the error-factor rule against float64 beside torchvision's own bfloat16 model."""
+    reference = _realistic(torchvision.models.resnet18(num_classes=10)).cuda()
+    fast = fastres.convert(reference, backend=backend).to(torch.bfloat16)
+    reference64 = copy.deepcopy(reference).double()
+    reference16 = copy.deepcopy(reference).to(torch.bfloat16)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        got, theirs = fast(x.bfloat16()), reference16(x.bfloat16())
+        expected = reference64(x.double())
+    assert got.dtype == torch.bfloat16
+    assert any(block in FOLDED for block in fast.modules()), "the folded path did not run"
+    assert_within_error_factor(got.cpu(), theirs.cpu(), expected.cpu(), "logits", torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cache_sees_in_place_edits(backend):
     reference, fast = _pair(backend)

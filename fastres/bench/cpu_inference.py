@@ -35,6 +35,7 @@ from fastres.bench.report import device_name, fastres_commit, speedup_text, writ
 from fastres.cpu_isa import bf16_inference_case, cpu_isa
 from fastres.folding import onednn_kernels
 from fastres.interleaved import paired_speedups, spread_of, time_interleaved
+from fastres.plans.folded_eval import onednn_dtypes
 
 TARGET_PEER = "openvino"  # at its default precision
 ERROR_FACTOR_VS_PEER = 2.0
@@ -95,9 +96,12 @@ def _torch_rows(
     fastres's (``family``), plus (``compile_``) the compiled library model with freezing."""
     fp32 = copy.deepcopy(reference) if family == "reference" else build_fast(reference, "cpu")
     fp32.eval()
+    rows = [Row(name, "fp32", _no_grad(fp32, x, False), family)]
+    if family == "fastres" and torch.bfloat16 not in onednn_dtypes():
+        print(f"{name}: no bfloat16 rows (this CPU has no bfloat16 convolutions in oneDNN)")
+        return rows
     cast_model = copy.deepcopy(fp32).to(torch.bfloat16)
-    rows = [
-        Row(name, "fp32", _no_grad(fp32, x, False), family),
+    rows += [
         Row(name, "bf16 autocast", _no_grad(fp32, x, True), family),
         Row(name, "bf16 cast", _no_grad(cast_model, x.to(torch.bfloat16), False), family),
     ]
@@ -115,12 +119,13 @@ def _torch_rows(
 def _peer_rows(reference: nn.Module, x: torch.Tensor) -> tuple[list[Row], str]:
     """ONNX Runtime (float32), OpenVINO at its default precision and with float32 forced; and
     the precision OpenVINO chose by default."""
-    built, _ = peers.build_peers(reference, x, openvino_precisions=("default", "f32"))
+    openvino = {TARGET_PEER: "default", "openvino-f32": "f32"}
+    built, _ = peers.build_peers(reference, x, openvino=openvino)
     rows = []
     chosen = "?"
     for peer in built:
         precision = peer.precision
-        if peer.name == "openvino":
+        if peer.name == TARGET_PEER:
             chosen = precision
             precision = f"{precision} (default)"
         rows.append(Row(peer.name, precision, peer.infer, "peer"))
@@ -178,6 +183,15 @@ def _rows_of(rows: list[Row], seconds: dict[str, list[float]], meta: dict) -> li
     return out
 
 
+def ratio_text(row: dict, key: str) -> str:
+    """A row's speed-up column ``key`` as '1.29 [1.21-1.33]' (read back from the CSV too);
+    '1.00' for the configuration the column compares with."""
+    median, low, high = (float(row[f"{key}{part}"]) for part in ("", "_low", "_high"))
+    if low == high == 1.0:
+        return "1.00"
+    return speedup_text(median, low, high, significant=not low <= 1.0 <= high)
+
+
 def _print(rows: list[dict]) -> None:
     meta = rows[0]
     print(
@@ -191,15 +205,7 @@ def _print(rows: list[dict]) -> None:
         f"{'x openvino default':<22}{'error vs fp64':>14}  target"
     )
     for r in rows:
-        ratio = {
-            key: speedup_text(
-                r[key],
-                r[f"{key}_low"],
-                r[f"{key}_high"],
-                not r[f"{key}_low"] <= 1 <= r[f"{key}_high"],
-            )
-            for key in ("x_reference_fp32", "x_openvino_default")
-        }
+        ratio = {key: ratio_text(r, key) for key in ("x_reference_fp32", "x_openvino_default")}
         met = r.get("target_met")
         verdict = "" if met is None else ("met" if met else "NOT met")
         print(

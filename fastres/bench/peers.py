@@ -90,10 +90,10 @@ def _onnxruntime(path: str, threads: int, feed: np.ndarray) -> Peer:
     return Peer("onnxruntime", infer, time.perf_counter() - start)
 
 
-def _openvino(path: str, threads: int, feed: np.ndarray, precision: str = "f32") -> Peer:
-    """OpenVINO's CPU plugin with the latency hint; ``precision`` "default" leaves the inference
-    precision to OpenVINO (bfloat16 on a CPU with AMX or AVX512_BF16), otherwise it is forced
-    ("f32"). The peer's name says which: "openvino" at the default, "openvino-f32" forced."""
+def _openvino(path: str, threads: int, feed: np.ndarray, name: str, precision: str) -> Peer:
+    """OpenVINO's CPU plugin with the latency hint, as the row ``name``; ``precision``
+    "default" leaves the inference precision to OpenVINO (bfloat16 on a CPU with AMX or
+    AVX512_BF16), anything else ("f32") is forced. The peer records the precision it ran."""
     import openvino as ov
 
     start = time.perf_counter()
@@ -108,7 +108,6 @@ def _openvino(path: str, threads: int, feed: np.ndarray, precision: str = "f32")
         return request.infer({0: feed})[0]
 
     infer()
-    name = "openvino" if precision == "default" else f"openvino-{precision}"
     return Peer(name, infer, time.perf_counter() - start, _precision_name(chosen))
 
 
@@ -122,12 +121,13 @@ def _precision_name(openvino_type: str) -> str:
 
 
 def build_peers(
-    reference: nn.Module, batch: torch.Tensor, openvino_precisions: tuple[str, ...] = ("f32",)
+    reference: nn.Module, batch: torch.Tensor, openvino: dict[str, str] | None = None
 ) -> tuple[list[Peer], float]:
     """Every peer running the reference on ``batch`` (CPU, float32 input), and the export's
-    seconds: ONNX Runtime, then OpenVINO once per entry of ``openvino_precisions`` ("default"
-    for the precision OpenVINO picks itself, or one to force, e.g. "f32"). The ONNX file lives
-    in a temporary folder, removed once the runtimes have loaded it."""
+    seconds: ONNX Runtime, then OpenVINO once per entry of ``openvino``, row name -> precision
+    ("default" for the one OpenVINO picks itself, or one to force). The default,
+    ``{"openvino": "f32"}``, is ``fastres.bench --peers``'s float32 comparison. The ONNX file
+    lives in a temporary folder, removed once the runtimes have loaded it."""
     missing = missing_packages()
     if missing:
         raise RuntimeError(
@@ -139,5 +139,6 @@ def build_peers(
     with tempfile.TemporaryDirectory(prefix="fastres-peers-") as folder:
         path, export_s = export_onnx(reference, batch, folder)
         peers = [_onnxruntime(path, threads, feed)]
-        peers += [_openvino(path, threads, feed, p) for p in openvino_precisions]
+        runs = (openvino or {"openvino": "f32"}).items()
+        peers += [_openvino(path, threads, feed, name, p) for name, p in runs]
     return peers, export_s
