@@ -12,6 +12,12 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     Must agree with memory_format_of() in csrc/common/bn_act_checks.h (torch's
     suggest_memory_format), so that fake kernels predict the strides the real kernels produce.
     """
+    # The unambiguous dense cases first, without torch's general stride analysis: this runs a
+    # few times per block on the folded inference path.
+    if x.dim() == 4 and min(x.shape[1:]) > 1:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        if channels_last != x.is_contiguous():
+            return torch.channels_last if channels_last else torch.contiguous_format
     from torch._prims_common import suggest_memory_format
 
     fmt = suggest_memory_format(x)

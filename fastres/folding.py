@@ -357,6 +357,29 @@ def folding_description(backend: str) -> str:
     return "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU or SiLU) epilogue"
 
 
+def _folded_from(conv: nn.Module, bn: nn.Module) -> tuple[Tensor | None, ...]:
+    """The tensors a folded convolution is computed from, read from the modules' parameter
+    and buffer dicts (what attribute access would return, without nn.Module.__getattr__'s
+    cost: this runs for every convolution on every folded call)."""
+    found = (
+        conv._parameters.get("weight"),
+        conv._parameters.get("bias"),
+        bn._parameters.get("weight"),
+        bn._parameters.get("bias"),
+        bn._buffers.get("running_mean"),
+        bn._buffers.get("running_var"),
+    )
+    if found[0] is None or found[4] is None:  # not where nn.Conv2d / BatchNorm keep them
+        return tuple(
+            getattr(m, name, None)
+            for m, name in zip((conv, conv, bn, bn, bn, bn), _FOLDED_FROM, strict=True)
+        )
+    return found
+
+
+_FOLDED_FROM = ("weight", "bias", "weight", "bias", "running_mean", "running_var")
+
+
 def _state_key(tensors: list[Tensor | None]) -> tuple:
     return tuple(
         (None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device))
@@ -380,12 +403,8 @@ class FoldedBlock:
         """The stages running on ``kind`` (see :class:`_Stage`), folded again if anything they
         depend on changed since the last call."""
         modules = list(pairs) + ([downsample] if downsample else [])
-        tensors = [
-            t
-            for conv, bn in modules
-            for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        ]
-        key = _state_key(tensors) + tuple(bn.eps for _, bn in modules) + (kind,)
+        key = _state_key([t for conv, bn in modules for t in _folded_from(conv, bn)])
+        key += tuple(bn.eps for _, bn in modules) + (kind,)
         if key != self._key:
             self._stages = [_Stage(conv, bn, kind) for conv, bn in pairs]
             self._downsample = _Stage(downsample[0], downsample[1], kind) if downsample else None

@@ -8,6 +8,7 @@ exactly the eval computation and nothing needs gradients.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -47,6 +48,15 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return None
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """A context with autocast off for x's device (the folded convolutions run in the dtype
+    folding_input gave them); no context at all outside autocast, as the folded path runs a
+    few times per block."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -150,7 +160,7 @@ def run_folded_stage(module: nn.Module, stage: Stage, x: Tensor, backend: str) -
     cache = FOLDED.setdefault(module, FoldedBlock())
     (folded,), _ = cache.stages([(stage.conv, stage.norm)], None, kind)
     h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         out = folded.run(h, activation=stage.activation)
     return out.contiguous(memory_format=memory_format_of(x))
 
@@ -238,7 +248,7 @@ class FoldedEvalPlan:
             block.shortcut(x) if folded_shortcut is None and block.shortcut is not None else None
         )
         h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             out = h
             for stage, described in zip(stages[:-1], block.stages[:-1], strict=True):
                 out = stage.run(out, activation=described.activation)
