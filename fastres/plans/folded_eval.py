@@ -50,7 +50,7 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
     """A context with autocast off for x's device (the folded convolutions run in the dtype
     folding_input gave them); no context at all outside autocast, as the folded path runs a
     few times per block."""
