@@ -6,6 +6,9 @@ Environment variables:
                       when they cannot be built; 0: CPU kernels only.
   FASTRES_CUDA_ARCHS  compute capabilities to build for, e.g. "9.0" or "8.0;9.0"
                       (default: DEFAULT_CUDA_ARCHS below).
+  FASTRES_ONEDNN      auto (default): build fastres._onednn (folded CPU inference through
+                      oneDNN directly) when onednn-cpu-gomp and onednn-devel-cpu-gomp are
+                      installed in this environment; 1: insist; 0: skip
   CUDA_HOME           the CUDA toolkit root; otherwise derived from the nvcc on PATH.
   MAX_JOBS            parallel compile jobs (read by torch's ninja build).
 
@@ -145,13 +148,17 @@ def build_info_module() -> str:
     return "_build_info_" + sys.implementation.cache_tag.replace("-", "_")
 
 
-def write_build_info(torch_module, with_cuda: bool, archs: str, reason: str) -> None:
+def write_build_info(
+    torch_module, with_cuda: bool, archs: str, reason: str, onednn_reason: str
+) -> None:
     """fastres/<build_info_module()>.py: what was built, against which torch (checked at
     import)."""
     facts = {
         "CUDA_BUILT": with_cuda,
         "CUDA_ARCHS": archs,
         "CUDA_NOT_BUILT_REASON": reason,
+        "ONEDNN_BUILT": not onednn_reason,
+        "ONEDNN_NOT_BUILT_REASON": onednn_reason,
         "TORCH_VERSION": torch_module.__version__,
         "TORCH_CUDA": torch_module.version.cuda,
         "COMMIT": _git_commit(),
@@ -232,8 +239,52 @@ def extensions():
         ext = CppExtension(
             "fastres._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    write_build_info(torch, build_cuda, archs, reason)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = [ext]
+    onednn_prefix, onednn_reason = onednn_build_decision()
+    if onednn_prefix is not None:
+        exts.append(onednn_extension(CppExtension, onednn_prefix, cxx_flags, link_flags))
+    write_build_info(torch, build_cuda, archs, reason, onednn_reason)
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def onednn_build_decision() -> tuple[str | None, str]:
+    """Where oneDNN's headers and library are (an installation prefix), or None with the reason
+    fastres._onednn is not built. FASTRES_ONEDNN: auto (default: build when the
+    onednn-devel-cpu-gomp and onednn-cpu-gomp packages are installed in this environment),
+    1 (insist) or 0 (skip)."""
+    mode = os.environ.get("FASTRES_ONEDNN", "auto").lower()
+    if mode not in ("auto", "1", "0"):
+        sys.exit(f"FASTRES_ONEDNN must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        return None, "disabled with FASTRES_ONEDNN=0 at build time"
+    prefix = sys.prefix
+    found = os.path.exists(os.path.join(prefix, "include", "dnnl.hpp")) and glob.glob(
+        os.path.join(prefix, "lib", "libdnnl.so*")
+    )
+    if found:
+        return prefix, ""
+    reason = (
+        "oneDNN's headers and library were not found in this environment at build time "
+        "(pip install onednn-cpu-gomp onednn-devel-cpu-gomp, then rebuild)"
+    )
+    if mode == "1":
+        sys.exit(f"FASTRES_ONEDNN=1 but fastres._onednn cannot be built: {reason}")
+    return None, reason
+
+
+def onednn_extension(CppExtension, prefix: str, cxx_flags: list, link_flags: list):
+    """fastres._onednn: folded inference through oneDNN directly (csrc/onednn/), linked to the
+    environment's libdnnl.so (found again at run time through the rpath)."""
+    lib = os.path.join(prefix, "lib")
+    return CppExtension(
+        "fastres._onednn",
+        sorted(glob.glob("csrc/onednn/*.cpp")),
+        include_dirs=[os.path.join(prefix, "include")],
+        library_dirs=[lib],
+        libraries=["dnnl"],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=[*link_flags, f"-Wl,-rpath,{lib}"],
+    )
 
 
 # Metadata lives in pyproject.toml; this file only describes the extension.

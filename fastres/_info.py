@@ -24,7 +24,8 @@ def info() -> dict:
     time), ``"triton_interpreter"`` (``"off"``, or ``"on"`` with how it runs
     run-time loop bounds: see fastres/triton/interpreter.py), ``"cpu_isa"`` (the instruction
     sets that decide reduced-precision speed: AMX, AVX512_BF16, AVX-512, AVX2), ``"cpu_bf16"``
-    (which bfloat16 case applies to this CPU) and ``"backends"``:
+    (which bfloat16 case applies to this CPU), ``"folded_cpu_path"`` (whether folded CPU
+    inference calls oneDNN directly, fastres._onednn, or through ATen's ops) and ``"backends"``:
     ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch,
     and ``"folded_eval"``: for each available compiled backend, what eval runs with BatchNorm
     folded (fastres/folding.py): the oneDNN kernel each dtype runs on CPU, and any path this
@@ -53,6 +54,7 @@ def info() -> dict:
         "cpu_isa": ", ".join(cpu_isa()) or "unknown",
         "cpu_bf16": bf16_inference_case(),
         "backends": {name: status.as_dict() for name, status in backends.STATUS.items()},
+        "folded_cpu_path": backends.onednn_status(),
         "folded_eval": {
             name: folding_description(name)
             for name in ("cpu", "cuda", "triton")

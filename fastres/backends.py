@@ -60,6 +60,8 @@ def _build_info() -> dict[str, Any]:
         "CUDA_BUILT": False,
         "CUDA_ARCHS": "",
         "CUDA_NOT_BUILT_REASON": "no build information",
+        "ONEDNN_BUILT": False,
+        "ONEDNN_NOT_BUILT_REASON": "no build information",
         "TORCH_VERSION": None,
         "TORCH_CUDA": None,
         "COMMIT": "unknown",
@@ -148,6 +150,39 @@ if not STATUS["cpu"].available:
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def _load_onednn() -> tuple[Any | None, str, str]:
+    """fastres._onednn's program class (``torch.classes.fastres.FoldedProgram``), the oneDNN
+    version it was built with, and why it is missing ("" when it is not): folded CPU inference
+    then runs through ATen's oneDNN ops, per block."""
+    build = _build_info()
+    if not build["ONEDNN_BUILT"]:
+        return None, "", f"not built: {build['ONEDNN_NOT_BUILT_REASON']}"
+    if EXTENSION is None:
+        return None, "", STATUS["cpu"].reason
+    try:
+        module = importlib.import_module("fastres._onednn")
+    except ImportError as error:
+        return None, "", f"fastres._onednn could not be imported ({error}); {REBUILD_HINT}"
+    return torch.classes.fastres.FoldedProgram, module.onednn_version, ""
+
+
+def onednn_program_class() -> Any | None:
+    """The class that runs a whole ResNet's folded eval in one oneDNN call, or None where
+    fastres._onednn was not built (see :func:`onednn_status`)."""
+    return _ONEDNN[0]
+
+
+def onednn_status() -> str:
+    """What folded CPU inference runs through, for ``fastres.info()``."""
+    program, version, reason = _ONEDNN
+    if program is None:
+        return f"ATen's oneDNN ops, block by block (direct oneDNN path {reason})"
+    return f"oneDNN {version} directly (fastres._onednn), the whole network per call"
+
+
+_ONEDNN = _load_onednn()
 
 
 def _runs_on(backend: str, device: torch.device) -> bool:

@@ -76,11 +76,11 @@ def fold_bn(
     return weight.to(dtype), shift.to(dtype)
 
 
-# Input shapes each folded convolution keeps a prepacked weight for (see _Stage._packed_for).
+# Input shapes each folded convolution keeps a prepacked weight for (see FoldedStage._packed_for).
 PACKED_SHAPES = 4
 
 
-class _Stage:
+class FoldedStage:
     """One folded convolution: its weight and bias, and the fused kernel that runs it.
 
     ``kind`` is ``"onednn"`` (CPU: ``mkldnn::_convolution_pointwise``, the weight prepacked for
@@ -396,18 +396,20 @@ class FoldedBlock:
 
     def __init__(self) -> None:
         self._key: tuple | None = None
-        self._stages: list[_Stage] = []
-        self._downsample: _Stage | None = None
+        self._stages: list[FoldedStage] = []
+        self._downsample: FoldedStage | None = None
 
-    def stages(self, pairs, downsample, kind: str) -> tuple[list[_Stage], _Stage | None]:
-        """The stages running on ``kind`` (see :class:`_Stage`), folded again if anything they
+    def stages(self, pairs, downsample, kind: str) -> tuple[list[FoldedStage], FoldedStage | None]:
+        """The stages running on ``kind`` (see :class:`FoldedStage`), folded again if anything they
         depend on changed since the last call."""
         modules = list(pairs) + ([downsample] if downsample else [])
         key = _state_key([t for conv, bn in modules for t in _folded_from(conv, bn)])
         key += tuple(bn.eps for _, bn in modules) + (kind,)
         if key != self._key:
-            self._stages = [_Stage(conv, bn, kind) for conv, bn in pairs]
-            self._downsample = _Stage(downsample[0], downsample[1], kind) if downsample else None
+            self._stages = [FoldedStage(conv, bn, kind) for conv, bn in pairs]
+            self._downsample = (
+                FoldedStage(downsample[0], downsample[1], kind) if downsample else None
+            )
             self._key = key
         return self._stages, self._downsample
 

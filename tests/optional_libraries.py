@@ -1,5 +1,6 @@
-"""Test dependencies the GPU machine cannot install: Ultralytics, and ONNX Runtime / OpenVINO
-(with onnx and onnxscript, for ``fastres.bench --peers``).
+"""Test dependencies the GPU machine cannot install: Ultralytics, ONNX Runtime / OpenVINO
+(with onnx and onnxscript, for ``fastres.bench --peers``), and oneDNN's packages, without which
+fastres._onednn is not built.
 
 Only there may their tests skip: elsewhere a missing one is an import error, as for the other
 test dependencies (requirements-dev.txt).
@@ -10,6 +11,7 @@ import importlib.util
 import pytest
 import torch
 
+from fastres.backends import onednn_program_class
 from fastres.bench.peers import missing_packages
 
 
@@ -31,4 +33,10 @@ needs_ultralytics = pytest.mark.skipif(
 )
 needs_peers = pytest.mark.skipif(
     not HAS_PEERS, reason="onnxruntime / openvino are not installed on this GPU machine"
+)
+HAS_ONEDNN = _installed_or_on_the_gpu_machine(
+    onednn_program_class() is not None, "fastres._onednn (onednn-cpu-gomp, onednn-devel-cpu-gomp)"
+)
+needs_onednn = pytest.mark.skipif(
+    not HAS_ONEDNN, reason="fastres._onednn is not built on this GPU machine (no oneDNN package)"
 )

@@ -14,13 +14,15 @@ import threading
 import pytest
 import torch
 import torchvision
+from optional_libraries import HAS_ONEDNN
 from test_adapters import MODELS, _logits, _params
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
-from fastres.plans import folded_eval
+from fastres.plans import folded_eval, folded_program
 from fastres.plans.folded_eval import FOLDED
+from fastres.plans.folded_program import PROGRAMS
 from fastres.testing import assert_within_error_factor, randomise_batch_norms
 
 pytestmark = pytest.mark.skipif(
@@ -51,7 +53,10 @@ def _torchvision_resnet18() -> nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
-LIBRARY_MODELS = {"torchvision-resnet18": _torchvision_resnet18} | {
+LIBRARY_MODELS = {
+    "torchvision-resnet18": _torchvision_resnet18,  # FastResNet: the oneDNN program
+    "torchvision-resnet18-per-block": _torchvision_resnet18,  # ATen's ops, block by block
+} | {
     name: MODELS[name][0]
     for name in (
         "timm-resnet18",
@@ -82,7 +87,10 @@ def _run(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["autocast", "cast"])
 @pytest.mark.parametrize("name", _params(LIBRARY_MODELS))
-def test_bfloat16_eval_follows_the_error_factor_rule_against_float64(name, mode):
+def test_bfloat16_eval_follows_the_error_factor_rule_against_float64(name, mode, monkeypatch):
+    per_block = not name.startswith("torchvision") or name.endswith("per-block") or not HAS_ONEDNN
+    if per_block:
+        monkeypatch.setattr(folded_program, "onednn_program_class", lambda: None)
     reference, fast = _models(name)
     truth_model = copy.deepcopy(reference).double()
     if mode == "cast":
@@ -95,8 +103,11 @@ def test_bfloat16_eval_follows_the_error_factor_rule_against_float64(name, mode)
     expected = _run(reference, x, mode)
     assert got.dtype == expected.dtype == torch.bfloat16
     assert_within_error_factor(got, expected, truth, f"{name} {mode} logits", torch.bfloat16)
-    folded = {op: dtypes for op, dtypes in log.dtypes.items() if op in ONEDNN_CONVOLUTIONS}
-    assert folded and all(dtypes == {torch.bfloat16} for dtypes in folded.values()), log.dtypes
+    if per_block:
+        folded = {op: dtypes for op, dtypes in log.dtypes.items() if op in ONEDNN_CONVOLUTIONS}
+        assert folded and all(dtypes == {torch.bfloat16} for dtypes in folded.values()), log.dtypes
+    else:  # a torchvision ResNet: the whole network in one oneDNN call, no ATen convolution
+        assert not log.dtypes and fast in PROGRAMS
 
 
 def test_every_convolution_of_resnet50_runs_folded_in_bfloat16_channels_last():
@@ -170,7 +181,8 @@ def test_concurrent_serving_threads_get_the_results_of_a_single_thread():
                 with torch.no_grad():
                     got = fast(inputs[k])
                 torch.testing.assert_close(got, expected[k], rtol=0, atol=0)
-        except BaseException as error:  # noqa: BLE001: reported by the main thread
+        # Reported by the main thread.
+        except BaseException as error:  # noqa: BLE001
             failures.append(error)
 
     threads = [threading.Thread(target=serve, args=(offset,)) for offset in range(4)]

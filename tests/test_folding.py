@@ -1,4 +1,5 @@
-"""Inference with BatchNorm folded into the convolutions: fold_bn, eval outputs, the cache."""
+"""Inference with BatchNorm folded into the convolutions, block by block: fold_bn, eval outputs,
+the cache."""
 
 import copy
 
@@ -11,8 +12,16 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import fastres
 from fastres import fold_bn
+from fastres.plans import folded_program
 from fastres.plans.folded_eval import FOLDED
 from fastres.testing import assert_within_error_factor, backend_params
+
+
+@pytest.fixture(autouse=True)
+def per_block_path(monkeypatch):
+    """This file tests folding block by block through ATen's ops: FastResNet's whole-network
+    oneDNN program (tests/test_folded_program.py) is switched off."""
+    monkeypatch.setattr(folded_program, "onednn_program_class", lambda: None)
 
 
 def _realistic(model: nn.Module, seed=0) -> nn.Module:

@@ -19,7 +19,7 @@ from torch.nn.modules import module as module_hooks
 from fastres._layout import memory_format_of
 from fastres.activation import ACTIVATIONS
 from fastres.backends import resolve_backend
-from fastres.folding import FoldedBlock, folding_kind
+from fastres.folding import FoldedBlock, FoldedStage, folding_kind
 from fastres.plans.description import ResidualBlock, Stage
 from fastres.plans.exporting import tracing_or_exporting
 
@@ -29,6 +29,8 @@ __all__ = [
     "autocast_dtype",
     "compute_dtype",
     "foldable",
+    "folded_stages",
+    "folded_stem",
     "folding_input",
     "hooks_can_see_activations",
     "onednn_dtypes",
@@ -157,8 +159,7 @@ def run_folded_stage(module: nn.Module, stage: Stage, x: Tensor, backend: str) -
     ``module`` (see :data:`FOLDED`); in x's memory format."""
     kind = folding_kind(backend)
     assert kind is not None  # stage_folding_backend checked that the backend folds
-    cache = FOLDED.setdefault(module, FoldedBlock())
-    (folded,), _ = cache.stages([(stage.conv, stage.norm)], None, kind)
+    folded = folded_stem(module, stage, kind)
     h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
     with autocast_off(x):
         out = folded.run(h, activation=stage.activation)
@@ -220,6 +221,24 @@ def _folded_shortcut(block: ResidualBlock) -> Stage | None:
     return stage if stage is not None and not stage.issue(("identity",)) else None
 
 
+def folded_stages(block: ResidualBlock, kind: str) -> tuple[list[FoldedStage], FoldedStage | None]:
+    """The block's folded convolutions on ``kind`` (see :func:`folding_kind`), cached beside the
+    block (:data:`FOLDED`) and folded again when anything they are computed from changed: the
+    main branch's stages, and the shortcut's when it is a (convolution, BatchNorm) pair."""
+    shortcut = _folded_shortcut(block)
+    pairs = [(stage.conv, stage.norm) for stage in block.stages]
+    cache = FOLDED.setdefault(block.module, FoldedBlock())
+    shortcut_pair = (shortcut.conv, shortcut.norm) if shortcut else None
+    return cache.stages(pairs, shortcut_pair, kind)
+
+
+def folded_stem(module: nn.Module, stage: Stage, kind: str) -> FoldedStage:
+    """A lone stage's (a stem's) folded convolution on ``kind``, cached beside ``module``."""
+    cache = FOLDED.setdefault(module, FoldedBlock())
+    (folded,), _ = cache.stages([(stage.conv, stage.norm)], None, kind)
+    return folded
+
+
 class FoldedEvalPlan:
     name = "folded eval"
 
@@ -233,16 +252,12 @@ class FoldedEvalPlan:
     ) -> Tensor:
         """The block's eval from folded weights. ``input_is_scratch=True`` says ``x`` is an
         activation the network owns and needs no more (never a caller's tensor, nothing a hook
-        saw): the last convolution may then add into it in place (see ``_Stage.run``), as it
+        saw): the last convolution may then add into it in place (see ``FoldedStage.run``), as it
         always may into the folded shortcut's own output."""
         require_input_dtype(block.module, block.stages[0].conv, x)
-        shortcut = _folded_shortcut(block)
-        pairs = [(stage.conv, stage.norm) for stage in block.stages]
-        cache = FOLDED.setdefault(block.module, FoldedBlock())
-        shortcut_pair = (shortcut.conv, shortcut.norm) if shortcut else None
         kind = folding_kind(backend)
         assert kind is not None  # applies() said the backend folds
-        stages, folded_shortcut = cache.stages(pairs, shortcut_pair, kind)
+        stages, folded_shortcut = folded_stages(block, kind)
         # A shortcut that is not (conv, BatchNorm) runs as itself, under autocast.
         unfolded_identity = (
             block.shortcut(x) if folded_shortcut is None and block.shortcut is not None else None

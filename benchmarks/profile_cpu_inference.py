@@ -1,0 +1,139 @@
+"""Where bfloat16 CPU inference of ResNet-50 spends its time: fastres against OpenVINO.
+
+Usage: python benchmarks/profile_cpu_inference.py --batch-size 1 --threads 1
+
+A breakdown, not a benchmark (``python -m fastres.bench.cpu_inference`` compares them, in
+interleaved rounds). For one input, in one process:
+
+* OpenVINO at its default precision: the layers' own times from its performance counters
+  (``PERF_COUNT``), summed by layer type and kernel;
+* fastres with the model cast to bfloat16: the oneDNN kernels' execution times from oneDNN's
+  verbose log, the time torch's profiler gives each ATen op (the kernels plus ATen's per-call
+  work), and the forward's wall time; what wall time has beyond the ATen ops is Python;
+* each one's median wall time over ``--calls`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+import torchvision
+from script_args import require_positive
+
+import fastres
+from fastres.bench.peers import export_onnx
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=10, help="calls profiled and timed")
+    args = parser.parse_args()
+    require_positive(parser, args, "batch_size", "threads", "calls")
+    return args
+
+
+def median_ms(step: Callable[[], object], calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def openvino_layers(path: str, feed, threads: int, calls: int) -> tuple[dict, Callable]:
+    """ms per call by (layer type, kernel), and the inference step."""
+    import openvino as ov
+
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": "YES"}
+    request = ov.Core().compile_model(path, "CPU", config).create_infer_request()
+    for _ in range(3):
+        request.infer({0: feed})
+    layers: dict[tuple[str, str], float] = defaultdict(float)
+    for _ in range(calls):
+        request.infer({0: feed})
+        for layer in request.get_profiling_info():
+            key = (layer.node_type, layer.exec_type)
+            layers[key] += layer.real_time.total_seconds() * 1e3 / calls
+    return layers, lambda: request.infer({0: feed})
+
+
+def onednn_kernels(step: Callable[[], object], calls: int) -> dict[str, float]:
+    """ms per call by oneDNN kernel, from its verbose log (written to file descriptor 1)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                for _ in range(calls):
+                    step()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        kernels: dict[str, float] = defaultdict(float)
+        for line in log:
+            fields = line.strip().split(",")
+            if len(fields) > 7 and fields[2] == "primitive" and fields[3] == "exec":
+                kernels[f"{fields[5]} {fields[6]}"] += float(fields[-1]) / calls
+    return kernels
+
+
+def aten_ops(step: Callable[[], object], calls: int) -> dict[str, float]:
+    """ms per call of each op's own CPU time, from torch's profiler."""
+    with torch.profiler.profile() as profiler:
+        for _ in range(calls):
+            step()
+    return {e.key: e.self_cpu_time_total / 1e3 / calls for e in profiler.key_averages()}
+
+
+def print_top(title: str, times: dict, top: int = 8) -> None:
+    print(f"{title}: {sum(times.values()):.2f} ms per call")
+    for name, ms in sorted(times.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {ms:8.2f}  {name}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    fast = fastres.convert(copy.deepcopy(reference)).eval().to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+
+    def fast_step() -> object:
+        with torch.no_grad():
+            return fast(xb)
+
+    for _ in range(3):
+        fast_step()
+    with tempfile.TemporaryDirectory(prefix="fastres-profile-") as folder:
+        path, _ = export_onnx(reference, x, folder)
+        layers, openvino_step = openvino_layers(path, x.numpy(), args.threads, args.calls)
+    print(f"ResNet-50, batch {args.batch_size}, {args.threads} threads, bfloat16")
+    print_top("OpenVINO layers (performance counters)", layers)
+    print_top("fastres oneDNN kernels (verbose log)", onednn_kernels(fast_step, args.calls))
+    ops = aten_ops(fast_step, args.calls)
+    print_top("fastres ATen ops (profiler, own time)", ops)
+    fast_ms, openvino_ms = median_ms(fast_step, args.calls), median_ms(openvino_step, args.calls)
+    print(
+        f"wall, median of {args.calls}: fastres {fast_ms:.2f} ms (of which outside ATen ops: "
+        f"{fast_ms - sum(ops.values()):.2f} ms), OpenVINO {openvino_ms:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Plan: a whole ResNet's folded eval as one call into oneDNN (``fastres._onednn``).
+
+Folded eval (fastres/plans/folded_eval.py) runs each block's convolutions through ATen's oneDNN
+ops, deciding per block in Python what to run: per call that costs about 50 us of ATen work per
+convolution and some 250 us of Python per block, a third of a ResNet-50 image at batch 1 in
+bfloat16 on a CPU with AMX (benchmarks/profile_cpu_inference.py). When every block of a
+:class:`fastres.FastResNet` takes the folded path for an input, this plan runs the stem, its
+max-pool and every block as one oneDNN program instead (csrc/onednn/folded_program.cpp):
+primitives created once per input shape and dtype, weights reordered once, activations in
+buffers the program reuses. The same folded weights (the blocks' :data:`FOLDED` caches, folded
+again when a tensor changes) feed both paths; the program is rebuilt when any of them is.
+
+It applies on the ``cpu`` backend when fastres._onednn was built, for float32 and bfloat16
+(a bfloat16 model or autocast), with no forward hook anywhere in the model (hooks see every
+activation on the per-block path), for the plain torchvision layout: an exact max-pool after
+the stem and ``nn.Sequential`` layers of fast blocks with (convolution, BatchNorm) or identity
+shortcuts. Anything else runs the per-block path, which gives the same results.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastres.backends import onednn_program_class, resolve_backend
+from fastres.folding import FoldedStage
+from fastres.plans.description import ResidualBlock, Stage
+from fastres.plans.folded_eval import (
+    FoldedEvalPlan,
+    compute_dtype,
+    folded_stages,
+    folded_stem,
+    folding_input,
+    hooks_can_see_activations,
+    require_input_dtype,
+)
+
+__all__ = ["PROGRAMS", "program_for", "run_program"]
+
+# Dtypes the program runs in, by the name csrc/onednn/folded_program.cpp takes.
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+@dataclass
+class _Cached:
+    key: tuple[int, ...]
+    program: Any  # torch.classes.fastres.FoldedProgram
+
+
+@dataclass
+class _Programs:
+    """Each model's programs, one per input shape and dtype (the last few)."""
+
+    by_input: dict[tuple[tuple[int, ...], torch.dtype], _Cached] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# Beside the model, like the folded weights: not state to save or deepcopy.
+PROGRAMS: weakref.WeakKeyDictionary[nn.Module, _Programs] = weakref.WeakKeyDictionary()
+# Input shapes a model keeps a program for (each holds a copy of the weights).
+PROGRAM_SHAPES = 4
+
+
+def _blocks(model: nn.Module) -> list[Any] | None:
+    """The model's fast blocks in order, when its layers are plain Sequentials of them."""
+    from fastres.modules import FastBlockMixin
+
+    blocks = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        layer = getattr(model, name, None)
+        if type(layer) is not nn.Sequential:
+            return None
+        children = list(layer.children())
+        if not all(isinstance(b, FastBlockMixin) for b in children):
+            return None
+        blocks += children
+    return blocks
+
+
+def _max_pool(pool: Any) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of an exact square max-pool the program reproduces."""
+    if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices:
+        return None
+    kernel, stride, padding, dilation = pool.kernel_size, pool.stride, pool.padding, pool.dilation
+    if dilation != 1:
+        return None
+    if isinstance(kernel, int) and isinstance(stride, int) and isinstance(padding, int):
+        return kernel, stride, padding
+    return None
+
+
+def _plain_conv(stage: Stage) -> bool:
+    conv: Any = stage.conv  # an exact nn.Conv2d (the plans checked)
+    return (
+        tuple(conv.dilation) == (1, 1)
+        and not isinstance(conv.padding, str)
+        and conv.kernel_size[0] == conv.kernel_size[1]
+    )
+
+
+def _described_blocks(model: nn.Module, x: Tensor) -> list[ResidualBlock] | None:
+    """Every block's description, when the per-block dispatcher would run each one folded on
+    ``cpu`` for an input like ``x`` with a shortcut the program reproduces."""
+    from fastres.plans import plan_for
+
+    blocks = _blocks(model)
+    if blocks is None:
+        return None
+    described = []
+    for block in blocks:
+        if resolve_backend(block.backend, x.device, x.dtype) != "cpu":
+            return None
+        description = block._describe()
+        if not isinstance(plan_for(description, x, "cpu"), FoldedEvalPlan):
+            return None
+        shortcut_plain = description.shortcut is None or description.shortcut_stage is not None
+        stages = [*description.stages, *filter(None, [description.shortcut_stage])]
+        if not shortcut_plain or not all(_plain_conv(s) for s in stages):
+            return None
+        described.append(description)
+    return described
+
+
+def program_for(model: nn.Module, stem: Stage, x: Tensor) -> Any | None:
+    """The oneDNN program that runs ``model``'s stem, max-pool and blocks folded for ``x``
+    (built or reused), or None where this plan does not apply (see the module's notes).
+    The caller (FastResNet) has checked that its stem folds on ``cpu`` for ``x``."""
+    program_class = onednn_program_class()
+    dtype = compute_dtype(x)
+    pool = _max_pool(getattr(model, "maxpool", None))
+    if program_class is None or dtype not in _DTYPES or pool is None or x.shape[0] == 0:
+        return None
+    if not _plain_conv(stem) or hooks_can_see_activations(model):
+        return None
+    described = _described_blocks(model, x)
+    if described is None:
+        return None
+    require_input_dtype(model, stem.conv, x)
+    folded_stem_stage = folded_stem(model, stem, "onednn")
+    folded = [folded_stages(block, "onednn") for block in described]
+    key = (
+        id(folded_stem_stage),
+        *(id(stage) for stages, shortcut in folded for stage in (*stages, shortcut)),
+    )
+    cache = PROGRAMS.setdefault(model, _Programs())
+    signature = (tuple(x.shape), dtype)
+    with cache.lock:
+        cached = cache.by_input.get(signature)
+        if cached is None or cached.key != key:
+            builder = _Builder(program_class(_DTYPES[dtype]))
+            builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
+            builder.add_blocks(described, folded)
+            program = builder.program
+            if len(cache.by_input) >= PROGRAM_SHAPES and signature not in cache.by_input:
+                cache.by_input.pop(next(iter(cache.by_input)))
+            cache.by_input[signature] = cached = _Cached(key, program)
+    return cached.program
+
+
+def run_program(program: Any, x: Tensor) -> Tensor:
+    """The program's output for ``x``: the last block's, channels_last, in the compute dtype."""
+    h = folding_input(x, "cpu").contiguous(memory_format=torch.channels_last)
+    out: Tensor = program.run(h)
+    return out
+
+
+@dataclass
+class _Builder:
+    """Adds a network's steps to a program, assigning buffers by liveness: each step's output
+    gets a free buffer (the program sizes every buffer for its largest use); buffer 0 is the
+    input, never written. ``current`` is the buffer holding the latest output, of ``sizes``."""
+
+    program: Any
+    free: list[int] = field(default_factory=list)
+    next_id: int = 1
+    current: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.next_id += 1
+        return self.next_id - 1
+
+    def give_back(self, buffer: int) -> None:
+        if buffer != 0:
+            self.free.append(buffer)
+
+    def convolution(
+        self,
+        src: int,
+        dst: int,
+        sizes: list[int],
+        folded: FoldedStage,
+        activation: str,
+        sum_into_dst: bool = False,
+    ) -> list[int]:
+        """Adds ``dst = activation(conv(src) [+ dst])``; returns the output's sizes."""
+        conv = folded.conv
+        out = _conv_sizes(sizes, conv)
+        self.program.add_convolution(
+            src,
+            dst,
+            sum_into_dst,
+            folded.weight.float().contiguous(),  # folded in float32 (cast in the program)
+            folded.bias.float(),
+            sizes,
+            out,
+            list(conv.stride),
+            list(conv.padding),
+            conv.groups,
+            activation,
+        )
+        return out
+
+    def add_stem(
+        self, shape: list[int], stem: Stage, folded: FoldedStage, pool: tuple[int, int, int]
+    ) -> None:
+        """The stem's folded convolution from the input, then its max-pool."""
+        conv_out = self.take()
+        sizes = self.convolution(0, conv_out, shape, folded, stem.activation)
+        kernel, stride, padding = pool
+        pooled = self.take()
+        n, c, h, w = sizes
+        side = [(length + 2 * padding - kernel) // stride + 1 for length in (h, w)]
+        self.sizes = [n, c, *side]
+        self.program.add_max_pool(
+            conv_out, pooled, sizes, self.sizes, [kernel] * 2, [stride] * 2, [padding] * 2
+        )
+        self.give_back(conv_out)
+        self.current = pooled
+
+    def add_blocks(
+        self,
+        described: list[ResidualBlock],
+        folded: list[tuple[list[FoldedStage], FoldedStage | None]],
+    ) -> None:
+        """Each block: its inner stages into fresh buffers, the shortcut's convolution (if any)
+        into the block's output buffer, then the last stage summed into that output (the
+        shortcut's, or the block's own input, which the network owns and needs no more) with
+        the activation after the add."""
+        for block, (stages, shortcut) in zip(described, folded, strict=True):
+            h, h_sizes = self.current, self.sizes
+            for stage, stage_described in zip(stages[:-1], block.stages[:-1], strict=True):
+                out = self.take()
+                h_sizes = self.convolution(h, out, h_sizes, stage, stage_described.activation)
+                if h != self.current:
+                    self.give_back(h)
+                h = out
+            dst = self.current
+            if shortcut is not None:
+                dst = self.take()
+                self.convolution(self.current, dst, self.sizes, shortcut, "identity")
+                self.give_back(self.current)
+            self.sizes = self.convolution(
+                h, dst, h_sizes, stages[-1], block.activation, sum_into_dst=True
+            )
+            self.give_back(h)
+            self.current = dst
+
+
+def _conv_sizes(sizes: list[int], conv: Any) -> list[int]:
+    n, _, h, w = sizes
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return [n, conv.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1]
