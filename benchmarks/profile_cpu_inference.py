@@ -7,15 +7,17 @@ interleaved rounds). For one input, in one process:
 
 * OpenVINO at its default precision: the layers' own times from its performance counters
   (``PERF_COUNT``), summed by layer type and kernel;
-* fastres with the model cast to bfloat16: the oneDNN kernels' execution times from oneDNN's
-  verbose log, the time torch's profiler gives each ATen op (the kernels plus ATen's per-call
-  work), and the forward's wall time; what wall time has beyond the ATen ops is Python;
-* each one's median wall time over ``--calls`` calls.
+* fastres with the model cast to bfloat16, block by block through ATen's oneDNN ops: the
+  kernels' execution times from oneDNN's verbose log, the time torch's profiler gives each ATen
+  op (the kernels plus ATen's per-call work); what wall time has beyond the ATen ops is Python;
+* the median wall time over ``--calls`` calls of that, of the whole-network oneDNN program
+  (fastres/plans/folded_program.py; its kernels' times: ONEDNN_VERBOSE=1), and of OpenVINO.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -23,14 +25,16 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torchvision
 from script_args import require_positive
 
 import fastres
+from fastres.backends import onednn_program_class
 from fastres.bench.peers import export_onnx
+from fastres.plans import folded_program
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,25 +118,47 @@ def main() -> None:
     fast = fastres.convert(copy.deepcopy(reference)).eval().to(torch.bfloat16)
     xb = x.to(torch.bfloat16)
 
-    def fast_step() -> object:
+    def program_step() -> object:
         with torch.no_grad():
             return fast(xb)
 
+    def per_block_step() -> object:
+        with torch.no_grad(), per_block_path():
+            return fast(xb)
+
     for _ in range(3):
-        fast_step()
+        program_step(), per_block_step()
     with tempfile.TemporaryDirectory(prefix="fastres-profile-") as folder:
         path, _ = export_onnx(reference, x, folder)
         layers, openvino_step = openvino_layers(path, x.numpy(), args.threads, args.calls)
     print(f"ResNet-50, batch {args.batch_size}, {args.threads} threads, bfloat16")
     print_top("OpenVINO layers (performance counters)", layers)
-    print_top("fastres oneDNN kernels (verbose log)", onednn_kernels(fast_step, args.calls))
-    ops = aten_ops(fast_step, args.calls)
-    print_top("fastres ATen ops (profiler, own time)", ops)
-    fast_ms, openvino_ms = median_ms(fast_step, args.calls), median_ms(openvino_step, args.calls)
+    print("fastres block by block (ATen's oneDNN ops):")
+    print_top("  oneDNN kernels (verbose log)", onednn_kernels(per_block_step, args.calls))
+    ops = aten_ops(per_block_step, args.calls)
+    print_top("  ATen ops (profiler, own time)", ops)
+    per_block_ms = median_ms(per_block_step, args.calls)
+    program = "the whole-network oneDNN program"
+    if onednn_program_class() is None:
+        program += " (not built: the block-by-block path again)"
     print(
-        f"wall, median of {args.calls}: fastres {fast_ms:.2f} ms (of which outside ATen ops: "
-        f"{fast_ms - sum(ops.values()):.2f} ms), OpenVINO {openvino_ms:.2f} ms"
+        f"wall, median of {args.calls}: fastres block by block {per_block_ms:.2f} ms (outside "
+        f"ATen ops: {per_block_ms - sum(ops.values()):.2f} ms), {program} "
+        f"{median_ms(program_step, args.calls):.2f} ms, OpenVINO "
+        f"{median_ms(openvino_step, args.calls):.2f} ms"
     )
+    print("(the program's own oneDNN kernels: run with ONEDNN_VERBOSE=1 and sum exec times)")
+
+
+@contextlib.contextmanager
+def per_block_path() -> Iterator[None]:
+    """FastResNet's blocks one by one through ATen's ops: the program switched off."""
+    saved = folded_program.onednn_program_class
+    folded_program.onednn_program_class = lambda: None
+    try:
+        yield
+    finally:
+        folded_program.onednn_program_class = saved
 
 
 if __name__ == "__main__":

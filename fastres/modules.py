@@ -37,7 +37,7 @@ from fastres.plans.folded_eval import (
     run_folded_stem,
     stage_folding_backend,
 )
-from fastres.plans.folded_program import program_for, run_program
+from fastres.plans.folded_program import PROGRAMS, program_for, run_program
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
@@ -254,7 +254,8 @@ class FastResNet(ResNet):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def train(self, mode: bool = True):
-        FOLDED.pop(self, None)  # folded weights are for eval only; free them
+        FOLDED.pop(self, None)  # folded weights and programs are for eval only; free them
+        PROGRAMS.pop(self, None)
         return super().train(mode)
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -137,12 +137,14 @@ def test_outputs_are_new_tensors_and_the_input_is_left_alone():
     assert torch.equal(x, original)
 
 
-def test_a_program_is_kept_per_input_shape():
+def test_a_program_is_kept_per_input_shape_and_freed_by_train():
     _, fast = _models()
     with torch.no_grad():
         for batch in (1, 2, 1, 3):
             fast(torch.randn(batch, 3, 32, 32))
     assert _programs(fast) == 3
+    fast.train()
+    assert _programs(fast) == 0
 
 
 def test_concurrent_threads_get_the_results_of_a_single_thread():
