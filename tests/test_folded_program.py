@@ -202,3 +202,16 @@ def test_info_says_which_path_folded_cpu_inference_takes():
     assert "oneDNN" in fastres.info()["folded_cpu_path"]
     assert "directly" in fastres.info()["folded_cpu_path"]
     assert folded_eval.onednn_dtypes()[0] == torch.float32
+
+
+def test_a_model_whose_layers_do_not_fit_gets_the_block_by_block_error():
+    """No program, and the error a user gets without one, naming the channels."""
+    reference, fast = _models()
+    x = torch.randn(1, 3, 2, 2)  # every stage down to 1x1 pixel: still a program
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert _programs(fast) == 1
+    fast.layer2[0].conv1 = nn.Conv2d(32, 128, 3, 2, 1, bias=False)  # layer1 gives 64 channels
+    with torch.no_grad(), pytest.raises(fastres.BlockInputError, match="64"):
+        fast(torch.randn(1, 3, 32, 32))
+    assert _programs(fast) == 1  # only the one built before

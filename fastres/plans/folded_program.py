@@ -153,8 +153,11 @@ def program_for(model: nn.Module, stem: Stage, x: Tensor) -> Any | None:
         cached = cache.by_input.get(signature)
         if cached is None or cached.key != key:
             builder = _Builder(program_class(_DTYPES[dtype]))
-            builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
-            builder.add_blocks(described, folded)
+            try:
+                builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
+                builder.add_blocks(described, folded)
+            except _NotReproduced:
+                return None
             program = builder.program
             if len(cache.by_input) >= PROGRAM_SHAPES and signature not in cache.by_input:
                 cache.by_input.pop(next(iter(cache.by_input)))
@@ -167,6 +170,10 @@ def run_program(program: Any, x: Tensor) -> Tensor:
     h = folding_input(x, "cpu").contiguous(memory_format=torch.channels_last)
     out: Tensor = program.run(h)
     return out
+
+
+class _NotReproduced(Exception):
+    """A layer's input does not fit it (channels, or an output smaller than one pixel)."""
 
 
 @dataclass
@@ -203,6 +210,8 @@ class _Builder:
         """Adds ``dst = activation(conv(src) [+ dst])``; returns the output's sizes."""
         conv = folded.conv
         out = _conv_sizes(sizes, conv)
+        if sizes[1] != conv.in_channels or min(out) < 1:
+            raise _NotReproduced  # the block-by-block path raises the error a user can act on
         self.program.add_convolution(
             src,
             dst,
@@ -228,6 +237,8 @@ class _Builder:
         pooled = self.take()
         n, c, h, w = sizes
         side = [(length + 2 * padding - kernel) // stride + 1 for length in (h, w)]
+        if min(side) < 1:
+            raise _NotReproduced
         self.sizes = [n, c, *side]
         self.program.add_max_pool(
             conv_out, pooled, sizes, self.sizes, [kernel] * 2, [stride] * 2, [padding] * 2
