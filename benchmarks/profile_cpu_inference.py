@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -34,6 +32,7 @@ from script_args import require_positive
 import fastres
 from fastres.backends import onednn_program_class
 from fastres.bench.peers import export_onnx
+from fastres.folding import onednn_verbose_log
 from fastres.plans import folded_program
 
 
@@ -74,24 +73,17 @@ def openvino_layers(path: str, feed, threads: int, calls: int) -> tuple[dict, Ca
 
 
 def onednn_kernels(step: Callable[[], object], calls: int) -> dict[str, float]:
-    """ms per call by oneDNN kernel, from its verbose log (written to file descriptor 1)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        os.dup2(log.fileno(), 1)
-        try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                for _ in range(calls):
-                    step()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        log.seek(0)
-        kernels: dict[str, float] = defaultdict(float)
-        for line in log:
-            fields = line.strip().split(",")
-            if len(fields) > 7 and fields[2] == "primitive" and fields[3] == "exec":
-                kernels[f"{fields[5]} {fields[6]}"] += float(fields[-1]) / calls
+    """ms per call by oneDNN kernel, from torch's oneDNN's verbose log."""
+
+    def steps() -> None:
+        for _ in range(calls):
+            step()
+
+    kernels: dict[str, float] = defaultdict(float)
+    for line in onednn_verbose_log(steps):
+        fields = line.strip().split(",")
+        if len(fields) > 7 and fields[2] == "primitive" and fields[3] == "exec":
+            kernels[f"{fields[5]} {fields[6]}"] += float(fields[-1]) / calls
     return kernels
 
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -319,20 +320,28 @@ def _onednn_kernel(dtype: torch.dtype) -> str:
     weight = torch.zeros(64, 64, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
     geometry = ([0, 0], [1, 1], [1, 1], 1)
     packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape))
-    # oneDNN writes its log to file descriptor 1 from C++: point that at a file for one call.
+    log = onednn_verbose_log(
+        lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
+    )
+    lines = [line.split(",") for line in log if ",exec," in line and ",convolution," in line]
+    return lines[-1][6] if lines and len(lines[-1]) > 6 else "unknown"
+
+
+def onednn_verbose_log(step: Callable[[], object]) -> list[str]:
+    """The lines torch's oneDNN logs while ``step()`` runs with its verbose mode on. oneDNN
+    writes them to file descriptor 1 from C++: that points at a file for the call."""
     sys.stdout.flush()
     saved = os.dup(1)
     with tempfile.TemporaryFile(mode="w+") as log:
         os.dup2(log.fileno(), 1)
         try:
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
+                step()
         finally:
             os.dup2(saved, 1)
             os.close(saved)
         log.seek(0)
-        lines = [line.split(",") for line in log if ",exec," in line and ",convolution," in line]
-    return lines[-1][6] if lines and len(lines[-1]) > 6 else "unknown"
+        return log.readlines()
 
 
 def folding_description(backend: str) -> str:

@@ -9,12 +9,12 @@ contract's error-factor rule. The convolutions must run folded, in bfloat16, on 
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
 import torchvision
 from optional_libraries import HAS_ONEDNN
+from serving_threads import assert_threads_match_one_thread
 from test_adapters import MODELS, _logits, _params
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -160,38 +160,18 @@ def test_cache_follows_the_dtype_float32_autocast_cast_and_back():
         torch.testing.assert_close(after, rounded(x), rtol=0, atol=1e-4 * truth.abs().max())
 
 
-def test_concurrent_serving_threads_get_the_results_of_a_single_thread():
-    """Several threads serve one bfloat16 model at once, each at its own batch sizes (more
-    shapes than a folded convolution keeps packed weights for): every result equals the one a
-    single thread gets."""
+def test_concurrent_serving_threads_get_the_results_of_a_single_thread(monkeypatch):
+    """Several threads serve one bfloat16 model at once block by block, each at its own batch
+    sizes (more shapes than a folded convolution keeps packed weights for): every result equals
+    the one a single thread gets. (The whole-network program: tests/test_folded_program.py.)"""
     from fastres.folding import PACKED_SHAPES
 
+    monkeypatch.setattr(folded_program, "onednn_program_class", lambda: None)
     _, fast = _models("torchvision-resnet18")
     fast = fast.to(torch.bfloat16)
     torch.manual_seed(1)
     inputs = [torch.randn(n, 3, 32, 32).to(torch.bfloat16) for n in range(1, PACKED_SHAPES + 4)]
-    with torch.no_grad():
-        expected = [fast(x) for x in inputs]
-    failures: list[BaseException] = []
-
-    def serve(offset: int) -> None:
-        try:
-            for i in range(3 * len(inputs)):
-                k = (i + offset) % len(inputs)
-                with torch.no_grad():
-                    got = fast(inputs[k])
-                torch.testing.assert_close(got, expected[k], rtol=0, atol=0)
-        # Reported by the main thread.
-        except BaseException as error:  # noqa: BLE001
-            failures.append(error)
-
-    threads = [threading.Thread(target=serve, args=(offset,)) for offset in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads), "a serving thread hung"
-    assert not failures, failures[0]
+    assert_threads_match_one_thread(fast, inputs)
 
 
 def test_a_bfloat16_model_fed_float32_says_to_cast_the_input():

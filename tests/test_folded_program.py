@@ -6,13 +6,13 @@ program does not apply."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
 import torchvision
 from op_log import OpLog
 from optional_libraries import needs_onednn
+from serving_threads import assert_threads_match_one_thread
 from torch import nn
 
 import fastres
@@ -151,27 +151,8 @@ def test_concurrent_threads_get_the_results_of_a_single_thread():
     _, fast = _models()
     fast = fast.to(torch.bfloat16)
     inputs = [torch.randn(n, 3, 32, 32).to(torch.bfloat16) for n in (1, 2, 3)]
-    with torch.no_grad():
-        expected = [fast(x) for x in inputs]
-    failures: list[BaseException] = []
-
-    def serve(offset: int) -> None:
-        try:
-            for i in range(9):
-                k = (i + offset) % len(inputs)
-                with torch.no_grad():
-                    torch.testing.assert_close(fast(inputs[k]), expected[k], rtol=0, atol=0)
-        # Reported by the main thread.
-        except BaseException as error:  # noqa: BLE001
-            failures.append(error)
-
-    threads = [threading.Thread(target=serve, args=(offset,)) for offset in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads), "a serving thread hung"
-    assert not failures, failures[0]
+    assert_threads_match_one_thread(fast, inputs, rounds=3)
+    assert _programs(fast) == 3
 
 
 def test_the_program_checks_what_it_is_given():

@@ -56,12 +56,27 @@ int64_t bytes_of(const Dims& dims, memory::data_type type) {
 
 // One step: a primitive, the buffers it reads and writes, and what it was created for.
 struct Step {
+  Step(dnnl::primitive primitive, int64_t src, int64_t dst, memory::desc src_desc,
+       memory::desc dst_desc)
+      : primitive(std::move(primitive)),
+        src(src),
+        dst(dst),
+        src_desc(src_desc),
+        dst_desc(dst_desc) {}
+
   dnnl::primitive primitive;
   int64_t src = 0, dst = 0;
   memory::desc src_desc, dst_desc;
   memory weights, bias;  // convolutions only
   bool has_weights = false;
 };
+
+// The padding on the right/bottom that gives dst_dims (it can differ from the left's).
+Dims right_padding(const Dims& src_dims, const Dims& dst_dims, int64_t kh, int64_t kw,
+                   const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
+  return {(dst_dims[2] - 1) * stride[0] + kh - src_dims[2] - padding[0],
+          (dst_dims[3] - 1) * stride[1] + kw - src_dims[3] - padding[1]};
+}
 
 }  // namespace
 
@@ -100,21 +115,14 @@ class FoldedProgram : public torch::CustomClassHolder {
     memory::desc src_md(src_dims, type_, nhwc), dst_md(dst_dims, type_, nhwc);
     memory::desc weight_any(weight_dims, type_, memory::format_tag::any);
     memory::desc bias_md({weight.size(0)}, memory::data_type::f32, memory::format_tag::a);
-    // Padding on the right/bottom from the output size (it can differ from the left's).
     Dims pad_l{padding[0], padding[1]};
-    Dims pad_r{(dst_dims[2] - 1) * stride[0] + weight.size(2) - src_dims[2] - padding[0],
-               (dst_dims[3] - 1) * stride[1] + weight.size(3) - src_dims[3] - padding[1]};
+    Dims pad_r = right_padding(src_dims, dst_dims, weight.size(2), weight.size(3), stride, padding);
     dnnl::primitive_attr attr;
     attr.set_post_ops(post_ops(sum_into_dst, activation));
     auto pd = dnnl::convolution_forward::primitive_desc(
         engine_, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_md,
         weight_any, bias_md, dst_md, Dims{stride[0], stride[1]}, pad_l, pad_r, attr);
-    Step step;
-    step.primitive = dnnl::convolution_forward(pd);
-    step.src = src;
-    step.dst = dst;
-    step.src_desc = src_md;
-    step.dst_desc = dst_md;
+    Step step(dnnl::convolution_forward(pd), src, dst, src_md, dst_md);
     step.weights = reorder_weight(weight, weight_dims, weight_tag, pd.weights_desc());
     step.bias = memory(bias_md, engine_);
     std::memcpy(step.bias.get_data_handle(), bias.data_ptr<float>(), bias.numel() * 4);
@@ -133,19 +141,12 @@ class FoldedProgram : public torch::CustomClassHolder {
     Dims src_dims = dims_of(src_sizes, "src_sizes"), dst_dims = dims_of(dst_sizes, "dst_sizes");
     auto nhwc = memory::format_tag::nhwc;
     memory::desc src_md(src_dims, type_, nhwc), dst_md(dst_dims, type_, nhwc);
-    Dims pad_r{(dst_dims[2] - 1) * stride[0] + kernel[0] - src_dims[2] - padding[0],
-               (dst_dims[3] - 1) * stride[1] + kernel[1] - src_dims[3] - padding[1]};
+    Dims pad_r = right_padding(src_dims, dst_dims, kernel[0], kernel[1], stride, padding);
     auto pd = dnnl::pooling_forward::primitive_desc(
         engine_, dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, src_md, dst_md,
         Dims{stride[0], stride[1]}, Dims{kernel[0], kernel[1]}, Dims{0, 0},
         Dims{padding[0], padding[1]}, pad_r);
-    Step step;
-    step.primitive = dnnl::pooling_forward(pd);
-    step.src = src;
-    step.dst = dst;
-    step.src_desc = src_md;
-    step.dst_desc = dst_md;
-    add(std::move(step));
+    add(Step(dnnl::pooling_forward(pd), src, dst, src_md, dst_md));
   }
 
   // Runs every step on x (the program's input: its dtype, channels_last, the shape the program
