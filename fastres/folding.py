@@ -222,7 +222,7 @@ class FoldedStage:
         above glibc's mmap threshold (32 MiB, ResNet-50's 256-channel 56x56 maps at batch 16)
         is fresh memory, page-faulted on every call: the 64->256 1x1 convolution alone took
         24 ms, and 9.6 ms with glibc told to reuse memory (diagnostic medians of separate
-        processes, issue 16; the whole-model A/B is in FastResNet's notes)."""
+        processes; the whole-model A/B is in FastResNet's notes)."""
         after_add = "relu" if activation == "relu" else None  # as in _run_onednn
         out = torch.ops.mkldnn._convolution_pointwise_.binary(
             residual,
