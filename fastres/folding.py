@@ -251,6 +251,14 @@ class FoldedStage:
             )
         weight = self._packed_for(x)
         if residual.shape[-2:] == (1, 1) and not onednn_binary_takes_packed_weight_at_1x1():
+            if x.dtype != torch.float32:
+                # That torch's NCHW fallback below ends in ATen's add_relu, which has no
+                # bfloat16 or float16 kernel: the convolution alone, then the add and the
+                # activation (1x1 outputs: a few values per channel).
+                out = torch.ops.mkldnn._convolution_pointwise(
+                    x, weight, bias, *geometry, "none", [], ""
+                )
+                return apply_activation(out + residual, activation)
             # See onednn_binary_takes_packed_weight_at_1x1: NCHW input and plain weight there.
             x, weight = _nchw(x), self._in_dtype(x.dtype)[0].contiguous()
         # ATen's fused oneDNN add takes ReLU after it, and no other activation: SiLU after the add
@@ -358,7 +366,9 @@ def folding_description(backend: str) -> str:
         if not onednn_binary_takes_packed_weight_at_1x1():
             text += (
                 "; where the output is 1x1 the residual-add convolution takes the plain "
-                "weight and an NCHW input (this torch's prepacked binary op fails there)"
+                "weight and an NCHW input in float32, and adds the residual after the "
+                "convolution in bfloat16 and float16 (this torch's prepacked binary op fails "
+                "there)"
             )
         return text
     if kind == "cudnn":

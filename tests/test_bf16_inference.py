@@ -110,6 +110,27 @@ def test_bfloat16_eval_follows_the_error_factor_rule_against_float64(name, mode,
         assert not log.dtypes and fast in PROGRAMS
 
 
+@pytest.mark.parametrize("probe", [True, False], ids=["binary-op-at-1x1", "torch-2.11-path"])
+@pytest.mark.parametrize("mode", ["autocast", "cast"])
+def test_a_one_by_one_last_stage_block_by_block(mode, probe, monkeypatch):
+    """32 px images leave layer4 at 1x1, where torch 2.11's prepacked oneDNN add cannot run
+    (fastres.folding.onednn_binary_takes_packed_weight_at_1x1) and its NCHW fallback has no
+    bfloat16 add_relu: both ways, on whichever torch runs the test."""
+    from fastres import folding
+
+    monkeypatch.setattr(folded_program, "onednn_program_class", lambda: None)
+    monkeypatch.setattr(folding, "onednn_binary_takes_packed_weight_at_1x1", lambda: probe)
+    reference, fast = _models("torchvision-resnet18")
+    truth_model = copy.deepcopy(reference).double()
+    if mode == "cast":
+        reference, fast = reference.to(torch.bfloat16), fast.to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        truth = truth_model(x.double())
+    got, expected = _run(fast, x, mode), _run(reference, x, mode)
+    assert_within_error_factor(got, expected, truth, f"1x1 {mode}", torch.bfloat16)
+
+
 def test_every_convolution_of_resnet50_runs_folded_in_bfloat16_channels_last():
     """No plain convolution, BatchNorm or activation left, and no reorder between layers: each
     folded convolution's output is channels_last bfloat16, the stem's and pooling's included."""
