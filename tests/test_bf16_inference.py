@@ -25,11 +25,6 @@ from fastres.plans.folded_eval import FOLDED
 from fastres.plans.folded_program import PROGRAMS
 from fastres.testing import assert_within_error_factor, randomise_batch_norms
 
-pytestmark = pytest.mark.skipif(
-    torch.bfloat16 not in folded_eval.onednn_dtypes(),
-    reason="this CPU has no bfloat16 convolutions in oneDNN",
-)
-
 ONEDNN_CONVOLUTIONS = ("mkldnn._convolution_pointwise", "mkldnn._convolution_pointwise_")
 
 
