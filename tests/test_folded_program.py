@@ -51,7 +51,9 @@ def _low(mode: str) -> torch.dtype:
 
 
 def _programs(model: nn.Module) -> int:
-    return len(PROGRAMS[model].by_input) if model in PROGRAMS else 0
+    """How many programs the model keeps (decisions that no program applies not counted)."""
+    cached = PROGRAMS[model].by_input.values() if model in PROGRAMS else []
+    return sum(c.program is not None for c in cached)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -99,6 +101,62 @@ def test_every_change_to_a_tensor_rebuilds_the_program():
         assert_within_error_factor(got, reference(x), truth(x.double()), "step", torch.float32)
         fast.load_state_dict(torchvision.models.resnet18(num_classes=10).state_dict())
         assert not torch.equal(fast(x), got)
+
+
+def _replace_a_weight(model: nn.Module) -> None:
+    conv = model.layer2[0].conv1
+    conv.weight = nn.Parameter(conv.weight.detach() * 1.5)
+
+
+def _change_a_stride(model: nn.Module) -> None:
+    model.layer3[0].conv1.stride = (1, 1)  # the block's convolutions keep fitting
+    model.layer3[0].conv2.stride = (2, 2)
+
+
+def _replace_a_block(model: nn.Module) -> None:
+    block = copy.deepcopy(model.layer4[1])
+    with torch.no_grad():
+        block.bn2.weight.mul_(2.0)
+    model.layer4[1] = block
+
+
+@pytest.mark.parametrize("change", [_replace_a_weight, _change_a_stride, _replace_a_block])
+def test_a_change_after_the_program_was_built_is_seen_on_the_next_call(change):
+    """Settings, parameters and children changed by assignment (no tensor version moves):
+    the next call decides again and matches the library's model with the same change."""
+    reference, fast = _models()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fast(x)
+    assert _programs(fast) == 1
+    change(reference)
+    change(fast)
+    truth = copy.deepcopy(reference).double()
+    with torch.no_grad():
+        got, expected = fast(x), reference(x)
+    assert_within_error_factor(got, expected, truth(x.double()), change.__name__, torch.float32)
+
+
+def test_a_hook_or_gradients_asked_for_after_the_program_was_built_leave_it():
+    """A forward hook registered later sees the layer's output; with autograd on and a
+    parameter made trainable again, the output carries gradients (the per-block path)."""
+    reference, fast = _models()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(x)
+        fast(x)
+    seen = []
+    handle = fast.layer3.register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+    handle.remove()
+    assert len(seen) == 1
+    fast.requires_grad_(False)
+    fast(x)  # autograd on, nothing trainable: folded
+    fast.layer4[0].conv1.weight.requires_grad_(True)
+    out = fast(x)
+    assert out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_models_the_program_does_not_cover_run_the_per_block_path(monkeypatch):

@@ -5,7 +5,7 @@
 // shape and dtype (float32 or bfloat16): each convolution is a oneDNN primitive created once,
 // its weight reordered once to the layout the primitive asks for, its bias, residual sum and
 // activation as post-ops. Activations live in buffers the program owns, reused from call to
-// call (Python assigns them by liveness: fastres/plans/onednn_program.py), so a call allocates
+// call (Python assigns them by liveness: fastres/plans/folded_program.py), so a call allocates
 // nothing but its output and pays no page faults on fresh memory. The ATen path
 // (mkldnn::_convolution_pointwise) instead re-creates each call's memory descriptors and
 // allocates each output.

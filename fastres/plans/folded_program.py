@@ -37,8 +37,8 @@ from fastres.plans.folded_eval import (
     folded_stem,
     folding_input,
     hooks_can_see_activations,
-    require_input_dtype,
 )
+from fastres.plans.model_state import ModelState
 
 __all__ = ["PROGRAMS", "program_for", "run_program"]
 
@@ -48,21 +48,24 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 @dataclass
 class _Cached:
-    key: tuple[int, ...]
-    program: Any  # torch.classes.fastres.FoldedProgram
+    """A decision for one kind of input: the program, or None where the plan does not apply;
+    ``state`` is the model it was decided for."""
+
+    program: Any  # torch.classes.fastres.FoldedProgram, or None
+    state: ModelState
 
 
 @dataclass
 class _Programs:
-    """Each model's programs, one per input shape and dtype (the last few)."""
+    """Each model's decisions, one per kind of input (the last few)."""
 
-    by_input: dict[tuple[tuple[int, ...], torch.dtype], _Cached] = field(default_factory=dict)
+    by_input: dict[tuple[Any, ...], _Cached] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 # Beside the model, like the folded weights: not state to save or deepcopy.
 PROGRAMS: weakref.WeakKeyDictionary[nn.Module, _Programs] = weakref.WeakKeyDictionary()
-# Input shapes a model keeps a program for (each holds a copy of the weights).
+# Kinds of input a model keeps a decision for (a program holds a copy of the weights).
 PROGRAM_SHAPES = 4
 
 
@@ -129,40 +132,52 @@ def _described_blocks(model: nn.Module, x: Tensor) -> list[ResidualBlock] | None
 def program_for(model: nn.Module, stem: Stage, x: Tensor) -> Any | None:
     """The oneDNN program that runs ``model``'s stem, max-pool and blocks folded for ``x``
     (built or reused), or None where this plan does not apply (see the module's notes).
-    The caller (FastResNet) has checked that its stem folds on ``cpu`` for ``x``."""
+    The caller (FastResNet) has checked that its stem folds on ``cpu`` for ``x``.
+
+    The decision is kept per kind of input (shape, dtype, autocast's dtype, grad mode) with a
+    snapshot of the model (:class:`ModelState`): while nothing in the model changed, a call
+    compares the snapshot instead of deciding again."""
     program_class = onednn_program_class()
     dtype = compute_dtype(x)
-    pool = _max_pool(getattr(model, "maxpool", None))
-    if program_class is None or dtype not in _DTYPES or pool is None or x.shape[0] == 0:
+    if program_class is None or dtype not in _DTYPES or x.shape[0] == 0:
         return None
-    if not _plain_conv(stem) or hooks_can_see_activations(model):
-        return None
-    described = _described_blocks(model, x)
-    if described is None:
-        return None
-    require_input_dtype(model, stem.conv, x)
-    folded_stem_stage = folded_stem(model, stem, "onednn")
-    folded = [folded_stages(block, "onednn") for block in described]
-    key = (
-        id(folded_stem_stage),
-        *(id(stage) for stages, shortcut in folded for stage in (*stages, shortcut)),
-    )
     cache = PROGRAMS.setdefault(model, _Programs())
-    signature = (tuple(x.shape), dtype)
+    signature = (tuple(x.shape), x.dtype, dtype, torch.is_grad_enabled())
+    cached = cache.by_input.get(signature)
+    if cached is not None and cached.state.unchanged(model):
+        return cached.program
     with cache.lock:
-        cached = cache.by_input.get(signature)
-        if cached is None or cached.key != key:
-            builder = _Builder(program_class(_DTYPES[dtype]))
-            try:
-                builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
-                builder.add_blocks(described, folded)
-            except _NotReproduced:
-                return None
-            program = builder.program
+        cached = cache.by_input.get(signature)  # another thread may have decided meanwhile
+        if cached is None or not cached.state.unchanged(model):
+            cached = _decide(model, stem, x, program_class)
             if len(cache.by_input) >= PROGRAM_SHAPES and signature not in cache.by_input:
                 cache.by_input.pop(next(iter(cache.by_input)))
-            cache.by_input[signature] = cached = _Cached(key, program)
+            cache.by_input[signature] = cached
     return cached.program
+
+
+def _decide(model: nn.Module, stem: Stage, x: Tensor, program_class: Any) -> _Cached:
+    """A new program for ``x``, or None. (A program is not reused across a change: a setting
+    such as a stride may have changed with the weights the same.)"""
+    state = ModelState.of(model)
+    pool = _max_pool(getattr(model, "maxpool", None))
+    described = _described_blocks(model, x)
+    if (
+        pool is None
+        or not _plain_conv(stem)
+        or hooks_can_see_activations(model)
+        or described is None
+    ):
+        return _Cached(None, state)
+    folded_stem_stage = folded_stem(model, stem, "onednn")
+    folded = [folded_stages(block, "onednn") for block in described]
+    builder = _Builder(program_class(_DTYPES[compute_dtype(x)]))
+    try:
+        builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
+        builder.add_blocks(described, folded)
+    except _NotReproduced:
+        return _Cached(None, state)
+    return _Cached(builder.program, state)
 
 
 def run_program(program: Any, x: Tensor) -> Tensor:
