@@ -116,16 +116,34 @@ def peers_table_lines() -> list[str]:
     return lines
 
 
-def cpu_inference_table_lines() -> list[str]:
-    """Every row of the ``fastres.bench.cpu_inference`` runs (``*_cpu_inference_*.csv``):
-    float32 and bfloat16 against ONNX Runtime and OpenVINO at its default precision."""
+def cpu_inference_folders() -> list[str]:
+    """The committed results folders (one per CPU) holding ``fastres.bench.cpu_inference``
+    runs."""
+    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_cpu_inference_*.csv")
+    return sorted({os.path.dirname(p) for p in _committed(glob.glob(pattern))})
+
+
+def cpu_inference_sections() -> list[str]:
+    """Per CPU: its setting line, then its table."""
+    lines: list[str] = []
+    for folder in cpu_inference_folders():
+        if lines:
+            lines.append("")
+        lines += [cpu_inference_setting(folder), "", *cpu_inference_table_lines(folder)]
+    return lines or ["No committed run."]
+
+
+def cpu_inference_table_lines(folder: str) -> list[str]:
+    """Every row of the ``fastres.bench.cpu_inference`` runs in ``folder``
+    (``*_cpu_inference_*.csv``): float32 and bfloat16 against ONNX Runtime and OpenVINO at its
+    default precision."""
     lines = [
         "| threads | batch | rounds | configuration | precision | img/s | x fp32 reference [IQR] "
         "| x OpenVINO default [IQR] | error vs float64 | target | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_cpu_inference_*.csv")
-    for path in sorted(_committed(glob.glob(pattern)), key=_batch_then_threads):
+    pattern = os.path.join(folder, "*_cpu_inference_*.csv")
+    for path in sorted(glob.glob(pattern), key=_batch_then_threads):
         with open(path) as f:
             rows = list(csv.DictReader(f))
         for r in rows:
@@ -139,15 +157,15 @@ def cpu_inference_table_lines() -> list[str]:
     return lines
 
 
-def cpu_inference_setting() -> str:
-    """The CPU, its instruction sets and the oneDNN kernels, from the first committed run."""
-    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_cpu_inference_*.csv")
-    for path in sorted(_committed(glob.glob(pattern))):
+def cpu_inference_setting(folder: str) -> str:
+    """The CPU, its instruction sets and the oneDNN kernels, from the folder's first run."""
+    for path in sorted(glob.glob(os.path.join(folder, "*_cpu_inference_*.csv"))):
         with open(path) as f:
             r = next(csv.DictReader(f))
         return (
-            f"{r['device'].split(' (')[0]}; instruction sets {r['cpu_isa']}; folded oneDNN "
-            f"kernels {r['onednn_kernels']}; OpenVINO {r['openvino']} (default precision "
+            f"**{r['device'].split(' (')[0]}** (`{os.path.basename(folder)}`): instruction "
+            f"sets {r['cpu_isa']}; folded oneDNN kernels {r['onednn_kernels']}; OpenVINO "
+            f"{r['openvino']} (default precision "
             f"{r['openvino_default_precision']}), ONNX Runtime {r['onnxruntime']}, torch "
             f"{r['torch']}."
         )
@@ -171,8 +189,7 @@ def updated(text: str) -> str:
     """The README's text with every generated table replaced by what the results give."""
     text = _replace_between(text, START, END, table_lines())
     text = _replace_between(text, PEERS_START, PEERS_END, peers_table_lines())
-    cpu_lines = [cpu_inference_setting(), "", *cpu_inference_table_lines()]
-    return _replace_between(text, CPU_START, CPU_END, cpu_lines)
+    return _replace_between(text, CPU_START, CPU_END, cpu_inference_sections())
 
 
 def main() -> None:

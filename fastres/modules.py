@@ -239,7 +239,8 @@ class FastResNet(ResNet):
             return super()._forward_impl(x)
         program = program_for(self, stem, x) if backend == "cpu" else None
         if program is not None:  # the whole network in one oneDNN call
-            return self.fc(torch.flatten(self.avgpool(run_program(program, x)), 1))
+            out = run_program(program, x)
+            return out if program.includes_head else self.fc(torch.flatten(self.avgpool(out), 1))
         # Folded eval runs on channels_last (oneDNN's and cuDNN's layout): reordering the input
         # once here keeps every block on it, where an NCHW input would make each block convert
         # its output back (measured: ResNet-50, batch 16, CPU: 1268 ms NCHW vs 655 ms).

@@ -35,11 +35,13 @@ def test_peer_runs_fill_their_own_table():
 
 
 def test_cpu_inference_runs_fill_their_own_table():
-    """float32 and bfloat16 rows, OpenVINO at its default precision among them, and a target
-    verdict on each fastres bfloat16 row."""
+    """Per CPU: float32 and bfloat16 rows, OpenVINO at its default precision among them, and a
+    target verdict on each fastres bfloat16 row; a CPU with AMX among them."""
     table = _readme_table()
-    rows = table.cpu_inference_table_lines()[2:]
-    assert any("| openvino | bf16 (default) |" in row for row in rows)
-    fastres_bf16 = [row for row in rows if "| fastres[cpu] | bf16" in row]
-    assert fastres_bf16 and all(("| met |" in r) or ("| not met |" in r) for r in fastres_bf16)
-    assert "AMX" in table.cpu_inference_setting()
+    folders = table.cpu_inference_folders()
+    for folder in folders:
+        rows = table.cpu_inference_table_lines(folder)[2:]
+        assert any("| openvino | bf16 (default) |" in row for row in rows)
+        fastres_bf16 = [row for row in rows if "| fastres[cpu] | bf16" in row]
+        assert fastres_bf16 and all(("| met |" in r) or ("| not met |" in r) for r in fastres_bf16)
+    assert any("AMX" in table.cpu_inference_setting(folder) for folder in folders)

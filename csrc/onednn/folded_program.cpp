@@ -1,10 +1,11 @@
 // fastres._onednn: folded inference as one call into oneDNN, with no per-convolution dispatch.
 //
-// A FoldedProgram is a ResNet's stem convolution, max-pool and every block's folded
-// convolutions (BatchNorm already folded in by Python, fastres/folding.py), built for one input
-// shape and dtype (float32 or bfloat16): each convolution is a oneDNN primitive created once,
-// its weight reordered once to the layout the primitive asks for, its bias, residual sum and
-// activation as post-ops. Activations live in buffers the program owns, reused from call to
+// A FoldedProgram is a ResNet's stem convolution, max-pool, every block's folded convolutions
+// (BatchNorm already folded in by Python, fastres/folding.py) and, where the model has them, its
+// global average pooling and linear classifier, built for one input shape and dtype (float32 or
+// bfloat16): each convolution and the classifier is a oneDNN primitive created once, its weight
+// reordered once to the layout the primitive asks for, its bias, residual sum and activation as
+// post-ops. Activations live in buffers the program owns, reused from call to
 // call (Python assigns them by liveness: fastres/plans/folded_program.py), so a call allocates
 // nothing but its output and pays no page faults on fresh memory. The ATen path
 // (mkldnn::_convolution_pointwise) instead re-creates each call's memory descriptors and
@@ -149,8 +150,52 @@ class FoldedProgram : public torch::CustomClassHolder {
     add(Step(dnnl::pooling_forward(pd), src, dst, src_md, dst_md));
   }
 
+  // dst = mean of src over H and W: (N, C, H, W) -> (N, C, 1, 1), channels_last (the same bytes
+  // as the (N, C) rows a classifier reads).
+  void add_global_avg_pool(int64_t src, int64_t dst, std::vector<int64_t> src_sizes) {
+    TORCH_CHECK(dst != 0, "FoldedProgram: buffer 0 is the input, never written");
+    Dims src_dims = dims_of(src_sizes, "src_sizes");
+    Dims dst_dims{src_dims[0], src_dims[1], 1, 1};
+    auto nhwc = memory::format_tag::nhwc;
+    memory::desc src_md(src_dims, type_, nhwc), dst_md(dst_dims, type_, nhwc);
+    auto pd = dnnl::pooling_forward::primitive_desc(
+        engine_, dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_avg_include_padding,
+        src_md, dst_md, Dims{1, 1}, Dims{src_dims[2], src_dims[3]}, Dims{0, 0}, Dims{0, 0},
+        Dims{0, 0});
+    add(Step(dnnl::pooling_forward(pd), src, dst, src_md, dst_md));
+  }
+
+  // dst = src @ weight.T + bias, src (N, in_features) rows; weight float32 (out, in), bias
+  // float32 (out) (the weight cast to the program's dtype by its reorder; the bias stays
+  // float32).
+  void add_linear(int64_t src, int64_t dst, int64_t batch, at::Tensor weight, at::Tensor bias) {
+    TORCH_CHECK(dst != 0, "FoldedProgram: buffer 0 is the input, never written");
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_cpu(),
+                "FoldedProgram: the linear weight must be a 2-D float32 CPU tensor");
+    TORCH_CHECK(
+        bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.size(0) == weight.size(0),
+        "FoldedProgram: the linear bias must be float32 with one value per output feature");
+    weight = weight.contiguous();
+    bias = bias.contiguous();
+    Dims src_dims{batch, weight.size(1)}, dst_dims{batch, weight.size(0)};
+    Dims weight_dims{weight.size(0), weight.size(1)};
+    memory::desc src_md(src_dims, type_, memory::format_tag::nc);
+    memory::desc dst_md(dst_dims, type_, memory::format_tag::nc);
+    memory::desc weight_any(weight_dims, type_, memory::format_tag::any);
+    memory::desc bias_md({weight.size(0)}, memory::data_type::f32, memory::format_tag::a);
+    auto pd = dnnl::inner_product_forward::primitive_desc(
+        engine_, dnnl::prop_kind::forward_inference, src_md, weight_any, bias_md, dst_md);
+    Step step(dnnl::inner_product_forward(pd), src, dst, src_md, dst_md);
+    step.weights = reorder_weight(weight, weight_dims, memory::format_tag::oi, pd.weights_desc());
+    step.bias = memory(bias_md, engine_);
+    std::memcpy(step.bias.get_data_handle(), bias.data_ptr<float>(), bias.numel() * 4);
+    step.has_weights = true;
+    add(std::move(step));
+  }
+
   // Runs every step on x (the program's input: its dtype, channels_last, the shape the program
-  // was built for) and returns a new channels_last tensor with the last step's output.
+  // was built for) and returns a new tensor with the last step's output: channels_last
+  // (N, C, H, W), or (N, features) after a linear step.
   at::Tensor run(at::Tensor x) {
     TORCH_CHECK(!steps_.empty(), "FoldedProgram: no steps");
     const auto& first = steps_.front().src_desc;
@@ -175,8 +220,9 @@ class FoldedProgram : public torch::CustomClassHolder {
     stream_.wait();
     const auto& last = steps_.back();
     auto dims = last.dst_desc.get_dims();
+    auto layout = dims.size() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     auto out = at::empty(std::vector<int64_t>(dims.begin(), dims.end()),
-                         x.options().memory_format(at::MemoryFormat::ChannelsLast));
+                         x.options().memory_format(layout));
     std::memcpy(out.data_ptr(), buffer(last.dst), out.nbytes());
     return out;
   }
@@ -255,6 +301,8 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
       .def(torch::init<std::string>())
       .def("add_convolution", &FoldedProgram::add_convolution)
       .def("add_max_pool", &FoldedProgram::add_max_pool)
+      .def("add_global_avg_pool", &FoldedProgram::add_global_avg_pool)
+      .def("add_linear", &FoldedProgram::add_linear)
       .def("run", &FoldedProgram::run)
       .def("implementation", &FoldedProgram::implementation)
       .def("buffer_bytes", &FoldedProgram::buffer_bytes);

@@ -40,10 +40,19 @@ from fastres.plans.folded_eval import (
 )
 from fastres.plans.model_state import ModelState
 
-__all__ = ["PROGRAMS", "program_for", "run_program"]
+__all__ = ["PROGRAMS", "BuiltProgram", "program_for", "run_program"]
 
 # Dtypes the program runs in, by the name csrc/onednn/folded_program.cpp takes.
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class BuiltProgram:
+    """A program, and whether it ends with the model's head (global average pooling and the
+    linear classifier: its output is then the model's) or with the last block's output."""
+
+    program: Any  # torch.classes.fastres.FoldedProgram
+    includes_head: bool
 
 
 @dataclass
@@ -51,7 +60,7 @@ class _Cached:
     """A decision for one kind of input: the program, or None where the plan does not apply;
     ``state`` is the model it was decided for."""
 
-    program: Any  # torch.classes.fastres.FoldedProgram, or None
+    program: BuiltProgram | None
     state: ModelState
 
 
@@ -129,7 +138,7 @@ def _described_blocks(model: nn.Module, x: Tensor) -> list[ResidualBlock] | None
     return described
 
 
-def program_for(model: nn.Module, stem: Stage, x: Tensor) -> Any | None:
+def program_for(model: nn.Module, stem: Stage, x: Tensor) -> BuiltProgram | None:
     """The oneDNN program that runs ``model``'s stem, max-pool and blocks folded for ``x``
     (built or reused), or None where this plan does not apply (see the module's notes).
     The caller (FastResNet) has checked that its stem folds on ``cpu`` for ``x``.
@@ -172,18 +181,31 @@ def _decide(model: nn.Module, stem: Stage, x: Tensor, program_class: Any) -> _Ca
     folded_stem_stage = folded_stem(model, stem, "onednn")
     folded = [folded_stages(block, "onednn") for block in described]
     builder = _Builder(program_class(_DTYPES[compute_dtype(x)]))
+    head = _linear_head(model)
     try:
         builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
         builder.add_blocks(described, folded)
+        if head is not None:
+            builder.add_head(head)
     except _NotReproduced:
         return _Cached(None, state)
-    return _Cached(builder.program, state)
+    return _Cached(BuiltProgram(builder.program, head is not None), state)
 
 
-def run_program(program: Any, x: Tensor) -> Tensor:
-    """The program's output for ``x``: the last block's, channels_last, in the compute dtype."""
+def _linear_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier, when the model ends with global average pooling and an exact
+    ``nn.Linear`` (torchvision's ``fc(flatten(avgpool(x), 1))``) that the program runs too."""
+    pool, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
+    if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
+        return None
+    return fc if type(fc) is nn.Linear else None
+
+
+def run_program(program: BuiltProgram, x: Tensor) -> Tensor:
+    """The program's output for ``x``, in the compute dtype: the model's logits when it
+    includes the head, else the last block's output, channels_last."""
     h = folding_input(x, "cpu").contiguous(memory_format=torch.channels_last)
-    out: Tensor = program.run(h)
+    out: Tensor = program.program.run(h)
     return out
 
 
@@ -288,6 +310,21 @@ class _Builder:
             )
             self.give_back(h)
             self.current = dst
+
+    def add_head(self, fc: nn.Linear) -> None:
+        """Global average pooling of the last output, then the classifier."""
+        n, c, _, _ = self.sizes
+        if fc.in_features != c:
+            raise _NotReproduced
+        pooled = self.take()
+        self.program.add_global_avg_pool(self.current, pooled, self.sizes)
+        self.give_back(self.current)
+        logits = self.take()
+        bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
+        weight = fc.weight.detach().float().contiguous()
+        self.program.add_linear(pooled, logits, n, weight, bias.detach().float())
+        self.give_back(pooled)
+        self.current, self.sizes = logits, [n, fc.out_features]
 
 
 def _conv_sizes(sizes: list[int], conv: Any) -> list[int]:
