@@ -80,6 +80,26 @@ def test_the_program_follows_the_error_factor_rule_and_launches_no_aten_convolut
     assert_within_error_factor(got, expected, truth, f"{builder} {mode}", _low(mode))
 
 
+@pytest.mark.parametrize("head", ["linear", "sequential"])
+def test_the_bfloat16_program_runs_torchvisions_head_and_leaves_any_other(head):
+    """avgpool + an exact nn.Linear run inside the bfloat16 program (its output is the
+    logits); another head (a fine-tuning Sequential) runs after it, as does float32's."""
+    reference, fast = _models()
+    if head == "sequential":
+        for model in (reference, fast):
+            torch.manual_seed(1)
+            model.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 10)).eval()
+    truth_model = copy.deepcopy(reference).double()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        truth = truth_model(x.double())
+    for mode, dtype in (("bfloat16 autocast", torch.bfloat16), ("float32", torch.float32)):
+        got = _run(fast, x, mode)
+        cached = PROGRAMS[fast].by_input[(tuple(x.shape), torch.float32, dtype, False)]
+        assert cached.program.includes_head == (head == "linear" and dtype == torch.bfloat16)
+        assert_within_error_factor(got, _run(reference, x, mode), truth, head, _low(mode))
+
+
 def test_every_change_to_a_tensor_rebuilds_the_program():
     """An in-place edit of a running statistic, an optimizer step and load_state_dict: each is
     seen on the next call, as on the per-block path."""
