@@ -4,7 +4,10 @@
 * :class:`FastResNet`: torchvision's ResNet with its stem folded in eval (what the builders
   return);
 * :class:`SyncBatchNorm2d`: BatchNorm with statistics over every process (CPU and CUDA);
-* :func:`resnet50` (and the other ResNet builders), :func:`convert`, :func:`revert`;
+* :func:`resnet50` (and the other ResNet builders), :func:`convert`, :func:`revert`,
+  :func:`conversion_report` (what a conversion replaced and left alone, and why);
+* :func:`explain`: per fast module, what runs for an input, why the other plans do not, and
+  which ops it launches;
 * :func:`fold_bn`: a convolution's weight and bias with an eval-mode BatchNorm folded in;
 * :mod:`fastres.ops`: the fused ops (``bn_act``, ``bn_act_conv2d``, ``sync_bn_act``,
   ``sync_bn_act_conv2d``);
@@ -15,9 +18,11 @@
 
 from fastres import backends as _backends  # noqa: F401  (loads fastres._C: torch.ops.fastres.*)
 from fastres import ops
+from fastres.explain import Explanation, explain
 from fastres.folding import fold_bn
 from fastres.models import (
     ConversionReport,
+    conversion_report,
     convert,
     resnet18,
     resnet34,
@@ -58,7 +63,10 @@ __all__ = [
     "FastStemMixin",
     "SyncBatchNorm2d",
     "ConversionReport",
+    "Explanation",
+    "conversion_report",
     "convert",
+    "explain",
     "revert",
     "fold_bn",
     "info",

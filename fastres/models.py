@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import ResNet
 
-from fastres.adapters import adapters
+from fastres.adapters import LibraryAdapter, adapters
 from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name
 from fastres.module_tree import replace_modules, retyped
@@ -24,6 +25,7 @@ __all__ = [
     "convert",
     "revert",
     "ConversionReport",
+    "conversion_report",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -67,6 +69,28 @@ class ConversionReport:
         return text
 
 
+# The last convert() or revert() report of each model it returned (beside the model: not state
+# to save or deepcopy).
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, ConversionReport] = weakref.WeakKeyDictionary()
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """The report of the last :func:`convert` or :func:`revert` that returned ``model``: the
+    qualified names of what was replaced, and what was left alone with the reason.
+
+    Raises:
+        LookupError: ``model`` was not returned by convert() or revert() (a copy of a converted
+            model has no report of its own).
+    """
+    try:
+        return _REPORTS[model]
+    except KeyError:
+        raise LookupError(
+            f"conversion_report: this {type(model).__name__} was not returned by "
+            "fastres.convert() or fastres.revert()"
+        ) from None
+
+
 def _swap_blocks(
     model: nn.Module,
     pick: Callable[[nn.Module, str], tuple[type | None, str]],
@@ -106,6 +130,7 @@ def convert(
     inplace: bool = False,
     sync_bn: bool = False,
     process_group: Any | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
     """Replaces every residual block of ``model`` that fastres knows by a fast block.
 
@@ -123,7 +148,7 @@ def convert(
     device, dtype, memory format and requires_grad, and each module keeps its training mode. A
     subclass of torchvision's blocks or ResNet is left alone (its computation is not known to be
     the original's). The outcome is logged on the ``fastres`` logger, and a warning says so when
-    nothing was converted.
+    nothing was converted; :func:`conversion_report` returns the report.
 
     Args:
         model: any module.
@@ -135,17 +160,34 @@ def convert(
             ``process_group``, as ``nn.SyncBatchNorm`` does, on CPU (gloo) and CUDA (NCCL).
             torch.distributed must be initialised by the first training forward, not before.
         process_group: the group for ``sync_bn`` (None: the default group).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``, asked of each block, stem or
+            ResNet that would be converted (its name as in ``model.named_modules()``, ``""``
+            for ``model`` itself); False leaves it alone, reported as such, and its children are
+            still visited (as torchao's ``quantize_`` does). None converts everything it can.
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
+
+    Example::
+
+        # the backbone's last stage only; the rest keeps torchvision's blocks
+        fast = fastres.convert(model, filter_fn=lambda module, name: name.startswith("layer4"))
+        fastres.conversion_report(fast).converted  # ['layer4.0', 'layer4.1', 'layer4.2']
     """
     check_backend_name(backend)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(
+            "convert: filter_fn must be a callable (module, qualified_name) -> bool, got "
+            f"{type(filter_fn).__name__}"
+        )
     if not inplace:
         model = copy.deepcopy(model)
 
     library_adapters = adapters()
+    # Asked before anything changes: a filter_fn that raises leaves the model as it was.
+    kept = _filter_answers(model, filter_fn, library_adapters)
 
     def pick(module: nn.Module, name: str):
         for adapter in library_adapters:
@@ -153,7 +195,11 @@ def convert(
                 why_not = adapter.left_alone(module)
                 if why_not is None:  # not a candidate (see LibraryAdapter.left_alone)
                     return None, ""
-                return (None, why_not) if why_not else (adapter.fast_classes[type(module)], "")
+                if why_not:
+                    return None, why_not
+                if not kept.get(id(module), True):
+                    return None, "filter_fn returned False"
+                return adapter.fast_classes[type(module)], ""
         for plain, fast in _FAST_OF.items():
             if isinstance(module, plain) and not isinstance(module, fast):
                 return None, f"{type(module).__name__} subclasses torchvision's {plain.__name__}"
@@ -168,8 +214,30 @@ def convert(
         report.batch_norms = sync_batch_norms(model, process_group, backend)
     elif process_group is not None:
         raise ValueError("convert: process_group is only used with sync_bn=True")
-    _report(report, "converted")
+    _report(model, report, "converted")
     return model
+
+
+def _filter_answers(
+    model: nn.Module,
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+    library_adapters: list[LibraryAdapter],
+) -> dict[int, bool]:
+    """filter_fn's answer for each module of a class convert() retypes, by id."""
+    if filter_fn is None:
+        return {}
+    classes = {cls for adapter in library_adapters for cls in adapter.fast_classes}
+    answers = {}
+    for name, module in model.named_modules():
+        if type(module) in classes:
+            keep = filter_fn(module, name)
+            if not isinstance(keep, bool):
+                raise TypeError(
+                    f"convert: filter_fn must return a bool, got {type(keep).__name__} for "
+                    f"{name or '<model>'!r}"
+                )
+            answers[id(module)] = keep
+    return answers
 
 
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -195,11 +263,12 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     model, report = _swap_blocks(model, pick, configure)
     report.batch_norms = replace_modules(model, SyncBatchNorm2d, SyncBatchNorm2d.to_batch_norm)
-    _report(report, "reverted")
+    _report(model, report, "reverted")
     return model
 
 
-def _report(report: ConversionReport, verb: str) -> None:
+def _report(model: nn.Module, report: ConversionReport, verb: str) -> None:
+    _REPORTS[model] = report
     if report.converted:
         logger.info(report.summary(verb))
     else:

@@ -28,16 +28,17 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name, resolve_backend
-from fastres.plans import Plan, plan_for
+from fastres.plans import Plan, plan_for, plans_passed_over
+from fastres.plans.decisions import recorded, recorder
 from fastres.plans.description import ResidualBlock, Stage, activation_name
 from fastres.plans.folded_eval import (
     FOLDED,
     FoldedEvalPlan,
     hooks_can_see_activations,
     run_folded_stem,
-    stage_folding_backend,
+    stage_folding_choice,
 )
-from fastres.plans.folded_program import PROGRAMS, program_for, run_program
+from fastres.plans.folded_program import PROGRAMS, program_decision, run_program
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
 __all__ = [
@@ -93,6 +94,14 @@ def _scripting_refused(module: nn.Module) -> RuntimeError:
     )
 
 
+def _run_plan(
+    plan: Plan, block: ResidualBlock, x: Tensor, backend: str, input_is_scratch: bool
+) -> Tensor:
+    if input_is_scratch and isinstance(plan, FoldedEvalPlan):
+        return plan.run(block, x, backend, input_is_scratch=True)
+    return plan.run(block, x, backend)
+
+
 class FastBlockMixin(nn.Module):
     """The forward every fast block shares, whatever library its block comes from: describe the
     block (``_describe_with``, the library's adapter), run the first plan that applies. Placed
@@ -121,10 +130,12 @@ class FastBlockMixin(nn.Module):
         block = self._describe()
         _check_block_input(x, block.stages[0].conv, type(self).__name__)
         backend = resolve_backend(self.backend, x.device, x.dtype)
-        plan = plan_for(block, x, backend)
-        if input_is_scratch and isinstance(plan, FoldedEvalPlan):
-            return plan.run(block, x, backend, input_is_scratch=True)
-        return plan.run(block, x, backend)
+        rec = recorder()
+        if rec is None:
+            return _run_plan(plan_for(block, x, backend), block, x, backend, input_is_scratch)
+        choice = plans_passed_over(block, x, backend)  # fastres.explain is recording
+        with rec.ran(self, choice.plan.name, choice.passed_over):
+            return _run_plan(choice.plan, block, x, backend, input_is_scratch)
 
     def fusion_issue(self) -> str:
         """Why the fused ops cannot reproduce this block, "" when they can (then, on any
@@ -221,6 +232,9 @@ def _run_on_scratch(layer: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
+_PROGRAM = "whole-network oneDNN program"
+
+
 class FastResNet(ResNet):
     """torchvision's ``ResNet`` whose stem runs like the fast blocks in eval:
     ``relu(bn1(conv1(x)))`` as one convolution with bn1 folded in and the ReLU fused
@@ -234,13 +248,22 @@ class FastResNet(ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         stem = Stage(self.conv1, self.bn1, activation_name(self.relu))
-        backend = stage_folding_backend(self, stem, x, self.backend)
+        backend, not_folded = stage_folding_choice(self, stem, x, self.backend)
         if backend is None:
-            return super()._forward_impl(x)
-        program = program_for(self, stem, x) if backend == "cpu" else None
+            with recorded(self, "ResNet's own forward", {"folded stem": not_folded}):
+                return super()._forward_impl(x)
+        program, no_program = program_decision(self, stem, x) if backend == "cpu" else (None, "")
         if program is not None:  # the whole network in one oneDNN call
-            out = run_program(program, x)
-            return out if program.includes_head else self.fc(torch.flatten(self.avgpool(out), 1))
+            with recorded(self, _PROGRAM, calls=("fastres._onednn FoldedProgram.run",)):
+                out = run_program(program, x)
+                if program.includes_head:
+                    return out
+                return self.fc(torch.flatten(self.avgpool(out), 1))
+        passed_over = {_PROGRAM: [no_program or f"the {backend!r} backend folds block by block"]}
+        with recorded(self, "folded stem, then block by block", passed_over):
+            return self._folded_block_by_block(stem, x, backend)
+
+    def _folded_block_by_block(self, stem: Stage, x: Tensor, backend: str) -> Tensor:
         # Folded eval runs on channels_last (oneDNN's and cuDNN's layout): reordering the input
         # once here keeps every block on it, where an NCHW input would make each block convert
         # its output back (measured: ResNet-50, batch 16, CPU: 1268 ms NCHW vs 655 ms).
@@ -279,12 +302,14 @@ class FastStemMixin(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         stage, pool = self._stem_with(self)
-        backend = stage_folding_backend(self, stage, x, self.backend)
+        backend, not_folded = stage_folding_choice(self, stage, x, self.backend)
         if backend is None:
-            return super().forward(x)
+            with recorded(self, "the library's own forward", {"folded stem": not_folded}):
+                return super().forward(x)
         # The output is channels_last whatever x's layout (the same values): the blocks after
         # the stem then fold without converting each output back to NCHW (see FastResNet).
-        return run_folded_stem(self, stage, pool, x, backend)
+        with recorded(self, "folded stem"):
+            return run_folded_stem(self, stage, pool, x, backend)
 
     def train(self, mode: bool = True):
         FOLDED.pop(self, None)  # folded weights are for eval only; free them

@@ -247,6 +247,38 @@ def test_convert_without_blocks_returns_the_model_and_says_so():
     assert converted is model and type(model[0]) is nn.Conv2d
 
 
+def test_filter_fn_picks_what_is_converted_and_the_report_says_so():
+    """filter_fn(module, qualified_name) is asked of each candidate, the model itself as "";
+    False leaves it alone with the reason, its children still visited."""
+    asked = []
+
+    def layer4_only(module: nn.Module, name: str) -> bool:
+        asked.append(name)
+        return name.startswith("layer4")
+
+    fast = fastres.convert(torchvision.models.resnet18(), filter_fn=layer4_only)
+    report = fastres.conversion_report(fast)
+    assert asked[0] == "" and len(asked) == 9
+    assert report.converted == ["layer4.0", "layer4.1"] and not report.resnets
+    assert report.left_alone["<model>"] == "filter_fn returned False"
+    assert report.left_alone["layer1.0"] == "filter_fn returned False"
+    assert type(fast) is ResNet and type(fast.layer1[0]) is BasicBlock
+    assert type(fast.layer4[1]) is FastBasicBlock
+    assert fastres.conversion_report(fastres.revert(fast)).converted == ["layer4.0", "layer4.1"]
+
+
+def test_a_filter_fn_that_fails_leaves_the_model_as_it_was():
+    model = torchvision.models.resnet18()
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match="filter_fn must return a bool, got str for 'layer1.0'"):
+        fastres.convert(model, inplace=True, filter_fn=lambda m, name: name or True)
+    with pytest.raises(TypeError, match="filter_fn must be a callable"):
+        fastres.convert(model, inplace=True, filter_fn="layer4")
+    assert [type(m) for m in model.modules()] == classes
+    with pytest.raises(LookupError, match="was not returned by fastres.convert"):
+        fastres.conversion_report(model)
+
+
 def test_convert_rejects_bad_arguments():
     with pytest.raises(ValueError, match="backend must be one of"):
         fastres.convert(torchvision.models.resnet18(), backend="gpu")

@@ -1,8 +1,10 @@
 """Execution plans: the ways to run a residual block, each on the canonical description
 (:class:`~fastres.plans.description.ResidualBlock`).
 
-A plan says whether it applies (the block, the input, the concrete backend, the mode) and runs.
-A block's forward runs the first plan of :data:`PLANS` that applies:
+A plan says why it does not apply (the block, the input, the concrete backend, the mode: an
+empty list when it does) and runs. A block's forward runs the first plan of :data:`PLANS` that
+applies; :func:`plans_passed_over` gives the reasons of those before it, which
+:func:`fastres.explain` prints:
 
 ========================  =====================================================================
 plan                      applies when
@@ -17,6 +19,7 @@ fused ops                 everything else (any backend; synchronized BatchNorm i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
@@ -28,13 +31,24 @@ from fastres.plans.fused_ops import FusedOpsPlan
 from fastres.plans.reference import ReferencePlan
 from fastres.plans.triton_chain import TritonChainPlan
 
-__all__ = ["PLANS", "Plan", "ResidualBlock", "Stage", "plan_for", "tracing_or_exporting"]
+__all__ = [
+    "PLANS",
+    "Plan",
+    "PlanChoice",
+    "ResidualBlock",
+    "Stage",
+    "plan_for",
+    "plans_passed_over",
+    "tracing_or_exporting",
+]
 
 
 class Plan(Protocol):
     name: str
 
-    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool: ...
+    def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
+        """Why this plan cannot run ``block`` on ``x`` now; [] when it can."""
+        ...
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor: ...
 
@@ -44,4 +58,23 @@ PLANS: tuple[Plan, ...] = (ReferencePlan(), FoldedEvalPlan(), TritonChainPlan(),
 
 def plan_for(block: ResidualBlock, x: Tensor, backend: str) -> Plan:
     """The first plan of :data:`PLANS` that applies (the fused-ops plan always does)."""
-    return next(plan for plan in PLANS if plan.applies(block, x, backend))
+    return next(plan for plan in PLANS if not plan.not_supported_reasons(block, x, backend))
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """The plan a block runs, and why each plan before it in :data:`PLANS` does not apply."""
+
+    plan: Plan
+    passed_over: dict[str, list[str]]  # plan name -> reasons
+
+
+def plans_passed_over(block: ResidualBlock, x: Tensor, backend: str) -> PlanChoice:
+    """:func:`plan_for`'s choice, with the reasons of the plans it passed over."""
+    passed_over: dict[str, list[str]] = {}
+    for plan in PLANS:
+        reasons = plan.not_supported_reasons(block, x, backend)
+        if not reasons:
+            return PlanChoice(plan, passed_over)
+        passed_over[plan.name] = reasons
+    raise AssertionError("the fused-ops plan applies to every block")

@@ -28,7 +28,7 @@ __all__ = [
     "FoldedEvalPlan",
     "autocast_dtype",
     "compute_dtype",
-    "foldable",
+    "fold_issues",
     "folded_stages",
     "folded_stem",
     "folding_input",
@@ -37,7 +37,7 @@ __all__ = [
     "require_input_dtype",
     "run_folded_stage",
     "run_folded_stem",
-    "stage_folding_backend",
+    "stage_folding_choice",
 ]
 
 # Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are
@@ -81,21 +81,25 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
     return tuple(dtypes)
 
 
-def foldable(x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.Module]) -> bool:
-    """Whether eval of ``layers`` (in eval mode) may run with their BatchNorms ``norms`` folded:
-    where that gives exactly the eval computation and nothing needs gradients. Every BatchNorm
-    in eval with running statistics; convolutions in float32, bfloat16 or float16, from the
-    model's dtype or autocast's (on cpu those oneDNN runs on this CPU, :func:`onednn_dtypes`;
-    float16 where it cannot is an error). Anything else (autograd in eval, torch.compile
-    tracing, ...) takes the unfused eval path, which keeps gradients."""
-    if torch.compiler.is_compiling() or folding_kind(backend) is None:
-        return False
+def fold_issues(
+    x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.Module]
+) -> list[str]:
+    """Why eval of ``layers`` (in eval mode) may not run with their BatchNorms ``norms``
+    folded, [] when it may: where that gives exactly the eval computation and nothing needs
+    gradients. Every BatchNorm in eval with running statistics; convolutions in float32,
+    bfloat16 or float16, from the model's dtype or autocast's (on cpu those oneDNN runs on this
+    CPU, :func:`onednn_dtypes`; float16 where it cannot is an error). Anything else (autograd
+    in eval, torch.compile tracing, ...) takes the unfused eval path, which keeps gradients."""
+    if torch.compiler.is_compiling():
+        return ["torch.compile is tracing (the fused ops trace; folded weights do not)"]
+    if folding_kind(backend) is None:
+        return [f"the {backend!r} backend has no folded convolution"]
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
     ):
-        return False
+        return ["autograd is on and the input or a parameter requires grad"]
     if not all(not bn.training and bn.running_mean is not None for bn in norms):
-        return False
+        return ["a BatchNorm is in training mode or keeps no running statistics"]
     dtype = compute_dtype(x)
     if backend == "cpu" and dtype == torch.float16 and dtype not in onednn_dtypes():
         raise TypeError(
@@ -107,7 +111,9 @@ def foldable(x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.Mo
     allowed = (
         onednn_dtypes() if backend == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
     )
-    return dtype in allowed
+    if dtype not in allowed:
+        return [f"{dtype} has no folded convolution on {backend!r} here"]
+    return []
 
 
 def require_input_dtype(owner: nn.Module, conv: nn.Module, x: Tensor) -> None:
@@ -133,32 +139,40 @@ def folding_input(x: Tensor, backend: str) -> Tensor:
     return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
 
 
-def stage_folding_backend(module: nn.Module, stage: Stage, x: object, backend: str) -> str | None:
-    """The backend on which a lone stage (a stem's convolution, BatchNorm and activation, held
-    by ``module``) runs folded for input ``x``, or None to run the library's own forward: for a
-    (N, C, H, W) tensor with the convolution's channels (anything else gets the library's own
-    errors), a stage the fused ops reproduce, in eval, where :func:`foldable` allows, and not
-    while the model is traced or exported (its trace must hold the library's ops)."""
-    if tracing_or_exporting() or not (
+def stage_folding_choice(
+    module: nn.Module, stage: Stage, x: object, backend: str
+) -> tuple[str | None, list[str]]:
+    """(the backend, []) on which a lone stage (a stem's convolution, BatchNorm and activation,
+    held by ``module``) runs folded for input ``x``, or (None, why not): for a (N, C, H, W)
+    tensor with the convolution's channels (anything else gets the library's own errors), a
+    stage the fused ops reproduce, in eval, where :func:`fold_issues` allows, and not while the
+    model is traced or exported (its trace must hold the library's ops)."""
+    if tracing_or_exporting():
+        return None, ["the model is traced or exported"]
+    if not (
         isinstance(x, Tensor)
         and x.dim() == 4
         and x.shape[1] == getattr(stage.conv, "in_channels", None)
-        and not stage.issue(ACTIVATIONS)
-        and not module.training
     ):
-        return None
+        return None, ["the input is not (N, C, H, W) with the stem convolution's channels"]
+    if why := stage.issue(ACTIVATIONS):
+        return None, [why]
+    if module.training:
+        return None, ["the stem is in training mode"]
     name = resolve_backend(backend, x.device, x.dtype)
-    if name == "torch" or not foldable(x, name, [stage.conv, stage.norm], [stage.norm]):
-        return None
+    if name == "torch":
+        return None, ["the 'torch' backend"]
+    if issues := fold_issues(x, name, [stage.conv, stage.norm], [stage.norm]):
+        return None, issues
     require_input_dtype(module, stage.conv, x)
-    return name
+    return name, []
 
 
 def run_folded_stage(module: nn.Module, stage: Stage, x: Tensor, backend: str) -> Tensor:
     """``activation(norm(conv(x)))`` as one fused convolution from folded weights, cached beside
     ``module`` (see :data:`FOLDED`); in x's memory format."""
     kind = folding_kind(backend)
-    assert kind is not None  # stage_folding_backend checked that the backend folds
+    assert kind is not None  # stage_folding_choice checked that the backend folds
     folded = folded_stem(module, stage, kind)
     h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
     with autocast_off(x):
@@ -242,10 +256,12 @@ def folded_stem(module: nn.Module, stage: Stage, kind: str) -> FoldedStage:
 class FoldedEvalPlan:
     name = "folded eval"
 
-    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
+    def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
+        if block.module.training:
+            return ["the block is in training mode"]
         shortcut = _folded_shortcut(block)
         norms = block.norms + ([shortcut.norm] if shortcut else [])
-        return not block.module.training and foldable(x, backend, [block.module], norms)
+        return fold_issues(x, backend, [block.module], norms)
 
     def run(
         self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False

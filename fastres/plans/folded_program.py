@@ -40,7 +40,7 @@ from fastres.plans.folded_eval import (
 )
 from fastres.plans.model_state import ModelState
 
-__all__ = ["PROGRAMS", "BuiltProgram", "program_for", "run_program"]
+__all__ = ["PROGRAMS", "BuiltProgram", "program_decision", "run_program"]
 
 # Dtypes the program runs in, by the name csrc/onednn/folded_program.cpp takes.
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -57,11 +57,12 @@ class BuiltProgram:
 
 @dataclass
 class _Cached:
-    """A decision for one kind of input: the program, or None where the plan does not apply;
-    ``state`` is the model it was decided for."""
+    """A decision for one kind of input: the program, or None where the plan does not apply
+    (``reason`` says why); ``state`` is the model it was decided for."""
 
     program: BuiltProgram | None
     state: ModelState
+    reason: str = ""
 
 
 @dataclass
@@ -138,23 +139,28 @@ def _described_blocks(model: nn.Module, x: Tensor) -> list[ResidualBlock] | None
     return described
 
 
-def program_for(model: nn.Module, stem: Stage, x: Tensor) -> BuiltProgram | None:
-    """The oneDNN program that runs ``model``'s stem, max-pool and blocks folded for ``x``
-    (built or reused), or None where this plan does not apply (see the module's notes).
-    The caller (FastResNet) has checked that its stem folds on ``cpu`` for ``x``.
+def program_decision(model: nn.Module, stem: Stage, x: Tensor) -> tuple[BuiltProgram | None, str]:
+    """The oneDNN program that runs ``model``'s stem, max-pool, blocks (and, in bfloat16, its
+    head) folded for ``x``, built or reused, or None where this plan does not apply (see the
+    module's notes); and why not ("" when there is a program). The caller (FastResNet) has
+    checked that its stem folds on ``cpu`` for ``x``.
 
     The decision is kept per kind of input (shape, dtype, autocast's dtype, grad mode) with a
     snapshot of the model (:class:`ModelState`): while nothing in the model changed, a call
     compares the snapshot instead of deciding again."""
     program_class = onednn_program_class()
     dtype = compute_dtype(x)
-    if program_class is None or dtype not in _DTYPES or x.shape[0] == 0:
-        return None
+    if program_class is None:
+        return None, "fastres._onednn was not built (python -m fastres says why)"
+    if dtype not in _DTYPES:
+        return None, f"the program runs float32 and bfloat16, not {dtype}"
+    if x.shape[0] == 0:
+        return None, "the batch is empty"
     cache = PROGRAMS.setdefault(model, _Programs())
     signature = (tuple(x.shape), x.dtype, dtype, torch.is_grad_enabled())
     cached = cache.by_input.get(signature)
     if cached is not None and cached.state.unchanged(model):
-        return cached.program
+        return cached.program, cached.reason
     with cache.lock:
         cached = cache.by_input.get(signature)  # another thread may have decided meanwhile
         if cached is None or not cached.state.unchanged(model):
@@ -162,7 +168,7 @@ def program_for(model: nn.Module, stem: Stage, x: Tensor) -> BuiltProgram | None
             if len(cache.by_input) >= PROGRAM_SHAPES and signature not in cache.by_input:
                 cache.by_input.pop(next(iter(cache.by_input)))
             cache.by_input[signature] = cached
-    return cached.program
+    return cached.program, cached.reason
 
 
 def _decide(model: nn.Module, stem: Stage, x: Tensor, program_class: Any) -> _Cached:
@@ -170,14 +176,20 @@ def _decide(model: nn.Module, stem: Stage, x: Tensor, program_class: Any) -> _Ca
     such as a stride may have changed with the weights the same.)"""
     state = ModelState.of(model)
     pool = _max_pool(getattr(model, "maxpool", None))
+    if pool is None:
+        return _Cached(None, state, "the stem's pooling is not a max-pool the program reproduces")
+    if not _plain_conv(stem):
+        return _Cached(None, state, "the stem convolution is dilated, string-padded or not square")
+    if hooks_can_see_activations(model):
+        return _Cached(None, state, "a forward hook could see the activations")
     described = _described_blocks(model, x)
-    if (
-        pool is None
-        or not _plain_conv(stem)
-        or hooks_can_see_activations(model)
-        or described is None
-    ):
-        return _Cached(None, state)
+    if described is None:
+        return _Cached(
+            None,
+            state,
+            "a layer is not an nn.Sequential of fast blocks that each run folded on 'cpu' "
+            "with a plain (convolution, BatchNorm) or identity shortcut",
+        )
     folded_stem_stage = folded_stem(model, stem, "onednn")
     folded = [folded_stages(block, "onednn") for block in described]
     builder = _Builder(program_class(_DTYPES[compute_dtype(x)]))
@@ -191,7 +203,7 @@ def _decide(model: nn.Module, stem: Stage, x: Tensor, program_class: Any) -> _Ca
         if head is not None:
             builder.add_head(head)
     except _NotReproduced:
-        return _Cached(None, state)
+        return _Cached(None, state, "a layer's input does not fit it (block by block raises)")
     return _Cached(BuiltProgram(builder.program, head is not None), state)
 
 

@@ -97,8 +97,8 @@ def bn_add_act(y: Tensor, bn: nn.Module, residual: Tensor, activation: str, back
 class FusedOpsPlan:
     name = "fused ops"
 
-    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
-        return True  # the last plan: any block the fused ops reproduce, on any fastres backend
+    def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
+        return []  # the last plan: any block the fused ops reproduce, on any fastres backend
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
         require_fused_dtypes(block.module, block.norms, x)

@@ -19,8 +19,13 @@ __all__ = ["ReferencePlan"]
 class ReferencePlan:
     name = "reference"
 
-    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
-        return backend == "torch" or bool(block.fusion_issue()) or tracing_or_exporting()
+    def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
+        if backend == "torch" or block.fusion_issue() or tracing_or_exporting():
+            return []
+        return [
+            f"the fused ops reproduce every layer on the {backend!r} backend, and the model is "
+            "not traced or exported"
+        ]
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
         return block.reference(x)

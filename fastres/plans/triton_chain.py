@@ -74,21 +74,32 @@ def _no_prologue(eps: float) -> tuple[None, None, None, None, bool, float, str]:
 class TritonChainPlan:
     name = "triton convolution chain"
 
-    def applies(self, block: ResidualBlock, x: Tensor, backend: str) -> bool:
+    def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         """The triton backend, float32/16/bf16, square uniform convolutions (every block of
         ResNet-50 and ResNeXt), activations the kernels apply (a prologue applies any of
         ACTIVATIONS; the last BatchNorm's goes after the add, so its stage has none).
         Synchronized BatchNorm keeps the fused-ops plan (its statistics need a collective)."""
+        if backend != "triton":
+            return [f"the backend is {backend!r}, not 'triton'"]
         *inner, last = block.stages
-        return (
-            backend == "triton"
-            and x.dtype in _DTYPES
-            and all(type(norm) is nn.BatchNorm2d for norm in block.norms)
-            and all(_uniform(conv) for conv in block.convs)
-            and all(stage.activation in ACTIVATIONS for stage in inner)
-            and last.activation == "identity"
-            and block.activation in ACTIVATIONS
-        )
+        checks = [
+            (x.dtype in _DTYPES, f"the input is {x.dtype}"),
+            (
+                all(type(norm) is nn.BatchNorm2d for norm in block.norms),
+                "a BatchNorm is synchronised (its statistics need a collective)",
+            ),
+            (
+                all(_uniform(conv) for conv in block.convs),
+                "a convolution is not square with one stride, padding and dilation",
+            ),
+            (
+                all(stage.activation in ACTIVATIONS for stage in inner)
+                and last.activation == "identity"
+                and block.activation in ACTIVATIONS,
+                "an activation the kernels do not apply",
+            ),
+        ]
+        return [why for holds, why in checks if not holds]
 
     def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
         require_fused_dtypes(block.module, block.norms, x)
