@@ -240,11 +240,13 @@ def run_scenario(name: str, rank: int, world_size: int, device: torch.device) ->
         grads = [(name, p.grad) for name, p in fast.named_parameters()]
         grads64 = [p.grad for p in reference64.parameters()]
         grads_low = [p.grad for p in reference_low.parameters()]
-        if step == 0:  # the same parameters everywhere: every tensor on its own
-            for (pname, g), g64, g_low in zip(grads, grads64, grads_low, strict=True):
-                check(g, g64, g_low, f"step 0 grad of {pname}", grad=True)
-        else:
-            _check_model_wide(check, grads, grads64, grads_low, f"step {step} grads", grad=True)
+        # Every parameter gradient by the rule on the norm over all of them (float64: each
+        # tensor on its own, tightly). Even at step 0 one float32 tensor alone judges rounding
+        # luck: a BatchNorm bias gradient sums hundreds of terms, and PyTorch's own error on
+        # one of them (blocks, 0.bn2.bias: 4.5e-6) can be a quarter of its error on the others
+        # (1.6e-5 to 1.8e-5), where the fused path's is 1.2e-5 to 1.4e-5 on all of them in one
+        # process and, split over two, a few ulp more on the tensor PyTorch got lucky on.
+        _check_model_wide(check, grads, grads64, grads_low, f"step {step} grads", grad=True)
         for optimizer in optimizers:
             optimizer.step()
     _check_model_wide(
