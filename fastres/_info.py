@@ -39,7 +39,7 @@ def info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    build = backends._build_info()
+    build = backends.build_info()
     return {
         "fastres": __version__,
         "python": platform.python_version(),

@@ -53,7 +53,7 @@ REBUILD_HINT = (
 )
 
 
-def _build_info() -> dict[str, Any]:
+def build_info() -> dict[str, Any]:
     """The build information setup.py wrote for this Python (fastres/_build_info_<tag>.py):
     what was built, against which torch."""
     facts: dict[str, Any] = {
@@ -94,7 +94,7 @@ def torch_mismatch(build: dict[str, Any]) -> str:
 def _load_extension() -> tuple[ModuleType | None, str]:
     """Imports fastres._C (which registers torch.ops.fastres.*) unless it was built against
     another torch; returns (module or None, why not)."""
-    mismatch = torch_mismatch(_build_info())
+    mismatch = torch_mismatch(build_info())
     if mismatch:
         return None, mismatch
     try:
@@ -109,7 +109,7 @@ def triton_interpreting() -> bool:
 
 def _probe() -> tuple[object, dict[str, BackendStatus]]:
     extension, why_no_extension = _load_extension()
-    build = _build_info()
+    build = build_info()
     gpu = torch.cuda.is_available()
     status: dict[str, BackendStatus] = {}
 
@@ -156,7 +156,7 @@ def _load_onednn() -> tuple[Any | None, str, str]:
     """fastres._onednn's program class (``torch.classes.fastres.FoldedProgram``), the oneDNN
     version it was built with, and why it is missing ("" when it is not): folded CPU inference
     then runs through ATen's oneDNN ops, per block."""
-    build = _build_info()
+    build = build_info()
     if not build["ONEDNN_BUILT"]:
         return None, "", f"not built: {build['ONEDNN_NOT_BUILT_REASON']}"
     if EXTENSION is None:

@@ -4,19 +4,16 @@ model's BatchNorms into it."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from fastres.backends import check_backend_name
 from fastres.batch_norm import BatchNormStep
 from fastres.module_tree import replace_modules, retyped
-from fastres.ops.bn_act import bn_act
-from fastres.ops.sync_bn_act import sync_bn_act
+from fastres.plans.fused_ops import bn_act_for
 
-__all__ = ["SyncBatchNorm2d", "bn_act_for", "sync_batch_norms", "synchronised"]
+__all__ = ["SyncBatchNorm2d", "sync_batch_norms"]
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -40,6 +37,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     process_group: Any
     backend: str
+    # What the plans (fastres/plans/) recognise a synchronised BatchNorm by, without importing
+    # this module layer: statistics over process_group in training.
+    synchronises_statistics: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -94,21 +94,6 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
-
-
-def synchronised(bn: nn.Module) -> bool:
-    """Whether bn's statistics come from every process of its group (training only, as in
-    nn.SyncBatchNorm: eval and running statistics need no communication)."""
-    return isinstance(bn, SyncBatchNorm2d) and bn.training
-
-
-def bn_act_for(bn: nn.Module) -> Callable[..., Tensor]:
-    """The bn_act that computes ``bn``'s statistics: :func:`fastres.ops.sync_bn_act` over its
-    process group when it is :func:`synchronised`, else :func:`fastres.ops.bn_act` (same
-    arguments)."""
-    if synchronised(bn):
-        return functools.partial(sync_bn_act, process_group=bn.process_group)
-    return bn_act
 
 
 def sync_batch_norms(

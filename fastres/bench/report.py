@@ -36,7 +36,7 @@ def device_name(device: str) -> str:
 
 def fastres_commit() -> str:
     """fastres's commit, as recorded when the extension was built (no git call at run time)."""
-    return backends._build_info()["COMMIT"]
+    return backends.build_info()["COMMIT"]
 
 
 def _timing_columns(result: Result, base: Result, batch_size: int) -> dict:

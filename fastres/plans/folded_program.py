@@ -80,16 +80,15 @@ PROGRAM_SHAPES = 4
 
 
 def _blocks(model: nn.Module) -> list[Any] | None:
-    """The model's fast blocks in order, when its layers are plain Sequentials of them."""
-    from fastres.modules import FastBlockMixin
-
+    """The model's fast blocks in order, when its layers are plain Sequentials of them (known
+    by the ``_describe`` every fast block has: plans do not import the module layer)."""
     blocks = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
         layer = getattr(model, name, None)
         if type(layer) is not nn.Sequential:
             return None
         children = list(layer.children())
-        if not all(isinstance(b, FastBlockMixin) for b in children):
+        if not all(callable(getattr(b, "_describe", None)) for b in children):
             return None
         blocks += children
     return blocks

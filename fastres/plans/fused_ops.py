@@ -14,17 +14,36 @@ BatchNorm in training takes the synchronized ops (statistics over its process gr
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from fastres.batch_norm import BatchNormStep, require_fused_dtypes, values_per_channel
+from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_conv import bn_act_conv2d
-from fastres.ops.sync_bn_act import sync_bn_act_conv2d
+from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
 from fastres.plans.description import ResidualBlock
 from fastres.plans.folded_eval import autocast_dtype
-from fastres.sync_batch_norm import bn_act_for, synchronised
 
-__all__ = ["FusedOpsPlan"]
+__all__ = ["FusedOpsPlan", "bn_act_for", "synchronised"]
+
+
+def synchronised(bn: nn.Module) -> bool:
+    """Whether bn's statistics come from every process of its group: a
+    :class:`fastres.SyncBatchNorm2d` (``synchronises_statistics``) in training, as in
+    nn.SyncBatchNorm (eval and running statistics need no communication)."""
+    return bool(getattr(type(bn), "synchronises_statistics", False)) and bn.training
+
+
+def bn_act_for(bn: nn.Module) -> Callable[..., Tensor]:
+    """The bn_act that computes ``bn``'s statistics: :func:`fastres.ops.sync_bn_act` over its
+    process group when it is :func:`synchronised`, else :func:`fastres.ops.bn_act` (same
+    arguments)."""
+    if synchronised(bn):
+        return functools.partial(sync_bn_act, process_group=bn.process_group)
+    return bn_act
 
 
 def _conv_args(conv: nn.Module) -> tuple[Tensor, list[int], list[int], list[int], int]:
