@@ -112,7 +112,7 @@ def _finalize_call(kernel: str, channels: int, rows: int, device: str):
 
 
 def measure(args) -> list[dict]:
-    from fastres.interleaved import spread_of, time_interleaved
+    from fastres.bench.interleaved import spread_of, time_interleaved
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     launches = {tile: finalize_launches(args.batch_size, tile, args.scale) for tile in TILE_ROWS}

@@ -4,7 +4,7 @@ Usage: python benchmarks/layer_table.py --device cuda --csv OUT/layers.csv
        (the GPU check's last phase; on CPU it runs the same code at toy sizes, interpreted)
 
 For a few ResNet-50 layers, every implementation of the layer is timed in interleaved rounds
-(fastres.interleaved; a step is ``--repeat`` calls, then a device synchronisation):
+(fastres.bench.interleaved; a step is ``--repeat`` calls, then a device synchronisation):
 
 * convolution forward, channels_last: ``bn_act_conv2d_stats_triton`` (no prologue, no
   statistics) against ``F.conv2d`` (cuDNN on a GPU), in TFLOP/s;
@@ -128,7 +128,7 @@ def bn_act_layers(args):
 
 def copy_bandwidth(args, sync) -> float:
     """Bytes per second of a large device copy (read + write), timed like the layers."""
-    from fastres.interleaved import spread_of, time_interleaved
+    from fastres.bench.interleaved import spread_of, time_interleaved
 
     numel = (256 if args.device == "cuda" else 16) * 2**20 // 4
     source = torch.randn(numel, device=args.device)
@@ -138,7 +138,7 @@ def copy_bandwidth(args, sync) -> float:
 
 
 def measure(args) -> tuple[list[dict], float]:
-    from fastres.interleaved import paired_speedups, spread_of, time_interleaved
+    from fastres.bench.interleaved import paired_speedups, spread_of, time_interleaved
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     copy_bytes_per_s = copy_bandwidth(args, sync)

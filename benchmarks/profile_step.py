@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
 
 def training_step(args):
     """One forward + backward of a first-stage bottleneck on the triton backend."""
-    from fastres.modules import FastBottleneck
+    from fastres import FastBottleneck
 
     block = FastBottleneck(256, 64, backend="triton").to(args.device)
     block = block.to(memory_format=torch.channels_last).train()

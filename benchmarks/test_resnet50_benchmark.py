@@ -15,7 +15,7 @@ import torchvision
 from conftest import BATCH, DEVICE, DTYPE, timed
 
 import fastres
-from fastres.memory import saved_tensor_bytes
+from fastres.bench.memory import saved_tensor_bytes
 
 
 def _model(impl: str) -> torch.nn.Module:

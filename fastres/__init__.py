@@ -18,12 +18,8 @@
 
 from fastres import backends as _backends  # noqa: F401  (loads fastres._C: torch.ops.fastres.*)
 from fastres import ops
-from fastres.explain import Explanation, explain
-from fastres.folding import fold_bn
-from fastres.models import (
-    ConversionReport,
-    conversion_report,
-    convert,
+from fastres.adapters.torchvision import FastBasicBlock, FastBottleneck, FastResNet
+from fastres.builders import (
     resnet18,
     resnet34,
     resnet50,
@@ -32,19 +28,14 @@ from fastres.models import (
     resnext50_32x4d,
     resnext101_32x8d,
     resnext101_64x4d,
-    revert,
     wide_resnet50_2,
     wide_resnet101_2,
 )
-from fastres.modules import (
-    BlockInputError,
-    FastBasicBlock,
-    FastBlockMixin,
-    FastBottleneck,
-    FastResNet,
-    FastStemMixin,
-    SyncBatchNorm2d,
-)
+from fastres.conversion import ConversionReport, conversion_report, convert, revert
+from fastres.explain import Explanation, explain
+from fastres.fast_block import BlockInputError, FastBlockMixin, FastStemMixin
+from fastres.folding import fold_bn
+from fastres.sync_batch_norm import SyncBatchNorm2d
 
 
 def info() -> dict:

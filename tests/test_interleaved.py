@@ -1,8 +1,8 @@
-"""fastres.interleaved: rounds rotate the order, spreads and paired speed-ups are right."""
+"""fastres.bench.interleaved: rounds rotate the order, spreads and paired speed-ups are right."""
 
 import pytest
 
-from fastres.interleaved import Spread, paired_speedups, spread_of, time_interleaved
+from fastres.bench.interleaved import Spread, paired_speedups, spread_of, time_interleaved
 
 
 def test_rounds_run_every_configuration_once_in_rotating_order():

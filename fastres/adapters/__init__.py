@@ -1,8 +1,10 @@
 """Adapters: one library's residual blocks as the canonical description plans work on
 (:class:`fastres.plans.description.ResidualBlock`), one file per library.
 
-torchvision's adapter is always there, first (fastres/adapters/torchvision.py; its fast blocks
-are :class:`fastres.FastBottleneck` and :class:`fastres.FastBasicBlock`). The others are
+torchvision's adapter is always there, first (fastres/adapters/torchvision.py, with its fast
+classes :class:`fastres.FastBottleneck`, :class:`fastres.FastBasicBlock` and
+:class:`fastres.FastResNet`). Every adapter builds its fast classes on the mixins of
+fastres/fast_block.py. The others are
 registered only when their library imports: ``import fastres`` needs none of them, and
 :func:`adapters` imports each library once, when a model is first converted or reverted. Every
 library's blocks go through the same interface: converted, or left alone with the reason.
@@ -55,7 +57,7 @@ def adapters() -> list[LibraryAdapter]:
     if _LOADED is None:
         from fastres.adapters import torchvision
 
-        loaded = [torchvision.adapter()]
+        loaded = [torchvision.ADAPTER]
         for name in _OPTIONAL:
             try:
                 loaded.append(importlib.import_module(name).ADAPTER)

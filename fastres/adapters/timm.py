@@ -19,7 +19,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
 from fastres.adapters import LibraryAdapter
-from fastres.modules import FastBlockMixin
+from fastres.fast_block import FastBlockMixin
 from fastres.plans.description import ResidualBlock, Stage, activation_name, conv_norm_stage
 
 __all__ = ["ADAPTER", "FastTimmBasicBlock", "FastTimmBottleneck", "describe"]

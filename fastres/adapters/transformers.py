@@ -24,7 +24,7 @@ from transformers.models.resnet.modeling_resnet import (
 
 from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
-from fastres.modules import FastBlockMixin, FastStemMixin
+from fastres.fast_block import FastBlockMixin, FastStemMixin
 from fastres.plans.description import ResidualBlock, Stage, activation_name
 
 __all__ = [

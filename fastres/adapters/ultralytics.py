@@ -23,7 +23,7 @@ from ultralytics.nn.modules.conv import Conv
 
 from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
-from fastres.modules import FastBlockMixin, FastStemMixin
+from fastres.fast_block import FastBlockMixin, FastStemMixin
 from fastres.plans.description import ResidualBlock, Stage, activation_name
 
 __all__ = ["ADAPTER", "FastResNetBlock", "FastResNetLayer", "describe"]

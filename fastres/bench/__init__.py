@@ -6,7 +6,7 @@ as failed, its speed is not measured, and the command exits non-zero), then meas
 side in one run: training-step and inference throughput, peak memory on CUDA, and the activation
 bytes kept for backward, for torchvision eager, torchvision + torch.compile, fastres eager on each
 available backend, and fastres + torch.compile. Steps are timed in interleaved rounds (one step
-of every configuration per round, in a rotating order; fastres.interleaved), so that a machine
+of every configuration per round, in a rotating order; fastres.bench.interleaved), so that a machine
 that slows down or speeds up mid-run moves every configuration alike. It prints medians with
 their interquartile ranges, speed-ups over torchvision eager paired round by round (marked
 "n.s." when not significant) and the targets, and writes a CSV and a PNG chart under ``--out``.

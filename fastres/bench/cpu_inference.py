@@ -1,7 +1,7 @@
 """``python -m fastres.bench.cpu_inference``: CPU inference in float32 and bfloat16 against the
 runtimes people deploy, each as its users run it.
 
-One run, one batch, interleaved rounds (fastres.interleaved), inference only:
+One run, one batch, interleaved rounds (fastres.bench.interleaved), inference only:
 
 * the library's model (torchvision's by default) in float32, under
   ``torch.autocast("cpu", torch.bfloat16)``, cast with ``.to(torch.bfloat16)``, and (``--compile``)
@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from fastres.bench import peers
+from fastres.bench.interleaved import paired_speedups, spread_of, time_interleaved
 from fastres.bench.models import MODELS, build_fast, build_reference, reference_library
 from fastres.bench.report import device_name, fastres_commit, speedup_text, write_csv
 from fastres.cpu_isa import bf16_inference_case, cpu_isa
 from fastres.folding import onednn_kernels
-from fastres.interleaved import paired_speedups, spread_of, time_interleaved
 from fastres.plans.folded_eval import onednn_dtypes
 
 TARGET_PEER = "openvino"  # at its default precision

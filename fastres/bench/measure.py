@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from fastres.bench import models
+from fastres.bench.interleaved import time_interleaved
+from fastres.bench.memory import saved_tensor_bytes
 from fastres.bench.models import Config, Result, autocast, make_train_step, sync
 from fastres.bench.parity import check_eval_parity, check_parity, parity_passes
 from fastres.bench.peers import build_peers
-from fastres.interleaved import time_interleaved
-from fastres.memory import saved_tensor_bytes
 
 
 @dataclass

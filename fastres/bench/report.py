@@ -8,8 +8,8 @@ import platform
 import torch
 
 from fastres import backends
+from fastres.bench.interleaved import paired_speedups, spread_of
 from fastres.bench.models import Result
-from fastres.interleaved import paired_speedups, spread_of
 from fastres.testing import ERROR_FACTOR, FLOOR_ULPS
 
 # Targets: activation bytes kept for backward in training, as a fraction of torchvision's; and

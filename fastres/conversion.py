@@ -1,4 +1,5 @@
-"""ResNet builders on fast blocks, and ``convert()`` / ``revert()`` for models you already have."""
+"""``convert()`` / ``revert()``: fast blocks swapped into models you already have, and back, with
+the report of what was replaced and what was left alone (``conversion_report``)."""
 
 from __future__ import annotations
 
@@ -11,37 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from torchvision import models as tv
 from torchvision.models.resnet import ResNet
 
 from fastres.adapters import LibraryAdapter, adapters
 from fastres.adapters import torchvision as torchvision_adapter
 from fastres.backends import check_backend_name
+from fastres.fast_block import FastStemMixin
 from fastres.module_tree import replace_modules, retyped
-from fastres.modules import FastStemMixin
 from fastres.sync_batch_norm import SyncBatchNorm2d, sync_batch_norms
 
-__all__ = [
-    "convert",
-    "revert",
-    "ConversionReport",
-    "conversion_report",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-]
+__all__ = ["ConversionReport", "conversion_report", "convert", "revert", "swap_blocks"]
 
 logger = logging.getLogger("fastres")
 
-# What the builders retype: torchvision's adapter's classes (convert() asks every adapter).
-_FAST_OF = torchvision_adapter.adapter().fast_classes
+# torchvision's classes and their fast ones: a subclass of one is reported as left alone.
+_FAST_OF = torchvision_adapter.ADAPTER.fast_classes
 
 
 @dataclass
@@ -91,11 +76,15 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         ) from None
 
 
-def _swap_blocks(
+def swap_blocks(
     model: nn.Module,
     pick: Callable[[nn.Module, str], tuple[type | None, str]],
     configure: Callable[[nn.Module], None],
 ) -> tuple[nn.Module, ConversionReport]:
+    """Walks ``model``: where ``pick(module, qualified_name)`` gives a class, the module is
+    retyped into it (a ResNet in place, its children visited; a block or stem replaced, not
+    descended into) and ``configure``d; where it gives none, its reason (if any) is reported as
+    left alone. Returns the model and the report."""
     report = ConversionReport()
 
     def visit(module: nn.Module, name: str) -> nn.Module:
@@ -143,7 +132,7 @@ def convert(
     reproduce (timm's squeeze-excitation or anti-aliasing; the FrozenBatchNorm2d of
     torchvision's detection backbones; another activation or norm, in any library's blocks) is
     left alone, with the reason in the report that is logged. A torchvision ``ResNet`` itself
-    becomes a :class:`fastres.modules.FastResNet`, whose stem convolution is folded in eval like
+    becomes a :class:`fastres.FastResNet`, whose stem convolution is folded in eval like
     the blocks'. Every parameter and buffer is kept as the same tensor (bit for bit), with its
     device, dtype, memory format and requires_grad, and each module keeps its training mode. A
     subclass of torchvision's blocks or ResNet is left alone (its computation is not known to be
@@ -209,7 +198,7 @@ def convert(
         # nn.Module's __setattr__ is typed for tensors and modules only.
         block.backend = backend  # type: ignore[assignment]
 
-    model, report = _swap_blocks(model, pick, configure)
+    model, report = swap_blocks(model, pick, configure)
     if sync_bn:
         report.batch_norms = sync_batch_norms(model, process_group, backend)
     elif process_group is not None:
@@ -261,7 +250,7 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     def configure(block: nn.Module) -> None:
         del block.__dict__["backend"]
 
-    model, report = _swap_blocks(model, pick, configure)
+    model, report = swap_blocks(model, pick, configure)
     report.batch_norms = replace_modules(model, SyncBatchNorm2d, SyncBatchNorm2d.to_batch_norm)
     _report(model, report, "reverted")
     return model
@@ -278,47 +267,3 @@ def _report(model: nn.Module, report: ConversionReport, verb: str) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _builder(torchvision_builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    name = torchvision_builder.__name__
-
-    def build(
-        *,
-        weights: Any = None,
-        progress: bool = True,
-        backend: str = "auto",
-        sync_bn: bool = False,
-        process_group: Any | None = None,
-        **kwargs: Any,
-    ) -> nn.Module:
-        model = torchvision_builder(weights=weights, progress=progress, **kwargs)
-        model, _ = _swap_blocks(
-            model,
-            lambda m, n: (_FAST_OF.get(type(m)), ""),
-            lambda block: setattr(block, "backend", check_backend_name(backend)),
-        )
-        if sync_bn:
-            sync_batch_norms(model, process_group, backend)
-        return model
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = (
-        f"torchvision's ``{name}`` built from fast blocks.\n\n"
-        f"Takes torchvision's arguments (``weights`` as torchvision's weights enum, ``progress``, "
-        f"and ``ResNet`` keyword arguments) plus ``backend``, ``sync_bn`` and ``process_group`` "
-        f"(as for :func:`convert`); loads any torchvision {name} state_dict unchanged."
-    )
-    return build
-
-
-resnet18 = _builder(tv.resnet18)
-resnet34 = _builder(tv.resnet34)
-resnet50 = _builder(tv.resnet50)
-resnet101 = _builder(tv.resnet101)
-resnet152 = _builder(tv.resnet152)
-resnext50_32x4d = _builder(tv.resnext50_32x4d)
-resnext101_32x8d = _builder(tv.resnext101_32x8d)
-resnext101_64x4d = _builder(tv.resnext101_64x4d)
-wide_resnet50_2 = _builder(tv.wide_resnet50_2)
-wide_resnet101_2 = _builder(tv.wide_resnet101_2)

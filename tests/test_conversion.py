@@ -16,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres import FastBasicBlock, FastBottleneck, FastResNet
-from fastres.memory import saved_tensor_bytes
+from fastres.bench.memory import saved_tensor_bytes
 from fastres.testing import assert_within_error_factor
 
 ACTIVATION_BYTES_TARGET = 0.86  # of torchvision's, for a converted ResNet-50 in training
