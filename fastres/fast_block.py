@@ -20,12 +20,7 @@ from fastres.backends import check_backend_name, resolve_backend
 from fastres.plans import Plan, plan_for, plans_passed_over
 from fastres.plans.decisions import recorded, recorder
 from fastres.plans.description import ResidualBlock, Stage
-from fastres.plans.folded_eval import (
-    FOLDED,
-    FoldedEvalPlan,
-    run_folded_stem,
-    stage_folding_choice,
-)
+from fastres.plans.folded_eval import release_eval_state, run_folded_stem, stage_folding_choice
 from fastres.sync_batch_norm import sync_batch_norms
 
 __all__ = ["BlockInputError", "FastBlockMixin", "FastStemMixin", "scripting_refused"]
@@ -72,14 +67,6 @@ def scripting_refused(module: nn.Module) -> RuntimeError:
     )
 
 
-def _run_plan(
-    plan: Plan, block: ResidualBlock, x: Tensor, backend: str, input_is_scratch: bool
-) -> Tensor:
-    if input_is_scratch and isinstance(plan, FoldedEvalPlan):
-        return plan.run(block, x, backend, input_is_scratch=True)
-    return plan.run(block, x, backend)
-
-
 class FastBlockMixin(nn.Module):
     """The forward every fast block shares, whatever library its block comes from: describe the
     block (``_describe_with``, the library's adapter), run the first plan that applies. Placed
@@ -110,10 +97,11 @@ class FastBlockMixin(nn.Module):
         backend = resolve_backend(self.backend, x.device, x.dtype)
         rec = recorder()
         if rec is None:
-            return _run_plan(plan_for(block, x, backend), block, x, backend, input_is_scratch)
+            plan = plan_for(block, x, backend)
+            return plan.run(block, x, backend, input_is_scratch=input_is_scratch)
         choice = plans_passed_over(block, x, backend)  # fastres.explain is recording
         with rec.ran(self, choice.plan.name, choice.passed_over):
-            return _run_plan(choice.plan, block, x, backend, input_is_scratch)
+            return choice.plan.run(block, x, backend, input_is_scratch=input_is_scratch)
 
     def fusion_issue(self) -> str:
         """Why the fused ops cannot reproduce this block, "" when they can (then, on any
@@ -125,7 +113,7 @@ class FastBlockMixin(nn.Module):
         return plan_for(self._describe(), x, resolve_backend(self.backend, x.device, x.dtype))
 
     def train(self, mode: bool = True):
-        FOLDED.pop(self, None)  # folded weights are for eval only; free them
+        release_eval_state(self)  # folded weights are for eval only
         return super().train(mode)
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -155,7 +143,7 @@ class FastStemMixin(nn.Module):
             return run_folded_stem(self, stage, pool, x, backend)
 
     def train(self, mode: bool = True):
-        FOLDED.pop(self, None)  # folded weights are for eval only; free them
+        release_eval_state(self)  # folded weights are for eval only
         return super().train(mode)
 
     def __prepare_scriptable__(self) -> nn.Module:

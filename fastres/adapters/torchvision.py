@@ -33,12 +33,12 @@ from fastres.fast_block import FastBlockMixin, scripting_refused
 from fastres.plans.decisions import recorded
 from fastres.plans.description import ResidualBlock, Stage, activation_name, conv_norm_stage
 from fastres.plans.folded_eval import (
-    FOLDED,
     hooks_can_see_activations,
+    release_eval_state,
     run_folded_stem,
     stage_folding_choice,
 )
-from fastres.plans.folded_program import PROGRAMS, program_decision, run_program
+from fastres.plans.folded_program import program_decision, run_program
 
 __all__ = ["ADAPTER", "FastBasicBlock", "FastBottleneck", "FastResNet", "describe", "left_alone"]
 
@@ -205,8 +205,7 @@ class FastResNet(ResNet):
         return logits
 
     def train(self, mode: bool = True) -> FastResNet:
-        FOLDED.pop(self, None)  # folded weights and programs are for eval only; free them
-        PROGRAMS.pop(self, None)
+        release_eval_state(self)  # folded weights and programs are for eval only
         super().train(mode)
         return self
 

@@ -50,7 +50,13 @@ class Plan(Protocol):
         """Why this plan cannot run ``block`` on ``x`` now; [] when it can."""
         ...
 
-    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor: ...
+    def run(
+        self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False
+    ) -> Tensor:
+        """The block's output for ``x``. ``input_is_scratch=True`` says ``x`` is an activation
+        the network owns and needs no more (never a caller's tensor, nothing a hook saw), which
+        the plan may overwrite; plans that have no use for that ignore it."""
+        ...
 
 
 PLANS: tuple[Plan, ...] = (ReferencePlan(), FoldedEvalPlan(), TritonChainPlan(), FusedOpsPlan())

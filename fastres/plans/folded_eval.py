@@ -8,7 +8,6 @@ exactly the eval computation and nothing needs gradients.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 
@@ -20,14 +19,14 @@ from fastres._layout import memory_format_of
 from fastres.activation import ACTIVATIONS
 from fastres.backends import resolve_backend
 from fastres.folding import FoldedBlock, FoldedStage, folding_kind
+from fastres.plans.autocast import autocast_dtype, autocast_off, compute_dtype
 from fastres.plans.description import ResidualBlock, Stage
 from fastres.plans.exporting import tracing_or_exporting
 
 __all__ = [
     "FOLDED",
+    "release_eval_state",
     "FoldedEvalPlan",
-    "autocast_dtype",
-    "compute_dtype",
     "fold_issues",
     "folded_stages",
     "folded_stem",
@@ -45,27 +44,13 @@ __all__ = [
 FOLDED: weakref.WeakKeyDictionary[nn.Module, FoldedBlock] = weakref.WeakKeyDictionary()
 
 
-def autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast runs convolutions in for x's device, or None outside autocast."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return None
+def release_eval_state(module: nn.Module) -> None:
+    """Frees what folded eval keeps beside ``module`` (its folded weights, and the whole-network
+    programs of a model): fast modules call it from ``train()``, where it is of no more use."""
+    from fastres.plans.folded_program import PROGRAMS  # the program plan builds on this one
 
-
-def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
-    """A context with autocast off for x's device (the folded convolutions run in the dtype
-    folding_input gave them); no context at all outside autocast, as the folded path runs a
-    few times per block."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype x's convolutions run in: autocast's for a float32, float16 or bfloat16 x
-    under autocast (autocast leaves float64 alone), x's own otherwise."""
-    low = autocast_dtype(x)
-    return low if low is not None and x.dtype != torch.float64 else x.dtype
+    FOLDED.pop(module, None)
+    PROGRAMS.pop(module, None)
 
 
 @functools.cache

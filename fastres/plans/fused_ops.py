@@ -24,8 +24,8 @@ from fastres.batch_norm import BatchNormStep, require_fused_dtypes, values_per_c
 from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_conv import bn_act_conv2d
 from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
+from fastres.plans.autocast import autocast_dtype
 from fastres.plans.description import ResidualBlock
-from fastres.plans.folded_eval import autocast_dtype
 
 __all__ = ["FusedOpsPlan", "bn_act_for", "synchronised"]
 
@@ -119,7 +119,9 @@ class FusedOpsPlan:
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         return []  # the last plan: any block the fused ops reproduce, on any fastres backend
 
-    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+    def run(
+        self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False
+    ) -> Tensor:
         require_fused_dtypes(block.module, block.norms, x)
         first, *rest = block.stages
         out = first.conv(x)

@@ -27,5 +27,7 @@ class ReferencePlan:
             "not traced or exported"
         ]
 
-    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+    def run(
+        self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False
+    ) -> Tensor:
         return block.reference(x)

@@ -25,8 +25,8 @@ from fastres.batch_norm import (
 from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_from_stats import bn_act_from_stats
 from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
+from fastres.plans.autocast import autocast_dtype
 from fastres.plans.description import ResidualBlock
-from fastres.plans.folded_eval import autocast_dtype
 
 __all__ = ["TritonChainPlan"]
 
@@ -101,7 +101,9 @@ class TritonChainPlan:
         ]
         return [why for holds, why in checks if not holds]
 
-    def run(self, block: ResidualBlock, x: Tensor, backend: str) -> Tensor:
+    def run(
+        self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False
+    ) -> Tensor:
         require_fused_dtypes(block.module, block.norms, x)
         compute_dtype = autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
