@@ -32,8 +32,8 @@ from script_args import require_positive
 import fastres
 from fastres.backends import onednn_program_class
 from fastres.bench.peers import export_onnx
-from fastres.folding import onednn_verbose_log
 from fastres.plans import folded_program
+from fastres.plans.folded_convolution import onednn_verbose_log
 
 
 def parse_args() -> argparse.Namespace:

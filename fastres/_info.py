@@ -11,7 +11,7 @@ import torch
 
 from fastres import backends
 from fastres.cpu_isa import bf16_inference_case, cpu_isa
-from fastres.folding import folding_description
+from fastres.plans.folded_convolution import folding_description
 
 
 def info() -> dict:
@@ -28,8 +28,8 @@ def info() -> dict:
     inference calls oneDNN directly, fastres._onednn, or through ATen's ops) and ``"backends"``:
     ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch,
     and ``"folded_eval"``: for each available compiled backend, what eval runs with BatchNorm
-    folded (fastres/folding.py): the oneDNN kernel each dtype runs on CPU, and any path this
-    torch version makes it take.
+    folded (fastres/plans/folded_convolution.py): the oneDNN kernel each dtype runs on CPU, and
+    any path this torch version makes it take.
     """
     from fastres import __version__
 

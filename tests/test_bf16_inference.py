@@ -109,12 +109,14 @@ def test_bfloat16_eval_follows_the_error_factor_rule_against_float64(name, mode,
 @pytest.mark.parametrize("mode", ["autocast", "cast"])
 def test_a_one_by_one_last_stage_block_by_block(mode, probe, monkeypatch):
     """32 px images leave layer4 at 1x1, where torch 2.11's prepacked oneDNN add cannot run
-    (fastres.folding.onednn_binary_takes_packed_weight_at_1x1) and its NCHW fallback has no
+    (folded_convolution.onednn_binary_takes_packed_weight_at_1x1) and its NCHW fallback has no
     bfloat16 add_relu: both ways, on whichever torch runs the test."""
-    from fastres import folding
+    from fastres.plans import folded_convolution
 
     monkeypatch.setattr(folded_program, "onednn_program_class", lambda: None)
-    monkeypatch.setattr(folding, "onednn_binary_takes_packed_weight_at_1x1", lambda: probe)
+    monkeypatch.setattr(
+        folded_convolution, "onednn_binary_takes_packed_weight_at_1x1", lambda: probe
+    )
     reference, fast = _models("torchvision-resnet18")
     truth_model = copy.deepcopy(reference).double()
     if mode == "cast":
@@ -180,7 +182,7 @@ def test_concurrent_serving_threads_get_the_results_of_a_single_thread(monkeypat
     """Several threads serve one bfloat16 model at once block by block, each at its own batch
     sizes (more shapes than a folded convolution keeps packed weights for): every result equals
     the one a single thread gets. (The whole-network program: tests/test_folded_program.py.)"""
-    from fastres.folding import PACKED_SHAPES
+    from fastres.plans.folded_convolution import PACKED_SHAPES
 
     monkeypatch.setattr(folded_program, "onednn_program_class", lambda: None)
     _, fast = _models("torchvision-resnet18")

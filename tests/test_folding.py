@@ -64,7 +64,8 @@ def test_fold_bn_matches_torch(conv_bias, affine):
 
 def test_eval_at_a_one_by_one_last_stage_matches_torchvision():
     """32 px images leave layer4 1x1: the residual-add convolution that torch 2.11's prepacked
-    oneDNN binary op cannot run (fastres.folding.onednn_binary_takes_packed_weight_at_1x1)."""
+    oneDNN binary op cannot run (fastres.plans.folded_convolution's
+    onednn_binary_takes_packed_weight_at_1x1)."""
     reference = _realistic(torchvision.models.resnet18())
     fast = fastres.convert(reference).eval()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -347,7 +348,7 @@ def test_a_hooked_stem_pooling_runs_once_on_the_whole_batch(monkeypatch):
 def test_weights_are_prepacked_for_each_input_shape_they_meet():
     """oneDNN reorders a weight packed for another input shape on every call: each folded
     convolution keeps one packed weight per shape (and dtype), for the last PACKED_SHAPES."""
-    from fastres.folding import PACKED_SHAPES
+    from fastres.plans.folded_convolution import PACKED_SHAPES
 
     reference = _realistic(torchvision.models.resnet18(num_classes=10))
     fast = fastres.convert(copy.deepcopy(reference), backend="cpu")

@@ -162,8 +162,8 @@ _PROGRAM = "whole-network oneDNN program"
 class FastResNet(ResNet):
     """torchvision's ``ResNet`` whose stem runs like the fast blocks in eval:
     ``relu(bn1(conv1(x)))`` as one convolution with bn1 folded in and the ReLU fused
-    (fastres/folding.py), so that every convolution of the model is folded. Everything else
-    (training, attributes, state dict, the blocks, pooling, fc) is ResNet's.
+    (fastres/plans/folded_convolution.py), so that every convolution of the model is folded.
+    Everything else (training, attributes, state dict, the blocks, pooling, fc) is ResNet's.
     :func:`fastres.resnet50` and the other builders return one; :func:`fastres.convert` retypes
     an exact ``ResNet`` into one on the same tensors and :func:`fastres.revert` back.
     """

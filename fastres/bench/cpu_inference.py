@@ -34,7 +34,7 @@ from fastres.bench.interleaved import paired_speedups, spread_of, time_interleav
 from fastres.bench.models import MODELS, build_fast, build_reference, reference_library
 from fastres.bench.report import device_name, fastres_commit, speedup_text, write_csv
 from fastres.cpu_isa import bf16_inference_case, cpu_isa
-from fastres.folding import onednn_kernels
+from fastres.plans.folded_convolution import onednn_kernels
 from fastres.plans.folded_eval import onednn_dtypes
 
 TARGET_PEER = "openvino"  # at its default precision

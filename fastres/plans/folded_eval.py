@@ -1,4 +1,4 @@
-"""Plan: eval with every BatchNorm folded into its convolution (fastres/folding.py).
+"""Plan: eval with every BatchNorm folded into its convolution (folded_convolution.py).
 
 Each stage runs as one convolution with the folded weight and bias, the ReLU fused, and the
 residual add fused into the last (oneDNN on cpu, cuDNN on cuda, the Triton epilogue on triton);
@@ -18,10 +18,10 @@ from torch.nn.modules import module as module_hooks
 from fastres._layout import memory_format_of
 from fastres.activation import ACTIVATIONS
 from fastres.backends import resolve_backend
-from fastres.folding import FoldedBlock, FoldedStage, folding_kind
 from fastres.plans.autocast import autocast_dtype, autocast_off, compute_dtype
 from fastres.plans.description import ResidualBlock, Stage
 from fastres.plans.exporting import tracing_or_exporting
+from fastres.plans.folded_convolution import FoldedBlock, FoldedStage, folding_kind
 
 __all__ = [
     "FOLDED",

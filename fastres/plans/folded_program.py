@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from fastres.backends import onednn_program_class, resolve_backend
-from fastres.folding import FoldedStage
 from fastres.plans.autocast import compute_dtype
 from fastres.plans.description import ResidualBlock, Stage
+from fastres.plans.folded_convolution import FoldedStage
 from fastres.plans.folded_eval import (
     FoldedEvalPlan,
     folded_stages,
