@@ -144,9 +144,8 @@ def _run_on_scratch(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)`` for an ``x`` the network owns and needs no more (the stem's or a previous
     block's output): the fast blocks of a plain ``nn.Sequential`` run with
     ``input_is_scratch=True``, so that folded eval adds each block's residual in place into
-    its input instead of allocating a new output (ResNet-50, batch 16, 2-thread CPU, 25
-    interleaved rounds: 1.10x [0.97-1.30], not significant on that noisy machine).
-    Anything else runs as ``layer(x)``."""
+    its input instead of allocating a new output (measured:
+    benchmarks/diagnostics.md). Anything else runs as ``layer(x)``."""
     blocks = [b for b in layer.children() if isinstance(b, FastBlockMixin)]
     if type(layer) is not nn.Sequential or len(blocks) != len(layer):
         out: Tensor = layer(x)
@@ -192,7 +191,7 @@ class FastResNet(ResNet):
     def _folded_block_by_block(self, stem: Stage, x: Tensor, backend: str) -> Tensor:
         # Folded eval runs on channels_last (oneDNN's and cuDNN's layout): reordering the input
         # once here keeps every block on it, where an NCHW input would make each block convert
-        # its output back (measured: ResNet-50, batch 16, CPU: 1268 ms NCHW vs 655 ms).
+        # its output back (measured: benchmarks/diagnostics.md).
         x = run_folded_stem(self, stem, self.maxpool, x, backend)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         if hooks_can_see_activations(self):

@@ -141,10 +141,8 @@ class FoldedStage:
         """The weight prepacked for oneDNN for x's shape and dtype (bfloat16 weights for
         bfloat16 activations: oneDNN's AMX or AVX512_BF16 kernels). oneDNN picks the weight
         layout by input shape, and a weight packed for another shape is reordered on every call
-        (diagnostic medians, ResNet-50 on a 2-thread Xeon, the two models alternating: batch 1
-        from weights packed for batch 16, 113 ms against 43 ms; batch 16 from batch 1's, 662
-        ms against 568 ms; no spread taken). The last
-        PACKED_SHAPES shapes keep theirs: each is a copy of the weight."""
+        (measured: benchmarks/diagnostics.md). The last PACKED_SHAPES shapes keep
+        theirs: each is a copy of the weight."""
         shape = (tuple(x.shape), x.dtype)
         with self._packing:  # threads serving one model share this cache
             return self._packed_locked(x, shape)
@@ -185,9 +183,8 @@ class FoldedStage:
     ) -> Tensor:
         """``activation(conv(x) + bias + residual)`` written into ``residual``. A new output
         above glibc's mmap threshold (32 MiB, ResNet-50's 256-channel 56x56 maps at batch 16)
-        is fresh memory, page-faulted on every call: the 64->256 1x1 convolution alone took
-        24 ms, and 9.6 ms with glibc told to reuse memory (diagnostic medians of separate
-        processes; the whole-model A/B is in FastResNet's notes)."""
+        is fresh memory, page-faulted on every call, which costs a large convolution more than
+        its arithmetic (measured: benchmarks/diagnostics.md)."""
         after_add = "relu" if activation == "relu" else None  # as in _run_onednn
         out = torch.ops.mkldnn._convolution_pointwise_.binary(
             residual,

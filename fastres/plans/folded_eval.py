@@ -174,9 +174,8 @@ def run_folded_stem(
     The stem's convolution output is the network's largest activation (ResNet-50 at batch 16:
     51 MiB, above glibc's 32 MiB mmap threshold, so fresh page-faulted memory on every call)
     and is read once, by the pooling. Convolving and pooling a few images at a time keeps each
-    chunk's output in reused heap memory and mostly in cache (diagnostic medians, one
-    configuration after another, no spread: 7x7 stem + max-pool, batch 16, 2-thread Xeon:
-    39.5 ms whole, 24-26 ms in chunks of 2-8 images)."""
+    chunk's output in reused heap memory and mostly in cache (measured:
+    benchmarks/diagnostics.md)."""
     x = x.contiguous(memory_format=torch.channels_last)
     chunks = _stem_chunks(x, stage.conv)
     if folding_kind(backend) != "onednn" or chunks == 1 or not _pools_image_by_image(pool):

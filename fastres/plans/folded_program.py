@@ -1,9 +1,9 @@
 """Plan: a whole ResNet's folded eval as one call into oneDNN (``fastres._onednn``).
 
 Folded eval (fastres/plans/folded_eval.py) runs each block's convolutions through ATen's oneDNN
-ops, deciding per block in Python what to run: per call that costs about 50 us of ATen work per
-convolution and some 250 us of Python per block, a third of a ResNet-50 image at batch 1 in
-bfloat16 on a CPU with AMX (benchmarks/profile_cpu_inference.py). When every block of a
+ops, deciding per block in Python what to run: ATen's per-call work for each convolution and
+Python's for each block, a third of a ResNet-50 image at batch 1 in bfloat16 on a CPU with AMX
+(benchmarks/profile_cpu_inference.py; benchmarks/diagnostics.md). When every block of a
 :class:`fastres.FastResNet` takes the folded path for an input, this plan runs the stem, its
 max-pool and every block as one oneDNN program instead (csrc/onednn/folded_program.cpp):
 primitives created once per input shape and dtype, weights reordered once, activations in
@@ -192,9 +192,9 @@ def _decide(model: nn.Module, stem: Stage, x: Tensor, program_class: Any) -> _Ca
     folded_stem_stage = folded_stem(model, stem, "onednn")
     folded = [folded_stages(block, "onednn") for block in described]
     builder = _Builder(program_class(_DTYPES[compute_dtype(x)]))
-    # In float32, oneDNN 3.2's inner product doubled the logits' error against float64
-    # (ResNet-50, batch 16: 1.21e-6, torchvision 5.14e-7, ATen's linear after the program
-    # 4.90e-7): the float32 head stays ATen's. In bfloat16 the error is unchanged.
+    # In float32, oneDNN 3.2's inner product doubled the logits' error against float64, beyond
+    # the numerical contract (benchmarks/results/cpu-amd-epyc-2-threads/README.md): the
+    # float32 head stays ATen's. In bfloat16 the error is unchanged.
     head = _linear_head(model) if compute_dtype(x) == torch.bfloat16 else None
     try:
         builder.add_stem(list(x.shape), stem, folded_stem_stage, pool)
