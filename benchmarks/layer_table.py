@@ -70,7 +70,7 @@ def _channels_last(*shape, args) -> torch.Tensor:
 
 def convolution_layers(args):
     """(layer name, reference name, {implementation: call}, FLOP per call, bytes per call)."""
-    from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
+    from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 
     for spec in CONVOLUTIONS:
         c_in, side, c_out, kernel, stride, groups = spec

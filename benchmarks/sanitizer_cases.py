@@ -69,7 +69,7 @@ def bn_act_case(backend: str, device: str, n, c, h, w, channels_last, offset) ->
 
 
 def conv_case(device: str, n, c_in, side, c_out, kernel, stride, groups) -> None:
-    from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
+    from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 
     x = _input((n, c_in, side, side), True, 0, device)
     weight = torch.randn(c_out, c_in // groups, kernel, kernel, device=device) * 0.1

@@ -135,7 +135,7 @@ BACKENDS = backend_params("cpu", "triton", triton="either")  # triton: a GPU, el
 @pytest.mark.parametrize("builder", ["resnet18"])
 def test_eval_outputs_match_torchvision_on_triton(builder):
     """The Triton convolution's bias + residual + ReLU epilogue, from folded weights (grouped
-    convolutions: tests/test_conv2d_triton.py)."""
+    convolutions: tests/test_fused_conv2d.py)."""
     reference = _realistic(getattr(torchvision.models, builder)(num_classes=10)).to(DEVICE)
     fast = fastres.convert(reference, backend="triton")
     x = torch.randn(1, 3, 32, 32, device=DEVICE)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fastres
-from fastres.ops.conv2d_triton import (
+from fastres.ops.fused_conv2d import (
     bn_act_conv2d_stats_backward_triton,
     bn_act_conv2d_stats_triton,
     conv2d_bias_act_triton,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from fastres.ops.conv2d_triton import (
+from fastres.ops.fused_conv2d import (
     bn_act_conv2d_stats_backward_triton,
     bn_act_conv2d_stats_triton,
 )

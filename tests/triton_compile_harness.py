@@ -5,7 +5,7 @@ never lowers the kernel through Triton's compiler, so it cannot see what only co
 checks: types and layouts of ``tl.dot`` operands, constexpr-dependent control flow, the shared
 memory each autotuning configuration needs, the tensor-core instructions chosen. This
 script runs the Triton ops of fastres (``fastres/ops/bn_act.py``, ``bn_act_pieces.py``,
-``conv2d_triton.py``) on CPU tensors with Triton's launch replaced by a compile-only one: every
+``fused_conv2d.py``) on CPU tensors with Triton's launch replaced by a compile-only one: every
 kernel launch those ops make is compiled to a cubin for the target architecture (ptxas included) and
 never run. The tensors' values are meaningless; nothing reads them.
 

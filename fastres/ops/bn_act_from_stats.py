@@ -139,7 +139,7 @@ def bn_act_from_stats(
     """Training-mode :func:`fastres.ops.bn_act` whose batch statistics were computed elsewhere.
 
     ``mean`` and ``var`` (``(C,)``, the batch mean and biased variance of ``x``, e.g. from the
-    epilogue of the convolution that produced ``x``, see :mod:`fastres.ops.conv2d_triton`) are taken
+    epilogue of the convolution that produced ``x``, see :mod:`fastres.ops.fused_conv2d`) are taken
     as given: one elementwise pass forward. The backward differentiates through them as
     functions of ``x``, exactly as bn_act's training backward does. Running statistics are the
     caller's to update.

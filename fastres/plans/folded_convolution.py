@@ -84,7 +84,7 @@ class FoldedStage:
             return self._run_onednn(x, bias, activation, residual)
         c = self.conv
         if self.kind == "triton":
-            from fastres.ops.conv2d_triton import conv2d_bias_act_triton
+            from fastres.ops.fused_conv2d import conv2d_bias_act_triton
 
             out: Tensor = conv2d_bias_act_triton(
                 x,

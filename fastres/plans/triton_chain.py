@@ -1,4 +1,4 @@
-"""Plan: the Triton convolution chain, BatchNorms inside the convolutions (ops/conv2d_triton.py).
+"""Plan: the Triton convolution chain, BatchNorms inside the convolutions (ops/fused_conv2d.py).
 
 ``conv1(+stats) -> [BN1+act1]conv2(+stats) -> ... -> act(BN_last + shortcut)``: each BatchNorm
 but the last is applied, with its stage's activation (ReLU, SiLU or none), in the next
@@ -24,7 +24,7 @@ from fastres.batch_norm import (
 )
 from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_from_stats import bn_act_from_stats
-from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
+from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 from fastres.plans.autocast import autocast_dtype
 from fastres.plans.description import ResidualBlock
 

@@ -2,7 +2,7 @@
 bottleneck's training step on them against torchvision eager and torch.compile(max-autotune).
 
 GPU only: under the Triton interpreter a timing says nothing about the kernels, so on CPU these
-are skipped (the interpreter checks correctness, in tests/test_conv2d_triton.py). Targets (on an
+are skipped (the interpreter checks correctness, in tests/test_fused_conv2d.py). Targets (on an
 H100 in bfloat16): each convolution at least 0.8x cuDNN's throughput; a block's training
 step faster than both eager and torch.compile. benchmarks/report.py prints them.
 """
@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
 import fastres
-from fastres.ops.conv2d_triton import bn_act_conv2d_stats_triton
+from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 from fastres.testing import RESNET50_CONVOLUTIONS, conv_id
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="Triton convolutions are timed on a GPU only")

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 import fastres
-from fastres.ops.conv2d_triton import (
+from fastres.ops.fused_conv2d import (
     bn_act_conv2d_stats_backward_triton,
     bn_act_conv2d_stats_triton,
     conv2d_bias_act_triton,
