@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/bn_act_kernel.h"
+
 TORCH_LIBRARY(fastres, m) {
   // out = activation(batch_norm(x) + residual), activation "identity", "relu" or "silu".
   // Returns (out, save_mean, save_var, relu_mask): save_mean/save_var are the batch mean and
@@ -52,10 +54,25 @@ TORCH_LIBRARY(fastres, m) {
 #define FASTRES_CUDA_ARCHS ""
 #endif
 
+namespace {
+
+PyObject* cpu_kernel_isa(PyObject* /*module*/, PyObject* /*args*/) {
+  return PyUnicode_FromString(fastres::cpu::cpu_kernel_isa_name());
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
+     "The instruction set the C++ CPU kernels run: 'AVX512', 'AVX2' or 'DEFAULT' (ATen's own "
+     "choice for its CPU kernels; ATEN_CPU_CAPABILITY lowers it)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // Importing fastres._C loads the library above; the constants say how it was built.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                   "fastres compiled operators (torch.ops.fastres)", -1, nullptr};
+                                   "fastres compiled operators (torch.ops.fastres)", -1,
+                                   module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef FASTRES_WITH_CUDA

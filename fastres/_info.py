@@ -10,7 +10,7 @@ import platform
 import torch
 
 from fastres import backends
-from fastres.cpu_isa import bf16_inference_case, cpu_isa
+from fastres.cpu_isa import bf16_inference_case, cpu_isa, cpu_kernel_isa
 from fastres.plans.folded_convolution import folding_description
 
 
@@ -24,7 +24,8 @@ def info() -> dict:
     time), ``"triton_interpreter"`` (``"off"``, or ``"on"`` with how it runs
     run-time loop bounds: see fastres/triton/interpreter.py), ``"cpu_isa"`` (the instruction
     sets that decide reduced-precision speed: AMX, AVX512_BF16, AVX-512, AVX2), ``"cpu_bf16"``
-    (which bfloat16 case applies to this CPU), ``"folded_cpu_path"`` (whether folded CPU
+    (which bfloat16 case applies to this CPU), ``"cpu_kernels"`` (the instruction set the C++
+    CPU kernels run, ATen's choice for its own), ``"folded_cpu_path"`` (whether folded CPU
     inference calls oneDNN directly, fastres._onednn, or through ATen's ops) and ``"backends"``:
     ``{name: {"built": bool, "available": bool, "reason": str}}`` for cpu, cuda, triton, torch,
     and ``"folded_eval"``: for each available compiled backend, what eval runs with BatchNorm
@@ -53,6 +54,7 @@ def info() -> dict:
         "triton_interpreter": _triton_interpreter(triton_version),
         "cpu_isa": ", ".join(cpu_isa()) or "unknown",
         "cpu_bf16": bf16_inference_case(),
+        "cpu_kernels": cpu_kernel_isa(),
         "backends": {name: status.as_dict() for name, status in backends.STATUS.items()},
         "folded_cpu_path": backends.onednn_status(),
         "folded_eval": {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["ISA_FLAGS", "bf16_inference_case", "cpu_isa"]
+__all__ = ["ISA_FLAGS", "bf16_inference_case", "cpu_isa", "cpu_kernel_isa"]
 
 # /proc/cpuinfo flag -> the name benchmarks print, fastest first.
 ISA_FLAGS = {
@@ -49,3 +49,14 @@ def bf16_inference_case() -> str:
             "(correct, no faster than float32)"
         )
     return "unknown (the CPU's flags could not be read)"
+
+
+def cpu_kernel_isa() -> str:
+    """The instruction set fastres's C++ CPU kernels (bn_act) run: ``"AVX512"``, ``"AVX2"`` or
+    ``"DEFAULT"``, the level ATen picks for its own CPU kernels (``ATEN_CPU_CAPABILITY`` lowers
+    both), or ``"not built"`` without the extension."""
+    from fastres import backends
+
+    if backends.EXTENSION is None:
+        return "not built"
+    return str(backends.EXTENSION.cpu_kernel_isa())  # type: ignore[attr-defined]

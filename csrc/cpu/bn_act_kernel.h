@@ -5,9 +5,9 @@
 // (statistics, scale, shift, coefficients) are in `opmath<T>`: float for float/half/bfloat16,
 // double for double.
 //
-// The kernels are declared twice, once per instruction set they are compiled for (see
-// bn_act_kernel_impl.h); call them through FASTRES_CPU_DISPATCH, which picks the AVX2 build
-// where the processor can run it.
+// The kernels are declared once per instruction set they are compiled for (see
+// bn_act_kernel_impl.h); call them through FASTRES_CPU_DISPATCH, which picks the build ATen
+// picks for its own CPU kernels.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -16,6 +16,7 @@
 
 #include "../common/bn_act_layout.h"
 
+// On x86-64 the AVX2 and AVX-512 builds exist beside the generic one.
 #if defined(__x86_64__) || defined(_M_X64)
 #define FASTRES_CPU_AVX2_BUILT 1
 #endif
@@ -25,13 +26,24 @@ namespace fastres::cpu {
 template <typename T>
 using opmath = at::opmath_type<T>;
 
-// True when the processor runs AVX2, FMA and F16C (checked once).
-bool cpu_has_avx2();
+// The instruction sets the kernels are compiled for, lowest first.
+enum class CpuIsa { kGeneric, kAvx2, kAvx512 };
+
+// The build the kernels run: ATen's own choice for its CPU kernels (at::get_cpu_capability,
+// which honours the ATEN_CPU_CAPABILITY environment variable), checked once. A processor or
+// setting below AVX2 runs the generic build.
+CpuIsa cpu_kernel_isa();
+
+// The name of cpu_kernel_isa(): "AVX512", "AVX2" or "DEFAULT", as ATen names it.
+const char* cpu_kernel_isa_name();
 
 #ifdef FASTRES_CPU_AVX2_BUILT
-#define FASTRES_CPU_DISPATCH(fn, ...)                                     \
-  (::fastres::cpu::cpu_has_avx2() ? ::fastres::cpu::avx2::fn(__VA_ARGS__) \
-                                  : ::fastres::cpu::generic::fn(__VA_ARGS__))
+#define FASTRES_CPU_DISPATCH(fn, ...)                                  \
+  (::fastres::cpu::cpu_kernel_isa() == ::fastres::cpu::CpuIsa::kAvx512 \
+       ? ::fastres::cpu::avx512::fn(__VA_ARGS__)                       \
+   : ::fastres::cpu::cpu_kernel_isa() == ::fastres::cpu::CpuIsa::kAvx2 \
+       ? ::fastres::cpu::avx2::fn(__VA_ARGS__)                         \
+       : ::fastres::cpu::generic::fn(__VA_ARGS__))
 #else
 #define FASTRES_CPU_DISPATCH(fn, ...) ::fastres::cpu::generic::fn(__VA_ARGS__)
 #endif
@@ -44,6 +56,9 @@ bool cpu_has_avx2();
 #undef FASTRES_CPU_DECLS_NS
 #ifdef FASTRES_CPU_AVX2_BUILT
 #define FASTRES_CPU_DECLS_NS avx2
+#include "bn_act_kernel_decls.h"
+#undef FASTRES_CPU_DECLS_NS
+#define FASTRES_CPU_DECLS_NS avx512
 #include "bn_act_kernel_decls.h"
 #undef FASTRES_CPU_DECLS_NS
 #endif

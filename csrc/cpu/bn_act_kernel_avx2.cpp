@@ -1,6 +1,6 @@
 // The CPU kernels of bn_act compiled for AVX2 + FMA (namespace avx2), as ATen compiles its own
-// CPU kernels once per capability. Only called when cpu_has_avx2() says the processor has AVX2,
-// FMA and F16C (ATen's AVX2 level).
+// CPU kernels once per capability. Only called when cpu_kernel_isa() says ATen runs its own AVX2
+// kernels (AVX2, FMA and F16C).
 #include "bn_act_kernel.h"  // defines FASTRES_CPU_AVX2_BUILT on x86-64
 
 #ifdef FASTRES_CPU_AVX2_BUILT

@@ -1,33 +1,37 @@
 // CPU kernels of bn_act: vectorised with at::vec::Vectorized, threaded with at::parallel_for.
 //
 // This file is compiled once per instruction set, like ATen's own CPU kernels: by
-// bn_act_kernel.cpp (baseline x86-64 / the platform default, namespace `generic`) and by
-// bn_act_kernel_avx2.cpp (AVX2 + FMA, namespace `avx2`); the binding picks one at run time.
-// The including file includes bn_act_kernel.h, then defines FASTRES_CPU_ISA (the namespace) and,
-// for AVX2, CPU_CAPABILITY and CPU_CAPABILITY_AVX2, which switch at::vec::Vectorized to its AVX2
-// implementation.
+// bn_act_kernel.cpp (baseline x86-64 / the platform default, namespace `generic`),
+// bn_act_kernel_avx2.cpp (AVX2 + FMA, namespace `avx2`) and bn_act_kernel_avx512.cpp (AVX-512,
+// namespace `avx512`); the binding picks the one ATen picks for its own kernels at run time.
+// The including file includes bn_act_kernel.h, then defines FASTRES_CPU_ISA (the namespace) and
+// CPU_CAPABILITY with CPU_CAPABILITY_AVX2 or CPU_CAPABILITY_AVX512, which switch
+// at::vec::Vectorized to that instruction set's implementation.
 //
 // Every kernel walks the dense buffer in memory order in blocks of kBlock elements. kBlock is a
 // multiple of 8, so a byte of the packed ReLU mask is only ever written by one thread.
-// Reduced-precision inputs are converted run by run into float scratch buffers, so the vector
-// arithmetic is always done in opmath (float, or double for double inputs).
+// The arithmetic is always done in opmath (float, or double for double inputs). bfloat16 and
+// half are converted in registers, vector by vector, except in the NCHW reductions, which
+// convert a piece of a plane into a float scratch buffer and read it twice.
 #ifndef FASTRES_CPU_ISA
 #error "define FASTRES_CPU_ISA before including bn_act_kernel_impl.h"
 #endif
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -49,14 +53,34 @@ constexpr int64_t kMinTileRows = 8;
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
+// Reduced-precision values (bfloat16, half) to float and back, a vector at a time: converting
+// element by element through c10's scalar conversions does not vectorise, and cost more than the
+// whole fused computation (at::vec's conversions are the ones ATen's own kernels use).
+template <typename T>
+constexpr bool is_reduced_v = !std::is_same_v<T, opmath<T>>;
+
+template <typename T>
+void convert_to_opmath(const T* src, int64_t len, opmath<T>* dst) {
+  using FVec = Vectorized<float>;
+  constexpr int64_t W = FVec::size();
+  int64_t k = 0;
+  for (; k + 2 * W <= len; k += 2 * W) {
+    FVec low, high;
+    at::vec::load_to_float(src + k, low, high);
+    low.store(dst + k);
+    high.store(dst + k + W);
+  }
+  for (; k < len; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
 // Returns src as opmath, converting into buf only when the types differ.
 template <typename T>
 const opmath<T>* as_opmath(const T* src, int64_t len, opmath<T>* buf) {
-  if constexpr (std::is_same_v<T, opmath<T>>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<opmath<T>>(src[i]);
+  if constexpr (is_reduced_v<T>) {
+    convert_to_opmath(src, len, buf);
     return buf;
+  } else {
+    return src;
   }
 }
 
@@ -64,33 +88,113 @@ inline bool mask_bit(const uint8_t* mask, int64_t index) {
   return (mask[index >> 3] >> (index & 7)) & 1;
 }
 
-// gm = grad_out * relu_mask as opmath; a masked-off element is exactly 0, even when grad is not
-// finite, as in PyTorch's threshold_backward.
+// Two vectors of opmath from 2 * Vectorized<opmath<T>>::size() values of T (for bfloat16 and
+// half: one Vectorized<T>), and back: the unit of the elementwise loops.
+template <typename T>
+std::pair<Vectorized<opmath<T>>, Vectorized<opmath<T>>> load_pair(const T* p) {
+  using Vec = Vectorized<opmath<T>>;
+  if constexpr (is_reduced_v<T>) {
+    Vec low, high;
+    at::vec::load_to_float(p, low, high);
+    return {low, high};
+  } else {
+    return {Vec::loadu(p), Vec::loadu(p + Vec::size())};
+  }
+}
+
+template <typename T>
+void store_pair(T* p, const Vectorized<opmath<T>>& low, const Vectorized<opmath<T>>& high) {
+  if constexpr (is_reduced_v<T>) {
+    at::vec::convert_from_float<T>(low, high).store(p);
+  } else {
+    low.store(p);
+    high.store(p + Vectorized<opmath<T>>::size());
+  }
+}
+
+// One vector of opmath from the first n values at p (n <= the vector's width; the rest zero).
+template <typename T>
+Vectorized<opmath<T>> load_vec(const T* p, int64_t n) {
+  using Vec = Vectorized<opmath<T>>;
+  if constexpr (is_reduced_v<T>) {
+    if (n == Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    return std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n)));
+  } else {
+    return Vec::loadu(p, n);
+  }
+}
+
+// The 8 mask bits of elements index .. index + 7 (all inside the tensor), at any alignment.
+inline uint8_t mask_byte_at(const uint8_t* mask, int64_t index) {
+  const int64_t byte = index >> 3, shift = index & 7;
+  if (shift == 0) return mask[byte];
+  return static_cast<uint8_t>((mask[byte] | (mask[byte + 1] << 8)) >> shift);
+}
+
+// g where the mask bit of its element is set, else exactly 0, even when g is not finite, as in
+// PyTorch's threshold_backward. Lane k is element index + k.
+template <typename V>
+Vectorized<V> masked_by(const Vectorized<V>& g, const uint8_t* mask, int64_t index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, float>) {  // 16 lanes: two mask bytes are the lane mask
+    const auto lanes =
+        static_cast<__mmask16>(mask_byte_at(mask, index) | (mask_byte_at(mask, index + 8) << 8));
+    return _mm512_maskz_mov_ps(lanes, g);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, float>) {
+    // One mask byte selects 8 lanes: AND with all-ones or all-zeros gives g or exactly 0.
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i byte = _mm256_set1_epi32(mask_byte_at(mask, index));
+    const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+    return _mm256_and_ps(g, _mm256_castsi256_ps(on));
+  }
+#endif
+  alignas(64) V lanes[Vectorized<V>::size()];
+  g.store(lanes);
+  for (int64_t k = 0; k < Vectorized<V>::size(); ++k) {
+    if (!mask_bit(mask, index + k)) lanes[k] = V(0);
+  }
+  return Vectorized<V>::loadu(lanes);
+}
+
+// masked_by for the first n lanes only (n <= the width; the other lanes come back as 0), reading
+// no mask bit past element index + n - 1.
+template <typename V>
+Vectorized<V> masked_by(const Vectorized<V>& g, const uint8_t* mask, int64_t index, int64_t n) {
+  if (n == Vectorized<V>::size()) return masked_by(g, mask, index);
+  alignas(64) V lanes[Vectorized<V>::size()];
+  g.store(lanes);
+  for (int64_t k = 0; k < Vectorized<V>::size(); ++k) {
+    if (k >= n || !mask_bit(mask, index + k)) lanes[k] = V(0);
+  }
+  return Vectorized<V>::loadu(lanes);
+}
+
+// gm = grad_out * relu_mask as opmath (mask null: all ones), for the reductions' scratch.
 template <typename T>
 void load_masked_grad(const T* grad, const uint8_t* mask, int64_t first_index, int64_t len,
                       opmath<T>* gm) {
   using V = opmath<T>;
-  if (mask == nullptr) {
-    for (int64_t k = 0; k < len; ++k) gm[k] = static_cast<V>(grad[k]);
-    return;
-  }
+  using Vec = Vectorized<V>;
+  constexpr int64_t W = Vec::size();
   int64_t k = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; k < len && (first_index + k) % 8 != 0; ++k) {
-      gm[k] = mask_bit(mask, first_index + k) ? grad[k] : 0.f;
+  for (; k + 2 * W <= len; k += 2 * W) {
+    auto [g0, g1] = load_pair(grad + k);
+    if (mask) {
+      g0 = masked_by(g0, mask, first_index + k);
+      g1 = masked_by(g1, mask, first_index + k + W);
     }
-    // One mask byte selects 8 lanes: AND with all-ones or all-zeros gives g or exactly 0.
-    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (; k + 8 <= len; k += 8) {
-      const __m256i byte = _mm256_set1_epi32(mask[(first_index + k) >> 3]);
-      const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
-      _mm256_storeu_ps(gm + k, _mm256_and_ps(_mm256_loadu_ps(grad + k), _mm256_castsi256_ps(on)));
-    }
+    g0.store(gm + k);
+    g1.store(gm + k + W);
   }
-#endif
   for (; k < len; ++k) {
-    gm[k] = mask_bit(mask, first_index + k) ? static_cast<V>(grad[k]) : V(0);
+    const bool on = mask == nullptr || mask_bit(mask, first_index + k);
+    gm[k] = on ? static_cast<V>(grad[k]) : V(0);
   }
 }
 
@@ -192,29 +296,46 @@ std::unique_ptr<V[]> scratch_buffer(int64_t size) {
   return std::unique_ptr<V[]>(new V[static_cast<size_t>(size)]);
 }
 
-// Runs fn(block_begin, block_end, scratch) over kBlock-sized blocks of the whole buffer in
-// parallel; each thread's chunk of blocks shares one scratch buffer of 3 * kBlock values.
-template <typename V, typename Fn>
+// Runs fn(block_begin, block_end) over kBlock-sized blocks of the whole buffer in parallel.
+template <typename Fn>
 void parallel_blocks(int64_t numel, Fn&& fn) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
-    auto scratch = scratch_buffer<V>(3 * kBlock);
-    for (int64_t b = b0; b < b1; ++b) {
-      fn(b * kBlock, std::min(numel, (b + 1) * kBlock), scratch.get());
-    }
+    for (int64_t b = b0; b < b1; ++b) fn(b * kBlock, std::min(numel, (b + 1) * kBlock));
   });
 }
 
 // Sets bit (i % 8) of mask byte (i / 8) where out[i] > 0, for i in [begin, end); begin % 8 == 0.
+// Tested on out as stored (after rounding to T), as PyTorch's threshold_backward tests it: a
+// tiny positive value can round to zero in bfloat16 or half.
 template <typename T>
 void pack_relu_mask(const T* out, int64_t begin, int64_t end, uint8_t* mask) {
   int64_t i = begin;
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<opmath<T>, float>) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (; i + 32 <= end; i += 32) {
+      const auto [low, high] = load_pair(out + i);
+      const uint32_t bits =
+          _mm512_cmp_ps_mask(low, zero, _CMP_GT_OQ) |
+          (static_cast<uint32_t>(_mm512_cmp_ps_mask(high, zero, _CMP_GT_OQ)) << 16);
+      std::memcpy(mask + (i >> 3), &bits, sizeof(bits));
+    }
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<opmath<T>, float>) {
     const __m256 zero = _mm256_setzero_ps();
-    for (; i + 8 <= end; i += 8) {
-      const __m256 positive = _mm256_cmp_ps(_mm256_loadu_ps(out + i), zero, _CMP_GT_OQ);
-      mask[i >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(positive));
+    for (; i + 16 <= end; i += 16) {
+      Vectorized<float> low, high;
+      if constexpr (is_reduced_v<T>) {
+        at::vec::load_to_float(out + i, low, high);
+      } else {
+        low = Vectorized<float>::loadu(out + i);
+        high = Vectorized<float>::loadu(out + i + 8);
+      }
+      mask[i >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(low, zero, _CMP_GT_OQ)));
+      mask[(i >> 3) + 1] =
+          static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(high, zero, _CMP_GT_OQ)));
     }
   }
 #endif
@@ -352,7 +473,6 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
   const int64_t tile_rows = nhwc_tile_rows(rows, C);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    auto buf = scratch_buffer<V>(tile_rows * C);
     std::vector<V> mean(C), deviations(C), squares(C);
     // Every channel of a tile has the same count, so this chunk's running moments share one
     // count and the Chan merge weights are scalars: the merge vectorises, with no division.
@@ -361,26 +481,32 @@ void batch_stats_nhwc(const T* x, const BnActLayout& layout, std::vector<Moments
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile_rows;
       const int64_t nr = std::min(tile_rows, rows - r0);
-      const V* v = as_opmath(x + r0 * C, nr * C, buf.get());
+      // Both passes read the tile from T (still in cache for the second): converting it to
+      // opmath in registers twice costs less than storing and reloading an opmath copy.
+      const T* v = x + r0 * C;
       column_sums<V>(nr, C, mean.data(), [&](int64_t r, int64_t c, int64_t n = Vec::size()) {
-        return Vec::loadu(v + r * C + c, n);
+        return load_vec(v + r * C + c, n);
       });
       const Vec inv_rows(V(1) / static_cast<V>(nr));
       at::vec::map([&](Vec a) { return a * inv_rows; }, mean.data(), mean.data(), C);
       column_sums2<V>(nr, C, deviations.data(), squares.data(),
                       [&](int64_t r, int64_t c, int64_t n) {
-                        const Vec d = Vec::loadu(v + r * C + c, n) - Vec::loadu(mean.data() + c, n);
+                        const Vec d = load_vec(v + r * C + c, n) - Vec::loadu(mean.data() + c, n);
                         return std::make_pair(d, d * d);
                       });
       const double tile_n = static_cast<double>(nr);
+      const double inv_tile_n = 1.0 / tile_n;
       const double total = count + tile_n;
       const double w_mean = tile_n / total;
       const double w_m2 = count * tile_n / total;
       for (int64_t c = 0; c < C; ++c) {
-        const CorrectedMoments m = corrected_moments(tile_n, mean[c], deviations[c], squares[c]);
-        const double delta = m.mean - run_mean[c];
+        // corrected_moments(tile_n, ...) with the division by tile_n hoisted out of the loop.
+        const double sum = deviations[c];
+        const double tile_mean = mean[c] + sum * inv_tile_n;
+        const double tile_m2 = std::max(0.0, squares[c] - sum * sum * inv_tile_n);
+        const double delta = tile_mean - run_mean[c];
         run_mean[c] += delta * w_mean;
-        run_m2[c] += m.m2 + delta * delta * w_m2;
+        run_m2[c] += tile_m2 + delta * delta * w_m2;
       }
       count = total;
     }
@@ -441,18 +567,16 @@ void backward_reduce_nhwc(const T* grad, const T* x, const uint8_t* mask, const 
   const int64_t tile_rows = nhwc_tile_rows(rows, C);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    auto gm = scratch_buffer<V>(tile_rows * C), xbuf = scratch_buffer<V>(tile_rows * C);
     std::vector<V> sg(C), sgx(C);
     double* mine = acc.data() + at::get_thread_num() * 2 * C;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t first = t * tile_rows * C;
       const int64_t nr = std::min(tile_rows, rows - t * tile_rows);
-      load_masked_grad(grad + first, mask, first, nr * C, gm.get());
-      const V* xv = as_opmath(x + first, nr * C, xbuf.get());
-      const V* g = gm.get();
       column_sums2<V>(nr, C, sg.data(), sgx.data(), [&](int64_t r, int64_t c, int64_t n) {
-        const Vec gv = Vec::loadu(g + r * C + c, n);
-        return std::make_pair(gv, gv * (Vec::loadu(xv + r * C + c, n) - Vec::loadu(mean + c, n)));
+        const int64_t index = first + r * C + c;
+        Vec g = load_vec(grad + index, n);
+        if (mask) g = masked_by(g, mask, index, n);
+        return std::make_pair(g, g * (load_vec(x + index, n) - Vec::loadu(mean + c, n)));
       });
       for (int64_t c = 0; c < C; ++c) {
         mine[c] += sg[c];
@@ -491,81 +615,79 @@ Vectorized<V> activation_vec(Vectorized<V> y, Activation activation) {
   return y;
 }
 
-// Where a run's opmath results are written: straight into `out` when T is opmath, else into
-// scratch (then converted by store_from_opmath).
-template <typename T>
-opmath<T>* opmath_output(T* out, opmath<T>* scratch) {
-  if constexpr (std::is_same_v<T, opmath<T>>) {
-    return out;
-  } else {
-    return scratch;
-  }
+// The BatchNorm affine of a vector of x at offset k of the run.
+template <typename V>
+Vectorized<V> normalise_vec(const Vectorized<V>& x, const V* mean, const V* mean_low,
+                            const V* scale, const V* shift, int64_t k, bool broadcast) {
+  const Vectorized<V> centred =
+      x - channel_vec(mean, k, broadcast) - channel_vec(mean_low, k, broadcast);
+  return at::vec::fmadd(centred, channel_vec(scale, k, broadcast),
+                        channel_vec(shift, k, broadcast));
 }
 
-template <typename T>
-void store_from_opmath(const opmath<T>* src, int64_t len, T* dst) {
-  if constexpr (!std::is_same_v<T, opmath<T>>) {
-    for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<T>(src[k]);
-  }
-}
-
+// out = act((x - mean - mean_low) * scale + shift + residual), straight from T to T: each vector
+// is converted in registers, computed in opmath and converted back.
 template <typename T>
 void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
                const opmath<T>* scale, const opmath<T>* shift, int64_t len, bool broadcast,
-               Activation activation, T* out, opmath<T>* scratch) {
+               Activation activation, T* out) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
-  const V* xv = as_opmath(x, len, scratch);
-  const V* rv = residual ? as_opmath(residual, len, scratch + kBlock) : nullptr;
-  V* yv = opmath_output(out, scratch + 2 * kBlock);
+  constexpr int64_t W = Vec::size();
   int64_t k = 0;
-  for (; k + Vec::size() <= len; k += Vec::size()) {
-    const Vec centred =
-        Vec::loadu(xv + k) - channel_vec(mean, k, broadcast) - channel_vec(mean_low, k, broadcast);
-    Vec y =
-        at::vec::fmadd(centred, channel_vec(scale, k, broadcast), channel_vec(shift, k, broadcast));
-    if (rv) y += Vec::loadu(rv + k);
-    activation_vec(y, activation).store(yv + k);
+  for (; k + 2 * W <= len; k += 2 * W) {
+    const auto [x0, x1] = load_pair(x + k);
+    Vec y0 = normalise_vec(x0, mean, mean_low, scale, shift, k, broadcast);
+    Vec y1 = normalise_vec(x1, mean, mean_low, scale, shift, k + W, broadcast);
+    if (residual) {
+      const auto [r0, r1] = load_pair(residual + k);
+      y0 += r0;
+      y1 += r1;
+    }
+    store_pair(out + k, activation_vec(y0, activation), activation_vec(y1, activation));
   }
   for (; k < len; ++k) {
-    const V centred = xv[k] - channel_val(mean, k, broadcast) - channel_val(mean_low, k, broadcast);
+    const V centred = static_cast<V>(x[k]) - channel_val(mean, k, broadcast) -
+                      channel_val(mean_low, k, broadcast);
     V y = centred * channel_val(scale, k, broadcast) + channel_val(shift, k, broadcast);
-    if (rv) y += rv[k];
-    yv[k] = activation_scalar(y, activation);
+    if (residual) y += static_cast<V>(residual[k]);
+    out[k] = static_cast<T>(activation_scalar(y, activation));
   }
-  store_from_opmath(yv, len, out);
 }
 
+// grad_x = k_grad * gm + k_x * (x - mean) + k_const and grad_residual = gm, straight from T to T.
 template <typename T>
 void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t first_index,
                         const opmath<T>* mean, const opmath<T>* k_grad, const opmath<T>* k_x,
                         const opmath<T>* k_const, int64_t len, bool broadcast, T* grad_x,
-                        T* grad_residual, opmath<T>* scratch) {
+                        T* grad_residual) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
-  V* gm = scratch;
-  load_masked_grad(grad, mask, first_index, len, gm);
-  const V* xv = as_opmath(x, len, scratch + kBlock);
-  V* dx = opmath_output(grad_x, scratch + 2 * kBlock);
+  constexpr int64_t W = Vec::size();
+  auto grad_x_vec = [&](const Vec& gm, const Vec& xv, int64_t j) {
+    const Vec d =
+        at::vec::fmadd(gm, channel_vec(k_grad, j, broadcast), channel_vec(k_const, j, broadcast));
+    return at::vec::fmadd(xv - channel_vec(mean, j, broadcast), channel_vec(k_x, j, broadcast), d);
+  };
   int64_t k = 0;
-  for (; k + Vec::size() <= len; k += Vec::size()) {
-    Vec d = at::vec::fmadd(Vec::loadu(gm + k), channel_vec(k_grad, k, broadcast),
-                           channel_vec(k_const, k, broadcast));
-    d = at::vec::fmadd(Vec::loadu(xv + k) - channel_vec(mean, k, broadcast),
-                       channel_vec(k_x, k, broadcast), d);
-    d.store(dx + k);
+  for (; k + 2 * W <= len; k += 2 * W) {
+    auto [g0, g1] = load_pair(grad + k);
+    if (mask) {
+      g0 = masked_by(g0, mask, first_index + k);
+      g1 = masked_by(g1, mask, first_index + k + W);
+    }
+    const auto [x0, x1] = load_pair(x + k);
+    store_pair(grad_x + k, grad_x_vec(g0, x0, k), grad_x_vec(g1, x1, k + W));
+    if (grad_residual) store_pair(grad_residual + k, g0, g1);
   }
   for (; k < len; ++k) {
-    dx[k] = gm[k] * channel_val(k_grad, k, broadcast) + channel_val(k_const, k, broadcast) +
-            (xv[k] - channel_val(mean, k, broadcast)) * channel_val(k_x, k, broadcast);
-  }
-  store_from_opmath(dx, len, grad_x);
-  if (grad_residual) {
-    if constexpr (std::is_same_v<T, V>) {
-      std::copy(gm, gm + len, grad_residual);
-    } else {
-      store_from_opmath(gm, len, grad_residual);
-    }
+    const bool on = mask == nullptr || mask_bit(mask, first_index + k);
+    const V gm = on ? static_cast<V>(grad[k]) : V(0);
+    const V centred = static_cast<V>(x[k]) - channel_val(mean, k, broadcast);
+    grad_x[k] =
+        static_cast<T>(gm * channel_val(k_grad, k, broadcast) + channel_val(k_const, k, broadcast) +
+                       centred * channel_val(k_x, k, broadcast));
+    if (grad_residual) grad_residual[k] = static_cast<T>(gm);
   }
 }
 
@@ -613,10 +735,10 @@ template <typename T>
 void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
                   const opmath<T>* scale, const opmath<T>* shift, const BnActLayout& layout,
                   Activation activation, T* out, uint8_t* relu_mask) {
-  parallel_blocks<opmath<T>>(layout.numel(), [&](int64_t begin, int64_t end, opmath<T>* scratch) {
+  parallel_blocks(layout.numel(), [&](int64_t begin, int64_t end) {
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
       apply_run(x + i, residual ? residual + i : nullptr, mean + c, mean_low + c, scale + c,
-                shift + c, len, broadcast, activation, out + i, scratch);
+                shift + c, len, broadcast, activation, out + i);
     });
     if (activation == Activation::kRelu) pack_relu_mask(out, begin, end, relu_mask);
   });
@@ -674,11 +796,11 @@ void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_ma
                            const opmath<T>* mean, const opmath<T>* k_grad, const opmath<T>* k_x,
                            const opmath<T>* k_const, const BnActLayout& layout, T* grad_x,
                            T* grad_residual) {
-  parallel_blocks<opmath<T>>(layout.numel(), [&](int64_t begin, int64_t end, opmath<T>* scratch) {
+  parallel_blocks(layout.numel(), [&](int64_t begin, int64_t end) {
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
       backward_apply_run(grad_out + i, x + i, relu_mask, i, mean + c, k_grad + c, k_x + c,
                          k_const + c, len, broadcast, grad_x + i,
-                         grad_residual ? grad_residual + i : nullptr, scratch);
+                         grad_residual ? grad_residual + i : nullptr);
     });
   });
 }
