@@ -31,7 +31,7 @@ BUILD_STAMP := $(VENV)/.fastres-built
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 BENCH_DIR ?= benchmarks/results/local
 
-.PHONY: setup build lint format test test-compat bench bench-peers bench-cpu-inference bench-kernels gpu-check-dry-run info clean
+.PHONY: setup build lint format test test-compat bench bench-peers bench-cpu-inference bench-bn-act bench-kernels gpu-check-dry-run info clean
 
 setup: $(DEPS_STAMP)
 
@@ -108,6 +108,13 @@ bench-cpu-inference: build
 	for setting in "16 2 7" "1 2 15" "16 1 7" "1 1 15"; do set -- $$setting; \
 		$(PY) -m fastres.bench.cpu_inference --batch-size $$1 --threads $$2 --rounds $$3 \
 			--out $(BENCH_DIR) $(CPU_INFERENCE_ARGS) || exit 1; done
+
+# bn_act at every ResNet-50 BatchNorm shape against ATen's composition and torch.compile of it,
+# training, interleaved: bfloat16 (the CPU target's dtype) and float32.
+bench-bn-act: build
+	for dtype in bf16 fp32; do \
+		$(PY) -m fastres.bench.bn_act_shapes --dtype $$dtype --out $(BENCH_DIR) $(BN_ACT_ARGS) \
+			|| exit 1; done
 
 # Every fused op at every ResNet-50 layer shape against eager PyTorch and torch.compile.
 bench-kernels: build

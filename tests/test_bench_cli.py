@@ -165,3 +165,35 @@ def test_cpu_inference_compares_float32_and_bfloat16_with_openvinos_default(tmp_
     fastres_bf16 = [r for r in rows if r["config"] == "fastres[cpu]" and "bf16" in r["precision"]]
     assert all(r["target_met"] in ("True", "False") for r in fastres_bf16)
     assert "x openvino default" in capsys.readouterr().out
+
+
+def test_bn_act_shapes_times_fastres_against_atens_composition(tmp_path, monkeypatch, capsys):
+    """fastres.bench.bn_act_shapes: per shape, fastres and ATen's composition, forward and
+    forward + backward, paired ratios, the C++ kernels' instruction set, and a target verdict
+    on fastres's forward + backward rows in bfloat16."""
+    from fastres.bench import bn_act_shapes
+    from fastres.cpu_isa import cpu_kernel_isa
+
+    monkeypatch.setattr(bn_act_shapes, "RESNET50_BN_SHAPES", [(8, 5, False), (24, 3, True)])
+    args = ["--batch-size", "2", "--rounds", "2", "--threads", "1", "--no-compile"]
+    assert bn_act_shapes.main(args + ["--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "bn_act_cpu_bf16_batch2_1thread.csv")
+    assert [(r["shape"], r["mode"], r["implementation"]) for r in rows] == [
+        (shape, mode, impl)
+        for shape in ("2x8x5x5", "2x24x3x3")
+        for mode in ("forward", "forward_backward")
+        for impl in ("fastres", "aten")
+    ]
+    for row in rows:
+        assert float(row["ms"]) > 0 and float(row["gb_s"]) > 0 and float(row["x_aten"]) > 0
+        assert row["cpu_kernels"] == cpu_kernel_isa() and row["dtype"] == "bf16"
+        judged = row["implementation"] == "fastres" and row["mode"] == "forward_backward"
+        assert row["target_met"] in (("True", "False") if judged else ("",))
+    assert "x aten" in capsys.readouterr().out
+
+
+def test_bn_act_shapes_rejects_bad_arguments():
+    from fastres.bench import bn_act_shapes
+
+    with pytest.raises(SystemExit):
+        bn_act_shapes.main(["--rounds", "0"])
