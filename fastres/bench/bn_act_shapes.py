@@ -64,9 +64,7 @@ def _inputs(shape: tuple[int, int, int, int], residual: bool, dtype: torch.dtype
     """x, the affine parameters, running statistics, residual and the output gradient; the
     activations channels_last, the parameters float32 (as a model under autocast has them)."""
     channels = shape[1]
-    x = torch.randn(shape, device=device, dtype=dtype).contiguous(
-        memory_format=torch.channels_last
-    )
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     return dict(
         x=x.requires_grad_(),
         weight=torch.rand(channels, device=device).add_(0.5).requires_grad_(),
