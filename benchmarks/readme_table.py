@@ -7,7 +7,9 @@ Reads every benchmarks/results/<device>/<model>_<device>_<dtype>.csv written by
 README's perf-table markers; the runs against ONNX Runtime and OpenVINO
 (``make bench-peers``: ``*_peers_*.csv``) fill the peers-table markers, and the float32 and
 bfloat16 runs of ``python -m fastres.bench.cpu_inference`` (``make bench-cpu-inference``:
-``*_cpu_inference_*.csv``) the cpu-inference-table markers. The tables are never
+``*_cpu_inference_*.csv``) the cpu-inference-table markers, and the CPU runs of
+``python -m fastres.bench.bn_act_shapes`` (``make bench-bn-act``: ``bn_act_cpu_*.csv``) the
+cpu-bn-act-table markers. The tables are never
 typed by hand. Speed-ups are medians of per-round ratios from interleaved rounds, with their
 interquartile range.
 """
@@ -24,6 +26,7 @@ from fastres.bench.cpu_inference import ratio_text
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 PEERS_START, PEERS_END = "<!-- peers-table:start -->", "<!-- peers-table:end -->"
 CPU_START, CPU_END = "<!-- cpu-inference-table:start -->", "<!-- cpu-inference-table:end -->"
+BN_ACT_START, BN_ACT_END = "<!-- cpu-bn-act-table:start -->", "<!-- cpu-bn-act-table:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -172,6 +175,58 @@ def cpu_inference_setting(folder: str) -> str:
     return "No committed run."
 
 
+def bn_act_folders() -> list[str]:
+    """The committed results folders (one per CPU) holding CPU runs of
+    ``fastres.bench.bn_act_shapes``."""
+    pattern = os.path.join(ROOT, "benchmarks", "results", "*", "bn_act_cpu_*.csv")
+    return sorted({os.path.dirname(p) for p in _committed(glob.glob(pattern))})
+
+
+def bn_act_sections() -> list[str]:
+    """Per CPU: its setting line, then fastres's rows of every dtype's run."""
+    lines: list[str] = []
+    for folder in bn_act_folders():
+        paths = sorted(glob.glob(os.path.join(folder, "bn_act_cpu_*.csv")))
+        runs = []
+        for path in paths:
+            with open(path) as f:
+                runs.append(list(csv.DictReader(f)))
+        first = runs[0][0]
+        if lines:
+            lines.append("")
+        lines += [
+            f"**{first['device'].split(' (')[0]}** (`{os.path.basename(folder)}`): instruction "
+            f"sets {first['cpu_isa']}; C++ kernels {first['cpu_kernels']}; batch "
+            f"{first['batch_size']}, channels_last, training, {first['threads']} threads, "
+            f"{first['rounds']} interleaved rounds per shape; torch {first['torch']}.",
+            "",
+            *bn_act_table_lines(runs),
+        ]
+    return lines or ["No committed run."]
+
+
+def bn_act_table_lines(runs: list[list[dict]]) -> list[str]:
+    """fastres's rows of ``bn_act_shapes`` runs: speed-ups over ATen's composition (forward;
+    forward + backward) and over torch.compile of it, and the bfloat16 target's verdict."""
+    lines = [
+        "| dtype | shape | forward x ATen [IQR] | forward + backward x ATen [IQR] "
+        "| forward + backward x torch.compile [IQR] | GB/s | target | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rows in runs:
+        fastres_rows = [r for r in rows if r["implementation"] == "fastres"]
+        for forward, both in zip(fastres_rows[::2], fastres_rows[1::2], strict=True):
+            target = {"True": "met", "False": "not met"}.get(both.get("target_met", ""), "")
+            shape = both["shape"] + (" + residual" if both["residual"] == "True" else "")
+            compiled = ratio_text(both, "x_compile") if "x_compile" in both else "-"
+            lines.append(
+                f"| {both['dtype']} | {shape} | {ratio_text(forward, 'x_aten')} "
+                f"| {ratio_text(both, 'x_aten')} | {compiled} | {_fmt(both['gb_s'], '.1f')} "
+                f"| {target} | {both['fastres_commit']} |"
+            )
+    return lines
+
+
 def _batch_then_threads(path: str) -> tuple[int, int]:
     with open(path) as f:
         r = next(csv.DictReader(f))
@@ -189,7 +244,8 @@ def updated(text: str) -> str:
     """The README's text with every generated table replaced by what the results give."""
     text = _replace_between(text, START, END, table_lines())
     text = _replace_between(text, PEERS_START, PEERS_END, peers_table_lines())
-    return _replace_between(text, CPU_START, CPU_END, cpu_inference_sections())
+    text = _replace_between(text, CPU_START, CPU_END, cpu_inference_sections())
+    return _replace_between(text, BN_ACT_START, BN_ACT_END, bn_act_sections())
 
 
 def main() -> None:

@@ -45,3 +45,17 @@ def test_cpu_inference_runs_fill_their_own_table():
         fastres_bf16 = [row for row in rows if "| fastres[cpu] | bf16" in row]
         assert fastres_bf16 and all(("| met |" in r) or ("| not met |" in r) for r in fastres_bf16)
     assert any("AMX" in table.cpu_inference_setting(folder) for folder in folders)
+
+
+def test_bn_act_runs_fill_their_own_table():
+    """Per CPU: fastres's rows of every dtype's bn_act_shapes run, a verdict on each bfloat16
+    row, and the instruction set the C++ kernels ran."""
+    table = _readme_table()
+    folders = table.bn_act_folders()
+    assert folders
+    section = table.bn_act_sections()
+    setting_lines = [line for line in section if line.startswith("**")]
+    assert len(setting_lines) == len(folders)
+    assert all("C++ kernels" in line for line in setting_lines)
+    bf16 = [line for line in section if line.startswith("| bf16 |")]
+    assert bf16 and all(("| met |" in r) or ("| not met |" in r) for r in bf16)
