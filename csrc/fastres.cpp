@@ -1,7 +1,12 @@
-// Every schema of the fastres operator library, in one place, and the fastres._C module.
+// The schemas of the compiled fastres ops (C++ kernels on the CPU and CUDA keys), in one place,
+// and the fastres._C module.
 //
-// Kernels are registered beside their bindings (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fake kernels
-// and autograd formulas are registered from Python (fastres/ops/*.py).
+// Kernels are registered beside their bindings (csrc/cpu/*.cpp, csrc/cuda/*.cpp); their
+// autograd is in csrc/bn_act_autograd.cpp; fake kernels are registered from Python
+// (fastres/ops/bn_act.py, fastres/ops/bn_act_pieces.py). The ops defined in Python, with their
+// schema beside their code, are the Triton family (fastres/ops/bn_act.py,
+// fastres/ops/bn_act_pieces.py, fastres/ops/fused_conv2d.py) and bn_act_conv2d on either
+// family's kernels (fastres/ops/bn_act_conv.py).
 #include <Python.h>
 #include <torch/library.h>
 

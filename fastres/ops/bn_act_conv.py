@@ -29,7 +29,7 @@ from fastres.backends import STATUS, resolve_backend
 from fastres.ops.bn_act import silu_input_grad
 from fastres.ops.registry import op
 
-__all__ = ["bn_act_conv2d"]
+__all__ = ["bn_act_conv2d", "grad_through_conv_and_act"]
 
 
 def convolution(z: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tensor:
@@ -201,14 +201,31 @@ def _make_backward(forward_op, backward_op):
     )
 
 
-def _backward(ctx, grad_out, forward_op, backward_op):
-    y, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv_args
-    needs = ctx.needs_input_grad
-    # Recompute z exactly as the forward made it: same kernel, same per-channel scale and shift.
-    z, _, _, mask = forward_op(
-        y, bn_weight, bn_bias, None, mean, var, False, 0.0, ctx.eps, ctx.activation
-    )
+def grad_through_conv_and_act(
+    forward_op,
+    grad_out: Tensor,
+    y: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    conv_weight: Tensor,
+    conv_args: tuple,
+    eps: float,
+    activation: str,
+    conv_weight_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The first half of ``bn_act_conv2d``'s backward, shared with the synchronized one
+    (:mod:`fastres.ops.sync_bn_act`): recomputes ``z = act(batch_norm(y))`` with ``forward_op``
+    exactly as the forward made it (same kernel, same per-channel values), runs the
+    convolution's backward and, for SiLU, SiLU's derivative.
+
+    Returns ``(grad, grad_conv_weight, relu_mask)``: the gradient with respect to the activation's
+    input side as bn_act's backward takes it, the convolution weight's gradient (None unless
+    ``conv_weight_grad``), and the recomputed ReLU mask for that backward.
+    """
+    stride, padding, dilation, groups = conv_args
+    z, _, _, mask = forward_op(y, bn_weight, bn_bias, None, mean, var, False, 0.0, eps, activation)
     grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
         grad_out,
         z,
@@ -220,13 +237,31 @@ def _backward(ctx, grad_out, forward_op, backward_op):
         False,
         [0, 0],
         groups,
-        [True, needs[5], False],
+        [True, conv_weight_grad, False],
     )
     del z
-    if ctx.activation == "silu":
-        grad_z = silu_input_grad(
-            forward_op, grad_z, y, bn_weight, bn_bias, None, mean, var, ctx.eps
-        )
+    if activation == "silu":
+        grad_z = silu_input_grad(forward_op, grad_z, y, bn_weight, bn_bias, None, mean, var, eps)
+    return grad_z, grad_conv_weight, mask
+
+
+def _backward(ctx, grad_out, forward_op, backward_op):
+    y, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
+        forward_op,
+        grad_out,
+        y,
+        bn_weight,
+        bn_bias,
+        mean,
+        var,
+        conv_weight,
+        ctx.conv_args,
+        ctx.eps,
+        ctx.activation,
+        needs[5],
+    )
     relu = ctx.activation == "relu"
     grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
         grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, relu, False

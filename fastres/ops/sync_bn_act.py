@@ -44,8 +44,8 @@ from fastres.batch_norm import (
     update_running_stats,
     values_per_channel,
 )
-from fastres.ops.bn_act import bn_act, check_args, silu_input_grad
-from fastres.ops.bn_act_conv import bn_act_conv2d, convolution
+from fastres.ops.bn_act import bn_act, check_args
+from fastres.ops.bn_act_conv import bn_act_conv2d, convolution, grad_through_conv_and_act
 from fastres.ops.bn_act_from_stats import BnActFromStats, backward_from_sums
 from fastres.ops.bn_act_pieces import BnActPieces, pieces_for
 
@@ -132,30 +132,21 @@ class _SyncBnActConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         y, bn_weight, bn_bias, conv_weight, mean, var = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
         needs = ctx.needs_input_grad
-        # Recompute z as the forward made it (same kernel, same statistics: bit-identical).
-        z, _, _, mask = ctx.ops.forward(
-            y, bn_weight, bn_bias, None, mean, var, False, 0.0, ctx.eps, ctx.activation
-        )
-        grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
+            ctx.ops.forward,
             grad_out,
-            z,
+            y,
+            bn_weight,
+            bn_bias,
+            mean,
+            var,
             conv_weight,
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [True, needs[3], False],
+            ctx.conv_args,
+            ctx.eps,
+            ctx.activation,
+            needs[3],
         )
-        del z
-        if ctx.activation == "silu":
-            grad_z = silu_input_grad(
-                ctx.ops.forward, grad_z, y, bn_weight, bn_bias, None, mean, var, ctx.eps
-            )
         grad_y, grad_bn_weight, grad_bn_bias, _ = backward_from_sums(
             ctx.ops,
             ctx.group,
