@@ -5,7 +5,7 @@
 the first execution plan that applies (fastres/plans/): the library's own forward on the
 ``torch`` backend or for layers the fused ops do not reproduce, BatchNorm folded into the
 convolutions in eval without autograd, the Triton convolution chain on ``triton``, the fused ops
-otherwise. :class:`FastStemMixin` folds a library's stem the same way in eval.
+otherwise. :class:`FastStemMixin` runs a library's stem by the stem plans, the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from fastres.backends import check_backend_name, resolve_backend
 from fastres.plans import Plan, plan_for, plans_passed_over
 from fastres.plans.decisions import recorded, recorder
-from fastres.plans.description import ResidualBlock, Stage
-from fastres.plans.folded_eval import release_eval_state, run_folded_stem, stage_folding_choice
+from fastres.plans.description import NetworkStem, ResidualBlock, Stage
+from fastres.plans.folded_eval import release_eval_state
+from fastres.plans.stem import stem_plan_choice
 from fastres.sync_batch_norm import sync_batch_norms
 
 __all__ = ["BlockInputError", "FastBlockMixin", "FastStemMixin", "scripting_refused"]
@@ -121,26 +122,25 @@ class FastBlockMixin(nn.Module):
 
 
 class FastStemMixin(nn.Module):
-    """A library's stem, ``pool(activation(norm(conv(x))))``, whose convolution, BatchNorm and
-    activation run in eval as one fused convolution from folded weights, as the blocks' do
-    (:func:`fastres.plans.folded_eval.run_folded_stage`). Training, autograd and anything the
-    fused ops do not reproduce run the library's own forward. ``_stem_with`` (the library's
-    adapter) gives the stage and the pooling after it. Placed before the library's class in the
-    bases, so that ``super()`` is the library's module."""
+    """A library's stem, ``pool(activation(norm(conv(x))))``, run by the first stem plan that
+    applies (:mod:`fastres.plans.stem`): in eval its convolution, BatchNorm and activation as
+    one fused convolution from folded weights, as the blocks' are; in training, under autograd
+    and for anything the fused ops do not reproduce, the library's own forward. ``_stem_with``
+    (the library's adapter) gives the stage and the pooling after it. Placed before the
+    library's class in the bases, so that ``super()`` is the library's module."""
 
     backend: str
     _stem_with: Callable[..., tuple[Stage, nn.Module]]
 
     def forward(self, x: Tensor) -> Tensor:
         stage, pool = self._stem_with(self)
-        backend, not_folded = stage_folding_choice(self, stage, x, self.backend)
-        if backend is None:
-            with recorded(self, "the library's own forward", {"folded stem": not_folded}):
-                return super().forward(x)
-        # The output is channels_last whatever x's layout (the same values): the blocks after
-        # the stem then fold without converting each output back to NCHW (see FastResNet).
-        with recorded(self, "folded stem"):
-            return run_folded_stem(self, stage, pool, x, backend)
+        stem = NetworkStem(self, stage, pool, super().forward)
+        choice = stem_plan_choice(stem, x, self.backend)
+        # The folded stem's output is channels_last whatever x's layout (the same values): the
+        # blocks after it then fold without converting each output back to NCHW (see FastResNet).
+        with recorded(self, choice.plan.name, choice.passed_over):
+            out: Tensor = choice.plan.run(stem, x, self.backend)
+            return out
 
     def train(self, mode: bool = True):
         release_eval_state(self)  # folded weights are for eval only

@@ -72,6 +72,22 @@ def test_folded_inference_runs_as_one_program():
     }
 
 
+def test_a_library_stem_runs_by_the_stem_plans_and_says_why():
+    """Hugging Face's stem (a module of its own): folded in eval without autograd, the
+    library's own forward in training, with the folded stem's reason."""
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    model = fastres.convert(ResNetModel(ResNetConfig(depths=[1, 1, 1, 1])), backend="cpu")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem = next(d for d in fastres.explain(model.eval(), x).decisions if "embedder" in d.name)
+    assert (stem.runs, stem.passed_over) == ("folded stem", {})
+    stem = next(d for d in fastres.explain(model.train(), x).decisions if "embedder" in d.name)
+    assert stem.runs == "the library's own forward"
+    assert stem.passed_over == {"folded stem": ["the stem is in training mode"]}
+
+
 def test_the_torch_backend_runs_the_library_blocks():
     explanation = fastres.explain(_model("torch").train(), torch.randn(2, 3, 32, 32))
     assert explanation.runs()["layer1.0"] == "reference"

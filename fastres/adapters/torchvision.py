@@ -29,16 +29,19 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
+from fastres.backends import resolve_backend
 from fastres.fast_block import FastBlockMixin, scripting_refused
 from fastres.plans.decisions import recorded
-from fastres.plans.description import ResidualBlock, Stage, activation_name, conv_norm_stage
-from fastres.plans.folded_eval import (
-    hooks_can_see_activations,
-    release_eval_state,
-    run_folded_stem,
-    stage_folding_choice,
+from fastres.plans.description import (
+    NetworkStem,
+    ResidualBlock,
+    Stage,
+    activation_name,
+    conv_norm_stage,
 )
+from fastres.plans.folded_eval import hooks_can_see_activations, release_eval_state
 from fastres.plans.folded_program import program_decision, run_program
+from fastres.plans.stem import FoldedStemPlan, StemPlan, stem_plan_choice
 
 __all__ = ["ADAPTER", "FastBasicBlock", "FastBottleneck", "FastResNet", "describe", "left_alone"]
 
@@ -170,13 +173,15 @@ class FastResNet(ResNet):
     backend: str
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        stem = Stage(self.conv1, self.bn1, activation_name(self.relu))
-        backend, not_folded = stage_folding_choice(self, stem, x, self.backend)
-        if backend is None:
-            with recorded(self, "ResNet's own forward", {"folded stem": not_folded}):
-                reference: Tensor = super()._forward_impl(x)
+        stage = Stage(self.conv1, self.bn1, activation_name(self.relu))
+        stem = NetworkStem(self, stage, self.maxpool, super()._forward_impl)
+        choice = stem_plan_choice(stem, x, self.backend)
+        if not isinstance(choice.plan, FoldedStemPlan):
+            with recorded(self, "ResNet's own forward", choice.passed_over):
+                reference: Tensor = choice.plan.run(stem, x, self.backend)
                 return reference
-        program, no_program = program_decision(self, stem, x) if backend == "cpu" else (None, "")
+        backend = resolve_backend(self.backend, x.device, x.dtype)
+        program, no_program = program_decision(self, stage, x) if backend == "cpu" else (None, "")
         if program is not None:  # the whole network in one oneDNN call
             with recorded(self, _PROGRAM, calls=("fastres._onednn FoldedProgram.run",)):
                 out = run_program(program, x)
@@ -186,13 +191,13 @@ class FastResNet(ResNet):
                 return logits
         passed_over = {_PROGRAM: [no_program or f"the {backend!r} backend folds block by block"]}
         with recorded(self, "folded stem, then block by block", passed_over):
-            return self._folded_block_by_block(stem, x, backend)
+            return self._folded_block_by_block(stem, choice.plan, x)
 
-    def _folded_block_by_block(self, stem: Stage, x: Tensor, backend: str) -> Tensor:
-        # Folded eval runs on channels_last (oneDNN's and cuDNN's layout): reordering the input
-        # once here keeps every block on it, where an NCHW input would make each block convert
-        # its output back (measured: benchmarks/diagnostics.md).
-        x = run_folded_stem(self, stem, self.maxpool, x, backend)
+    def _folded_block_by_block(self, stem: NetworkStem, stem_plan: StemPlan, x: Tensor) -> Tensor:
+        # Folded eval runs on channels_last (oneDNN's and cuDNN's layout): the folded stem's
+        # output is, and keeps every block on it, where an NCHW input would make each block
+        # convert its output back (measured: benchmarks/diagnostics.md).
+        x = stem_plan.run(stem, x, self.backend)
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         if hooks_can_see_activations(self):
             for layer in layers:

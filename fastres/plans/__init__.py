@@ -15,15 +15,18 @@ folded eval               eval, no gradients needed, not compiling, a backend th
 triton convolution chain  backend ``triton``, float32/16/bf16, plain BatchNorms, uniform convs
 fused ops                 everything else (any backend; synchronized BatchNorm in training)
 ========================  =====================================================================
+
+A network's stem has its plans too (:mod:`fastres.plans.stem`), chosen by the same rule
+(:func:`fastres.plans.choice.first_applying`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
 
+from fastres.plans.choice import PlanChoice, first_applying
 from fastres.plans.description import ResidualBlock, Stage
 from fastres.plans.exporting import tracing_or_exporting
 from fastres.plans.folded_eval import FoldedEvalPlan
@@ -67,20 +70,6 @@ def plan_for(block: ResidualBlock, x: Tensor, backend: str) -> Plan:
     return next(plan for plan in PLANS if not plan.not_supported_reasons(block, x, backend))
 
 
-@dataclass(frozen=True)
-class PlanChoice:
-    """The plan a block runs, and why each plan before it in :data:`PLANS` does not apply."""
-
-    plan: Plan
-    passed_over: dict[str, list[str]]  # plan name -> reasons
-
-
 def plans_passed_over(block: ResidualBlock, x: Tensor, backend: str) -> PlanChoice:
     """:func:`plan_for`'s choice, with the reasons of the plans it passed over."""
-    passed_over: dict[str, list[str]] = {}
-    for plan in PLANS:
-        reasons = plan.not_supported_reasons(block, x, backend)
-        if not reasons:
-            return PlanChoice(plan, passed_over)
-        passed_over[plan.name] = reasons
-    raise AssertionError("the fused-ops plan applies to every block")
+    return first_applying(PLANS, block, x, backend)

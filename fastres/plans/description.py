@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fastres.activation import ACTIVATIONS, activation_name
 
 __all__ = [
+    "NetworkStem",
     "ResidualBlock",
     "Stage",
     "activation_name",
@@ -127,3 +128,22 @@ class ResidualBlock:
         if self.activation not in FUSED_ACTIVATIONS:
             return f"the activation after the add is {self.activation}"
         return ""
+
+
+@dataclass(frozen=True)
+class NetworkStem:
+    """A network's stem as plans see it: ``pool(activation(norm(conv(x))))``.
+
+    Attributes:
+        module: the module that holds the stem (its training flag; the key of the folded
+            weights' cache).
+        stage: the convolution, BatchNorm and activation.
+        pool: the pooling after them.
+        reference: the library's own forward of ``module``: the stem's, or for torchvision's
+            ``ResNet``, whose stem is no module of its own, the whole network's.
+    """
+
+    module: nn.Module
+    stage: Stage
+    pool: nn.Module
+    reference: Callable[[Tensor], Tensor]
