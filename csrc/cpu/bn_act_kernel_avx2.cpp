@@ -5,20 +5,7 @@
 
 #ifdef FASTRES_CPU_AVX2_BUILT
 #pragma GCC target("avx2,fma,f16c")
-// The pragma switches code generation, but not the predefined macros that sleef.h and ATen's
-// vec256 headers test, as -mavx2 -mfma -mf16c would; define them for this translation unit.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_macros.h"
 // Selects at::vec::Vectorized's AVX2 implementation, in its own namespace (at::vec::AVX2).
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2

@@ -4,20 +4,8 @@
 
 #ifdef FASTRES_CPU_AVX2_BUILT
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
-// The pragma switches code generation, but not the predefined macros that sleef.h and ATen's
-// vec512 headers test, as -mavx512f etc. would; define them for this translation unit.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "avx2_macros.h"
+// AVX-512's predefined macros, which the pragma does not define either (see avx2_macros.h).
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

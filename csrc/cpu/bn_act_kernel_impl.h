@@ -175,6 +175,19 @@ Vectorized<V> masked_by(const Vectorized<V>& g, const uint8_t* mask, int64_t ind
   return Vectorized<V>::loadu(lanes);
 }
 
+// load_pair of gm = grad * relu_mask (mask null: all ones); grad points at element `index`.
+template <typename T>
+std::pair<Vectorized<opmath<T>>, Vectorized<opmath<T>>> load_masked_pair(const T* grad,
+                                                                         const uint8_t* mask,
+                                                                         int64_t index) {
+  auto [g0, g1] = load_pair(grad);
+  if (mask) {
+    g0 = masked_by(g0, mask, index);
+    g1 = masked_by(g1, mask, index + Vectorized<opmath<T>>::size());
+  }
+  return {g0, g1};
+}
+
 // gm = grad_out * relu_mask as opmath (mask null: all ones), for the reductions' scratch.
 template <typename T>
 void load_masked_grad(const T* grad, const uint8_t* mask, int64_t first_index, int64_t len,
@@ -184,11 +197,7 @@ void load_masked_grad(const T* grad, const uint8_t* mask, int64_t first_index, i
   constexpr int64_t W = Vec::size();
   int64_t k = 0;
   for (; k + 2 * W <= len; k += 2 * W) {
-    auto [g0, g1] = load_pair(grad + k);
-    if (mask) {
-      g0 = masked_by(g0, mask, first_index + k);
-      g1 = masked_by(g1, mask, first_index + k + W);
-    }
+    const auto [g0, g1] = load_masked_pair(grad + k, mask, first_index + k);
     g0.store(gm + k);
     g1.store(gm + k + W);
   }
@@ -671,11 +680,7 @@ void backward_apply_run(const T* grad, const T* x, const uint8_t* mask, int64_t 
   };
   int64_t k = 0;
   for (; k + 2 * W <= len; k += 2 * W) {
-    auto [g0, g1] = load_pair(grad + k);
-    if (mask) {
-      g0 = masked_by(g0, mask, first_index + k);
-      g1 = masked_by(g1, mask, first_index + k + W);
-    }
+    const auto [g0, g1] = load_masked_pair(grad + k, mask, first_index + k);
     const auto [x0, x1] = load_pair(x + k);
     store_pair(grad_x + k, grad_x_vec(g0, x0, k), grad_x_vec(g1, x1, k + W));
     if (grad_residual) store_pair(grad_residual + k, g0, g1);
