@@ -207,22 +207,26 @@ def bn_act_sections() -> list[str]:
 
 def bn_act_table_lines(runs: list[list[dict]]) -> list[str]:
     """fastres's rows of ``bn_act_shapes`` runs: speed-ups over ATen's composition (forward;
-    forward + backward) and over torch.compile of it, and the bfloat16 target's verdict."""
+    forward + backward), over its in-place form and torch.compile of it (forward + backward),
+    and the bfloat16 target's verdict."""
     lines = [
         "| dtype | shape | forward x ATen [IQR] | forward + backward x ATen [IQR] "
-        "| forward + backward x torch.compile [IQR] | GB/s | target | commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| x ATen in place [IQR] | x torch.compile [IQR] | GB/s | target | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for rows in runs:
         fastres_rows = [r for r in rows if r["implementation"] == "fastres"]
         for forward, both in zip(fastres_rows[::2], fastres_rows[1::2], strict=True):
             target = {"True": "met", "False": "not met"}.get(both.get("target_met", ""), "")
             shape = both["shape"] + (" + residual" if both["residual"] == "True" else "")
-            compiled = ratio_text(both, "x_compile") if "x_compile" in both else "-"
+            in_place, compiled = (
+                ratio_text(both, key) if key in both else "-"
+                for key in ("x_aten_inplace", "x_compile")
+            )
             lines.append(
                 f"| {both['dtype']} | {shape} | {ratio_text(forward, 'x_aten')} "
-                f"| {ratio_text(both, 'x_aten')} | {compiled} | {_fmt(both['gb_s'], '.1f')} "
-                f"| {target} | {both['fastres_commit']} |"
+                f"| {ratio_text(both, 'x_aten')} | {in_place} | {compiled} "
+                f"| {_fmt(both['gb_s'], '.1f')} | {target} | {both['fastres_commit']} |"
             )
     return lines
 

@@ -2,11 +2,13 @@
 ResNet-50 BatchNorm shape, against ATen's composition and ``torch.compile`` of it.
 
 For each shape (batch 16 by default, channels_last, training mode), one run of interleaved rounds
-(fastres.bench.interleaved) times six steps: fastres's ``bn_act``, ATen's ``batch_norm`` + add +
-``relu`` (the ``torch`` backend, as PyTorch runs it eagerly) and ``torch.compile`` of that
-composition, each as a forward (under ``no_grad``) and as a forward and backward. Ratios are
-paired round by round. GB/s counts the fused computation's minimum traffic (each tensor read or
-written once), the same bytes for every implementation, so GB/s ratios are speed ratios.
+(fastres.bench.interleaved) times, each as a forward (under ``no_grad``) and as a forward and
+backward: fastres's ``bn_act``; ATen's ``batch_norm`` + add + ``relu`` (the ``torch`` backend, as
+PyTorch runs the composition eagerly); the same in torchvision's in-place form (``out +=
+identity``, ``relu(inplace=True)``, fewer buffers); and ``torch.compile`` of the composition.
+Ratios are paired round by round. GB/s counts the fused computation's minimum traffic (each
+tensor read or written once), the same bytes for every implementation, so GB/s ratios are speed
+ratios.
 
 The CSV records the device, the CPU's instruction sets and the build the C++ kernels run. The
 target (CPU, bfloat16): forward and backward at least 1.5x ATen's composition at every shape.
@@ -19,6 +21,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from fastres.bench.interleaved import paired_speedups, spread_of, time_interleaved
 from fastres.bench.report import device_name, fastres_commit, speedup_text, write_csv
@@ -28,7 +31,7 @@ from fastres.ops.bn_act import bn_act_reference
 from fastres.testing import RESNET50_BN_SHAPES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLEMENTATIONS = ("fastres", "aten", "compile")
+IMPLEMENTATIONS = ("fastres", "aten", "aten_inplace", "compile")
 MODES = ("forward", "forward_backward")
 TARGET = {"mode": "forward_backward", "dtype": "bf16", "x_aten": 1.5}
 
@@ -92,11 +95,20 @@ def _function(implementation: str) -> Callable:
             x, weight, bias, running_mean, running_var, residual=residual, training=True
         )
 
+    def in_place(x, weight, bias, running_mean, running_var, residual):
+        # torchvision's block: out += identity; relu(inplace=True)
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+        if residual is not None:
+            y += residual
+        return F.relu_(y)
+
     def fused(x, weight, bias, running_mean, running_var, residual):
         return bn_act(x, weight, bias, running_mean, running_var, residual=residual, training=True)
 
     if implementation == "fastres":
         return fused
+    if implementation == "aten_inplace":
+        return in_place
     if implementation == "compile":
         return torch.compile(composed, fullgraph=True, dynamic=False)
     return composed
@@ -125,7 +137,7 @@ def measure_shape(
 ) -> list[dict]:
     """One interleaved run of every implementation and mode at one shape; a row for each."""
     t = _inputs(shape, residual, DTYPES[args.dtype], args.device)
-    implementations = IMPLEMENTATIONS if args.compile else IMPLEMENTATIONS[:2]
+    implementations = [name for name in IMPLEMENTATIONS if args.compile or name != "compile"]
     torch._dynamo.reset()  # one compiled function per shape, never near the recompile limit
     functions = {name: _function(name) for name in implementations}
     steps = {
