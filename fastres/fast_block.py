@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from fastres.backends import check_backend_name, resolve_backend
-from fastres.plans import Plan, plan_for, plans_passed_over
-from fastres.plans.decisions import recorded, recorder
+from fastres.plans import Plan, plan_for, plan_label, plans_passed_over
+from fastres.plans.decisions import recorder
 from fastres.plans.description import NetworkStem, ResidualBlock, Stage
 from fastres.plans.folded_eval import release_eval_state
-from fastres.plans.stem import stem_plan_choice
+from fastres.plans.stem import stem_plan_choice, stem_plan_label
 from fastres.sync_batch_norm import sync_batch_norms
 
 __all__ = ["BlockInputError", "FastBlockMixin", "FastStemMixin", "scripting_refused"]
@@ -101,7 +101,7 @@ class FastBlockMixin(nn.Module):
             plan = plan_for(block, x, backend)
             return plan.run(block, x, backend, input_is_scratch=input_is_scratch)
         choice = plans_passed_over(block, x, backend)  # fastres.explain is recording
-        with rec.ran(self, choice.plan.name, choice.passed_over):
+        with rec.ran(self, plan_label(choice.plan, backend), choice.passed_over):
             return choice.plan.run(block, x, backend, input_is_scratch=input_is_scratch)
 
     def fusion_issue(self) -> str:
@@ -138,8 +138,13 @@ class FastStemMixin(nn.Module):
         choice = stem_plan_choice(stem, x, self.backend)
         # The folded stem's output is channels_last whatever x's layout (the same values): the
         # blocks after it then fold without converting each output back to NCHW (see FastResNet).
-        with recorded(self, choice.plan.name, choice.passed_over):
+        rec = recorder()
+        if rec is None:
             out: Tensor = choice.plan.run(stem, x, self.backend)
+            return out
+        label = stem_plan_label(choice.plan, x, self.backend)  # fastres.explain is recording
+        with rec.ran(self, label, choice.passed_over):
+            out = choice.plan.run(stem, x, self.backend)
             return out
 
     def train(self, mode: bool = True):

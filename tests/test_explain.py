@@ -23,7 +23,7 @@ def test_training_blocks_run_the_fused_ops_and_say_why_not_the_others():
     explanation = fastres.explain(model, x)
     runs = explanation.runs()
     assert runs[""] == "ResNet's own forward"
-    assert runs["layer1.0"] == runs["layer4.1"] == "fused ops"
+    assert runs["layer1.0"] == runs["layer4.1"] == "fused ops (C++ kernels)"
     block = next(d for d in explanation.decisions if d.name == "layer2.0")
     assert block.passed_over == {
         "reference": [
@@ -37,7 +37,7 @@ def test_training_blocks_run_the_fused_ops_and_say_why_not_the_others():
     for name, b in model.named_buffers():  # running statistics put back
         torch.testing.assert_close(b, buffers[name], rtol=0, atol=0)
     text = str(explanation)
-    assert "layer2.0 (FastBasicBlock): fused ops" in text
+    assert "layer2.0 (FastBasicBlock): fused ops (C++ kernels)" in text
     assert "passed over folded eval: the block is in training mode" in text
 
 
@@ -45,7 +45,7 @@ def test_eval_with_autograd_says_why_nothing_folds():
     model = _model().eval()
     explanation = fastres.explain(model, torch.randn(1, 3, 32, 32))
     block = next(d for d in explanation.decisions if d.name == "layer1.0")
-    assert block.runs == "fused ops"
+    assert block.runs == "fused ops (C++ kernels)"
     assert block.passed_over["folded eval"] == [
         "autograd is on and the input or a parameter requires grad"
     ]
@@ -66,7 +66,7 @@ def test_folded_inference_runs_as_one_program():
         handle.remove()
     runs = explanation.runs()
     assert runs[""] == "folded stem, then block by block"
-    assert runs["layer3.1"] == "folded eval"
+    assert runs["layer3.1"] == "folded eval (oneDNN)"
     assert explanation.decisions[0].passed_over == {
         "whole-network oneDNN program": ["a forward hook could see the activations"]
     }
@@ -82,7 +82,7 @@ def test_a_library_stem_runs_by_the_stem_plans_and_says_why():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         stem = next(d for d in fastres.explain(model.eval(), x).decisions if "embedder" in d.name)
-    assert (stem.runs, stem.passed_over) == ("folded stem", {})
+    assert (stem.runs, stem.passed_over) == ("folded stem (oneDNN)", {})
     stem = next(d for d in fastres.explain(model.train(), x).decisions if "embedder" in d.name)
     assert stem.runs == "the library's own forward"
     assert stem.passed_over == {"folded stem": ["the stem is in training mode"]}

@@ -41,6 +41,7 @@ __all__ = [
     "ResidualBlock",
     "Stage",
     "plan_for",
+    "plan_label",
     "plans_passed_over",
     "tracing_or_exporting",
 ]
@@ -51,6 +52,12 @@ class Plan(Protocol):
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         """Why this plan cannot run ``block`` on ``x`` now; [] when it can."""
+        ...
+
+    def engine(self, backend: str) -> str:
+        """What runs the plan's computation on ``backend``, in words ("" where the plan's name
+        says it): the backend names the fused ops' kernels in training (``cpu``: C++ kernels)
+        and the fused convolution in folded eval (``cpu``: oneDNN)."""
         ...
 
     def run(
@@ -73,3 +80,10 @@ def plan_for(block: ResidualBlock, x: Tensor, backend: str) -> Plan:
 def plans_passed_over(block: ResidualBlock, x: Tensor, backend: str) -> PlanChoice:
     """:func:`plan_for`'s choice, with the reasons of the plans it passed over."""
     return first_applying(PLANS, block, x, backend)
+
+
+def plan_label(plan: Plan, backend: str) -> str:
+    """The plan's name with what runs it on ``backend``: "folded eval (oneDNN)", "fused ops
+    (C++ kernels)", "reference"."""
+    engine = plan.engine(backend)
+    return f"{plan.name} ({engine})" if engine else plan.name

@@ -237,8 +237,14 @@ def folded_stem(module: nn.Module, stage: Stage, kind: str) -> FoldedStage:
     return folded
 
 
+_FUSED_CONVOLUTION = {"onednn": "oneDNN", "cudnn": "cuDNN", "triton": "Triton"}
+
+
 class FoldedEvalPlan:
     name = "folded eval"
+
+    def engine(self, backend: str) -> str:
+        return _FUSED_CONVOLUTION.get(folding_kind(backend) or "", "")
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         if block.module.training:

@@ -113,8 +113,14 @@ def bn_add_act(y: Tensor, bn: nn.Module, residual: Tensor, activation: str, back
     )
 
 
+_KERNELS = {"cpu": "C++ kernels", "cuda": "CUDA kernels", "triton": "Triton kernels"}
+
+
 class FusedOpsPlan:
     name = "fused ops"
+
+    def engine(self, backend: str) -> str:
+        return _KERNELS.get(backend, "")
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         return []  # the last plan: any block the fused ops reproduce, on any fastres backend

@@ -27,6 +27,9 @@ class ReferencePlan:
             "not traced or exported"
         ]
 
+    def engine(self, backend: str) -> str:
+        return ""  # the library's own forward
+
     def run(
         self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False
     ) -> Tensor:

@@ -23,9 +23,16 @@ from torch import Tensor
 from fastres.backends import resolve_backend
 from fastres.plans.choice import PlanChoice, first_applying
 from fastres.plans.description import NetworkStem
-from fastres.plans.folded_eval import run_folded_stem, stage_folding_choice
+from fastres.plans.folded_eval import FoldedEvalPlan, run_folded_stem, stage_folding_choice
 
-__all__ = ["STEM_PLANS", "FoldedStemPlan", "LibraryStemPlan", "StemPlan", "stem_plan_choice"]
+__all__ = [
+    "STEM_PLANS",
+    "FoldedStemPlan",
+    "LibraryStemPlan",
+    "StemPlan",
+    "stem_plan_choice",
+    "stem_plan_label",
+]
 
 
 class StemPlan(Protocol):
@@ -33,6 +40,10 @@ class StemPlan(Protocol):
 
     def not_supported_reasons(self, stem: NetworkStem, x: object, backend: str) -> list[str]:
         """Why this plan cannot run ``stem`` on ``x`` now; [] when it can."""
+        ...
+
+    def engine(self, x: Tensor, backend: str) -> str:
+        """What runs the plan for ``x`` on ``backend``, in words ("" where the name says it)."""
         ...
 
     def run(self, stem: NetworkStem, x: Tensor, backend: str) -> Tensor:
@@ -49,6 +60,9 @@ class FoldedStemPlan:
     def not_supported_reasons(self, stem: NetworkStem, x: object, backend: str) -> list[str]:
         return stage_folding_choice(stem.module, stem.stage, x, backend)[1]
 
+    def engine(self, x: Tensor, backend: str) -> str:
+        return FoldedEvalPlan().engine(resolve_backend(backend, x.device, x.dtype))
+
     def run(self, stem: NetworkStem, x: Tensor, backend: str) -> Tensor:
         name = resolve_backend(backend, x.device, x.dtype)
         return run_folded_stem(stem.module, stem.stage, stem.pool, x, name)
@@ -62,6 +76,9 @@ class LibraryStemPlan:
     def not_supported_reasons(self, stem: NetworkStem, x: object, backend: str) -> list[str]:
         return []
 
+    def engine(self, x: Tensor, backend: str) -> str:
+        return ""
+
     def run(self, stem: NetworkStem, x: Tensor, backend: str) -> Tensor:
         return stem.reference(x)
 
@@ -72,3 +89,9 @@ STEM_PLANS: tuple[StemPlan, ...] = (FoldedStemPlan(), LibraryStemPlan())
 def stem_plan_choice(stem: NetworkStem, x: object, backend: str) -> PlanChoice:
     """The first plan of :data:`STEM_PLANS` that applies, with the reasons of those before it."""
     return first_applying(STEM_PLANS, stem, x, backend)
+
+
+def stem_plan_label(plan: StemPlan, x: Tensor, backend: str) -> str:
+    """The plan's name with what runs it: "folded stem (oneDNN)", "the library's own forward"."""
+    engine = plan.engine(x, backend)
+    return f"{plan.name} ({engine})" if engine else plan.name

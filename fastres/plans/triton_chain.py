@@ -74,6 +74,9 @@ def _no_prologue(eps: float) -> tuple[None, None, None, None, bool, float, str]:
 class TritonChainPlan:
     name = "triton convolution chain"
 
+    def engine(self, backend: str) -> str:
+        return ""  # Triton's kernels, as the name says
+
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         """The triton backend, float32/16/bf16, square uniform convolutions (every block of
         ResNet-50 and ResNeXt), activations the kernels apply (a prologue applies any of
