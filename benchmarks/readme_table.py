@@ -37,13 +37,14 @@ def _fmt(value: str, spec: str) -> str:
 def table_lines() -> list[str]:
     lines = [
         "| device | model | dtype | batch | rounds | configuration | train img/s "
-        "| x torchvision [IQR] | infer img/s | x torchvision [IQR] "
-        "| activation bytes x torchvision | commit |",
+        "| x library's model [IQR] | infer img/s | x library's model [IQR] "
+        "| activation bytes x library's model | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     paths = []
     for model in MODELS:  # files written by fastres.bench: <model>_<device>_<dtype>.csv
-        paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{model}_*_*.csv"))
+        stem = model.replace(":", "-")  # as fastres.bench names the file ("timm:resnet50")
+        paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{stem}_*_*.csv"))
     # results/local/ is every run's scratch folder (not committed); the table is what is.
     paths = [
         p
