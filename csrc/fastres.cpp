@@ -67,8 +67,9 @@ PyObject* cpu_kernel_isa(PyObject* /*module*/, PyObject* /*args*/) {
 
 PyMethodDef module_methods[] = {
     {"cpu_kernel_isa", cpu_kernel_isa, METH_NOARGS,
-     "The instruction set the C++ CPU kernels run: 'AVX512', 'AVX2' or 'DEFAULT' (ATen's own "
-     "choice for its CPU kernels; ATEN_CPU_CAPABILITY lowers it)."},
+     "The instruction set the C++ CPU kernels run: 'AVX512', 'AVX2' or 'DEFAULT' (the "
+     "baseline build), following ATen's choice for its own CPU kernels (ATEN_CPU_CAPABILITY "
+     "lowers it)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

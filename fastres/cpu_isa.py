@@ -53,8 +53,8 @@ def bf16_inference_case() -> str:
 
 def cpu_kernel_isa() -> str:
     """The instruction set fastres's C++ CPU kernels (bn_act) run: ``"AVX512"``, ``"AVX2"`` or
-    ``"DEFAULT"``, the level ATen picks for its own CPU kernels (``ATEN_CPU_CAPABILITY`` lowers
-    both), or ``"not built"`` without the extension."""
+    ``"DEFAULT"`` (the baseline build), following the level ATen picks for its own CPU kernels
+    (``ATEN_CPU_CAPABILITY`` lowers both); ``"not built"`` without the extension."""
     from fastres import backends
 
     if backends.EXTENSION is None:

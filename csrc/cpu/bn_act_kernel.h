@@ -34,7 +34,7 @@ enum class CpuIsa { kGeneric, kAvx2, kAvx512 };
 // setting below AVX2 runs the generic build.
 CpuIsa cpu_kernel_isa();
 
-// The name of cpu_kernel_isa(): "AVX512", "AVX2" or "DEFAULT", as ATen names it.
+// The name of cpu_kernel_isa(): "AVX512", "AVX2" or "DEFAULT" (the baseline build).
 const char* cpu_kernel_isa_name();
 
 #ifdef FASTRES_CPU_AVX2_BUILT
