@@ -63,3 +63,30 @@ def test_a_lower_build_matches_the_reference(level):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_no_vector_instructions_outside_the_instruction_set_builds():
+    """Inline code the builds share (the standard library's, c10's, at::parallel_for's) is the
+    baseline's copy: the linker keeps one, and an AVX-512 copy would fault on an AVX2-only CPU.
+    Every function with an AVX or AVX-512 register is in the avx2 or avx512 build's namespace
+    (or instantiated for it)."""
+    from fastres import backends
+
+    assert backends.EXTENSION is not None, "fastres._C is not built"
+    disassembly = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", backends.EXTENSION.__file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    offenders, avx512_functions, function = set(), set(), ""
+    for line in disassembly.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1][:-2]
+        elif "%ymm" in line or "%zmm" in line:
+            if "avx512" in function:
+                avx512_functions.add(function)
+            elif "avx2" not in function:
+                offenders.add(function)
+    assert avx512_functions, "no AVX-512 kernel found in the disassembly: is it read right?"
+    assert not offenders, sorted(offenders)[:10]
