@@ -5,8 +5,9 @@
 // autograd is in csrc/bn_act_autograd.cpp; fake kernels are registered from Python
 // (fastres/ops/bn_act.py, fastres/ops/bn_act_pieces.py). The ops defined in Python, with their
 // schema beside their code, are the Triton family (fastres/ops/bn_act.py,
-// fastres/ops/bn_act_pieces.py, fastres/ops/fused_conv2d.py) and bn_act_conv2d on either
-// family's kernels (fastres/ops/bn_act_conv.py).
+// fastres/ops/bn_act_pieces.py, fastres/ops/fused_conv2d.py), and on either family's kernels
+// bn_act_conv2d (fastres/ops/bn_act_conv.py) and the ops from given batch statistics
+// (fastres/ops/bn_act_from_stats.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -547,7 +547,7 @@ def test_bottleneck_training_forward_has_no_standalone_batch_norm_before_the_las
         block(x)
     kernels = [op for op in log.ops if op.startswith("fastres.")]
     assert kernels == ["fastres.bn_act_conv2d_stats_triton"] * 3 + [
-        "fastres.bn_act_forward_triton"
+        "fastres.bn_act_from_stats_triton"
     ], log.ops
     unfused = ("batch_norm", "relu", "silu", "convolution")
     assert not [op for op in log.ops if any(name in op for name in unfused)]

@@ -23,14 +23,25 @@ import fastres
 from fastres import FastBasicBlock, FastBottleneck, SyncBatchNorm2d
 from fastres.activation import apply_activation
 from fastres.ops.bn_act import silu_input_grad
-from fastres.ops.bn_act_pieces import pieces_for
+from fastres.ops.registry import op
 from fastres.testing import backend_params
 
 # ---------------------------------------------------------------------------------------------
 # The split ops, one process: they compose to bn_act's training forward and backward
 
-# triton runs on CUDA tensors with a GPU, else under the interpreter (tests/conftest.py).
-SPLIT_BACKENDS = backend_params(triton="either")
+# triton runs on CUDA tensors with a GPU, else under the interpreter (tests/conftest.py). The
+# torch backend has no pieces but bn_stats: its from-stats ops recompute the statistics.
+SPLIT_BACKENDS = backend_params("cpu", "cuda", "triton", triton="either")
+
+
+class _Pieces:
+    """A backend's pieces of bn_act, by what they do."""
+
+    def __init__(self, backend):
+        self.stats = op("bn_stats", backend)
+        self.forward = op("bn_act_forward", backend)
+        self.backward_reduce = op("bn_act_backward_reduce", backend)
+        self.backward_apply = op("bn_act_backward_apply", backend)
 
 
 def _device(backend):
@@ -56,7 +67,7 @@ def test_split_ops_compose_to_batch_norm_training(backend, channels_last, activa
     bias = torch.randn(5, generator=gen, dtype=x.dtype).to(x.device)
     res = torch.randn_like(x) if residual else None
     grad = torch.randn_like(x)
-    ops = pieces_for(backend)
+    ops = _Pieces(backend)
     param = torch.float64 if dtype == torch.float64 else torch.float32
 
     mean, var = ops.stats(x)
@@ -112,7 +123,7 @@ def test_split_ops_on_an_empty_batch(backend):
     """A process with no samples: NaN statistics (PyTorch's), zero sums, empty gradients."""
     dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
     x = torch.empty(0, 4, 3, 3, dtype=dtype, device=_device(backend))
-    ops = pieces_for(backend)
+    ops = _Pieces(backend)
     mean, var = ops.stats(x)
     assert mean.isnan().all() and var.isnan().all()
     stats = torch.zeros(4, dtype=mean.dtype, device=x.device)
@@ -155,6 +166,78 @@ def test_split_ops_pass_opcheck(name, family):
     }[name]
     op = getattr(torch.ops.fastres, name + family)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", backend_params(triton="either"))
+@pytest.mark.parametrize("activation", ["relu", "silu", "identity"])
+@pytest.mark.parametrize("with_conv", [False, True], ids=["bn_act", "bn_act_conv2d"])
+def test_from_stats_ops_match_batch_norm_training(backend, activation, with_conv):
+    """bn_act_from_stats / bn_act_conv2d_from_stats with x's own statistics: outputs and every
+    gradient of a training-mode F.batch_norm composition (float64 where the backend takes it)."""
+    dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 5, 4, 7, generator=gen, dtype=dtype) * 2 + 3).to(_device(backend))
+    weight = torch.rand(5, generator=gen, dtype=dtype).add(0.5).to(x.device)
+    bias = torch.randn(5, generator=gen, dtype=dtype).to(x.device)
+    res = None if with_conv else torch.randn_like(x)
+    conv_weight = torch.randn(6, 5, 3, 3, generator=gen, dtype=dtype).to(x.device)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, conv_weight)]
+    xs, ws, bs, cs = leaves
+    if with_conv:
+        out = op("bn_act_conv2d_from_stats", backend)(
+            xs, ws, bs, cs, mean, var, 84, [1, 1], [1, 1], [1, 1], 1, 1e-5, activation, ""
+        )
+    else:
+        out, _ = op("bn_act_from_stats", backend)(
+            xs, ws, bs, res, mean, var, 84, 1e-5, activation, ""
+        )
+    grad = torch.randn_like(out)
+    out.backward(grad)
+
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias, conv_weight)]
+    xr, wr, br, cr = refs
+    ref = F.batch_norm(xr, None, None, wr, br, True, 0.0, 1e-5)
+    ref = apply_activation(ref if res is None else ref + res.double(), activation)
+    if with_conv:
+        ref = F.conv2d(ref, cr, padding=1)
+    ref.backward(grad.double())
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    for leaf, reference in zip(leaves[: 4 if with_conv else 3], refs, strict=False):
+        torch.testing.assert_close(leaf.grad.double(), reference.grad, **tol)
+
+
+@pytest.mark.parametrize("family", ["", "_triton"])
+@pytest.mark.parametrize("name", ["bn_act_from_stats", "bn_act_conv2d_from_stats"])
+def test_from_stats_ops_pass_opcheck(name, family):
+    device = _device("triton" if family else "cpu")
+    x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    weight = torch.rand(3, device=device, requires_grad=True)
+    bias = torch.randn(3, device=device, requires_grad=True)
+    var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
+    if name == "bn_act_from_stats":
+        residual = torch.randn_like(x, requires_grad=True)
+        args = (x, weight, bias, residual, mean, var, 40, 1e-5, "relu", "")
+    else:
+        conv_weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+        args = (
+            x,
+            weight,
+            bias,
+            conv_weight,
+            mean,
+            var,
+            40,
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            1,
+            1e-5,
+            "silu",
+            "",
+        )
+    torch.library.opcheck(getattr(torch.ops.fastres, name + family), args)
 
 
 def test_backward_apply_rejects_a_count_smaller_than_the_batch():

@@ -39,9 +39,9 @@ from fastres.batch_norm import (
     update_running_stats,
     values_per_channel,
 )
-from fastres.ops.registry import op
+from fastres.ops.registry import op, register_reference
 
-__all__ = ["bn_act", "bn_act_reference", "silu_input_grad"]
+__all__ = ["bn_act", "bn_act_forward_reference", "bn_act_reference", "silu_input_grad"]
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -94,19 +94,6 @@ def bn_act(
     check_args(x, weight, bias, running_mean, running_var, residual, training, momentum, eps)
     check_activation(activation, "bn_act")
     name = resolve_backend(backend, x.device, x.dtype)
-    if name == "torch":
-        return bn_act_reference(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            residual=residual,
-            training=training,
-            momentum=momentum,
-            eps=eps,
-            activation=activation,
-        )
     out, _, _, _ = op("bn_act_forward", name)(
         x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation
     )
@@ -132,6 +119,42 @@ def bn_act_reference(
     if residual is not None:
         y = y + residual
     return apply_activation(y, activation)
+
+
+@register_reference("bn_act_forward")
+def bn_act_forward_reference(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``bn_act_forward`` of the ``torch`` backend: :func:`bn_act_reference`, with the op's
+    results. The statistics are the batch mean and biased variance (training) or copies of the
+    running ones; the mask is empty (autograd keeps what the composition needs)."""
+    out = bn_act_reference(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        residual=residual,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        activation=activation,
+    )
+    if training:
+        var, mean = torch.var_mean(x.detach().to(param_dtype_of(x)), dim=(0, 2, 3), correction=0)
+    else:
+        assert running_mean is not None and running_var is not None  # check_args: eval needs them
+        mean, var = running_mean.clone(), running_var.clone()
+    return out, mean, var, x.new_empty((0,), dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------

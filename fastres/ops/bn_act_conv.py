@@ -14,7 +14,8 @@ fused backward (for SiLU, after SiLU's derivative at its recomputed input,
 The BatchNorm + activation half runs on a fastres backend: ``fastres::bn_act_conv2d`` on the
 compiled kernels (cpu, cuda), ``fastres::bn_act_conv2d_triton`` on Triton's (see
 fastres/ops/registry.py); the convolution is ATen's (oneDNN on CPU, cuDNN on CUDA).
-:func:`bn_act_conv2d` picks the op for a backend; on ``torch`` it runs PyTorch's composition.
+:func:`bn_act_conv2d` looks the op up for a backend; the ``torch`` backend's is PyTorch's
+composition (:func:`bn_act_conv2d_reference`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from fastres._layout import memory_format_of, param_dtype_of
 from fastres.activation import apply_activation, check_activation
 from fastres.backends import STATUS, resolve_backend
 from fastres.ops.bn_act import silu_input_grad
-from fastres.ops.registry import op
+from fastres.ops.registry import op, register_reference
 
-__all__ = ["bn_act_conv2d", "grad_through_conv_and_act"]
+__all__ = ["bn_act_conv2d", "bn_act_conv2d_reference", "grad_through_conv_and_act"]
 
 
 def convolution(z: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tensor:
@@ -76,12 +77,11 @@ def bn_act_conv2d(
     conv_args = (stride, padding, dilation, groups)
     check_activation(activation, "bn_act_conv2d")
     name = resolve_backend(backend, y.device, y.dtype)
-    if name == "torch":
-        return _bn_act_conv2d_torch(*args, *conv_args, training, eps, activation)
     return op("bn_act_conv2d", name)(*args, *conv_args, training, eps, activation)
 
 
-def _bn_act_conv2d_torch(
+@register_reference("bn_act_conv2d")
+def bn_act_conv2d_reference(
     y,
     bn_weight,
     bn_bias,

@@ -20,13 +20,15 @@ backward, per process::
 ``grad_weight`` and ``grad_bias`` are this process's share (the sums before the all-reduce), as
 in ``nn.SyncBatchNorm``: DistributedDataParallel all-reduces parameter gradients itself.
 
-The autograd of both, given the global statistics, is in :mod:`fastres.ops.bn_act_from_stats`.
+Given the global statistics, both run an op of :mod:`fastres.ops.bn_act_from_stats`
+(``bn_act_from_stats``, ``bn_act_conv2d_from_stats``), whose backward all-reduces the sums over
+the group named in its arguments; this file holds the forward's collective and the entry points.
 
 Processes may hold different batch sizes, including none at all. Communication goes through
 ``torch.distributed`` on the given process group: NCCL for CUDA tensors, gloo for CPU tensors
 (where ``nn.SyncBatchNorm`` does not run). Eval needs no communication and runs the unsynchronised
-ops. The collectives are eager Python calls: under ``torch.compile`` a synchronized BatchNorm
-is a graph break.
+ops. The forward's all_gather is an eager Python call: under ``torch.compile`` a synchronized
+BatchNorm in training is a graph break.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from fastres.batch_norm import (
     update_running_stats,
     values_per_channel,
 )
+from fastres.ops import bn_act_from_stats  # noqa: F401  (defines the ops looked up here)
 from fastres.ops.bn_act import bn_act, check_args
-from fastres.ops.bn_act_conv import bn_act_conv2d, convolution, grad_through_conv_and_act
-from fastres.ops.bn_act_from_stats import BnActFromStats, backward_from_sums
-from fastres.ops.bn_act_pieces import BnActPieces, pieces_for
+from fastres.ops.bn_act_conv import bn_act_conv2d
+from fastres.ops.registry import op
 
 __all__ = ["sync_bn_act", "sync_bn_act_conv2d", "resolve_process_group"]
 
@@ -71,7 +73,7 @@ def resolve_process_group(process_group: Any | None, who: str = "sync_bn") -> An
 # Collectives
 
 
-def global_batch_stats(x: Tensor, ops: BnActPieces, group: Any) -> tuple[Tensor, Tensor, int]:
+def global_batch_stats(x: Tensor, backend: str, group: Any) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance of every channel over the whole group's batch, and its size.
 
     Each process contributes (count, mean, var); they are merged with Chan et al.'s formula
@@ -79,7 +81,7 @@ def global_batch_stats(x: Tensor, ops: BnActPieces, group: Any) -> tuple[Tensor,
     terms, so nothing cancels however large the mean. Processes with an empty batch (NaN
     statistics) contribute nothing.
     """
-    mean, var = ops.stats(x)
+    mean, var = op("bn_stats", backend)(x)
     count = values_per_channel(x)
     # float64 throughout: the count stays exact (float32 would round counts past 2^24).
     local = torch.cat(
@@ -100,86 +102,16 @@ def global_batch_stats(x: Tensor, ops: BnActPieces, group: Any) -> tuple[Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd functions (the global statistics come in as constants: their dependence on x is in
-# the backward formula)
-
-
-class _SyncBnActConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        y,
-        bn_weight,
-        bn_bias,
-        conv_weight,
-        mean,
-        var,
-        count,
-        eps,
-        activation,
-        conv_args,
-        group,
-        ops,
-    ):
-        z, _, _, _ = ops.forward(
-            y, bn_weight, bn_bias, None, mean, var, False, 0.0, eps, activation
-        )
-        ctx.save_for_backward(y, bn_weight, bn_bias, conv_weight, mean, var)
-        ctx.count, ctx.eps, ctx.conv_args, ctx.group, ctx.ops = count, eps, conv_args, group, ops
-        ctx.activation = activation
-        return convolution(z, conv_weight, *conv_args)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        y, bn_weight, bn_bias, conv_weight, mean, var = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
-            ctx.ops.forward,
-            grad_out,
-            y,
-            bn_weight,
-            bn_bias,
-            mean,
-            var,
-            conv_weight,
-            ctx.conv_args,
-            ctx.eps,
-            ctx.activation,
-            needs[3],
-        )
-        grad_y, grad_bn_weight, grad_bn_bias, _ = backward_from_sums(
-            ctx.ops,
-            ctx.group,
-            grad_z,
-            y,
-            bn_weight,
-            mean,
-            var,
-            mask,
-            ctx.count,
-            ctx.eps,
-            ctx.activation == "relu",
-            False,
-        )
-        return (
-            grad_y,
-            grad_bn_weight if needs[1] else None,
-            grad_bn_bias if needs[2] else None,
-            grad_conv_weight if needs[3] else None,
-        ) + (None,) * 8
-
-
-# ---------------------------------------------------------------------------------------------
 # Public entry points
 
 
-def _prepare(x: Tensor, backend: str, process_group: Any | None):
-    """(group, split ops), or None when one process makes the whole group: then the plain fused
-    ops compute exactly the same thing with no communication."""
+def _prepare(x: Tensor, backend: str, process_group: Any | None) -> tuple[Any, str] | None:
+    """(group, resolved backend), or None when one process makes the whole group: then the
+    plain fused ops compute exactly the same thing with no communication."""
     group = resolve_process_group(process_group)
     if dist.get_world_size(group) == 1:
         return None
-    return group, pieces_for(resolve_backend(backend, x.device, x.dtype))
+    return group, resolve_backend(backend, x.device, x.dtype)
 
 
 def sync_bn_act(
@@ -235,12 +167,13 @@ def sync_bn_act(
             activation=activation,
             backend=backend,
         )
-    group, ops = prepared
-    mean, var, count = global_batch_stats(x.detach(), ops, group)
+    group, name = prepared
+    mean, var, count = global_batch_stats(x.detach(), name, group)
     update_running_stats(running_mean, running_var, mean, var, momentum, count)
-    return BnActFromStats.apply(
-        x, weight, bias, residual, mean, var, count, eps, activation, group, ops
+    out, _ = op("bn_act_from_stats", name)(
+        x, weight, bias, residual, mean, var, count, eps, activation, group.group_name
     )
+    return out
 
 
 def sync_bn_act_conv2d(
@@ -304,10 +237,22 @@ def sync_bn_act_conv2d(
             count = values_per_channel(y)
             update_running_stats(running_mean, running_var, mean, var, momentum, count)
         return out
-    group, ops = prepared
-    mean, var, count = global_batch_stats(y.detach(), ops, group)
+    group, name = prepared
+    mean, var, count = global_batch_stats(y.detach(), name, group)
     update_running_stats(running_mean, running_var, mean, var, momentum, count)
-    conv_args = (list(stride), list(padding), list(dilation), groups)
-    return _SyncBnActConv2d.apply(
-        y, bn_weight, bn_bias, conv_weight, mean, var, count, eps, activation, conv_args, group, ops
+    return op("bn_act_conv2d_from_stats", name)(
+        y,
+        bn_weight,
+        bn_bias,
+        conv_weight,
+        mean,
+        var,
+        count,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        eps,
+        activation,
+        group.group_name,
     )
