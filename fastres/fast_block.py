@@ -2,10 +2,10 @@
 (fastres/adapters/) build their fast classes on.
 
 :class:`FastBlockMixin` describes the block (``_describe_with``, the library's adapter) and runs
-the first execution plan that applies (fastres/plans/): the library's own forward on the
-``torch`` backend or for layers the fused ops do not reproduce, BatchNorm folded into the
-convolutions in eval without autograd, the Triton convolution chain on ``triton``, the fused ops
-otherwise. :class:`FastStemMixin` runs a library's stem by the stem plans, the same way.
+the first execution plan that applies (fastres/plans/): BatchNorm folded into the convolutions
+in eval without autograd, the Triton convolution chain on ``triton``, the fused ops, and the
+library's own forward for whatever they do not support (the ``torch`` backend, layers the fused
+ops do not reproduce, tracing and export). :class:`FastStemMixin` runs a library's stem by the stem plans, the same way.
 """
 
 from __future__ import annotations

@@ -1,23 +1,28 @@
 """Execution plans: the ways to run a residual block, each on the canonical description
 (:class:`~fastres.plans.description.ResidualBlock`).
 
-A plan says why it does not apply (the block, the input, the concrete backend, the mode: an
-empty list when it does) and runs. A block's forward runs the first plan of :data:`PLANS` that
-applies; :func:`plans_passed_over` gives the reasons of those before it, which
-:func:`fastres.explain` prints:
+Each plan declares what it supports as data (its :class:`~fastres.plans.support.Support`:
+backends, compute dtypes, modes, norm layers, activations, autocast, autograd in eval,
+``torch.compile``, tracing and export), says why a call falls outside it (an empty list when it
+does not) and runs. A block's forward runs the first plan of :data:`PLANS` that applies;
+:func:`plans_passed_over` gives the reasons of those before it, which :func:`fastres.explain`
+prints:
 
-========================  =====================================================================
-plan                      applies when
-========================  =====================================================================
-reference                 backend ``torch``, a layer the fused ops do not reproduce, or while
-                          tracing or exporting (:func:`tracing_or_exporting`)
-folded eval               eval, no gradients needed, not compiling, a backend that folds the dtype
-triton convolution chain  backend ``triton``, float32/16/bf16, plain BatchNorms, uniform convs
-fused ops                 everything else (any backend; synchronized BatchNorm in training)
-========================  =====================================================================
+========================  =================================================================
+plan                      supports
+========================  =================================================================
+folded eval               cpu/cuda/triton, float32/16/bf16, eval, no gradients, not
+                          compiling (plus: a folded convolution for the dtype here, running
+                          statistics)
+triton convolution chain  triton, float32/16/bf16, plain BatchNorms (plus: uniform convs)
+fused ops                 cpu/cuda/triton, any dtype the ops take, synchronized BatchNorm
+reference                 any call: the ``torch`` backend, layers the fused ops do not
+                          reproduce, tracing and export (:func:`tracing_or_exporting`)
+========================  =================================================================
 
-A network's stem has its plans too (:mod:`fastres.plans.stem`), chosen by the same rule
-(:func:`fastres.plans.choice.first_applying`).
+The three fused plans run only blocks whose every layer the fused ops reproduce, and none while
+the model is traced or exported. A network's stem has its plans too
+(:mod:`fastres.plans.stem`), chosen by the same rule (:func:`fastres.plans.choice.first_applying`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fastres.plans.exporting import tracing_or_exporting
 from fastres.plans.folded_eval import FoldedEvalPlan
 from fastres.plans.fused_ops import FusedOpsPlan
 from fastres.plans.reference import ReferencePlan
+from fastres.plans.support import Support
 from fastres.plans.triton_chain import TritonChainPlan
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "PlanChoice",
     "ResidualBlock",
     "Stage",
+    "Support",
     "plan_for",
     "plan_label",
     "plans_passed_over",
@@ -49,6 +56,7 @@ __all__ = [
 
 class Plan(Protocol):
     name: str
+    support: Support  # what it runs, as data (fastres/plans/support.py)
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
         """Why this plan cannot run ``block`` on ``x`` now; [] when it can."""
@@ -69,11 +77,11 @@ class Plan(Protocol):
         ...
 
 
-PLANS: tuple[Plan, ...] = (ReferencePlan(), FoldedEvalPlan(), TritonChainPlan(), FusedOpsPlan())
+PLANS: tuple[Plan, ...] = (FoldedEvalPlan(), TritonChainPlan(), FusedOpsPlan(), ReferencePlan())
 
 
 def plan_for(block: ResidualBlock, x: Tensor, backend: str) -> Plan:
-    """The first plan of :data:`PLANS` that applies (the fused-ops plan always does)."""
+    """The first plan of :data:`PLANS` that applies (the reference plan always does)."""
     return next(plan for plan in PLANS if not plan.not_supported_reasons(block, x, backend))
 
 

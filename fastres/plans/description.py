@@ -115,6 +115,16 @@ class ResidualBlock:
     def convs(self) -> list[nn.Module]:
         return [stage.conv for stage in self.stages]
 
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """Every stage's activation, then the one after the add."""
+        return tuple(stage.activation for stage in self.stages) + (self.activation,)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The modules whose parameters the block computes with: the block itself."""
+        return [self.module]
+
     def fusion_issue(self) -> str:
         """Why the fused ops cannot reproduce this block ("" when they can)."""
         if self.layer_issue:
@@ -147,3 +157,20 @@ class NetworkStem:
     stage: Stage
     pool: nn.Module
     reference: Callable[[Tensor], Tensor]
+
+    @property
+    def norms(self) -> list[nn.Module]:
+        return [self.stage.norm]
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        return (self.stage.activation,)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The modules whose parameters the stem computes with: its convolution and norm."""
+        return [self.stage.conv, self.stage.norm]
+
+    def fusion_issue(self) -> str:
+        """Why the fused ops cannot reproduce this stem ("" when they can)."""
+        return self.stage.issue(ACTIVATIONS)

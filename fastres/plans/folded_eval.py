@@ -19,15 +19,22 @@ from fastres._layout import memory_format_of
 from fastres.activation import ACTIVATIONS
 from fastres.backends import resolve_backend
 from fastres.plans.autocast import autocast_dtype, autocast_off, compute_dtype
-from fastres.plans.description import ResidualBlock, Stage
-from fastres.plans.exporting import tracing_or_exporting
+from fastres.plans.description import NetworkStem, ResidualBlock, Stage
 from fastres.plans.folded_convolution import FoldedBlock, FoldedStage, folding_kind
+from fastres.plans.support import (
+    ALL_NORMS,
+    FASTRES_BACKENDS,
+    FLOAT_DTYPES,
+    Support,
+    unsupported_reasons,
+)
 
 __all__ = [
     "FOLDED",
+    "FOLDED_EVAL_SUPPORT",
     "release_eval_state",
     "FoldedEvalPlan",
-    "fold_issues",
+    "folding_issues",
     "folded_stages",
     "folded_stem",
     "folding_input",
@@ -36,7 +43,7 @@ __all__ = [
     "require_input_dtype",
     "run_folded_stage",
     "run_folded_stem",
-    "stage_folding_choice",
+    "stem_folding_issues",
 ]
 
 # Folded weights of each block (and ResNet stem), kept beside the module (not in it: they are
@@ -66,38 +73,41 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
     return tuple(dtypes)
 
 
-def fold_issues(
-    x: Tensor, backend: str, layers: list[nn.Module], norms: list[nn.Module]
-) -> list[str]:
-    """Why eval of ``layers`` (in eval mode) may not run with their BatchNorms ``norms``
-    folded, [] when it may: where that gives exactly the eval computation and nothing needs
-    gradients. Every BatchNorm in eval with running statistics; convolutions in float32,
-    bfloat16 or float16, from the model's dtype or autocast's (on cpu those oneDNN runs on this
-    CPU, :func:`onednn_dtypes`; float16 where it cannot is an error). Anything else (autograd
-    in eval, torch.compile tracing, ...) takes the unfused eval path, which keeps gradients."""
-    if torch.compiler.is_compiling():
-        return ["torch.compile is tracing (the fused ops trace; folded weights do not)"]
+# What folded eval runs, by the fields every plan declares (fastres/plans/support.py); the
+# folded stem shares it. folding_issues adds what depends on this machine and the norms' state.
+FOLDED_EVAL_SUPPORT = Support(
+    backends=FASTRES_BACKENDS,
+    dtypes=FLOAT_DTYPES,
+    modes=("eval",),
+    norms=ALL_NORMS,
+    activations=ACTIVATIONS,
+    fused_layers_only=True,
+    autocast=True,
+    gradients_in_eval=False,
+    compiling=False,
+    tracing=False,
+)
+
+
+def folding_issues(x: Tensor, backend: str, norms: list[nn.Module]) -> list[str]:
+    """Why eval with ``norms`` folded cannot run here though :data:`FOLDED_EVAL_SUPPORT` covers
+    the call, [] when it can: a backend with no folded convolution here, a BatchNorm in
+    training mode or without running statistics, a dtype oneDNN does not run on this CPU
+    (:func:`onednn_dtypes`; float16 where it cannot is an error)."""
     if folding_kind(backend) is None:
         return [f"the {backend!r} backend has no folded convolution"]
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters())
-    ):
-        return ["autograd is on and the input or a parameter requires grad"]
     if not all(not bn.training and bn.running_mean is not None for bn in norms):
         return ["a BatchNorm is in training mode or keeps no running statistics"]
     dtype = compute_dtype(x)
-    if backend == "cpu" and dtype == torch.float16 and dtype not in onednn_dtypes():
-        raise TypeError(
-            "fastres: float16 inference on this CPU has no oneDNN kernels (it needs "
-            "AVX512_FP16 or AMX_FP16); run in bfloat16 (torch.autocast('cpu', "
-            "dtype=torch.bfloat16), or model.to(torch.bfloat16) with bfloat16 inputs) or in "
-            "float32"
-        )
-    allowed = (
-        onednn_dtypes() if backend == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
-    )
-    if dtype not in allowed:
-        return [f"{dtype} has no folded convolution on {backend!r} here"]
+    if backend == "cpu" and dtype not in onednn_dtypes():
+        if dtype == torch.float16:
+            raise TypeError(
+                "fastres: float16 inference on this CPU has no oneDNN kernels (it needs "
+                "AVX512_FP16 or AMX_FP16); run in bfloat16 (torch.autocast('cpu', "
+                "dtype=torch.bfloat16), or model.to(torch.bfloat16) with bfloat16 inputs) or in "
+                "float32"
+            )
+        return [f"{dtype} has no folded convolution on this CPU"]
     return []
 
 
@@ -124,40 +134,30 @@ def folding_input(x: Tensor, backend: str) -> Tensor:
     return h if backend == "cpu" else h.contiguous(memory_format=torch.channels_last)
 
 
-def stage_folding_choice(
-    module: nn.Module, stage: Stage, x: object, backend: str
-) -> tuple[str | None, list[str]]:
-    """(the backend, []) on which a lone stage (a stem's convolution, BatchNorm and activation,
-    held by ``module``) runs folded for input ``x``, or (None, why not): for a (N, C, H, W)
-    tensor with the convolution's channels (anything else gets the library's own errors), a
-    stage the fused ops reproduce, in eval, where :func:`fold_issues` allows, and not while the
-    model is traced or exported (its trace must hold the library's ops)."""
-    if tracing_or_exporting():
-        return None, ["the model is traced or exported"]
-    if not (
-        isinstance(x, Tensor)
-        and x.dim() == 4
-        and x.shape[1] == getattr(stage.conv, "in_channels", None)
-    ):
-        return None, ["the input is not (N, C, H, W) with the stem convolution's channels"]
-    if why := stage.issue(ACTIVATIONS):
-        return None, [why]
-    if module.training:
-        return None, ["the stem is in training mode"]
+def stem_folding_issues(stem: NetworkStem, x: object, backend: str) -> list[str]:
+    """Why the stem cannot run folded for input ``x`` ([] when it can): ``x`` must be a
+    (N, C, H, W) tensor with the convolution's channels (anything else gets the library's own
+    errors), and the call covered by :data:`FOLDED_EVAL_SUPPORT` and :func:`folding_issues`.
+    ``backend`` is the model's setting (``"auto"`` is resolved here)."""
+    stage = stem.stage
+    if not isinstance(x, Tensor):
+        return ["the input is not a tensor"]
     name = resolve_backend(backend, x.device, x.dtype)
-    if name == "torch":
-        return None, ["the 'torch' backend"]
-    if issues := fold_issues(x, name, [stage.conv, stage.norm], [stage.norm]):
-        return None, issues
-    require_input_dtype(module, stage.conv, x)
-    return name, []
+    # The support first: while the model is traced, nothing below may read x's values or sizes.
+    issues = unsupported_reasons(FOLDED_EVAL_SUPPORT, stem, x, name)
+    if not issues and not (x.dim() == 4 and x.shape[1] == getattr(stage.conv, "in_channels", None)):
+        issues = ["the input is not (N, C, H, W) with the stem convolution's channels"]
+    if issues or (issues := folding_issues(x, name, [stage.norm])):
+        return issues
+    require_input_dtype(stem.module, stage.conv, x)
+    return []
 
 
 def run_folded_stage(module: nn.Module, stage: Stage, x: Tensor, backend: str) -> Tensor:
     """``activation(norm(conv(x)))`` as one fused convolution from folded weights, cached beside
     ``module`` (see :data:`FOLDED`); in x's memory format."""
     kind = folding_kind(backend)
-    assert kind is not None  # stage_folding_choice checked that the backend folds
+    assert kind is not None  # stem_folding_issues checked that the backend folds
     folded = folded_stem(module, stage, kind)
     h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
     with autocast_off(x):
@@ -246,12 +246,13 @@ class FoldedEvalPlan:
     def engine(self, backend: str) -> str:
         return _FUSED_CONVOLUTION.get(folding_kind(backend) or "", "")
 
+    support = FOLDED_EVAL_SUPPORT
+
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
-        if block.module.training:
-            return ["the block is in training mode"]
+        if issues := unsupported_reasons(self.support, block, x, backend):
+            return issues
         shortcut = _folded_shortcut(block)
-        norms = block.norms + ([shortcut.norm] if shortcut else [])
-        return fold_issues(x, backend, [block.module], norms)
+        return folding_issues(x, backend, block.norms + ([shortcut.norm] if shortcut else []))
 
     def run(
         self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False

@@ -20,12 +20,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from fastres.activation import ACTIVATIONS
 from fastres.batch_norm import BatchNormStep, require_fused_dtypes, values_per_channel
 from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_conv import bn_act_conv2d
 from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
 from fastres.plans.autocast import autocast_dtype
 from fastres.plans.description import ResidualBlock
+from fastres.plans.support import (
+    ALL_NORMS,
+    ANY,
+    BOTH_MODES,
+    FASTRES_BACKENDS,
+    Support,
+    unsupported_reasons,
+)
 
 __all__ = ["FusedOpsPlan", "bn_act_for", "synchronised"]
 
@@ -118,12 +127,24 @@ _KERNELS = {"cpu": "C++ kernels", "cuda": "CUDA kernels", "triton": "Triton kern
 
 class FusedOpsPlan:
     name = "fused ops"
+    support = Support(
+        backends=FASTRES_BACKENDS,
+        dtypes=ANY,  # the ops raise, naming the block, for a dtype their backend cannot run
+        modes=BOTH_MODES,
+        norms=ALL_NORMS,
+        activations=ACTIVATIONS,
+        fused_layers_only=True,
+        autocast=True,
+        gradients_in_eval=True,
+        compiling=True,
+        tracing=False,
+    )
 
     def engine(self, backend: str) -> str:
         return _KERNELS.get(backend, "")
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
-        return []  # the last plan: any block the fused ops reproduce, on any fastres backend
+        return unsupported_reasons(self.support, block, x, backend)
 
     def run(
         self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False

@@ -23,7 +23,13 @@ from torch import Tensor
 from fastres.backends import resolve_backend
 from fastres.plans.choice import PlanChoice, first_applying
 from fastres.plans.description import NetworkStem
-from fastres.plans.folded_eval import FoldedEvalPlan, run_folded_stem, stage_folding_choice
+from fastres.plans.folded_eval import (
+    FOLDED_EVAL_SUPPORT,
+    FoldedEvalPlan,
+    run_folded_stem,
+    stem_folding_issues,
+)
+from fastres.plans.support import ANY_CALL, Support
 
 __all__ = [
     "STEM_PLANS",
@@ -37,6 +43,7 @@ __all__ = [
 
 class StemPlan(Protocol):
     name: str
+    support: Support
 
     def not_supported_reasons(self, stem: NetworkStem, x: object, backend: str) -> list[str]:
         """Why this plan cannot run ``stem`` on ``x`` now; [] when it can."""
@@ -56,9 +63,10 @@ class FoldedStemPlan:
     the pooling (:func:`fastres.plans.folded_eval.run_folded_stem`); channels_last output."""
 
     name = "folded stem"
+    support = FOLDED_EVAL_SUPPORT
 
     def not_supported_reasons(self, stem: NetworkStem, x: object, backend: str) -> list[str]:
-        return stage_folding_choice(stem.module, stem.stage, x, backend)[1]
+        return stem_folding_issues(stem, x, backend)
 
     def engine(self, x: Tensor, backend: str) -> str:
         return FoldedEvalPlan().engine(resolve_backend(backend, x.device, x.dtype))
@@ -72,9 +80,10 @@ class LibraryStemPlan:
     """The library's own forward of the module holding the stem."""
 
     name = "the library's own forward"
+    support = ANY_CALL
 
     def not_supported_reasons(self, stem: NetworkStem, x: object, backend: str) -> list[str]:
-        return []
+        return []  # ANY_CALL: every input, a tensor or not, as the library takes it
 
     def engine(self, x: Tensor, backend: str) -> str:
         return ""

@@ -27,10 +27,9 @@ from fastres.ops.bn_act_from_stats import bn_act_from_stats
 from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 from fastres.plans.autocast import autocast_dtype
 from fastres.plans.description import ResidualBlock
+from fastres.plans.support import BOTH_MODES, FLOAT_DTYPES, Support, unsupported_reasons
 
 __all__ = ["TritonChainPlan"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _uniform(conv: nn.Module) -> bool:
@@ -73,36 +72,32 @@ def _no_prologue(eps: float) -> tuple[None, None, None, None, bool, float, str]:
 
 class TritonChainPlan:
     name = "triton convolution chain"
+    # Synchronized BatchNorm keeps the fused-ops plan: its statistics need a collective.
+    support = Support(
+        backends=("triton",),
+        dtypes=FLOAT_DTYPES,
+        modes=BOTH_MODES,
+        norms=("BatchNorm2d",),
+        activations=ACTIVATIONS,
+        fused_layers_only=True,
+        autocast=True,
+        gradients_in_eval=True,
+        compiling=True,
+        tracing=False,
+    )
 
     def engine(self, backend: str) -> str:
         return ""  # Triton's kernels, as the name says
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
-        """The triton backend, float32/16/bf16, square uniform convolutions (every block of
-        ResNet-50 and ResNeXt), activations the kernels apply (a prologue applies any of
-        ACTIVATIONS; the last BatchNorm's goes after the add, so its stage has none).
-        Synchronized BatchNorm keeps the fused-ops plan (its statistics need a collective)."""
-        if backend != "triton":
-            return [f"the backend is {backend!r}, not 'triton'"]
-        *inner, last = block.stages
-        checks = [
-            (x.dtype in _DTYPES, f"the input is {x.dtype}"),
-            (
-                all(type(norm) is nn.BatchNorm2d for norm in block.norms),
-                "a BatchNorm is synchronised (its statistics need a collective)",
-            ),
-            (
-                all(_uniform(conv) for conv in block.convs),
-                "a convolution is not square with one stride, padding and dilation",
-            ),
-            (
-                all(stage.activation in ACTIVATIONS for stage in inner)
-                and last.activation == "identity"
-                and block.activation in ACTIVATIONS,
-                "an activation the kernels do not apply",
-            ),
-        ]
-        return [why for holds, why in checks if not holds]
+        """:attr:`support`, and square uniform convolutions (every block of ResNet-50 and
+        ResNeXt). A prologue applies any of ACTIVATIONS; the last BatchNorm's goes after the
+        add, so its stage has none (``fusion_issue`` checks that)."""
+        if issues := unsupported_reasons(self.support, block, x, backend):
+            return issues
+        if not all(_uniform(conv) for conv in block.convs):
+            return ["a convolution is not square with one stride, padding and dilation"]
+        return []
 
     def run(
         self, block: ResidualBlock, x: Tensor, backend: str, *, input_is_scratch: bool = False
