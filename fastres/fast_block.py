@@ -5,7 +5,8 @@
 the first execution plan that applies (fastres/plans/): BatchNorm folded into the convolutions
 in eval without autograd, the Triton convolution chain on ``triton``, the fused ops, and the
 library's own forward for whatever they do not support (the ``torch`` backend, layers the fused
-ops do not reproduce, tracing and export). :class:`FastStemMixin` runs a library's stem by the stem plans, the same way.
+ops do not reproduce, tracing and export). :class:`FastStemMixin` runs a library's stem by the
+stem plans, the same way.
 """
 
 from __future__ import annotations

@@ -115,6 +115,14 @@ def bn_act_reference(
 ) -> Tensor:
     """The ``torch`` backend: ``F.batch_norm``, add and the activation as PyTorch runs them
     eagerly."""
+    return _composition(
+        x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation
+    )
+
+
+def _composition(
+    x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation
+) -> Tensor:
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
@@ -137,17 +145,8 @@ def bn_act_forward_reference(
     """``bn_act_forward`` of the ``torch`` backend: :func:`bn_act_reference`, with the op's
     results. The statistics are the batch mean and biased variance (training) or copies of the
     running ones; the mask is empty (autograd keeps what the composition needs)."""
-    out = bn_act_reference(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        residual=residual,
-        training=training,
-        momentum=momentum,
-        eps=eps,
-        activation=activation,
+    out = _composition(
+        x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation
     )
     if training:
         var, mean = torch.var_mean(x.detach().to(param_dtype_of(x)), dim=(0, 2, 3), correction=0)

@@ -20,6 +20,8 @@ composition (:func:`bn_act_conv2d_reference`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -193,6 +195,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, bn_weight, bn_bias, mean, var, conv_weight)
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.training, ctx.eps, ctx.activation = training, eps, activation
+    ctx.has_bias = bn_bias is not None
 
 
 def _make_backward(forward_op, backward_op):
@@ -202,29 +205,21 @@ def _make_backward(forward_op, backward_op):
 
 
 def grad_through_conv_and_act(
-    forward_op,
-    grad_out: Tensor,
-    y: Tensor,
-    bn_weight: Tensor | None,
-    bn_bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    conv_weight: Tensor,
-    conv_args: tuple,
-    eps: float,
-    activation: str,
-    conv_weight_grad: bool,
+    forward_op, ctx: Any, grad_out: Tensor, conv_weight_grad: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The first half of ``bn_act_conv2d``'s backward, shared with the synchronized one
-    (:mod:`fastres.ops.sync_bn_act`): recomputes ``z = act(batch_norm(y))`` with ``forward_op``
-    exactly as the forward made it (same kernel, same per-channel values), runs the
-    convolution's backward and, for SiLU, SiLU's derivative.
+    """The first half of the backward of ``bn_act_conv2d`` and of ``bn_act_conv2d_from_stats``
+    (:mod:`fastres.ops.bn_act_from_stats`), whose contexts both hold ``(y, bn_weight, bn_bias,
+    mean, var, conv_weight)`` and ``conv_args``, ``eps`` and ``activation``: recomputes
+    ``z = act(batch_norm(y))`` with ``forward_op`` exactly as the forward made it (same kernel,
+    same per-channel values), runs the convolution's backward and, for SiLU, SiLU's derivative.
 
     Returns ``(grad, grad_conv_weight, relu_mask)``: the gradient with respect to the activation's
     input side as bn_act's backward takes it, the convolution weight's gradient (None unless
     ``conv_weight_grad``), and the recomputed ReLU mask for that backward.
     """
-    stride, padding, dilation, groups = conv_args
+    y, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    eps, activation = ctx.eps, ctx.activation
     z, _, _, mask = forward_op(y, bn_weight, bn_bias, None, mean, var, False, 0.0, eps, activation)
     grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
         grad_out,
@@ -246,22 +241,9 @@ def grad_through_conv_and_act(
 
 
 def _backward(ctx, grad_out, forward_op, backward_op):
-    y, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
-        forward_op,
-        grad_out,
-        y,
-        bn_weight,
-        bn_bias,
-        mean,
-        var,
-        conv_weight,
-        ctx.conv_args,
-        ctx.eps,
-        ctx.activation,
-        needs[5],
-    )
+    grad_z, grad_conv_weight, mask = grad_through_conv_and_act(forward_op, ctx, grad_out, needs[5])
+    y, bn_weight, _, mean, var, _ = ctx.saved_tensors
     relu = ctx.activation == "relu"
     grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
         grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, relu, False
@@ -269,18 +251,11 @@ def _backward(ctx, grad_out, forward_op, backward_op):
     return (
         grad_y if needs[0] else None,
         grad_bn_weight if bn_weight is not None and needs[1] else None,
-        grad_bn_bias if bn_bias is not None and needs[2] else None,
+        grad_bn_bias if ctx.has_bias and needs[2] else None,
         None,
         None,
         grad_conv_weight if needs[5] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    ) + (None,) * 7
 
 
 bn_act_conv2d_triton = _define("_triton")

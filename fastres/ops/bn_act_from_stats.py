@@ -293,27 +293,17 @@ def _define_conv_from_stats(suffix: str, forward_op, backward_op):
     def setup_context(ctx, inputs, output):
         y, bn_weight, bn_bias, conv_weight, mean, var, count, *conv_args = inputs[:11]
         eps, activation, group_name = inputs[11:]
-        ctx.save_for_backward(y, bn_weight, bn_bias, conv_weight, mean, var)
+        # Laid out as bn_act_conv2d's: grad_through_conv_and_act reads either.
+        ctx.save_for_backward(y, bn_weight, bn_bias, mean, var, conv_weight)
         ctx.count, ctx.conv_args, ctx.eps = count, tuple(conv_args), eps
         ctx.activation, ctx.group_name = activation, group_name
 
     def backward(ctx, grad_out):
-        y, bn_weight, bn_bias, conv_weight, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
-            forward_op,
-            grad_out,
-            y,
-            bn_weight,
-            bn_bias,
-            mean,
-            var,
-            conv_weight,
-            ctx.conv_args,
-            ctx.eps,
-            ctx.activation,
-            needs[3],
+            forward_op, ctx, grad_out, needs[3]
         )
+        y, bn_weight, bn_bias, mean, var, _ = ctx.saved_tensors
         grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
             grad_z,
             y,

@@ -240,19 +240,6 @@ def sync_bn_act_conv2d(
     group, name = prepared
     mean, var, count = global_batch_stats(y.detach(), name, group)
     update_running_stats(running_mean, running_var, mean, var, momentum, count)
-    return op("bn_act_conv2d_from_stats", name)(
-        y,
-        bn_weight,
-        bn_bias,
-        conv_weight,
-        mean,
-        var,
-        count,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        eps,
-        activation,
-        group.group_name,
-    )
+    conv_args = (list(stride), list(padding), list(dilation), groups)
+    op_args = (y, bn_weight, bn_bias, conv_weight, mean, var, count, *conv_args, eps, activation)
+    return op("bn_act_conv2d_from_stats", name)(*op_args, group.group_name)
