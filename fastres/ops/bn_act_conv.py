@@ -205,11 +205,12 @@ def _make_backward(forward_op, backward_op):
 
 
 def grad_through_conv_and_act(
-    forward_op, ctx: Any, grad_out: Tensor, conv_weight_grad: bool
+    forward_op, ctx: Any, saved: tuple[Tensor, ...], grad_out: Tensor, conv_weight_grad: bool
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The first half of the backward of ``bn_act_conv2d`` and of ``bn_act_conv2d_from_stats``
-    (:mod:`fastres.ops.bn_act_from_stats`), whose contexts both hold ``(y, bn_weight, bn_bias,
-    mean, var, conv_weight)`` and ``conv_args``, ``eps`` and ``activation``: recomputes
+    (:mod:`fastres.ops.bn_act_from_stats`), whose contexts both hold ``conv_args``, ``eps`` and
+    ``activation`` and save ``(y, bn_weight, bn_bias, mean, var, conv_weight)`` (``saved``: the
+    caller unpacks ``ctx.saved_tensors`` once, as activation checkpointing requires): recomputes
     ``z = act(batch_norm(y))`` with ``forward_op`` exactly as the forward made it (same kernel,
     same per-channel values), runs the convolution's backward and, for SiLU, SiLU's derivative.
 
@@ -217,7 +218,7 @@ def grad_through_conv_and_act(
     input side as bn_act's backward takes it, the convolution weight's gradient (None unless
     ``conv_weight_grad``), and the recomputed ReLU mask for that backward.
     """
-    y, bn_weight, bn_bias, mean, var, conv_weight = ctx.saved_tensors
+    y, bn_weight, bn_bias, mean, var, conv_weight = saved
     stride, padding, dilation, groups = ctx.conv_args
     eps, activation = ctx.eps, ctx.activation
     z, _, _, mask = forward_op(y, bn_weight, bn_bias, None, mean, var, False, 0.0, eps, activation)
@@ -242,8 +243,11 @@ def grad_through_conv_and_act(
 
 def _backward(ctx, grad_out, forward_op, backward_op):
     needs = ctx.needs_input_grad
-    grad_z, grad_conv_weight, mask = grad_through_conv_and_act(forward_op, ctx, grad_out, needs[5])
-    y, bn_weight, _, mean, var, _ = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
+        forward_op, ctx, saved, grad_out, needs[5]
+    )
+    y, bn_weight, _, mean, var, _ = saved
     relu = ctx.activation == "relu"
     grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
         grad_z, y, bn_weight, mean, var, mask, ctx.training, ctx.eps, relu, False

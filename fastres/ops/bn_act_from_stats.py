@@ -300,10 +300,11 @@ def _define_conv_from_stats(suffix: str, forward_op, backward_op):
 
     def backward(ctx, grad_out):
         needs = ctx.needs_input_grad
+        saved = ctx.saved_tensors
         grad_z, grad_conv_weight, mask = grad_through_conv_and_act(
-            forward_op, ctx, grad_out, needs[3]
+            forward_op, ctx, saved, grad_out, needs[3]
         )
-        y, bn_weight, bn_bias, mean, var, _ = ctx.saved_tensors
+        y, bn_weight, bn_bias, mean, var, _ = saved
         grad_y, grad_bn_weight, grad_bn_bias, _ = backward_op(
             grad_z,
             y,
