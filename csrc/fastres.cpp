@@ -25,6 +25,14 @@ TORCH_LIBRARY(fastres, m) {
       "bn_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
       "float eps, str activation) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out = activation(batch_norm(x)) + residual: the residual added after the activation
+  // (Ultralytics' YOLO Bottleneck), with bn_act_forward's other arguments and its results but the
+  // mask: (out, save_mean, save_var). Its backward is bn_act_backward after recomputing the
+  // activation's input (fastres/ops/bn_act_add.py); the residual's gradient is grad_out itself.
+  m.def(
+      "bn_act_add_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps, str activation) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty unless
   // residual_grad. Recomputes the normalised input from x and the saved statistics. grad_out is
   // the gradient at the activation's output for relu (masked here) and at its input otherwise:

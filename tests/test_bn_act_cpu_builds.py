@@ -32,6 +32,19 @@ for activation, dtype, residual, training in itertools.product(
 ):
     check_case("cpu", "cpu", Case((3, 40, 5, 7), dtype, torch.channels_last, residual=residual,
                                   activation=activation, training=training))
+# bn_act_add's forward (the residual after the activation) against the float64 composition.
+from fastres.ops import bn_act_add
+for activation, dtype, training in itertools.product(ACTIVATIONS, dtypes, [True, False]):
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(3, 40, 5, 7, generator=g).to(dtype) for _ in range(2))
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    outs = []
+    for backend, t, p in (("cpu", dtype, param), ("torch", torch.float64, torch.float64)):
+        stats = (torch.zeros(40, dtype=p), torch.ones(40, dtype=p))
+        outs.append(bn_act_add(x.to(t), None, None, *stats, residual=r.to(t), training=training,
+                               activation=activation, backend=backend))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 5e-2)
+    torch.testing.assert_close(outs[0].double(), outs[1], rtol=tol, atol=tol)
 print("ok")
 """
 

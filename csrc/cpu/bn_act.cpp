@@ -11,13 +11,16 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+// bn_act_forward, or with residual_after_activation bn_act_add_forward's computation (no ReLU
+// mask: its backward recomputes the activation's input).
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double momentum, double eps, c10::string_view activation_name) {
+    bool training, double momentum, double eps, c10::string_view activation_name,
+    bool residual_after_activation) {
   check_x_device_type(x_in, at::kCPU);
   const Activation activation = parse_activation(activation_name);
-  const bool relu = activation == Activation::kRelu;
+  const bool relu = activation == Activation::kRelu && !residual_after_activation;
   check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
                      eps);
   const auto format = memory_format_of(x_in);
@@ -58,7 +61,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
         FASTRES_CPU_DISPATCH(bn_act_apply<scalar_t>, x.data_ptr<scalar_t>(),
                              residual ? residual->data_ptr<scalar_t>() : nullptr,
                              save_mean.data_ptr<P>(), mean_low.data_ptr<P>(), scale.data_ptr<P>(),
-                             shift.data_ptr<P>(), layout, activation, out.data_ptr<scalar_t>(),
+                             shift.data_ptr<P>(), layout, activation, residual_after_activation,
+                             out.data_ptr<scalar_t>(),
                              relu ? relu_mask.data_ptr<uint8_t>() : nullptr);
       });
   if (training) {
@@ -66,6 +70,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
                          layout.reduce_size());
   }
   return {out, save_mean, save_var, relu_mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+    const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+    double eps, c10::string_view activation) {
+  return forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                 activation, /*residual_after_activation=*/false);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_add_forward(const Tensor& x, const OptTensor& weight,
+                                                      const OptTensor& bias, const Tensor& residual,
+                                                      const OptTensor& running_mean,
+                                                      const OptTensor& running_var, bool training,
+                                                      double momentum, double eps,
+                                                      c10::string_view activation) {
+  auto [out, save_mean, save_var, unused_mask] =
+      forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+              activation, /*residual_after_activation=*/true);
+  return {out, save_mean, save_var};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
@@ -202,6 +226,7 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(const Tensor& grad_out_in, cons
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_add_forward", &bn_act_add_forward);
   m.impl("bn_act_backward", &bn_act_backward);
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);

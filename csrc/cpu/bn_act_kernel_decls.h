@@ -18,15 +18,18 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
                     const opmath<T>* bias, double eps, int64_t channels, opmath<T>* scale,
                     opmath<T>* shift);
 
-// out = activation((x - mean[c] - mean_low[c]) * scale[c] + shift[c] + residual); residual may
-// be null. mean_low (zeros for given statistics) is bn_batch_stats's: centring on the two-part
-// mean keeps a channel whose spread is small against its mean from inheriting the rounding of
-// the mean, amplified by 1 / std. For ReLU, relu_mask (relu_mask_bytes(numel) bytes) receives a
-// bit per element: out > 0.
+// out = activation((x - mean[c] - mean_low[c]) * scale[c] + shift[c] + residual), or with
+// residual_after_activation activation((x - mean[c] - mean_low[c]) * scale[c] + shift[c]) +
+// residual; residual may be null. mean_low (zeros for given statistics) is bn_batch_stats's:
+// centring on the two-part mean keeps a channel whose spread is small against its mean from
+// inheriting the rounding of the mean, amplified by 1 / std. relu_mask, when not null
+// (relu_mask_bytes(numel) bytes, ReLU with the residual before it), receives a bit per element:
+// out > 0.
 template <typename T>
 void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
                   const opmath<T>* scale, const opmath<T>* shift, const BnActLayout& layout,
-                  Activation activation, T* out, uint8_t* relu_mask);
+                  Activation activation, bool residual_after_activation, T* out,
+                  uint8_t* relu_mask);
 
 // Per-channel sums of the masked gradient gm = grad_out * mask (mask null: all ones):
 //   sum_g[c] = sum gm,   sum_gx[c] = sum gm * (x - mean[c]).

@@ -634,33 +634,45 @@ Vectorized<V> normalise_vec(const Vectorized<V>& x, const V* mean, const V* mean
                         channel_vec(shift, k, broadcast));
 }
 
-// out = act((x - mean - mean_low) * scale + shift + residual), straight from T to T: each vector
-// is converted in registers, computed in opmath and converted back.
+// out = act((x - mean - mean_low) * scale + shift + residual), or with residual_after_activation
+// act((x - mean - mean_low) * scale + shift) + residual, straight from T to T: each vector is
+// converted in registers, computed in opmath and converted back.
 template <typename T>
 void apply_run(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
                const opmath<T>* scale, const opmath<T>* shift, int64_t len, bool broadcast,
-               Activation activation, T* out) {
+               Activation activation, bool residual_after_activation, T* out) {
   using V = opmath<T>;
   using Vec = Vectorized<V>;
   constexpr int64_t W = Vec::size();
+  const bool add_before = residual != nullptr && !residual_after_activation;
+  const bool add_after = residual != nullptr && residual_after_activation;
   int64_t k = 0;
   for (; k + 2 * W <= len; k += 2 * W) {
     const auto [x0, x1] = load_pair(x + k);
     Vec y0 = normalise_vec(x0, mean, mean_low, scale, shift, k, broadcast);
     Vec y1 = normalise_vec(x1, mean, mean_low, scale, shift, k + W, broadcast);
-    if (residual) {
+    if (add_before) {
       const auto [r0, r1] = load_pair(residual + k);
       y0 += r0;
       y1 += r1;
     }
-    store_pair(out + k, activation_vec(y0, activation), activation_vec(y1, activation));
+    y0 = activation_vec(y0, activation);
+    y1 = activation_vec(y1, activation);
+    if (add_after) {
+      const auto [r0, r1] = load_pair(residual + k);
+      y0 += r0;
+      y1 += r1;
+    }
+    store_pair(out + k, y0, y1);
   }
   for (; k < len; ++k) {
     const V centred = static_cast<V>(x[k]) - channel_val(mean, k, broadcast) -
                       channel_val(mean_low, k, broadcast);
     V y = centred * channel_val(scale, k, broadcast) + channel_val(shift, k, broadcast);
-    if (residual) y += static_cast<V>(residual[k]);
-    out[k] = static_cast<T>(activation_scalar(y, activation));
+    if (add_before) y += static_cast<V>(residual[k]);
+    y = activation_scalar(y, activation);
+    if (add_after) y += static_cast<V>(residual[k]);
+    out[k] = static_cast<T>(y);
   }
 }
 
@@ -739,13 +751,14 @@ void bn_scale_shift(const opmath<T>* mean, const opmath<T>* var, const opmath<T>
 template <typename T>
 void bn_act_apply(const T* x, const T* residual, const opmath<T>* mean, const opmath<T>* mean_low,
                   const opmath<T>* scale, const opmath<T>* shift, const BnActLayout& layout,
-                  Activation activation, T* out, uint8_t* relu_mask) {
+                  Activation activation, bool residual_after_activation, T* out,
+                  uint8_t* relu_mask) {
   parallel_blocks(layout.numel(), [&](int64_t begin, int64_t end) {
     for_each_run(layout, begin, end, [&](int64_t i, int64_t len, int64_t c, bool broadcast) {
       apply_run(x + i, residual ? residual + i : nullptr, mean + c, mean_low + c, scale + c,
-                shift + c, len, broadcast, activation, out + i);
+                shift + c, len, broadcast, activation, residual_after_activation, out + i);
     });
-    if (activation == Activation::kRelu) pack_relu_mask(out, begin, end, relu_mask);
+    if (relu_mask != nullptr) pack_relu_mask(out, begin, end, relu_mask);
   });
 }
 
@@ -817,7 +830,7 @@ void bn_act_backward_apply(const T* grad_out, const T* x, const uint8_t* relu_ma
                                   const opmath<T>*, double, int64_t, opmath<T>*, opmath<T>*);   \
   template void bn_act_apply<T>(const T*, const T*, const opmath<T>*, const opmath<T>*,         \
                                 const opmath<T>*, const opmath<T>*, const BnActLayout&,         \
-                                Activation, T*, uint8_t*);                                      \
+                                Activation, bool, T*, uint8_t*);                                \
   template void bn_act_backward_reduce<T>(const T*, const T*, const uint8_t*, const opmath<T>*, \
                                           const BnActLayout&, opmath<T>*, opmath<T>*);          \
   template void bn_backward_coefficients<T>(                                                    \

@@ -34,13 +34,16 @@ Tensor workspace_for(const BnActLayout& layout, const Tensor& x) {
   return at::empty({bytes}, x.options().dtype(at::kByte));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+// bn_act_forward, or with residual_after_activation bn_act_add_forward's computation (no ReLU
+// mask: its backward recomputes the activation's input).
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward(
     const Tensor& x_in, const OptTensor& weight_in, const OptTensor& bias_in,
     const OptTensor& residual_in, const OptTensor& running_mean, const OptTensor& running_var,
-    bool training, double momentum, double eps, c10::string_view activation_name) {
+    bool training, double momentum, double eps, c10::string_view activation_name,
+    bool residual_after_activation) {
   check_x_device_type(x_in, at::kCUDA);
   const Activation activation = parse_activation(activation_name);
-  const bool relu = activation == Activation::kRelu;
+  const bool relu = activation == Activation::kRelu && !residual_after_activation;
   check_forward_args(x_in, weight_in, bias_in, residual_in, running_mean, running_var, training,
                      eps);
   const ActivationType dtype = activation_type(x_in);
@@ -83,6 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   params.dtype = dtype;
   params.training = training;
   params.activation = activation;
+  params.residual_after_activation = residual_after_activation;
   params.eps = static_cast<float>(eps);
   launch_bn_act_forward(params, x.get_device(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -91,6 +95,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
                          layout.reduce_size());
   }
   return {out, save_mean, save_var, relu_mask};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
+    const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+    double eps, c10::string_view activation) {
+  return forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+                 activation, /*residual_after_activation=*/false);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_add_forward(const Tensor& x, const OptTensor& weight,
+                                                      const OptTensor& bias, const Tensor& residual,
+                                                      const OptTensor& running_mean,
+                                                      const OptTensor& running_var, bool training,
+                                                      double momentum, double eps,
+                                                      c10::string_view activation) {
+  auto [out, save_mean, save_var, unused_mask] =
+      forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
+              activation, /*residual_after_activation=*/true);
+  return {out, save_mean, save_var};
 }
 
 // The inputs of every backward launch (whole or split); the caller fills in the outputs.
@@ -246,6 +270,7 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(const Tensor& grad_out_in, cons
 
 TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_add_forward", &bn_act_add_forward);
   m.impl("bn_act_backward", &bn_act_backward);
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);

@@ -406,8 +406,8 @@ __device__ __forceinline__ float activation_of(float y, Activation activation) {
 
 template <typename T, bool kAligned>
 __global__ void apply_kernel(const T* x, const T* residual, const float* mean, const float* scale,
-                             const float* shift, BnActLayout layout, Activation activation, T* out,
-                             uint8_t* relu_mask) {
+                             const float* shift, BnActLayout layout, Activation activation,
+                             bool residual_after_activation, T* out, uint8_t* relu_mask) {
   const int64_t numel = layout.numel();
   const int64_t groups = (numel + kGroup - 1) / kGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
@@ -428,13 +428,14 @@ __global__ void apply_kernel(const T* x, const T* residual, const float* mean, c
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
       const int64_t c = cursor.c;
-      float y = fmaf(xv[k] - __ldg(mean + c), __ldg(scale + c), __ldg(shift + c)) + rv[k];
-      ov[k] = from_float<T>(activation_of(y, activation));
+      const float y = fmaf(xv[k] - __ldg(mean + c), __ldg(scale + c), __ldg(shift + c));
+      ov[k] = from_float<T>(residual_after_activation ? activation_of(y, activation) + rv[k]
+                                                      : activation_of(y + rv[k], activation));
       bits |= static_cast<uint8_t>(to_float(ov[k]) > 0.f) << k;
       cursor.advance();
     }
     store_group<T, kAligned>(out + base, count, ov);
-    if (activation == Activation::kRelu) {
+    if (relu_mask != nullptr) {
       relu_mask[g] = count == kGroup ? bits : bits & ((1u << count) - 1u);
     }
   }
@@ -586,10 +587,12 @@ void forward_typed(const BnActForwardParams& p, int device, cudaStream_t stream)
   const dim3 grid = elementwise_grid(layout, device);
   if (aligned16(x) && aligned16(residual) && aligned16(out)) {
     apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
-                                                         p.activation, out, p.relu_mask);
+                                                         p.activation, p.residual_after_activation,
+                                                         out, p.relu_mask);
   } else {
     apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, residual, p.mean, scale, shift, layout,
-                                                          p.activation, out, p.relu_mask);
+                                                          p.activation, p.residual_after_activation,
+                                                          out, p.relu_mask);
   }
 }
 

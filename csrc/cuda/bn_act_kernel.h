@@ -26,12 +26,16 @@ struct BnActForwardParams {
   float* mean = nullptr;
   float* var = nullptr;
   void* out = nullptr;
-  uint8_t* relu_mask = nullptr;  // relu_mask_bytes(numel) bytes; only for Activation::kRelu
-  void* workspace = nullptr;     // bn_act_workspace_bytes(layout, device) bytes
+  // relu_mask_bytes(numel) bytes: out > 0, for Activation::kRelu with the residual before it;
+  // null otherwise.
+  uint8_t* relu_mask = nullptr;
+  void* workspace = nullptr;  // bn_act_workspace_bytes(layout, device) bytes
   BnActLayout layout;
   ActivationType dtype = ActivationType::kFloat;
   bool training = true;
   Activation activation = Activation::kRelu;
+  // false: out = act(bn(x) + residual); true: out = act(bn(x)) + residual.
+  bool residual_after_activation = false;
   float eps = 1e-5f;
 };
 

@@ -20,7 +20,7 @@ the op, before autograd saves the op's tensors. ``torch.utils.checkpoint`` stops
 segment at the last saved tensor; an update made after the op would then be skipped where
 ``nn.BatchNorm2d``'s is recomputed (running statistics would differ from the library's model).
 ``torch.library.register_autograd`` takes functional ops only, so the Triton forward's autograd
-is installed with the same helper it uses (see :func:`_register_triton_autograd`).
+is installed with the same helper it uses (see :func:`register_mutating_autograd`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ from fastres.batch_norm import (
 )
 from fastres.ops.registry import op, register_reference
 
-__all__ = ["bn_act", "bn_act_forward_reference", "bn_act_reference", "silu_input_grad"]
+__all__ = [
+    "bn_act",
+    "bn_act_forward_reference",
+    "bn_act_reference",
+    "check_args",
+    "register_mutating_autograd",
+    "silu_input_grad",
+]
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -161,19 +168,31 @@ def bn_act_forward_reference(
 
 
 def check_args(
-    x, weight, bias, running_mean, running_var, residual, training, momentum, eps, local_batch=False
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    residual,
+    training,
+    momentum,
+    eps,
+    local_batch=False,
+    who="bn_act",
 ):
-    """``local_batch``: x is one process's share of the batch (synchronized BatchNorm), so the
-    "more than one value per channel" rule applies to the whole batch and is checked later."""
+    """Raises, naming the argument and ``who`` (the op the caller called), on anything the ops
+    do not take. ``local_batch``: x is one process's share of the batch (synchronized
+    BatchNorm), so the "more than one value per channel" rule applies to the whole batch and is
+    checked later."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"bn_act: x must be a Tensor, got {type(x).__name__}")
+        raise TypeError(f"{who}: x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(
-            f"bn_act: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D "
+            f"{who}: x must be a 4-D (N, C, H, W) tensor, got {x.dim()}-D "
             f"with shape {tuple(x.shape)}"
         )
     if x.dtype not in _ACTIVATION_DTYPES:
-        raise TypeError(f"bn_act: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"{who}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     channels = x.shape[1]
     for name, t in (
@@ -185,52 +204,50 @@ def check_args(
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"bn_act: {name} must be a Tensor or None, got {type(t).__name__}")
+            raise TypeError(f"{who}: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.shape != (channels,):
             raise ValueError(
-                f"bn_act: {name} must have shape ({channels},) to match the "
+                f"{who}: {name} must have shape ({channels},) to match the "
                 f"channels of x, got {tuple(t.shape)}"
             )
         if t.dtype != param_dtype:
             raise TypeError(
-                f"bn_act: {name} must be {param_dtype} for {x.dtype} activations, got {t.dtype}"
+                f"{who}: {name} must be {param_dtype} for {x.dtype} activations, got {t.dtype}"
             )
         if t.device != x.device:
-            raise ValueError(f"bn_act: {name} must be on {x.device} like x, got {t.device}")
+            raise ValueError(f"{who}: {name} must be on {x.device} like x, got {t.device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
             raise TypeError(
-                f"bn_act: residual must be a Tensor or None, got {type(residual).__name__}"
+                f"{who}: residual must be a Tensor or None, got {type(residual).__name__}"
             )
         if residual.shape != x.shape:
             raise ValueError(
-                f"bn_act: residual must have the shape of x {tuple(x.shape)}, "
+                f"{who}: residual must have the shape of x {tuple(x.shape)}, "
                 f"got {tuple(residual.shape)}"
             )
         if residual.dtype != x.dtype:
             raise TypeError(
-                f"bn_act: residual must have the dtype of x ({x.dtype}), got {residual.dtype}"
+                f"{who}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}"
             )
         if residual.device != x.device:
-            raise ValueError(
-                f"bn_act: residual must be on {x.device} like x, got {residual.device}"
-            )
+            raise ValueError(f"{who}: residual must be on {x.device} like x, got {residual.device}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(
-            "bn_act: running_mean and running_var must both be tensors or both be None"
+            f"{who}: running_mean and running_var must both be tensors or both be None"
         )
     if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
         raise TypeError(
-            "bn_act: momentum must be a float (for nn.BatchNorm2d's momentum=None, "
+            f"{who}: momentum must be a float (for nn.BatchNorm2d's momentum=None, "
             f"pass 1 / num_batches_tracked), got {momentum!r}"
         )
     if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"bn_act: eps must be a positive float, got {eps!r}")
+        raise ValueError(f"{who}: eps must be a positive float, got {eps!r}")
     if training:
         if not local_batch:
             require_more_than_one_value(x.size())
     elif running_mean is None:
-        raise ValueError("bn_act: running_mean and running_var are required when training=False")
+        raise ValueError(f"{who}: running_mean and running_var are required when training=False")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,16 +348,20 @@ def _register_fakes(forward_op, backward_op) -> None:
     torch.library.register_fake(backward_op, _backward_fake)
 
 
-def _register_triton_autograd(forward_op, backward_op) -> None:
-    """The Triton forward's autograd: the formula ``torch.library.register_autograd`` would
+def register_mutating_autograd(library, forward_op, backward, setup_context) -> None:
+    """Installs ``forward_op``'s autograd: the formula ``torch.library.register_autograd`` would
     install, with the helper it installs it with. register_autograd refuses an op that mutates
     its inputs (the running statistics); autograd never sees them (no gradient flows to them)."""
     from torch._library.autograd import Info, make_autograd_impl
 
-    impl = make_autograd_impl(
-        forward_op, Info(_make_backward(forward_op, backward_op), _setup_context)
+    impl = make_autograd_impl(forward_op, Info(backward, setup_context))
+    library.impl(forward_op._opname, impl, "Autograd", with_keyset=True)
+
+
+def _register_triton_autograd(forward_op, backward_op) -> None:
+    register_mutating_autograd(
+        _TRITON_LIBRARY, forward_op, _make_backward(forward_op, backward_op), _setup_context
     )
-    _TRITON_LIBRARY.impl(forward_op._opname, impl, "Autograd", with_keyset=True)
 
 
 # ---------------------------------------------------------------------------------------------

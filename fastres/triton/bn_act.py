@@ -188,6 +188,7 @@ def _apply_kernel(
     hw,
     HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    RESIDUAL_AFTER_ACTIVATION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -199,11 +200,18 @@ def _apply_kernel(
     y = centred * tl.load(scale_ptr + c, mask=ok, other=0.0) + tl.load(
         shift_ptr + c, mask=ok, other=0.0
     )
-    if HAS_RESIDUAL:
+    if RESIDUAL_AFTER_ACTIVATION:  # act(bn(x)) + residual
+        y = apply_activation(y, ACTIVATION)
         y += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    out = apply_activation(y, ACTIVATION).to(out_ptr.dtype.element_ty)
+        out = y.to(out_ptr.dtype.element_ty)
+    else:  # act(bn(x) + residual)
+        if HAS_RESIDUAL:
+            y += tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        out = apply_activation(y, ACTIVATION).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offsets, out, mask=ok)
-    if ACTIVATION == RELU:  # the mask ReLU's backward reads (SiLU's recomputes its input)
+    # The mask ReLU's backward reads; SiLU's, and any with the residual after the activation,
+    # recomputes the activation's input.
+    if ACTIVATION == RELU and not RESIDUAL_AFTER_ACTIVATION:
         positive = (ok & (out.to(tl.float32) > 0.0)).to(tl.int32)
         bits = tl.sum(positive << tl.arange(0, 8)[None, :], axis=1)
         tl.store(mask_ptr + byte_index, bits.to(tl.uint8), mask=byte_index * 8 < numel)
@@ -488,17 +496,20 @@ def bn_act_forward(
     training: bool,
     eps: float,
     activation: str,
+    residual_after_activation: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """See ``fastres::bn_act_forward`` in csrc/fastres.cpp; float32/float16/bfloat16 x;
+    """See ``fastres::bn_act_forward`` in csrc/fastres.cpp (``residual_after_activation``:
+    ``fastres::bn_act_add_forward``'s ``act(bn(x)) + residual``); float32/float16/bfloat16 x;
     ``activation`` one of fastres.activation.ACTIVATIONS. The mask (one bit an element) is
-    empty unless ``activation`` is ``"relu"``."""
+    empty unless ``activation`` is ``"relu"`` with the residual before it."""
     _check_dtype(x)
     code = activation_code(activation)
     d = _Dense(x)
     weight, bias = dense_channels(weight), dense_channels(bias)
     residual = residual.contiguous(memory_format=d.format) if residual is not None else None
     out = torch.empty_like(d.x, memory_format=d.format)
-    mask_bytes = (d.numel + 7) // 8 if activation == "relu" else 0
+    relu_mask = activation == "relu" and not residual_after_activation
+    mask_bytes = (d.numel + 7) // 8 if relu_mask else 0
     mask = torch.empty((mask_bytes,), dtype=torch.uint8, device=x.device)
     if training:
         save_mean, save_var = d.channel_vector(), d.channel_vector()
@@ -528,6 +539,7 @@ def bn_act_forward(
         d.hw,
         HAS_RESIDUAL=residual is not None,
         ACTIVATION=code,
+        RESIDUAL_AFTER_ACTIVATION=residual_after_activation,
         CHANNELS_LAST=d.channels_last,
         BLOCK=ELEMENTWISE_BLOCK,
     )
