@@ -1,6 +1,11 @@
-"""Ultralytics' ResNet block (``ultralytics.nn.modules.block.ResNetBlock``, the blocks of
-``yolov8-cls-resnet50.yaml`` and of the RT-DETR ResNet backbones) as the canonical residual-block
-description; imported only when ultralytics is installed.
+"""Ultralytics' residual blocks as the canonical residual-block description; imported only when
+ultralytics is installed.
+
+Two blocks: the ResNet block (``ultralytics.nn.modules.block.ResNetBlock``, the blocks of
+``yolov8-cls-resnet50.yaml`` and of the RT-DETR ResNet backbones), and the YOLO detectors'
+``Bottleneck`` (inside ``C2f``, ``C3k2``, ``C3k`` and ``C3``): ``cv1`` and ``cv2``, each a
+``Conv`` with SiLU, and with ``add`` the input added after cv2's activation,
+``x + cv2(cv1(x))`` (description.ADD_AFTER_ACTIVATION); without it no add at all.
 
 A ResNetBlock is ``cv1 cv2 cv3``, each an Ultralytics ``Conv`` (``conv``, ``bn``, ``act``: SiLU
 for cv1 and cv2, Identity for cv3), a ``shortcut`` (``Sequential(Conv)`` without activation, or
@@ -18,15 +23,28 @@ from collections.abc import Callable
 from typing import TypeGuard
 
 from torch import Tensor, nn
-from ultralytics.nn.modules.block import ResNetBlock, ResNetLayer
+from ultralytics.nn.modules.block import Bottleneck, ResNetBlock, ResNetLayer
 from ultralytics.nn.modules.conv import Conv
 
 from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
 from fastres.fast_block import FastBlockMixin, FastStemMixin
-from fastres.plans.description import ResidualBlock, Stage, activation_name
+from fastres.plans.description import (
+    ADD_AFTER_ACTIVATION,
+    NO_ADD,
+    ResidualBlock,
+    Stage,
+    activation_name,
+)
 
-__all__ = ["ADAPTER", "FastResNetBlock", "FastResNetLayer", "describe"]
+__all__ = [
+    "ADAPTER",
+    "FastResNetBlock",
+    "FastResNetLayer",
+    "FastYOLOBottleneck",
+    "describe",
+    "describe_bottleneck",
+]
 
 
 def _stage(conv: Conv) -> Stage:
@@ -59,6 +77,19 @@ def describe(block: ResNetBlock, reference: Callable[[Tensor], Tensor]) -> Resid
     )
 
 
+def describe_bottleneck(block: Bottleneck, reference: Callable[[Tensor], Tensor]) -> ResidualBlock:
+    """The description of an Ultralytics Bottleneck; ``reference`` runs its own forward."""
+    return ResidualBlock(
+        module=block,
+        stages=(_stage(block.cv1), _stage(block.cv2)),
+        shortcut=None,
+        shortcut_stage=None,
+        activation="identity",
+        reference=reference,
+        add_position=ADD_AFTER_ACTIVATION if block.add else NO_ADD,
+    )
+
+
 def stem(layer: ResNetLayer) -> tuple[Stage, nn.Module]:
     """The stem's (convolution, BatchNorm, activation) stage and the pooling after it."""
     conv, pool = layer.layer
@@ -78,18 +109,30 @@ def _stem_left_alone(layer: ResNetLayer) -> str | None:
     return stem(layer)[0].issue(ACTIVATIONS)
 
 
-def left_alone(block: ResNetBlock | ResNetLayer) -> str | None:
-    """Why convert() leaves an Ultralytics ResNetBlock or stem alone ("" when it converts it;
-    None for a ResNetLayer that is not a stem)."""
-    if isinstance(block, ResNetLayer):
-        return _stem_left_alone(block)
-    for name in ("cv1", "cv2", "cv3"):
+def _convs_left_alone(block: nn.Module, names: tuple[str, ...]) -> str:
+    """Why the block's Conv layers keep it from converting ("" when they do not)."""
+    kind = f"Ultralytics {type(block).__name__}"
+    for name in names:
         conv = getattr(block, name)
         if type(conv) is not Conv:
-            return f"Ultralytics ResNetBlock whose {name} is a {type(conv).__name__}, not a Conv"
+            return f"{kind} whose {name} is a {type(conv).__name__}, not a Conv"
         if not hasattr(conv, "bn"):
-            return "Ultralytics ResNetBlock fused by model.fuse() (BatchNorm folded into its conv)"
-    return describe(block, block.forward).fusion_issue()
+            return f"{kind} fused by model.fuse() (BatchNorm folded into its conv)"
+    return ""
+
+
+def left_alone(block: ResNetBlock | ResNetLayer | Bottleneck) -> str | None:
+    """Why convert() leaves an Ultralytics ResNetBlock, stem or Bottleneck alone ("" when it
+    converts it; None for a ResNetLayer that is not a stem)."""
+    if isinstance(block, ResNetLayer):
+        return _stem_left_alone(block)
+    if isinstance(block, Bottleneck):
+        return _convs_left_alone(block, ("cv1", "cv2")) or (
+            describe_bottleneck(block, block.forward).fusion_issue()
+        )
+    return _convs_left_alone(block, ("cv1", "cv2", "cv3")) or (
+        describe(block, block.forward).fusion_issue()
+    )
 
 
 class FastResNetBlock(FastBlockMixin, ResNetBlock):
@@ -105,8 +148,20 @@ class FastResNetLayer(FastStemMixin, ResNetLayer):
     _stem_with = staticmethod(stem)
 
 
+class FastYOLOBottleneck(FastBlockMixin, Bottleneck):
+    """Ultralytics' ``Bottleneck`` on fused ops (made by :func:`fastres.convert`): the BatchNorm
+    and SiLU between cv1 and cv2 run as ``bn_act_conv2d`` (recomputed in backward, not kept),
+    cv2's BatchNorm, SiLU and the add as ``bn_act_add``."""
+
+    _describe_with = staticmethod(describe_bottleneck)
+
+
 ADAPTER = LibraryAdapter(
     library="ultralytics",
-    fast_classes={ResNetBlock: FastResNetBlock, ResNetLayer: FastResNetLayer},
+    fast_classes={
+        ResNetBlock: FastResNetBlock,
+        ResNetLayer: FastResNetLayer,
+        Bottleneck: FastYOLOBottleneck,
+    },
     left_alone=left_alone,
 )

@@ -6,6 +6,11 @@ Whatever library built it, a residual block computes::
     h   = activation_i(norm_i(conv_i(h)))        for each stage i of the main branch
     out = activation(h + shortcut(x))            shortcut: identity or its own modules
 
+with the add in one of three places (:data:`ADD_POSITIONS`): before the block's activation, as
+above (ResNet: the last stage has no activation of its own); after the last stage's activation,
+``out = h + shortcut(x)`` (Ultralytics' YOLO Bottleneck); or nowhere, ``out = h`` (the same
+Bottleneck without its shortcut).
+
 An adapter (fastres/adapters/) turns one library's block into a :class:`ResidualBlock`; plans
 read only this description, never a library's attribute names.
 """
@@ -20,6 +25,10 @@ from torch import Tensor, nn
 from fastres.activation import ACTIVATIONS, activation_name
 
 __all__ = [
+    "ADD_AFTER_ACTIVATION",
+    "ADD_BEFORE_ACTIVATION",
+    "ADD_POSITIONS",
+    "NO_ADD",
     "NetworkStem",
     "ResidualBlock",
     "Stage",
@@ -31,6 +40,12 @@ __all__ = [
 
 # The activations the fused ops apply, by the name the ops take.
 FUSED_ACTIVATIONS = ACTIVATIONS
+
+# Where a block adds its shortcut (ResidualBlock.add_position).
+ADD_BEFORE_ACTIVATION = "before activation"
+ADD_AFTER_ACTIVATION = "after activation"
+NO_ADD = "no add"
+ADD_POSITIONS = (ADD_BEFORE_ACTIVATION, ADD_AFTER_ACTIVATION, NO_ADD)
 
 
 def conv_issue(conv: nn.Module) -> str:
@@ -92,11 +107,14 @@ class ResidualBlock:
         shortcut: the shortcut's module, run on the block's input; None for the identity.
         shortcut_stage: the shortcut as one (convolution, BatchNorm) stage when it is exactly
             that (folded eval folds it), else None.
-        activation: applied after the add.
+        activation: applied after the add ("identity" unless ``add_position`` is
+            :data:`ADD_BEFORE_ACTIVATION`).
         reference: the library's own forward, the computation every plan reproduces.
         layer_issue: why a layer outside the chain above keeps the fused ops from reproducing
             the block as it is now ("" when none does): timm's DropPath in training, an
             identity in eval.
+        add_position: where the shortcut is added, one of :data:`ADD_POSITIONS`; with
+            :data:`NO_ADD` the shortcut is not used.
     """
 
     module: nn.Module
@@ -106,6 +124,7 @@ class ResidualBlock:
     activation: str
     reference: Callable[[Tensor], Tensor]
     layer_issue: str = ""
+    add_position: str = ADD_BEFORE_ACTIVATION
 
     @property
     def norms(self) -> list[nn.Module]:
@@ -129,6 +148,10 @@ class ResidualBlock:
         """Why the fused ops cannot reproduce this block ("" when they can)."""
         if self.layer_issue:
             return self.layer_issue
+        if self.add_position != ADD_BEFORE_ACTIVATION:  # every stage keeps its activation
+            if self.activation != "identity":
+                return f"the activation after the add is {self.activation}"
+            return next((why for s in self.stages if (why := s.issue(FUSED_ACTIVATIONS))), "")
         *inner, last = self.stages
         for stage in inner:
             if why := stage.issue(FUSED_ACTIVATIONS):
@@ -157,6 +180,8 @@ class NetworkStem:
     stage: Stage
     pool: nn.Module
     reference: Callable[[Tensor], Tensor]
+
+    add_position = NO_ADD  # a stem has no shortcut
 
     @property
     def norms(self) -> list[nn.Module]:

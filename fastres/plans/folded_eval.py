@@ -19,7 +19,14 @@ from fastres._layout import memory_format_of
 from fastres.activation import ACTIVATIONS
 from fastres.backends import resolve_backend
 from fastres.plans.autocast import autocast_dtype, autocast_off, compute_dtype
-from fastres.plans.description import NetworkStem, ResidualBlock, Stage
+from fastres.plans.description import (
+    ADD_AFTER_ACTIVATION,
+    ADD_POSITIONS,
+    NO_ADD,
+    NetworkStem,
+    ResidualBlock,
+    Stage,
+)
 from fastres.plans.folded_convolution import FoldedBlock, FoldedStage, folding_kind
 from fastres.plans.support import (
     ALL_NORMS,
@@ -81,6 +88,7 @@ FOLDED_EVAL_SUPPORT = Support(
     modes=("eval",),
     norms=ALL_NORMS,
     activations=ACTIVATIONS,
+    add_positions=ADD_POSITIONS,
     fused_layers_only=True,
     autocast=True,
     gradients_in_eval=False,
@@ -274,10 +282,19 @@ class FoldedEvalPlan:
             out = h
             for stage, described in zip(stages[:-1], block.stages[:-1], strict=True):
                 out = stage.run(out, activation=described.activation)
+            if block.add_position == NO_ADD:
+                out = stages[-1].run(out, activation=block.stages[-1].activation)
+                return out.contiguous(memory_format=memory_format_of(x))
             if folded_shortcut is not None:
                 identity = folded_shortcut.run(h, activation="identity")
             else:
                 identity = h if unfolded_identity is None else unfolded_identity
+            if block.add_position == ADD_AFTER_ACTIVATION:
+                out = stages[-1].run(out, activation=block.stages[-1].activation)
+                # Its own pass, into the fresh output: the folded convolutions fuse an add
+                # before their activation only.
+                out.add_(identity.to(out.dtype))
+                return out.contiguous(memory_format=memory_format_of(x))
             owned = folded_shortcut is not None or (input_is_scratch and identity is x)
             identity = identity.to(h.dtype).contiguous(memory_format=memory_format_of(out))
             out = stages[-1].run(

@@ -8,8 +8,11 @@ Training forward of a bottleneck::
     out = bn_act(y3; bn3, residual=shortcut(x) or x)
 
 so autograd keeps y1, y2, y3 and 1-bit ReLU masks where torchvision also keeps both ReLU
-outputs. Eval that is not folded runs the same ops with the running statistics. A synchronized
-BatchNorm in training takes the synchronized ops (statistics over its process group).
+outputs. A block that adds its shortcut after the last activation (Ultralytics' YOLO
+Bottleneck) ends with ``bn_act_add(y; bn, act, residual=x)``, one without a shortcut with
+``bn_act(y; bn, act)``. Eval that is not folded runs the same ops with the running statistics. A
+synchronized BatchNorm in training takes the synchronized ops (statistics over its process
+group).
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ from torch import Tensor, nn
 from fastres.activation import ACTIVATIONS
 from fastres.batch_norm import BatchNormStep, require_fused_dtypes, values_per_channel
 from fastres.ops.bn_act import bn_act
+from fastres.ops.bn_act_add import bn_act_add
 from fastres.ops.bn_act_conv import bn_act_conv2d
 from fastres.ops.sync_bn_act import sync_bn_act, sync_bn_act_conv2d
 from fastres.plans.autocast import autocast_dtype
-from fastres.plans.description import ResidualBlock
+from fastres.plans.description import (
+    ADD_AFTER_ACTIVATION,
+    ADD_POSITIONS,
+    NO_ADD,
+    ResidualBlock,
+)
 from fastres.plans.support import (
     ALL_NORMS,
     ANY,
@@ -105,15 +114,37 @@ def bn_act_conv(y: Tensor, bn: nn.Module, activation: str, conv: nn.Module, back
     return out
 
 
-def bn_add_act(y: Tensor, bn: nn.Module, residual: Tensor, activation: str, backend: str) -> Tensor:
-    """activation(bn(y) + residual) through bn_act."""
+def bn_add_act(
+    y: Tensor, bn: nn.Module, residual: Tensor | None, activation: str, backend: str
+) -> Tensor:
+    """activation(bn(y) + residual) through bn_act (no add for residual None)."""
     step = BatchNormStep.of(bn)
-    if residual.dtype != y.dtype:  # autocast: the residual path may be in another precision
-        residual = residual.to(y.dtype)
+    if residual is not None and residual.dtype != y.dtype:  # autocast: the residual path may
+        residual = residual.to(y.dtype)  # be in another precision
     args = (y, step.weight, step.bias, step.running_mean, step.running_var)
     return bn_act_for(bn)(
         *args,
         residual=residual,
+        training=step.training,
+        momentum=step.start(),
+        eps=step.eps,
+        activation=activation,
+        backend=backend,
+    )
+
+
+def bn_act_then_add(
+    y: Tensor, bn: nn.Module, activation: str, residual: Tensor, backend: str
+) -> Tensor:
+    """activation(bn(y)) + residual through bn_act_add; a synchronised BatchNorm's statistics
+    come from sync_bn_act, and the add then runs as its own op."""
+    if synchronised(bn):
+        return bn_add_act(y, bn, None, activation, backend) + residual.to(y.dtype)
+    step = BatchNormStep.of(bn)
+    args = (y, step.weight, step.bias, step.running_mean, step.running_var)
+    return bn_act_add(
+        *args,
+        residual=residual.to(y.dtype),
         training=step.training,
         momentum=step.start(),
         eps=step.eps,
@@ -133,6 +164,7 @@ class FusedOpsPlan:
         modes=BOTH_MODES,
         norms=ALL_NORMS,
         activations=ACTIVATIONS,
+        add_positions=ADD_POSITIONS,
         fused_layers_only=True,
         autocast=True,
         gradients_in_eval=True,
@@ -156,7 +188,11 @@ class FusedOpsPlan:
         for stage in rest:
             out = bn_act_conv(out, previous.norm, previous.activation, stage.conv, backend)
             previous = stage
+        if block.add_position == NO_ADD:
+            return bn_add_act(out, previous.norm, None, previous.activation, backend)
         # After the main branch, as in torchvision: an error there leaves the shortcut's
         # BatchNorm untouched.
         identity = x if block.shortcut is None else block.shortcut(x)
+        if block.add_position == ADD_AFTER_ACTIVATION:
+            return bn_act_then_add(out, previous.norm, previous.activation, identity, backend)
         return bn_add_act(out, previous.norm, identity, block.activation, backend)

@@ -59,6 +59,9 @@ class Described(Protocol):
     @property
     def layers(self) -> list[nn.Module]: ...
 
+    @property
+    def add_position(self) -> str: ...
+
     def fusion_issue(self) -> str: ...
 
 
@@ -73,6 +76,7 @@ class Support:
         modes: ``"training"`` and/or ``"eval"`` (the block's or stem's module flag).
         norms: the norm layers, by :func:`norm_kind`; :data:`ANY` for any layer.
         activations: the activations of every stage and after the add; :data:`ANY` for any.
+        add_positions: where the block adds its shortcut (description.ADD_POSITIONS).
         fused_layers_only: only blocks whose every layer the fused ops reproduce
             (``fusion_issue()`` empty); False for the library's own forward.
         autocast: runs under ``torch.autocast``.
@@ -88,6 +92,7 @@ class Support:
     modes: tuple[str, ...]
     norms: tuple[str, ...]
     activations: tuple[str, ...]
+    add_positions: tuple[str, ...]
     fused_layers_only: bool
     autocast: bool
     gradients_in_eval: bool
@@ -102,6 +107,7 @@ ANY_CALL = Support(
     modes=BOTH_MODES,
     norms=ANY,
     activations=ANY,
+    add_positions=ANY,
     fused_layers_only=False,
     autocast=True,
     gradients_in_eval=True,
@@ -150,6 +156,8 @@ def unsupported_reasons(
         reasons.append(f"a norm layer is {_names(sorted(kinds - set(support.norms)))}")
     if support.activations and not set(described.activations) <= set(support.activations):
         reasons.append(f"an activation is not {_names(support.activations)}")
+    if support.add_positions and described.add_position not in support.add_positions:
+        reasons.append(f"the shortcut is added {described.add_position}")
     if (
         not support.gradients_in_eval
         and mode == "eval"

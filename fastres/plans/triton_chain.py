@@ -26,7 +26,7 @@ from fastres.ops.bn_act import bn_act
 from fastres.ops.bn_act_from_stats import bn_act_from_stats
 from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 from fastres.plans.autocast import autocast_dtype
-from fastres.plans.description import ResidualBlock
+from fastres.plans.description import ADD_BEFORE_ACTIVATION, ResidualBlock
 from fastres.plans.support import BOTH_MODES, FLOAT_DTYPES, Support, unsupported_reasons
 
 __all__ = ["TritonChainPlan"]
@@ -79,6 +79,7 @@ class TritonChainPlan:
         modes=BOTH_MODES,
         norms=("BatchNorm2d",),
         activations=ACTIVATIONS,
+        add_positions=(ADD_BEFORE_ACTIVATION,),
         fused_layers_only=True,
         autocast=True,
         gradients_in_eval=True,
