@@ -60,6 +60,8 @@ def prepare(
     training and inference steps on the shared batch."""
     result = Result(config)
     model = copy.deepcopy(reference)  # channels_last, like the reference and the input
+    if config.family == "fused reference":
+        return _prepare_fused_reference(result, model, reference, batch, device, dtype)
     if config.family == "fastres":
         assert config.backend is not None  # every fastres configuration names its backend
         model = models.build_fast(model, config.backend)
@@ -84,6 +86,32 @@ def prepare(
             return runner(x)
 
     return Prepared(result, infer_step, model, runner, train_step)
+
+
+def _prepare_fused_reference(
+    result: Result,
+    model: nn.Module,
+    reference: nn.Module,
+    batch: Batch,
+    device: str,
+    dtype: torch.dtype,
+) -> Prepared:
+    """``model`` (a copy of ``reference``, an Ultralytics detector) after its own ``fuse()``
+    (BatchNorms folded into the convolutions), inference only, with its eval error on the
+    parity images against the unfused reference."""
+    model.eval()  # the wrapper too: in training its forward returns the loss
+    detector = model.model if isinstance(model, models.DetectorWithLoss) else model
+    detector.fuse(verbose=False)
+    k = batch.parity_images
+    with torch.no_grad():
+        result.parity = check_eval_parity(reference, model(batch.images[:k]), batch.images[:k])
+    result.parity_ok = parity_passes(result.parity, torch.float32)
+
+    def infer_step():
+        with torch.no_grad(), autocast(device, dtype):
+            return model(batch.images)
+
+    return Prepared(result, infer_step, model)
 
 
 def prepare_peers(reference: nn.Module, batch: Batch) -> tuple[list[Prepared], float]:

@@ -26,6 +26,9 @@ MODELS = (
     "hf:resnet-18",
     "hf:resnet-50",
     "ultralytics:yolov8-cls-resnet50",
+    "ultralytics:yolo11n",
+    "ultralytics:yolov8n",
+    "ultralytics:yolo26n",
 )
 
 
@@ -35,7 +38,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Config:
     name: str  # e.g. "torchvision", "timm+compile", "fastres[cpu]+compile"
-    # "reference" (the library's own model), "fastres", or "peer" (ONNX Runtime, OpenVINO)
+    # "reference" (the library's own model), "fused reference" (an Ultralytics detector after
+    # its fuse(): inference only), "fastres", or "peer" (ONNX Runtime, OpenVINO)
     family: str
     backend: str | None
     compile: bool
@@ -70,6 +74,46 @@ class LogitsOf(nn.Module):
         return out if isinstance(out, torch.Tensor) else out.logits
 
 
+class DetectorWithLoss(nn.Module):
+    """An Ultralytics detector as the benchmark runs it: in training its forward returns
+    Ultralytics' own detection loss (``model.loss``: box, class and DFL terms, with its
+    default hyperparameters) for three fixed boxes per image; in eval, the predictions tensor
+    (boxes and class scores per anchor)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        from ultralytics.cfg import get_cfg
+
+        self.model = model
+        self.model.args = get_cfg()  # what the loss reads (box, cls and dfl gains)
+
+    @staticmethod
+    def targets(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Three boxes (normalised xywh) of classes 0, 1 and 2 in every image of the batch."""
+        n = x.shape[0]
+        boxes = torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.2], [0.7, 0.6, 0.3, 0.3]])
+        return {
+            "cls": torch.arange(3.0).repeat(n)[:, None].to(x.device),
+            "bboxes": boxes.repeat(n, 1).to(x.device),
+            "batch_idx": torch.arange(n).repeat_interleave(3).to(x.device, torch.float32),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            loss, _ = self.model.loss({"img": x, **self.targets(x)}, self.model(x))
+            return loss.sum()
+        out = self.model(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def training_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss a training step minimises: a detector's own (its forward returns it, a scalar),
+    else cross-entropy of the logits, in float32 at least."""
+    if output.dim() == 0:
+        return output
+    return F.cross_entropy(output.to(torch.promote_types(output.dtype, torch.float32)), labels)
+
+
 def _library_model(model: str) -> nn.Module:
     library, _, name = model.rpartition(":")
     if library == "timm":
@@ -88,11 +132,20 @@ def _library_model(model: str) -> nn.Module:
         config = configs[name]
         config.num_labels = 1000  # ImageNet's, like the other models (the default is 2)
         return LogitsOf(ResNetForImageClassification(config))
-    if library == "ultralytics":
+    if library == "ultralytics" and "-cls" in name:
         from ultralytics.nn.tasks import ClassificationModel
 
         return LogitsOf(ClassificationModel(f"{name}.yaml", nc=1000, verbose=False))
+    if library == "ultralytics":
+        from ultralytics.nn.tasks import DetectionModel
+
+        return DetectorWithLoss(DetectionModel(f"{name}.yaml", verbose=False))
     return getattr(torchvision.models, name)()
+
+
+def is_detector(model: str) -> bool:
+    """An Ultralytics detection model (one of MODELS)."""
+    return model.startswith("ultralytics:") and "-cls" not in model
 
 
 def reference_library(model: str) -> str:
@@ -130,8 +183,8 @@ def make_train_step(model: nn.Module, x, labels, device, dtype) -> Callable[[], 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels)
+            output = model(x)
+        loss = training_loss(output, labels)
         loss.backward()
         optimizer.step()
         return loss
@@ -144,6 +197,8 @@ def configurations(model: str, backends: list[str], compile_: bool) -> list[Conf
     backend (eager and compiled)."""
     library = reference_library(model)
     configs = [Config(library, "reference", None, False)]
+    if is_detector(model):  # what Ultralytics runs for inference: BatchNorms folded by fuse()
+        configs.append(Config(f"{library}+fuse", "fused reference", None, False))
     if compile_:
         configs.append(Config(f"{library}+compile", "reference", None, True))
     for backend in backends:

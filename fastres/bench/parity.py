@@ -12,10 +12,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastres.bench.models import autocast
+from fastres.bench.models import autocast, training_loss
 from fastres.testing import within_error_factor
 
 
@@ -36,13 +35,17 @@ def _train_and_eval(model: nn.Module, x, labels, device, dtype, low_precision=Tr
     with autocast(device, compute):
         logits = model(x)
     # The loss in float32, or in float64 for the float64 reference.
-    F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels).backward()
+    training_loss(logits, labels).backward()
     model.eval()
     with torch.no_grad(), autocast(device, compute):
         eval_logits = model(x)
     return {
         "train output": logits.detach(),
-        "gradients": [p.grad for p in model.parameters()],
+        # Parameters that take no gradient (an Ultralytics detector's fixed DFL weights) count
+        # as zero: they are in every copy alike.
+        "gradients": [
+            torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()
+        ],
         "eval output": eval_logits,
     }
 
