@@ -1,5 +1,6 @@
 """Ultralytics' YOLO detectors converted: their Bottlenecks (inside C2f, C3k2, C3k) run as
-FastYOLOBottleneck, against Ultralytics' own model with the same weights: training outputs,
+FastYOLOBottleneck and every other Conv as FastYOLOConv, against Ultralytics' own model with
+the same weights: training outputs,
 input and parameter gradients, running statistics and parameters after two SGD steps, eval
 outputs; in float64 tightly and in float32 by the tolerance rule."""
 
@@ -18,9 +19,10 @@ pytestmark = needs_ultralytics
 
 if HAS_ULTRALYTICS:
     from ultralytics.nn.modules.block import Bottleneck
+    from ultralytics.nn.modules.conv import Conv, DWConv
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 
-    from fastres.adapters.ultralytics import FastYOLOBottleneck
+    from fastres.adapters.ultralytics import FastYOLOBottleneck, FastYOLOConv, FastYOLODWConv
 
 # config -> Bottlenecks it holds (with and without add)
 MODELS = {"yolov8n.yaml": 10, "yolo11n.yaml": 11, "yolo26n.yaml": 13, "yolo11n-seg.yaml": 11}
@@ -84,9 +86,13 @@ def _eval(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def test_float64_matches_ultralytics(config):
     reference = _model(config, torch.float64)
     fast = fastres.convert(copy.deepcopy(reference), backend="cpu")
-    converted = fastres.conversion_report(fast).converted
-    assert len(converted) == MODELS[config]
-    assert all(type(fast.get_submodule(name)) is FastYOLOBottleneck for name in converted)
+    converted = [type(fast.get_submodule(n)) for n in fastres.conversion_report(fast).converted]
+    assert converted.count(FastYOLOBottleneck) == MODELS[config]
+    assert set(converted) <= {FastYOLOBottleneck, FastYOLOConv, FastYOLODWConv}
+    unconverted = [n for n, m in fast.named_modules() if type(m) in (Conv, DWConv, Bottleneck)]
+    # Only the convolutions of converted Bottlenecks, which describe them as their stages.
+    for name in unconverted:
+        assert type(fast.get_submodule(name.rpartition(".")[0])) is FastYOLOBottleneck, name
     x = torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
     for what, ours, theirs in (
         ("training", _train_two_steps(fast, x), _train_two_steps(reference, x)),
@@ -139,8 +145,9 @@ def test_revert_gives_ultralytics_classes_and_checkpoints_load_unchanged():
     assert list(fast.state_dict()) == list(reference.state_dict())
     fast.load_state_dict(reference.state_dict())
     back = fastres.revert(fast)
-    assert not any(isinstance(m, FastYOLOBottleneck) for m in back.modules())
+    assert not any(isinstance(m, FastYOLOBottleneck | FastYOLOConv) for m in back.modules())
     assert sum(type(m) is Bottleneck for m in back.modules()) == MODELS["yolo11n.yaml"]
+    assert [type(m) for m in back.modules()] == [type(m) for m in reference.modules()]
 
 
 def test_a_fused_model_is_left_alone_with_the_reason():
@@ -148,9 +155,10 @@ def test_a_fused_model_is_left_alone_with_the_reason():
     fast = fastres.convert(fused)
     report = fastres.conversion_report(fast)
     assert not report.converted
-    reasons = set(report.left_alone.values())
-    assert reasons == {
-        "Ultralytics Bottleneck fused by model.fuse() (BatchNorm folded into its conv)"
+    assert set(report.left_alone.values()) == {
+        "Ultralytics Bottleneck fused by model.fuse() (BatchNorm folded into its conv)",
+        "Ultralytics Conv fused by model.fuse()",
+        "Ultralytics DWConv fused by model.fuse()",
     }
 
 
@@ -175,13 +183,21 @@ def test_bad_input_names_the_block_and_changes_what_ultralytics_changes():
         assert torch.equal(ours, theirs), name
 
 
+MODULES = {
+    "bottleneck-add": lambda: Bottleneck(16, 16, shortcut=True),
+    "bottleneck-no-add": lambda: Bottleneck(16, 16, shortcut=False),
+    "conv-stride-2": lambda: Conv(16, 16, 3, 2),
+    "dwconv": lambda: DWConv(16, 16, 3),
+}
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
-@pytest.mark.parametrize("add", [True, False], ids=["add", "no-add"])
-def test_one_bottleneck_on_every_backend(backend, device, add):
-    """Training output, every gradient and the running statistics against Ultralytics'
-    Bottleneck in float32, by the rule (float64 reference)."""
+@pytest.mark.parametrize("kind", MODULES)
+def test_one_module_on_every_backend(backend, device, kind):
+    """Training output, every gradient and the running statistics against Ultralytics' module
+    in float32, by the rule (float64 reference)."""
     torch.manual_seed(0)
-    reference64 = Bottleneck(16, 16, shortcut=add).double().to(device)
+    reference64 = MODULES[kind]().double().to(device)
     x = torch.randn(2, 16, 8, 8, dtype=torch.float64, device=device)
     results = []
     for model, dtype in (

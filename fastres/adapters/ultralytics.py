@@ -1,11 +1,13 @@
 """Ultralytics' residual blocks as the canonical residual-block description; imported only when
 ultralytics is installed.
 
-Two blocks: the ResNet block (``ultralytics.nn.modules.block.ResNetBlock``, the blocks of
-``yolov8-cls-resnet50.yaml`` and of the RT-DETR ResNet backbones), and the YOLO detectors'
+Three kinds: the ResNet block (``ultralytics.nn.modules.block.ResNetBlock``, the blocks of
+``yolov8-cls-resnet50.yaml`` and of the RT-DETR ResNet backbones); the YOLO detectors'
 ``Bottleneck`` (inside ``C2f``, ``C3k2``, ``C3k`` and ``C3``): ``cv1`` and ``cv2``, each a
 ``Conv`` with SiLU, and with ``add`` the input added after cv2's activation,
-``x + cv2(cv1(x))`` (description.ADD_AFTER_ACTIVATION); without it no add at all.
+``x + cv2(cv1(x))`` (description.ADD_AFTER_ACTIVATION), without it no add at all; and every
+other ``Conv`` (and ``DWConv``) of a model, one stage without a shortcut: the detectors' other
+convolutions (C2f's outer ones, downsampling, SPPF's, the heads').
 
 A ResNetBlock is ``cv1 cv2 cv3``, each an Ultralytics ``Conv`` (``conv``, ``bn``, ``act``: SiLU
 for cv1 and cv2, Identity for cv3), a ``shortcut`` (``Sequential(Conv)`` without activation, or
@@ -24,7 +26,7 @@ from typing import TypeGuard
 
 from torch import Tensor, nn
 from ultralytics.nn.modules.block import Bottleneck, ResNetBlock, ResNetLayer
-from ultralytics.nn.modules.conv import Conv
+from ultralytics.nn.modules.conv import Conv, DWConv
 
 from fastres.activation import ACTIVATIONS
 from fastres.adapters import LibraryAdapter
@@ -42,8 +44,11 @@ __all__ = [
     "FastResNetBlock",
     "FastResNetLayer",
     "FastYOLOBottleneck",
+    "FastYOLOConv",
+    "FastYOLODWConv",
     "describe",
     "describe_bottleneck",
+    "describe_conv",
 ]
 
 
@@ -90,6 +95,20 @@ def describe_bottleneck(block: Bottleneck, reference: Callable[[Tensor], Tensor]
     )
 
 
+def describe_conv(conv: Conv, reference: Callable[[Tensor], Tensor]) -> ResidualBlock:
+    """An Ultralytics Conv (or DWConv) as a one-stage block without shortcut:
+    ``act(bn(conv(x)))``."""
+    return ResidualBlock(
+        module=conv,
+        stages=(_stage(conv),),
+        shortcut=None,
+        shortcut_stage=None,
+        activation="identity",
+        reference=reference,
+        add_position=NO_ADD,
+    )
+
+
 def stem(layer: ResNetLayer) -> tuple[Stage, nn.Module]:
     """The stem's (convolution, BatchNorm, activation) stage and the pooling after it."""
     conv, pool = layer.layer
@@ -121,15 +140,19 @@ def _convs_left_alone(block: nn.Module, names: tuple[str, ...]) -> str:
     return ""
 
 
-def left_alone(block: ResNetBlock | ResNetLayer | Bottleneck) -> str | None:
-    """Why convert() leaves an Ultralytics ResNetBlock, stem or Bottleneck alone ("" when it
-    converts it; None for a ResNetLayer that is not a stem)."""
+def left_alone(block: ResNetBlock | ResNetLayer | Bottleneck | Conv) -> str | None:
+    """Why convert() leaves an Ultralytics ResNetBlock, stem, Bottleneck or Conv alone ("" when
+    it converts it; None for a ResNetLayer that is not a stem)."""
     if isinstance(block, ResNetLayer):
         return _stem_left_alone(block)
     if isinstance(block, Bottleneck):
         return _convs_left_alone(block, ("cv1", "cv2")) or (
             describe_bottleneck(block, block.forward).fusion_issue()
         )
+    if isinstance(block, Conv):
+        if not hasattr(block, "bn"):
+            return f"Ultralytics {type(block).__name__} fused by model.fuse()"
+        return describe_conv(block, block.forward).fusion_issue()
     return _convs_left_alone(block, ("cv1", "cv2", "cv3")) or (
         describe(block, block.forward).fusion_issue()
     )
@@ -156,12 +179,29 @@ class FastYOLOBottleneck(FastBlockMixin, Bottleneck):
     _describe_with = staticmethod(describe_bottleneck)
 
 
+class FastYOLOConv(FastBlockMixin, Conv):
+    """Ultralytics' ``Conv`` on fused ops (made by :func:`fastres.convert`): in training the
+    convolution, then BatchNorm and the activation as one ``bn_act`` (whose output is all that
+    is kept, SiLU recomputed in backward); in eval without autograd one folded convolution with
+    the activation fused."""
+
+    _describe_with = staticmethod(describe_conv)
+
+
+class FastYOLODWConv(FastBlockMixin, DWConv):
+    """Ultralytics' depthwise ``DWConv`` as :class:`FastYOLOConv`."""
+
+    _describe_with = staticmethod(describe_conv)
+
+
 ADAPTER = LibraryAdapter(
     library="ultralytics",
     fast_classes={
         ResNetBlock: FastResNetBlock,
         ResNetLayer: FastResNetLayer,
         Bottleneck: FastYOLOBottleneck,
+        Conv: FastYOLOConv,
+        DWConv: FastYOLODWConv,
     },
     left_alone=left_alone,
 )

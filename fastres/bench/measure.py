@@ -6,7 +6,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ def _prepare_fused_reference(
     (BatchNorms folded into the convolutions), inference only, with its eval error on the
     parity images against the unfused reference."""
     model.eval()  # the wrapper too: in training its forward returns the loss
-    detector = model.model if isinstance(model, models.DetectorWithLoss) else model
+    detector: Any = model.model if isinstance(model, models.DetectorWithLoss) else model
     detector.fuse(verbose=False)
     k = batch.parity_images
     with torch.no_grad():

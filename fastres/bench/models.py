@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,8 @@ class DetectorWithLoss(nn.Module):
     Ultralytics' own detection loss (``model.loss``: box, class and DFL terms, with its
     default hyperparameters) for three fixed boxes per image; in eval, the predictions tensor
     (boxes and class scores per anchor)."""
+
+    model: Any  # ultralytics' DetectionModel (its loss() and args are not nn.Module's)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
