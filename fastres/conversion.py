@@ -127,7 +127,8 @@ def convert(
     ResNets, ResNeXt, Wide ResNet, backbones nested in other models); timm's ResNet
     ``Bottleneck`` and ``BasicBlock``, Hugging Face transformers' ``ResNetBottleNeckLayer`` and
     ``ResNetBasicLayer`` (and its stem, ``ResNetEmbeddings``), and Ultralytics' ``ResNetBlock``
-    (and its stem ``ResNetLayer``), when those libraries are installed (fastres/adapters/); the
+    (and its stem ``ResNetLayer``), its YOLO detectors' ``Bottleneck`` and every other ``Conv``
+    and ``DWConv``, when those libraries are installed (fastres/adapters/); the
     stems fold in eval like torchvision's. A block or stem with a layer the fused ops do not
     reproduce (timm's squeeze-excitation or anti-aliasing; the FrozenBatchNorm2d of
     torchvision's detection backbones; another activation or norm, in any library's blocks) is

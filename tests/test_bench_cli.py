@@ -199,3 +199,19 @@ def test_bn_act_shapes_rejects_bad_arguments():
 
     with pytest.raises(SystemExit):
         bn_act_shapes.main(["--rounds", "0"])
+
+
+@needs_ultralytics
+def test_a_detector_trains_with_its_own_loss_and_is_compared_with_its_fused_model(tmp_path):
+    """An Ultralytics detector: the training step minimises Ultralytics' detection loss, and
+    inference is timed against its fuse()d model too (inference only); no ResNet target is
+    applied to it."""
+    args = ["--device", "cpu", "--model", "ultralytics:yolo11n", "--batch-size", "2"]
+    args += ["--image-size", "64", "--rounds", "2", "--no-compile"]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / "ultralytics-yolo11n_cpu_fp32.csv")
+    assert [row["config"] for row in rows] == ["ultralytics", "ultralytics+fuse", "fastres[cpu]"]
+    fused, fast = rows[1], rows[2]
+    assert fused["parity_ok"] == "True" and fused["infer_img_s"] and not fused["train_img_s"]
+    assert fast["parity_ok"] == "True" and fast["train_img_s"] and fast["saved_mib"]
+    assert not fast.get("saved_target_met") and not fast.get("infer_target_met")
