@@ -4,10 +4,11 @@ The Triton interpreter (what the CPU tests run) executes a kernel's Python body 
 never lowers the kernel through Triton's compiler, so it cannot see what only compilation
 checks: types and layouts of ``tl.dot`` operands, constexpr-dependent control flow, the shared
 memory each autotuning configuration needs, the tensor-core instructions chosen. This
-script runs the Triton ops of fastres (``fastres/ops/bn_act.py``, ``bn_act_pieces.py``,
-``fused_conv2d.py``) on CPU tensors with Triton's launch replaced by a compile-only one: every
-kernel launch those ops make is compiled to a cubin for the target architecture (ptxas included) and
-never run. The tensors' values are meaningless; nothing reads them.
+script runs the Triton ops of fastres (``fastres/ops/bn_act.py``, ``bn_act_add.py``,
+``bn_act_pieces.py``, ``fused_conv2d.py``) on CPU tensors with Triton's launch replaced by a
+compile-only one: every kernel launch those ops make is compiled to a cubin for the target
+architecture (ptxas included) and never run. The tensors' values are meaningless; nothing reads
+them.
 
 Run in a fresh interpreter with ``TRITON_INTERPRET`` unset (it must not be chosen before triton is
 imported, and the interpreter would skip compilation)::
@@ -198,6 +199,18 @@ def bn_act_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
                     activation,
                 )
             )
+        cases[f"bn_act_add train silu {layout}"] = lambda x=x, c=c: ops.bn_act_add_forward_triton(
+            x,
+            _channel(c, 1),
+            _channel(c),
+            torch.zeros_like(x),
+            _channel(c),
+            _channel(c, 1),
+            True,
+            0.1,
+            1e-5,
+            "silu",
+        )
         cases[f"bn_act eval plain {layout}"] = lambda x=x, c=c: _bn_act_forward_triton(
             x, None, None, None, _channel(c), _channel(c, 1), False, 1e-5, "identity"
         )
