@@ -215,3 +215,16 @@ def test_a_detector_trains_with_its_own_loss_and_is_compared_with_its_fused_mode
     assert fused["parity_ok"] == "True" and fused["infer_img_s"] and not fused["train_img_s"]
     assert fast["parity_ok"] == "True" and fast["train_img_s"] and fast["saved_mib"]
     assert not fast.get("saved_target_met") and not fast.get("infer_target_met")
+
+
+@needs_peers
+@needs_ultralytics
+def test_a_detector_is_exported_to_the_peers(tmp_path):
+    """--peers exports the Ultralytics detector (its eval predictions) to ONNX as well."""
+    args = ["--device", "cpu", "--model", "ultralytics:yolo11n", "--batch-size", "2"]
+    args += ["--image-size", "64", "--rounds", "1", "--no-compile", "--peers"]
+    assert bench.main([*args, "--threads", "1", "--out", str(tmp_path), "--no-chart"]) == 0
+    rows = {row["config"]: row for row in _rows(tmp_path / "ultralytics-yolo11n_cpu_fp32.csv")}
+    assert list(rows)[-2:] == ["onnxruntime", "openvino"]
+    for peer in ("onnxruntime", "openvino"):
+        assert rows[peer]["parity_ok"] == "True" and float(rows[peer]["infer_img_s"]) > 0
