@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "../common/bn_act_checks.h"
+#include "../common/bn_act_entries.h"
 #include "../common/running_stats.h"
 #include "bn_act_kernel.h"
 
@@ -70,26 +71,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(
                          layout.reduce_size());
   }
   return {out, save_mean, save_var, relu_mask};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_forward(
-    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& residual,
-    const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-    double eps, c10::string_view activation) {
-  return forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                 activation, /*residual_after_activation=*/false);
-}
-
-std::tuple<Tensor, Tensor, Tensor> bn_act_add_forward(const Tensor& x, const OptTensor& weight,
-                                                      const OptTensor& bias, const Tensor& residual,
-                                                      const OptTensor& running_mean,
-                                                      const OptTensor& running_var, bool training,
-                                                      double momentum, double eps,
-                                                      c10::string_view activation) {
-  auto [out, save_mean, save_var, unused_mask] =
-      forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-              activation, /*residual_after_activation=*/true);
-  return {out, save_mean, save_var};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
@@ -225,8 +206,8 @@ std::tuple<Tensor, Tensor> bn_act_backward_apply(const Tensor& grad_out_in, cons
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
-  m.impl("bn_act_forward", &bn_act_forward);
-  m.impl("bn_act_add_forward", &bn_act_add_forward);
+  m.impl("bn_act_forward", &bn_act_forward_on<forward>);
+  m.impl("bn_act_add_forward", &bn_act_add_forward_on<forward>);
   m.impl("bn_act_backward", &bn_act_backward);
   m.impl("bn_stats", &bn_stats);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce);
