@@ -163,15 +163,23 @@ def _load_onednn() -> tuple[Any | None, str, str]:
         return None, "", STATUS["cpu"].reason
     try:
         module = importlib.import_module("fastres._onednn")
-    except ImportError as error:
-        return None, "", f"fastres._onednn could not be imported ({error}); {REBUILD_HINT}"
-    return torch.classes.fastres.FoldedProgram, module.onednn_version, ""
+        program = torch.classes.fastres.FoldedProgram
+        torch.classes.fastres.FoldedConvolution  # noqa: B018  (an extension built from these sources)
+    except (ImportError, RuntimeError) as error:
+        return None, "", f"fastres._onednn could not be loaded ({error}); {REBUILD_HINT}"
+    return program, module.onednn_version, ""
 
 
 def onednn_program_class() -> Any | None:
     """The class that runs a whole ResNet's folded eval in one oneDNN call, or None where
     fastres._onednn was not built (see :func:`onednn_status`)."""
     return _ONEDNN[0]
+
+
+def onednn_convolution_class() -> Any | None:
+    """The class that runs one folded convolution with its residual added after its activation
+    (``torch.classes.fastres.FoldedConvolution``), or None where fastres._onednn was not built."""
+    return None if _ONEDNN[0] is None else torch.classes.fastres.FoldedConvolution
 
 
 def onednn_status() -> str:

@@ -18,6 +18,7 @@ import fastres
 from fastres.ops.fused_conv2d import (
     bn_act_conv2d_stats_backward_triton,
     bn_act_conv2d_stats_triton,
+    conv2d_bias_act_add_triton,
     conv2d_bias_act_triton,
 )
 from fastres.testing import RESNET50_CONVOLUTIONS, assert_within_error_factor, conv_id
@@ -407,6 +408,19 @@ def test_inference_epilogue_adds_bias_and_residual_then_the_activation(kind, act
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+@pytest.mark.parametrize("kind", ["1x1-stride2", "3x3-grouped"])
+def test_inference_epilogue_adds_the_residual_after_the_activation(kind, activation):
+    x, weight, _, conv_args = _inputs(CONVOLUTIONS[kind], torch.float32)
+    bias = torch.randn(weight.shape[0], device=DEVICE)
+    expected = TORCH_ACTIVATIONS[activation](F.conv2d(x, weight, bias, *conv_args))
+    residual = torch.randn_like(expected).contiguous(memory_format=torch.channels_last)
+    before = residual.clone()
+    out = conv2d_bias_act_add_triton(x, weight, bias, residual, activation, *conv_args)
+    torch.testing.assert_close(out, expected + residual, rtol=1e-5, atol=1e-5)
+    assert torch.equal(residual, before)
+
+
 @pytest.mark.parametrize("device", ["meta", DEVICE])
 def test_conv_ops_reject_an_unknown_activation(device):
     """In the ops and in their fake kernels (meta tensors: what torch.compile runs)."""
@@ -415,6 +429,8 @@ def test_conv_ops_reject_an_unknown_activation(device):
     unknown = "activation must be one of 'identity', 'relu', 'silu', got 'gelu'"
     with pytest.raises(ValueError, match=f"conv2d_bias_act_triton: {unknown}"):
         conv2d_bias_act_triton(x, weight, None, None, "gelu", 1, 0, 1, 1)
+    with pytest.raises(ValueError, match=f"conv2d_bias_act_add_triton: {unknown}"):
+        conv2d_bias_act_add_triton(x, weight, None, x, "gelu", 1, 0, 1, 1)
     with pytest.raises(ValueError, match=f"bn_act_conv2d_stats_triton: {unknown}"):
         bn_act_conv2d_stats_triton(
             x, weight, None, None, None, None, False, 1e-5, "gelu", 1, 0, 1, 1, True
@@ -433,6 +449,12 @@ def test_conv_ops_pass_opcheck():
     torch.library.opcheck(
         conv2d_bias_act_triton,
         (x.detach(), weight, None, None, "relu", *conv_args),
+        test_utils=tests,
+    )
+    out = conv2d_bias_act_triton(x.detach(), weight, None, None, "relu", *conv_args)
+    torch.library.opcheck(
+        conv2d_bias_act_add_triton,
+        (x.detach(), weight, None, torch.randn_like(out), "silu", *conv_args),
         test_utils=tests,
     )
 

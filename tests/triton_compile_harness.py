@@ -307,6 +307,13 @@ def conv_cases(dtype: torch.dtype) -> dict[str, Callable[[], object]]:
                 *geometry,
             )
         )
+        if name == "3x3/2":
+            # YOLO's Bottleneck: SiLU, then the residual.
+            cases[f"{name} bias + silu + residual"] = lambda x=x, w=w, g=geometry, out=out: (
+                ops.conv2d_bias_act_add_triton(
+                    x, w, torch.zeros(out.shape[1], dtype=dtype), torch.zeros_like(out), "silu", *g
+                )
+            )
     # conv1 of a bottleneck: no BatchNorm before it, statistics after; its input gradient.
     x = torch.zeros(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.zeros(64, 64, 1, 1, dtype=dtype)

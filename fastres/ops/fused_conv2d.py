@@ -23,7 +23,9 @@ differentiates through them as part of its own BatchNorm backward, which is exac
 are the batch statistics of its input.
 
 ``fastres::conv2d_bias_act_triton`` is the inference form: a convolution (BatchNorm folded into
-its weight and bias) with bias, residual add and activation in the epilogue.
+its weight and bias) with bias, residual add and activation in the epilogue;
+``fastres::conv2d_bias_act_add_triton`` the same with the residual added after the activation
+(Ultralytics' YOLO Bottleneck).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from fastres.activation import check_activation
 __all__ = [
     "bn_act_conv2d_stats_triton",
     "bn_act_conv2d_stats_backward_triton",
+    "conv2d_bias_act_add_triton",
     "conv2d_bias_act_triton",
 ]
 
@@ -295,6 +298,44 @@ bn_act_conv2d_stats_triton.register_autograd(
 )
 
 
+def _conv2d_with_epilogue(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    activation: str,
+    conv_args: tuple[int, int, int, int],
+    residual_after_activation: bool,
+    op_name: str,
+) -> Tensor:
+    """The two inference ops' one kernel launch; ``conv_args`` (stride, padding, dilation,
+    groups)."""
+    from fastres.triton import launch_device
+    from fastres.triton.conv import conv_forward
+
+    check_activation(activation, op_name)
+    geometry = _geometry(x, weight, *conv_args)
+    with launch_device(x):
+        out, _ = conv_forward(
+            _channels_last(x),
+            weight,
+            geometry,
+            bias=bias,
+            residual=_channels_last(residual) if residual is not None else None,
+            activation=activation,
+            residual_after_activation=residual_after_activation,
+        )
+    return out
+
+
+def _conv2d_with_epilogue_fake(
+    x: Tensor, weight: Tensor, activation: str, conv_args: tuple[int, int, int, int], op_name: str
+) -> Tensor:
+    check_activation(activation, op_name)
+    g = _geometry(x, weight, *conv_args)
+    return x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)
+
+
 @torch.library.custom_op("fastres::conv2d_bias_act_triton", mutates_args=())
 def conv2d_bias_act_triton(
     x: Tensor,
@@ -313,25 +354,44 @@ def conv2d_bias_act_triton(
     x and residual ``(N, C, H, W)`` (computed channels_last), weight ``(C_out, C_in / groups, KH,
     KW)`` and bias ``(C_out,)`` in x's dtype. Returns ``(N, C_out, OH, OW)`` channels_last.
     """
-    from fastres.triton import launch_device
-    from fastres.triton.conv import conv_forward
-
-    check_activation(activation, "conv2d_bias_act_triton")
-    geometry = _geometry(x, weight, stride, padding, dilation, groups)
-    with launch_device(x):
-        out, _ = conv_forward(
-            _channels_last(x),
-            weight,
-            geometry,
-            bias=bias,
-            residual=_channels_last(residual) if residual is not None else None,
-            activation=activation,
-        )
-    return out
+    conv_args = (stride, padding, dilation, groups)
+    return _conv2d_with_epilogue(
+        x, weight, bias, residual, activation, conv_args, False, "conv2d_bias_act_triton"
+    )
 
 
 @conv2d_bias_act_triton.register_fake
 def _conv2d_bias_act_fake(x, weight, bias, residual, activation, stride, padding, dilation, groups):
-    check_activation(activation, "conv2d_bias_act_triton")
-    g = _geometry(x, weight, stride, padding, dilation, groups)
-    return x.new_empty((g.N, g.C_OUT, g.OH, g.OW)).contiguous(memory_format=torch.channels_last)
+    conv_args = (stride, padding, dilation, groups)
+    return _conv2d_with_epilogue_fake(x, weight, activation, conv_args, "conv2d_bias_act_triton")
+
+
+@torch.library.custom_op("fastres::conv2d_bias_act_add_triton", mutates_args=())
+def conv2d_bias_act_add_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor,
+    activation: str,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+) -> Tensor:
+    """``activation(conv2d(x, weight, bias)) + residual`` in one kernel (inference; no
+    autograd): :func:`conv2d_bias_act_triton` with the residual added after the activation
+    (Ultralytics' YOLO Bottleneck). Shapes and layout as there; ``residual`` is required."""
+    conv_args = (stride, padding, dilation, groups)
+    return _conv2d_with_epilogue(
+        x, weight, bias, residual, activation, conv_args, True, "conv2d_bias_act_add_triton"
+    )
+
+
+@conv2d_bias_act_add_triton.register_fake
+def _conv2d_bias_act_add_fake(
+    x, weight, bias, residual, activation, stride, padding, dilation, groups
+):
+    conv_args = (stride, padding, dilation, groups)
+    return _conv2d_with_epilogue_fake(
+        x, weight, activation, conv_args, "conv2d_bias_act_add_triton"
+    )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Decision", "Recorder", "recorded", "recorder", "recording"]
+__all__ = ["Decision", "Recorder", "count_call", "recorded", "recorder", "recording"]
 
 
 @dataclass
@@ -106,6 +106,14 @@ def recorded(
     if rec is None:
         return contextlib.nullcontext()
     return rec.ran(module, runs, passed_over, calls)
+
+
+def count_call(name: str) -> None:
+    """Counts ``name``, work no dispatch mode sees (a call into fastres._onednn), against the
+    module running, while an explanation is recorded."""
+    rec = recorder()
+    if rec is not None and rec._running:
+        rec._running[-1].ops[name] += 1
 
 
 @contextlib.contextmanager

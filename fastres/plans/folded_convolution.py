@@ -2,7 +2,9 @@
 in (:func:`fastres.fold_bn`) and its bias, the residual add and the activation (ReLU, SiLU)
 fused into it: oneDNN post-ops on CPU (``mkldnn::_convolution_pointwise``, weights prepacked),
 cuDNN's fused convolution + bias + add + ReLU on CUDA (``aten::cudnn_convolution_add_relu``), or
-the Triton convolution's epilogue on the triton backend.
+the Triton convolution's epilogue on the triton backend. A residual added after the activation
+(Ultralytics' YOLO Bottleneck) is oneDNN's eltwise then binary-add post-ops through
+fastres._onednn (csrc/onednn/folded_convolution.cpp) on CPU, and the Triton epilogue.
 
 The folded weights are cached per block under a key built from every tensor they depend on
 (identity, version counter, dtype, device), so any change (an optimizer step,
@@ -26,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastres.activation import apply_activation
+from fastres.backends import onednn_convolution_class
 from fastres.folding import fold_bn
+from fastres.plans.decisions import count_call
 
 __all__ = [
     "FoldedBlock",
@@ -62,6 +66,8 @@ class FoldedStage:
         self.packed: OrderedDict[tuple[tuple[int, ...], torch.dtype], Tensor] = OrderedDict()
         self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         self._packing = threading.Lock()
+        # fastres._onednn's convolution for the residual after the activation, built on first use.
+        self._onednn_fused: Any | None = None
 
     def run(
         self,
@@ -99,6 +105,48 @@ class FoldedStage:
             )
             return out
         return self._run_cudnn(x, weight, bias, activation, residual)
+
+    def run_add_after_activation(self, x: Tensor, *, activation: str, residual: Tensor) -> Tensor:
+        """``activation(conv(x) + bias) + residual`` (Ultralytics' YOLO Bottleneck): one oneDNN
+        primitive with the eltwise then a binary-add post-op (fastres._onednn's
+        FoldedConvolution) on CPU, the Triton epilogue on triton; on cuDNN, and on oneDNN
+        where fastres._onednn was not built or for float16, the convolution with its
+        activation fused, then the add as its own pass. ``residual`` is only read."""
+        weight, bias = self._in_dtype(x.dtype)
+        c = self.conv
+        if self.kind == "triton":
+            from fastres.ops.fused_conv2d import conv2d_bias_act_add_triton
+
+            out: Tensor = conv2d_bias_act_add_triton(
+                x, weight, bias, residual, activation, c.stride[0], c.padding[0],
+                c.dilation[0], c.groups,
+            )  # fmt: skip
+            return out
+        if self.kind == "onednn":
+            fused = self._onednn_add_after(x, activation)
+            if fused is not None:
+                x = x.contiguous(memory_format=torch.channels_last)
+                residual = residual.contiguous(memory_format=torch.channels_last)
+                count_call("fastres._onednn FoldedConvolution.conv_bias_act_add")
+                return cast(Tensor, fused.conv_bias_act_add(x, residual))
+            out = self._run_onednn(x, bias, activation, None)
+        else:
+            out = self._run_cudnn(x, weight, bias, activation, None)
+        return out.add_(residual)
+
+    def _onednn_add_after(self, x: Tensor, activation: str) -> Any | None:
+        """fastres._onednn's FoldedConvolution for this stage (built once, from the folded
+        float32 weight), or None where it was not built or x is not float32 or bfloat16."""
+        cls = onednn_convolution_class()
+        if cls is None or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if self._onednn_fused is None:
+            padding, stride, dilation, groups = self._onednn_geometry()
+            self._onednn_fused = cls(
+                self.weight.float(), self.bias.float(), stride, padding, dilation, groups,
+                activation,
+            )  # fmt: skip
+        return self._onednn_fused
 
     def _run_cudnn(
         self, x: Tensor, weight: Tensor, bias: Tensor, activation: str, residual: Tensor | None
@@ -244,7 +292,10 @@ ONEDNN_UNFUSED = "SiLU after the residual add runs as its own pass"
 
 # What folded inference on cuDNN runs as separate kernels: ATen's fused cuDNN calls are
 # convolution + bias + ReLU and convolution + bias + add + ReLU only.
-CUDNN_UNFUSED = "SiLU and a plain residual add run after the convolution as their own kernels"
+CUDNN_UNFUSED = (
+    "SiLU, a plain residual add and a residual after the activation run after the convolution "
+    "as their own kernels (the triton backend fuses them into its epilogue)"
+)
 
 
 def _nchw(x: Tensor) -> Tensor:
@@ -326,7 +377,7 @@ def folding_description(backend: str) -> str:
         kernels = ", ".join(f"{dtype}: {name}" for dtype, name in onednn_kernels().items())
         text = (
             "oneDNN fused convolution + bias (+ add) (+ ReLU or SiLU), prepacked weights "
-            f"({kernels}); " + ONEDNN_UNFUSED
+            f"({kernels}); " + ONEDNN_UNFUSED + "; " + _onednn_add_after_description()
         )
         if not onednn_binary_takes_packed_weight_at_1x1():
             text += (
@@ -338,7 +389,21 @@ def folding_description(backend: str) -> str:
         return text
     if kind == "cudnn":
         return f"cuDNN fused convolution + bias (+ add) + ReLU; {CUDNN_UNFUSED}"
-    return "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU or SiLU) epilogue"
+    return (
+        "Triton implicit-GEMM convolution with a bias (+ add) (+ ReLU or SiLU) epilogue, or "
+        "bias, activation, then the add (a residual after the activation)"
+    )
+
+
+def _onednn_add_after_description() -> str:
+    if onednn_convolution_class() is None:
+        return (
+            "a residual after the activation is added in its own pass (fastres._onednn not built)"
+        )
+    return (
+        "a residual after the activation is a binary-add post-op after the eltwise one "
+        "(fastres._onednn FoldedConvolution; float32 and bfloat16)"
+    )
 
 
 def _folded_from(conv: nn.Module, bn: nn.Module) -> tuple[Tensor | None, ...]:

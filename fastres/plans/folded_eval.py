@@ -278,6 +278,10 @@ class FoldedEvalPlan:
             block.shortcut(x) if folded_shortcut is None and block.shortcut is not None else None
         )
         h = folding_input(x, backend)  # before autocast is turned off: it sets the dtype
+        if block.add_position == ADD_AFTER_ACTIVATION:
+            # One channels_last copy, read by the first convolution and by the last one's add
+            # (a C2f Bottleneck's input is a channel slice of its cv1's output).
+            h = h.contiguous(memory_format=torch.channels_last)
         with autocast_off(x):
             out = h
             for stage, described in zip(stages[:-1], block.stages[:-1], strict=True):
@@ -290,10 +294,9 @@ class FoldedEvalPlan:
             else:
                 identity = h if unfolded_identity is None else unfolded_identity
             if block.add_position == ADD_AFTER_ACTIVATION:
-                out = stages[-1].run(out, activation=block.stages[-1].activation)
-                # Its own pass, into the fresh output: the folded convolutions fuse an add
-                # before their activation only.
-                out.add_(identity.to(out.dtype))
+                out = stages[-1].run_add_after_activation(
+                    out, activation=block.stages[-1].activation, residual=identity.to(out.dtype)
+                )
                 return out.contiguous(memory_format=memory_format_of(x))
             owned = folded_shortcut is not None or (input_is_scratch and identity is x)
             identity = identity.to(h.dtype).contiguous(memory_format=memory_format_of(out))

@@ -248,6 +248,7 @@ def _conv_forward_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     EPILOGUE_ACTIVATION: tl.constexpr,
+    RESIDUAL_AFTER_ACTIVATION: tl.constexpr,
     STATS: tl.constexpr,
     FLAT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -259,7 +260,8 @@ def _conv_forward_kernel(
     """Rows: output pixels (n, oh, ow); columns: output channels of one group; reduction:
     k = (kh, kw, ci). PROLOGUE applies BatchNorm and then PROLOGUE_ACTIVATION (a
     fastres.activation.activation_code) to x as it is loaded; EPILOGUE_ACTIVATION is applied
-    after the bias and the residual. The weight is read through its strides (contiguous along ci
+    after the bias and the residual, or between them with RESIDUAL_AFTER_ACTIVATION (YOLO's
+    ``x + act(conv(x))``). The weight is read through its strides (contiguous along ci
     when it is channels_last). ROWS_BUCKET (the row count rounded up to a power of two) is only
     the autotuning key's, so that another batch size reuses the tuned tiles."""
     cin_g, cout_g = C_IN // GROUPS, C_OUT // GROUPS
@@ -337,10 +339,16 @@ def _conv_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(
+        residual = tl.load(
             residual_ptr + rows[:, None] * C_OUT + cols[None, :], mask=out_ok, other=0.0
         ).to(tl.float32)
-    out = apply_activation(acc, EPILOGUE_ACTIVATION).to(out_ptr.dtype.element_ty)
+        if RESIDUAL_AFTER_ACTIVATION:
+            acc = apply_activation(acc, EPILOGUE_ACTIVATION) + residual
+        else:
+            acc = apply_activation(acc + residual, EPILOGUE_ACTIVATION)
+    else:
+        acc = apply_activation(acc, EPILOGUE_ACTIVATION)
+    out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * C_OUT + cols[None, :], out, mask=out_ok)
     if STATS:
         # This tile's count, mean and M2 per channel, of the values as stored (what the next
@@ -894,9 +902,11 @@ def conv_forward(
     residual: Tensor | None = None,
     activation: str = "identity",
     stats: bool = False,
+    residual_after_activation: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """``epilogue(conv2d(prologue(x), weight))``, the epilogue ``activation(... + bias +
-    residual)``; x, residual and the result channels_last.
+    residual)``, or ``activation(... + bias) + residual`` with ``residual_after_activation``;
+    x, residual and the result channels_last.
 
     Returns ``(out, partials)``: partials is the (3, tiles, C_out) float32 per-tile count, mean
     and M2 of ``out`` when ``stats`` (see :func:`finalize_stats`), else None.
@@ -938,6 +948,7 @@ def conv_forward(
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         EPILOGUE_ACTIVATION=activation_code(activation),
+        RESIDUAL_AFTER_ACTIVATION=residual_after_activation and residual is not None,
         STATS=stats,
         FLAT_K=g.C_IN // g.GROUPS < FLAT_K_BELOW,
         INPUT_PRECISION=_input_precision(x.dtype),
