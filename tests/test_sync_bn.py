@@ -168,57 +168,66 @@ def test_split_ops_pass_opcheck(name, family):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+FROM_STATS_OPS = ["bn_act_from_stats", "bn_act_add_from_stats", "bn_act_conv2d_from_stats"]
+
+
 @pytest.mark.parametrize("backend", backend_params(triton="either"))
 @pytest.mark.parametrize("activation", ["relu", "silu", "identity"])
-@pytest.mark.parametrize("with_conv", [False, True], ids=["bn_act", "bn_act_conv2d"])
-def test_from_stats_ops_match_batch_norm_training(backend, activation, with_conv):
-    """bn_act_from_stats / bn_act_conv2d_from_stats with x's own statistics: outputs and every
-    gradient of a training-mode F.batch_norm composition (float64 where the backend takes it)."""
+@pytest.mark.parametrize("name", FROM_STATS_OPS)
+def test_from_stats_ops_match_batch_norm_training(backend, activation, name):
+    """The from-stats ops with x's own statistics: outputs and every gradient (the residual's
+    included) of a training-mode F.batch_norm composition (float64 where the backend takes
+    it)."""
     dtype = torch.float32 if backend in ("triton", "cuda") else torch.float64
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(3, 5, 4, 7, generator=gen, dtype=dtype) * 2 + 3).to(_device(backend))
     weight = torch.rand(5, generator=gen, dtype=dtype).add(0.5).to(x.device)
     bias = torch.randn(5, generator=gen, dtype=dtype).to(x.device)
-    res = None if with_conv else torch.randn_like(x)
+    residual = torch.randn_like(x)
     conv_weight = torch.randn(6, 5, 3, 3, generator=gen, dtype=dtype).to(x.device)
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, conv_weight)]
-    xs, ws, bs, cs = leaves
-    if with_conv:
-        out = op("bn_act_conv2d_from_stats", backend)(
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, residual, conv_weight)]
+    xs, ws, bs, rs, cs = leaves
+    if name == "bn_act_conv2d_from_stats":
+        out = op(name, backend)(
             xs, ws, bs, cs, mean, var, 84, [1, 1], [1, 1], [1, 1], 1, 1e-5, activation, ""
         )
+        used = [0, 1, 2, 4]  # x, weight, bias, conv_weight
     else:
-        out, _ = op("bn_act_from_stats", backend)(
-            xs, ws, bs, res, mean, var, 84, 1e-5, activation, ""
-        )
+        out = op(name, backend)(xs, ws, bs, rs, mean, var, 84, 1e-5, activation, "")
+        out = out[0] if name == "bn_act_from_stats" else out
+        used = [0, 1, 2, 3]  # x, weight, bias, residual
     grad = torch.randn_like(out)
     out.backward(grad)
 
-    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias, conv_weight)]
-    xr, wr, br, cr = refs
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual, conv_weight)]
+    xr, wr, br, rr, cr = refs
     ref = F.batch_norm(xr, None, None, wr, br, True, 0.0, 1e-5)
-    ref = apply_activation(ref if res is None else ref + res.double(), activation)
-    if with_conv:
-        ref = F.conv2d(ref, cr, padding=1)
+    if name == "bn_act_from_stats":
+        ref = apply_activation(ref + rr, activation)
+    elif name == "bn_act_add_from_stats":
+        ref = apply_activation(ref, activation) + rr
+    else:
+        ref = F.conv2d(apply_activation(ref, activation), cr, padding=1)
     ref.backward(grad.double())
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.double(), ref.detach(), **tol)
-    for leaf, reference in zip(leaves[: 4 if with_conv else 3], refs, strict=False):
-        torch.testing.assert_close(leaf.grad.double(), reference.grad, **tol)
+    for i in used:
+        torch.testing.assert_close(leaves[i].grad.double(), refs[i].grad, **tol)
 
 
 @pytest.mark.parametrize("family", ["", "_triton"])
-@pytest.mark.parametrize("name", ["bn_act_from_stats", "bn_act_conv2d_from_stats"])
+@pytest.mark.parametrize("name", FROM_STATS_OPS)
 def test_from_stats_ops_pass_opcheck(name, family):
     device = _device("triton" if family else "cpu")
     x = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
     weight = torch.rand(3, device=device, requires_grad=True)
     bias = torch.randn(3, device=device, requires_grad=True)
     var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
-    if name == "bn_act_from_stats":
+    if name != "bn_act_conv2d_from_stats":
         residual = torch.randn_like(x, requires_grad=True)
-        args = (x, weight, bias, residual, mean, var, 40, 1e-5, "relu", "")
+        activation = "relu" if name == "bn_act_from_stats" else "silu"
+        args = (x, weight, bias, residual, mean, var, 40, 1e-5, activation, "")
     else:
         conv_weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
         args = (

@@ -13,7 +13,12 @@ import torch
 from optional_libraries import HAS_ULTRALYTICS, needs_ultralytics
 
 import fastres
-from fastres.testing import assert_close, assert_within_error_factor, backend_device_params
+from fastres.testing import (
+    assert_close,
+    assert_within_error_factor,
+    backend_device_params,
+    randomise_batch_norms,
+)
 
 pytestmark = needs_ultralytics
 
@@ -123,10 +128,13 @@ def test_eval_folds_and_training_runs_the_fused_ops():
     runs = fastres.explain(fast.train(), torch.randn(2, 3, SIDE, SIDE)).runs()
     assert runs["model.2.m.0"] == "fused ops (C++ kernels)"
     with torch.no_grad():
-        explanation = fastres.explain(fast.eval(), x)
+        fast.eval()(x)  # folds the weights: the explained call only runs them
+        explanation = fastres.explain(fast, x)
     decision = next(d for d in explanation.decisions if d.name == "model.2.m.0")
     assert decision.runs == "folded eval (oneDNN)"
-    assert "aten.add_" in decision.ops  # the add after the activation, its own pass
+    # The add after the activation is the last convolution's post-op, not a pass of its own.
+    assert decision.ops["fastres._onednn FoldedConvolution.conv_bias_act_add"] == 1
+    assert "aten.add_" not in decision.ops and "aten.add" not in decision.ops
 
 
 def test_training_ops_keep_no_activation_between_cv1_and_cv2():
@@ -137,6 +145,28 @@ def test_training_ops_keep_no_activation_between_cv1_and_cv2():
         block(torch.randn(2, 16, 8, 8))
     fused = [op for op in log.ops if op.startswith("fastres.")]
     assert fused == ["fastres.bn_act_conv2d", "fastres.bn_act_add_forward"], log.ops
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params("triton"))
+def test_the_triton_chain_adds_after_the_last_activation(backend, device):
+    """Training: each BatchNorm but the last in the next convolution's prologue, the last one
+    and the add in one pass. Eval: two folded convolutions, the add in the second's
+    epilogue."""
+    block = fastres.convert(torch.nn.Sequential(Bottleneck(16, 16)), backend=backend)[0]
+    block.to(device)
+    x = torch.randn(2, 16, 8, 8, device=device)
+    from op_log import OpLog
+
+    with OpLog() as log:
+        block.train()(x)
+    fused = [op for op in log.ops if op.startswith("fastres.")]
+    assert fused == ["fastres.bn_act_conv2d_stats_triton"] * 2 + [
+        "fastres.bn_act_add_from_stats_triton"
+    ], log.ops
+    with torch.no_grad(), OpLog() as log:
+        block.eval()(x)
+    fused = [op for op in log.ops if op.startswith("fastres.")]
+    assert fused == ["fastres.conv2d_bias_act_triton", "fastres.conv2d_bias_act_add_triton"]
 
 
 def test_revert_gives_ultralytics_classes_and_checkpoints_load_unchanged():
@@ -219,3 +249,27 @@ def test_one_module_on_every_backend(backend, device, kind):
     for i, (a, low, b) in enumerate(zip(*results, strict=True)):
         if a.is_floating_point():
             assert_within_error_factor(a, low, b, f"#{i}", torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", MODULES)
+def test_one_module_folded_eval_on_every_backend(backend, device, kind):
+    """Eval output against Ultralytics' module by the rule, in float32 (and in bfloat16 under
+    autocast on the cpu backend); the input, which the Bottleneck's add reads, left as it was.
+    The input is a channel slice, as C2f hands its Bottlenecks."""
+    torch.manual_seed(0)
+    reference64 = MODULES[kind]().double().to(device).eval()
+    randomise_batch_norms(reference64)
+    whole = torch.randn(2, 32, 8, 8, dtype=torch.float64, device=device)
+    x = whole.contiguous(memory_format=torch.channels_last)[:, 16:]
+    fast = fastres.convert(torch.nn.Sequential(copy.deepcopy(reference64).float()), backend=backend)
+    dtypes = [torch.float32] + ([torch.bfloat16] if backend == "cpu" else [])
+    for low in dtypes:
+        with torch.no_grad(), torch.autocast("cpu", dtype=low, enabled=low != torch.float32):
+            inputs = x.float()
+            before = inputs.clone()
+            ours = fast.eval()(inputs)
+            theirs = copy.deepcopy(reference64).float()(inputs)
+            exact = reference64(x)
+        assert torch.equal(inputs, before)
+        assert_within_error_factor(ours.double(), theirs.double(), exact, f"{kind} {low}", low)

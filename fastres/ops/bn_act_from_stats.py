@@ -12,6 +12,10 @@ fastres/ops/sync_bn_act.py, which gathers them). The ops, per family (fastres/op
 * ``bn_act_conv2d_from_stats(y, bn_weight, bn_bias, conv_weight, mean, var, count, stride,
   padding, dilation, groups, eps, activation, group_name) -> out``: the same, then the
   convolution, keeping only ``y`` for backward as :mod:`fastres.ops.bn_act_conv` does;
+* ``bn_act_add_from_stats(x, weight, bias, residual, mean, var, count, eps, activation,
+  group_name) -> out``: ``activation(batch_norm(x)) + residual`` (the residual after the
+  activation, as :mod:`fastres.ops.bn_act_add`), one elementwise pass keeping no mask: the
+  backward recomputes the activation's input as bn_act_add's does;
 * ``bn_act_from_stats_backward(grad, x, weight, mean, var, relu_mask, count, eps, relu,
   residual_grad, group_name) -> (grad_x, grad_weight, grad_bias, grad_residual)``.
 
@@ -41,12 +45,12 @@ from fastres._layout import memory_format_of, param_dtype_of
 from fastres.activation import apply_activation, check_activation
 from fastres.backends import STATUS, resolve_backend
 from fastres.batch_norm import values_per_channel
-from fastres.ops import bn_act_pieces  # noqa: F401  (defines the Triton pieces used here)
+from fastres.ops import bn_act_add, bn_act_pieces  # noqa: F401  (define the Triton ops used here)
 from fastres.ops.bn_act import check_args, silu_input_grad
 from fastres.ops.bn_act_conv import convolution, grad_through_conv_and_act
 from fastres.ops.registry import op, register_reference
 
-__all__ = ["bn_act_from_stats", "process_group_named"]
+__all__ = ["bn_act_add_from_stats", "bn_act_from_stats", "process_group_named"]
 
 
 def process_group_named(group_name: str) -> Any:
@@ -107,6 +111,31 @@ def bn_act_from_stats(
     return out
 
 
+def bn_act_add_from_stats(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    *,
+    residual: Tensor,
+    eps: float = 1e-5,
+    activation: str = "silu",
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`bn_act_from_stats` with ``residual`` added after the activation (Ultralytics'
+    YOLO Bottleneck): ``activation(batch_norm(x)) + residual``, the batch statistics taken as
+    given and differentiated through as functions of ``x``."""
+    check_args(x, weight, bias, None, None, residual, True, 0.0, eps, who="bn_act_add_from_stats")
+    check_activation(activation, "bn_act_add_from_stats")
+    name = resolve_backend(backend, x.device, x.dtype)
+    count = values_per_channel(x)
+    out: Tensor = op("bn_act_add_from_stats", name)(
+        x, weight, bias, residual, mean, var, count, eps, activation, ""
+    )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels, shared by both families
 
@@ -116,6 +145,11 @@ def _from_stats_fake(x, weight, bias, residual, mean, var, count, eps, activatio
     out = torch.empty_like(x, memory_format=memory_format_of(x))
     mask_bytes = (x.numel() + 7) // 8 if activation == "relu" else 0
     return out, x.new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+def _add_from_stats_fake(x, weight, bias, residual, mean, var, count, eps, activation, group_name):
+    check_activation(activation, "bn_act_add_from_stats")
+    return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
 def _conv_from_stats_fake(
@@ -267,6 +301,58 @@ def _define_from_stats(suffix: str, forward_op, backward_op):
     from_stats_op.register_autograd(backward, setup_context=setup_context)
 
 
+def _define_add_from_stats(suffix: str, forward_op, backward_op):
+    """``fastres::bn_act_add_from_stats<suffix>`` with its autograd, on the family's
+    bn_act_add_forward in eval mode (normalising with the given statistics)."""
+    add_forward_op = getattr(torch.ops.fastres, "bn_act_add_forward" + suffix)
+
+    @torch.library.custom_op(f"fastres::bn_act_add_from_stats{suffix}", mutates_args=())
+    def add_from_stats_op(
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: int,
+        eps: float,
+        activation: str,
+        group_name: str,
+    ) -> Tensor:
+        out, _, _ = add_forward_op(
+            x, weight, bias, residual, mean, var, False, 0.0, eps, activation
+        )
+        return out
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _residual, mean, var, count, eps, activation, group_name = inputs
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.count, ctx.eps, ctx.activation, ctx.group_name = count, eps, activation, group_name
+
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        activation, eps = ctx.activation, ctx.eps
+        grad_y, mask = grad_out, x.new_empty((0,), dtype=torch.uint8)
+        if activation == "silu":
+            grad_y = silu_input_grad(forward_op, grad_out, x, weight, bias, None, mean, var, eps)
+        elif activation == "relu":  # the mask of relu(batch_norm(x)), recomputed
+            _, _, _, mask = forward_op(x, weight, bias, None, mean, var, False, 0.0, eps, "relu")
+        grad_x, grad_weight, grad_bias, _ = backward_op(
+            grad_y, x, weight, mean, var, mask, ctx.count, eps, activation == "relu", False,
+            ctx.group_name,
+        )  # fmt: skip
+        return (
+            grad_x if needs[0] else None,
+            grad_weight if weight is not None and needs[1] else None,
+            grad_bias if bias is not None and needs[2] else None,
+            grad_out if needs[3] else None,
+        ) + (None,) * 6
+
+    add_from_stats_op.register_fake(_add_from_stats_fake)
+    add_from_stats_op.register_autograd(backward, setup_context=setup_context)
+
+
 def _define_conv_from_stats(suffix: str, forward_op, backward_op):
     """``fastres::bn_act_conv2d_from_stats<suffix>`` with its autograd."""
 
@@ -330,10 +416,11 @@ def _define_conv_from_stats(suffix: str, forward_op, backward_op):
 
 
 def _define_family(suffix: str) -> None:
-    """The family's three ops, on its bn_act_forward and bn_act pieces."""
+    """The family's four ops, on its bn_act_forward, bn_act_add_forward and bn_act pieces."""
     forward_op = getattr(torch.ops.fastres, "bn_act_forward" + suffix)
     backward_op = _define_backward(suffix)
     _define_from_stats(suffix, forward_op, backward_op)
+    _define_add_from_stats(suffix, forward_op, backward_op)
     _define_conv_from_stats(suffix, forward_op, backward_op)
 
 
@@ -382,6 +469,17 @@ def bn_act_from_stats_reference(
     if residual is not None:
         y = y + residual
     return apply_activation(y, activation), x.new_empty((0,), dtype=torch.uint8)
+
+
+@register_reference("bn_act_add_from_stats")
+def bn_act_add_from_stats_reference(
+    x, weight, bias, residual, mean, var, count, eps, activation, group_name
+):
+    """``bn_act_add_from_stats`` of the ``torch`` backend."""
+    out, _ = bn_act_from_stats_reference(
+        x, weight, bias, None, mean, var, count, eps, activation, group_name
+    )
+    return out + residual
 
 
 @register_reference("bn_act_conv2d_from_stats")

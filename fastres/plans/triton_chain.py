@@ -3,8 +3,10 @@
 ``conv1(+stats) -> [BN1+act1]conv2(+stats) -> ... -> act(BN_last + shortcut)``: each BatchNorm
 but the last is applied, with its stage's activation (ReLU, SiLU or none), in the next
 convolution's prologue, each batch statistic comes from the previous convolution's epilogue, so
-no standalone BatchNorm or activation pass runs before the last. Computed channels_last; the
-result has x's memory format.
+no standalone BatchNorm or activation pass runs before the last. The last pass adds the
+shortcut before the block's activation (ResNet), after the last stage's (YOLO's Bottleneck:
+``act(BN_last) + shortcut``), or adds nothing. Computed channels_last; the result has x's memory
+format.
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ from fastres.batch_norm import (
     values_per_channel,
 )
 from fastres.ops.bn_act import bn_act
-from fastres.ops.bn_act_from_stats import bn_act_from_stats
+from fastres.ops.bn_act_add import bn_act_add
+from fastres.ops.bn_act_from_stats import bn_act_add_from_stats, bn_act_from_stats
 from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 from fastres.plans.autocast import autocast_dtype
-from fastres.plans.description import ADD_BEFORE_ACTIVATION, ResidualBlock
+from fastres.plans.description import (
+    ADD_AFTER_ACTIVATION,
+    ADD_POSITIONS,
+    NO_ADD,
+    ResidualBlock,
+)
 from fastres.plans.support import BOTH_MODES, FLOAT_DTYPES, Support, unsupported_reasons
 
 __all__ = ["TritonChainPlan"]
@@ -79,7 +87,7 @@ class TritonChainPlan:
         modes=BOTH_MODES,
         norms=("BatchNorm2d",),
         activations=ACTIVATIONS,
-        add_positions=(ADD_BEFORE_ACTIVATION,),
+        add_positions=ADD_POSITIONS,
         fused_layers_only=True,
         autocast=True,
         gradients_in_eval=True,
@@ -91,9 +99,10 @@ class TritonChainPlan:
         return ""  # Triton's kernels, as the name says
 
     def not_supported_reasons(self, block: ResidualBlock, x: Tensor, backend: str) -> list[str]:
-        """:attr:`support`, and square uniform convolutions (every block of ResNet-50 and
-        ResNeXt). A prologue applies any of ACTIVATIONS; the last BatchNorm's goes after the
-        add, so its stage has none (``fusion_issue`` checks that)."""
+        """:attr:`support`, and square uniform convolutions (every block of ResNet-50, ResNeXt
+        and YOLO's Bottleneck and Conv). A prologue applies any of ACTIVATIONS; with the add
+        before the activation the last BatchNorm's goes after the add, so its stage has none
+        (``fusion_issue`` checks that)."""
         if issues := unsupported_reasons(self.support, block, x, backend):
             return issues
         if not all(_uniform(conv) for conv in block.convs):
@@ -107,33 +116,26 @@ class TritonChainPlan:
         compute_dtype = autocast_dtype(x) or x.dtype
         with torch.autocast(x.device.type, enabled=False):
             h, last = self._main_branch(block, x.to(compute_dtype))
-        # After the main branch, as in torchvision (an error there leaves the shortcut's
-        # BatchNorm untouched), and under the caller's autocast.
-        identity = x if block.shortcut is None else block.shortcut(x)
+        residual = None
+        if block.add_position != NO_ADD:
+            # After the main branch, as in torchvision (an error there leaves the shortcut's
+            # BatchNorm untouched), and under the caller's autocast.
+            residual = x if block.shortcut is None else block.shortcut(x)
         with torch.autocast(x.device.type, enabled=False):
-            step = last.step
-            args = (h, step.weight, step.bias, last.mean, last.var)
-            residual = identity.to(h.dtype)
-            activation = block.activation
-            if step.training:
-                out = bn_act_from_stats(
-                    *args, residual=residual, eps=step.eps, activation=activation, backend="triton"
-                )
+            if residual is not None:
+                residual = residual.to(h.dtype)
+            if block.add_position == ADD_AFTER_ACTIVATION:
+                assert residual is not None
+                out = _last_bn_act_then_add(h, last, residual)
             else:
-                out = bn_act(
-                    *args,
-                    residual=residual,
-                    training=False,
-                    eps=step.eps,
-                    activation=activation,
-                    backend="triton",
-                )
+                activation = last.activation if block.add_position == NO_ADD else block.activation
+                out = _last_bn_add_act(h, last, residual, activation)
         return out.contiguous(memory_format=memory_format_of(x))
 
     @staticmethod
     def _main_branch(block: ResidualBlock, h: Tensor) -> tuple[Tensor, _Pending]:
         """Every convolution of the main branch; returns the last one's output and the last
-        BatchNorm, still to be applied (its stage has no activation: applies() checked)."""
+        BatchNorm, still to be applied with its stage's activation."""
         pending: _Pending | None = None  # the BatchNorm waiting to be applied to h
         for stage in block.stages:
             step = BatchNormStep.of(stage.norm)
@@ -159,3 +161,32 @@ class TritonChainPlan:
                 pending = _Pending(step, *step.running_statistics(), stage.activation)
         assert pending is not None  # a block has at least one stage
         return h, pending
+
+
+def _last_bn_add_act(h: Tensor, last: _Pending, residual: Tensor | None, activation: str) -> Tensor:
+    """``activation(BN_last(h) + residual)`` (no add for None), with the batch statistics from
+    the last convolution's epilogue in training."""
+    step = last.step
+    args = (h, step.weight, step.bias, last.mean, last.var)
+    if step.training:
+        return bn_act_from_stats(
+            *args, residual=residual, eps=step.eps, activation=activation, backend="triton"
+        )
+    return bn_act(
+        *args, residual=residual, training=False, eps=step.eps, activation=activation,
+        backend="triton",
+    )  # fmt: skip
+
+
+def _last_bn_act_then_add(h: Tensor, last: _Pending, residual: Tensor) -> Tensor:
+    """``act(BN_last(h)) + residual``, ``act`` the last stage's."""
+    step = last.step
+    args = (h, step.weight, step.bias, last.mean, last.var)
+    if step.training:
+        return bn_act_add_from_stats(
+            *args, residual=residual, eps=step.eps, activation=last.activation, backend="triton"
+        )
+    return bn_act_add(
+        *args, residual=residual, training=False, eps=step.eps, activation=last.activation,
+        backend="triton",
+    )  # fmt: skip
