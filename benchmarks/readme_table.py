@@ -88,10 +88,10 @@ def peers_table_lines() -> list[str]:
     """Inference of every configuration of the ``--peers`` runs, and fastres's speed-up over
     each peer, paired round by round."""
     lines = [
-        "| device | model | threads | batch | rounds | configuration | infer img/s "
+        "| device | model | dtype | threads | batch | rounds | configuration | infer img/s "
         "| x library's model [IQR] | x onnxruntime [IQR] | x openvino [IQR] "
         "| x library's model+compile [IQR] | error vs float64 | first call s | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     pattern = os.path.join(ROOT, "benchmarks", "results", "*", "*_peers_*.csv")
     for path in sorted(_committed(glob.glob(pattern))):
@@ -110,15 +110,24 @@ def peers_table_lines() -> list[str]:
             baseline = r["config"] == r.get("reference", "torchvision")
             error = r.get("parity_inference_output") or (own if baseline else "")
             lines.append(
-                f"| {r['device']} | {r['model']} | {r['threads']} | {r['batch_size']} "
-                f"| {r['rounds']} "
-                f"| {r['config']} | {_fmt(r['infer_img_s'], '.2f')} "
+                f"| {r['device']} | {r['model']} | {r['dtype']} | {r['threads']} "
+                f"| {r['batch_size']} | {r['rounds']} "
+                f"| {_peer_config(r)} | {_fmt(r['infer_img_s'], '.2f')} "
                 f"| {row_speedup_text(r, 'infer')} | {_peer_ratio(r, 'onnxruntime')} "
                 f"| {_peer_ratio(r, 'openvino')} | {_peer_ratio(r, 'compiled')} "
                 f"| {_fmt(error, '.2e')} "
                 f"| {_fmt(r['first_call_s'], '.2f')} | {r['fastres_commit']} |"
             )
     return lines
+
+
+def _peer_config(row: dict) -> str:
+    """The configuration's name; OpenVINO's with the precision it computed in (runs from
+    before that was recorded forced float32)."""
+    if row["config"] != "openvino":
+        return row["config"]
+    precision = row.get("openvino_precision") or "f32"
+    return f"openvino ({precision}{', its default' if row['dtype'] == 'bf16' else ''})"
 
 
 def cpu_inference_folders() -> list[str]:

@@ -78,7 +78,7 @@ def test_failing_parity_reports_no_speed_and_exits_non_zero(tmp_path, monkeypatc
         ["--threads", "0"],
         ["--model", "vgg16"],
         ["--dtype", "fp8"],
-        ["--peers", "--device", "cpu", "--dtype", "bf16"],
+        ["--peers", "--device", "cpu", "--dtype", "fp16"],
         ["--freezing", "--no-compile"],
     ],
 )
@@ -215,6 +215,24 @@ def test_a_detector_trains_with_its_own_loss_and_is_compared_with_its_fused_mode
     assert fused["parity_ok"] == "True" and fused["infer_img_s"] and not fused["train_img_s"]
     assert fast["parity_ok"] == "True" and fast["train_img_s"] and fast["saved_mib"]
     assert not fast.get("saved_target_met") and not fast.get("infer_target_met")
+
+
+@needs_peers
+def test_bfloat16_peers_run_openvino_at_its_default_precision(tmp_path):
+    """--dtype bf16 --peers: fastres under bfloat16 autocast against OpenVINO at the precision
+    it picks by itself (recorded), ONNX Runtime at its default; parity by each one's rule."""
+    csv_path = tmp_path / "peers.csv"
+    args = [*TINY, "--dtype", "bf16", "--peers", "--threads", "1", "--csv", str(csv_path)]
+    assert bench.main([*args, "--no-chart"]) == 0
+    rows = {row["config"]: row for row in _rows(csv_path)}
+    assert list(rows) == ["torchvision", "fastres[cpu]", "onnxruntime", "openvino"]
+    import openvino
+
+    default = str(openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    expected = "bf16" if "bf16" in default or "bfloat16" in default else "f32"
+    assert {row["openvino_precision"] for row in rows.values()} == {expected}
+    assert all(row["parity_ok"] == "True" for row in rows.values())
+    assert float(rows["fastres[cpu]"]["infer_vs_openvino"]) > 0
 
 
 @needs_peers

@@ -28,6 +28,11 @@ from fastres.bench.report import (
     write_csv,
 )
 
+# --peers: OpenVINO's precision for each --dtype. fp32 compares like with like (OpenVINO forced to
+# float32: its default on a CPU with AMX or AVX512_BF16 is bfloat16); bf16 compares with the
+# precision OpenVINO picks by itself, as its users run it. ONNX Runtime runs at its default.
+PEER_OPENVINO_PRECISION = {"fp32": "f32", "bf16": "default"}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -80,8 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peers",
         action="store_true",
-        help="also run the model exported to ONNX on ONNX Runtime and OpenVINO (CPU, fp32, "
-        "inference only; pip install -r requirements-peers.txt)",
+        help="also run the model exported to ONNX on ONNX Runtime and OpenVINO (CPU, "
+        "inference only; OpenVINO forced to float32 with --dtype fp32, at its default precision "
+        "with --dtype bf16; pip install -r requirements-peers.txt)",
     )
     parser.add_argument(
         "--threads",
@@ -113,8 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.freezing and not args.compile:
         parser.error("--freezing applies to the compiled configurations: drop --no-compile")
     if args.peers:
-        if args.device != "cpu" or args.dtype != "fp32":
-            parser.error("--peers runs on --device cpu with --dtype fp32 (the runtimes' CPU case)")
+        if args.device != "cpu" or args.dtype not in PEER_OPENVINO_PRECISION:
+            parser.error(
+                "--peers runs on --device cpu with --dtype fp32 or bf16 (the runtimes' CPU cases)"
+            )
         missing = peers.missing_packages()
         if missing:
             parser.error(
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     export_s = None
     if args.peers:
-        peer_runs, export_s = prepare_peers(reference, batch)
+        peer_runs, export_s, openvino_precision = prepare_peers(
+            reference, batch, PEER_OPENVINO_PRECISION[args.dtype]
+        )
         prepared += peer_runs
     measure_all(prepared, batch, args, args.device, dtype)
     results = [p.result for p in prepared]
@@ -199,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads() if args.device == "cpu" else None,
         "onnx_export_s": export_s,
         **(peers.versions() if args.peers else {}),
+        **({"openvino_precision": openvino_precision} if args.peers else {}),
     }
     rows = rows_of(results, meta)
     print_table(rows, meta)

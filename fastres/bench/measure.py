@@ -114,10 +114,14 @@ def _prepare_fused_reference(
     return Prepared(result, infer_step, model)
 
 
-def prepare_peers(reference: nn.Module, batch: Batch) -> tuple[list[Prepared], float]:
-    """ONNX Runtime and OpenVINO on the reference exported to ONNX (fastres/bench/peers.py),
-    inference only, each with its eval error on the parity images; and the export's seconds."""
-    peers, export_s = build_peers(reference, batch.images)
+def prepare_peers(
+    reference: nn.Module, batch: Batch, openvino_precision: str
+) -> tuple[list[Prepared], float, str]:
+    """ONNX Runtime and OpenVINO (at ``openvino_precision``: ``"f32"`` forced, or
+    ``"default"``, its own choice) on the reference exported to ONNX (fastres/bench/peers.py),
+    inference only, each with its eval error on the parity images, checked by the rule for the
+    precision it computes in; the export's seconds; the precision OpenVINO computes in."""
+    peers, export_s = build_peers(reference, batch.images, {"openvino": openvino_precision})
     prepared = []
     for peer in peers:
         result = Result(models.Config(peer.name, "peer", None, False))
@@ -125,9 +129,15 @@ def prepare_peers(reference: nn.Module, batch: Batch) -> tuple[list[Prepared], f
         k = batch.parity_images
         outputs = torch.from_numpy(peer.infer()[:k])
         result.parity = check_eval_parity(reference, outputs, batch.images[:k])
-        result.parity_ok = parity_passes(result.parity, torch.float32)
+        low = _PRECISIONS.get(peer.precision, torch.float32)
+        result.parity_ok = parity_passes(result.parity, low)
         prepared.append(Prepared(result, peer.infer))
-    return prepared, export_s
+    chosen = next(peer.precision for peer in peers if peer.name == "openvino")
+    return prepared, export_s, chosen
+
+
+# A peer's precision (fastres/bench/peers.py names them so) -> the dtype its parity rule takes.
+_PRECISIONS = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 def measure_memory(prepared: Prepared, batch: Batch, device: str, dtype: torch.dtype) -> None:
