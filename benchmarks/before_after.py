@@ -11,10 +11,12 @@ between rounds, so both trees see the same machine state. Printed and written: p
 configuration, each tree's median seconds and the median, 25th and 75th percentile of the
 per-round ratio after / before.
 
-Configurations (CPU, float32, the ``cpu`` backend): a ResNet-50 training step (forward,
-backward, SGD) at batch 8 and 128 pixels; Hugging Face's ResNet-50 converted, in eval under
-``no_grad`` at batch 1 and 8 (224 pixels), where every block chooses its plan on every call
-(torchvision's converted ResNet runs as one oneDNN program and chooses once).
+Configurations (CPU, the ``cpu`` backend; ``--configs`` picks some): a ResNet-50 training step
+(forward, backward, SGD) at batch 8 and 128 pixels; Hugging Face's ResNet-50 converted, in eval
+under ``no_grad`` at batch 1 and 8 (224 pixels), where every block chooses its plan on every
+call (torchvision's converted ResNet runs as one oneDNN program and chooses once); Ultralytics'
+yolo11n converted, in eval under ``no_grad`` at batch 8 and 640 pixels, float32 and under
+bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -26,21 +28,26 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-CONFIGS = ("resnet50 train step b8 128px", "hf resnet50 eval b1 224px", "hf resnet50 eval b8 224px")
+CONFIGS = (
+    "resnet50 train step b8 128px",
+    "hf resnet50 eval b1 224px",
+    "hf resnet50 eval b8 224px",
+    "yolo11n eval b8 640px",
+    "yolo11n eval b8 640px bf16",
+)
 REPEATS = {"hf resnet50 eval b1 224px": 5}  # calls timed together where one call is short
 
 
-def _worker(threads: int) -> None:
-    """Builds every configuration, then times the one named on each stdin line."""
+def _resnet_calls() -> dict[str, Callable[[], None]]:
     import torch
     import torchvision
     from transformers import ResNetConfig, ResNetModel
 
     import fastres
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     train_model = fastres.convert(torchvision.models.resnet50(), backend="cpu").train()
     optimizer = torch.optim.SGD(train_model.parameters(), lr=0.01)
@@ -57,11 +64,42 @@ def _worker(threads: int) -> None:
         with torch.no_grad():
             hf(eval_x[batch])
 
-    calls = {
+    return {
         CONFIGS[0]: train_step,
         CONFIGS[1]: lambda: infer(1),
         CONFIGS[2]: lambda: infer(8),
     }
+
+
+def _yolo_calls() -> dict[str, Callable[[], None]]:
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    import fastres
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", verbose=False).to(memory_format=torch.channels_last)
+    fast = fastres.convert(model, backend="cpu").eval()
+    x = torch.randn(8, 3, 640, 640).contiguous(memory_format=torch.channels_last)
+
+    def infer(bf16: bool) -> None:
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            fast(x)
+
+    return {CONFIGS[3]: lambda: infer(False), CONFIGS[4]: lambda: infer(True)}
+
+
+def _worker(threads: int, names: list[str]) -> None:
+    """Builds the configurations ``names``, then times the one named on each stdin line."""
+    import torch
+
+    torch.set_num_threads(threads)
+    calls = {}
+    if set(names) & set(CONFIGS[:3]):
+        calls.update(_resnet_calls())
+    if set(names) & set(CONFIGS[3:]):
+        calls.update(_yolo_calls())
+    calls = {name: calls[name] for name in names}
     for call in calls.values():  # warm up: folded weights, oneDNN primitives, allocator
         call()
         call()
@@ -75,10 +113,10 @@ def _worker(threads: int) -> None:
         print((time.perf_counter() - start) / repeats, flush=True)
 
 
-def _start(tree: Path, threads: int) -> subprocess.Popen[str]:
+def _start(tree: Path, threads: int, names: list[str]) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()), OMP_NUM_THREADS=str(threads))
     worker = subprocess.Popen(
-        [sys.executable, __file__, "--worker", "--threads", str(threads)],
+        [sys.executable, __file__, "--worker", "--threads", str(threads), "--configs", *names],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -127,28 +165,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.threads)
+        _worker(args.threads, args.configs)
         return
     if args.before is None:
         parser.error("--before is required")
     workers = {
-        "before": _start(args.before, args.threads),
-        "after": _start(args.after, args.threads),
+        "before": _start(args.before, args.threads, args.configs),
+        "after": _start(args.after, args.threads, args.configs),
     }
     seconds: dict[tuple[str, str], list[float]] = {}
     for round_index in range(args.rounds):
         order = ("before", "after") if round_index % 2 == 0 else ("after", "before")
-        for name in CONFIGS:
+        for name in args.configs:
             for tree in order:
                 seconds.setdefault((name, tree), []).append(_time(workers[tree], name))
     for worker in workers.values():
         worker.terminate()
 
     rows = []
-    for name in CONFIGS:
+    for name in args.configs:
         before, after = seconds[(name, "before")], seconds[(name, "after")]
         ratio_q1, ratio, ratio_q3 = _quartiles([a / b for a, b in zip(after, before, strict=True)])
         rows.append(

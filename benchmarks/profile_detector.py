@@ -1,0 +1,101 @@
+"""Where an Ultralytics detector's CPU time goes: fastres against Ultralytics' own model.
+
+Usage: python benchmarks/profile_detector.py [--model yolo11n] [--batch-size 8]
+       [--image-size 640] [--threads 2] [--dtype fp32|bf16] [--calls 3]
+
+A breakdown, not a benchmark (``python -m fastres.bench --model ultralytics:yolo11n`` compares
+them in interleaved rounds). torch's profiler, self CPU time per op summed over ``--calls``
+calls after two warm-up calls, for:
+
+* inference without autograd: Ultralytics' ``model.fuse()``d model (BatchNorm folded into each
+  convolution, SiLU its own pass) and fastres's converted model (folded convolutions with SiLU,
+  and the Bottleneck's add, as oneDNN post-ops);
+* a training step (forward, backward of the sum of the outputs): Ultralytics' model and
+  fastres's.
+
+Each table lists the ops above 1% of its total, then the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from script_args import require_positive
+from torch.profiler import ProfilerActivity, profile
+
+import fastres
+from fastres.bench.models import build_reference
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["yolo11n", "yolov8n", "yolo26n"], default="yolo11n")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=640)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--calls", type=int, default=3)
+    args = parser.parse_args()
+    require_positive(parser, args, "batch_size", "image_size", "threads", "calls")
+    return args
+
+
+def _self_times(step, calls: int) -> dict[str, float]:
+    """Milliseconds of self CPU time per op over ``calls`` calls of ``step``."""
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            step()
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+
+def _print(title: str, times: dict[str, float]) -> None:
+    total = sum(times.values())
+    print(f"\n{title}: {total:.0f} ms self CPU time")
+    for name, ms in sorted(times.items(), key=lambda item: -item[1]):
+        if ms >= 0.01 * total:
+            print(f"  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {name}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    reference = build_reference(f"ultralytics:{args.model}", "cpu")  # with its detection loss
+    fast = fastres.convert(reference, backend="cpu")
+    fused = copy.deepcopy(reference.model).eval().fuse(verbose=False)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bf16")
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.dtype}, "
+        f"{args.threads} threads, {args.calls} calls; {fastres.info()['cpu_isa']}"
+    )
+
+    inference = (("inference, Ultralytics fuse()d", fused), ("inference, fastres", fast))
+    for title, model in inference:
+        model.eval()
+
+        def infer(model=model) -> None:
+            with torch.no_grad(), autocast:
+                model(x)
+
+        _print(title, _self_times(infer, args.calls))
+
+    training = (("training step, Ultralytics", reference), ("training step, fastres", fast))
+    for title, model in training:
+        model.train()
+
+        def train_step(model=model) -> None:
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                loss = model(x)
+            loss.backward()
+
+        _print(title, _self_times(train_step, args.calls))
+
+
+if __name__ == "__main__":
+    main()
