@@ -215,6 +215,8 @@ def test_a_detector_trains_with_its_own_loss_and_is_compared_with_its_fused_mode
     assert fused["parity_ok"] == "True" and fused["infer_img_s"] and not fused["train_img_s"]
     assert fast["parity_ok"] == "True" and fast["train_img_s"] and fast["saved_mib"]
     assert not fast.get("saved_target_met") and not fast.get("infer_target_met")
+    low, median, high = (float(fast[f"infer_vs_fused{k}"]) for k in ("_low", "", "_high"))
+    assert 0 < low <= median <= high
 
 
 @needs_peers

@@ -101,12 +101,26 @@ def _peer_columns(result: Result, peers: list[Result], compiled: Result | None) 
     return row
 
 
+def _fused_columns(result: Result, fused: Result) -> dict:
+    """A fastres configuration's inference speed-up over the detector's fuse()d model (issue
+    26's target), paired round by round."""
+    if not (result.infer_seconds and fused.infer_seconds):
+        return {}
+    ratio = spread_of(paired_speedups(fused.infer_seconds, result.infer_seconds))
+    return {
+        "infer_vs_fused": ratio.median,
+        "infer_vs_fused_low": ratio.low,
+        "infer_vs_fused_high": ratio.high,
+    }
+
+
 def rows_of(results: list[Result], meta: dict) -> list[dict]:
     base = next(r for r in results if r.config.family == "reference" and not r.config.compile)
     peers = [r for r in results if r.config.family == "peer"]
     compiled = next(
         (r for r in results if r.config.family == "reference" and r.config.compile), None
     )
+    fused = next((r for r in results if r.config.family == "fused reference"), None)
     rows = []
     for r in results:
         row = {
@@ -125,6 +139,8 @@ def rows_of(results: list[Result], meta: dict) -> list[dict]:
         }
         if r.config.family == "fastres" and not r.config.compile and peers:
             row.update(_peer_columns(r, peers, compiled))
+        if r.config.family == "fastres" and fused is not None:
+            row.update(_fused_columns(r, fused))
         if r.saved_mib is not None and base.saved_mib:
             row["saved_vs_torchvision"] = r.saved_mib / base.saved_mib
         # The ResNets' targets only: a detector is judged against its fuse()d model, whose row
@@ -194,6 +210,10 @@ def print_table(rows: list[dict], meta: dict) -> None:
         if "infer_target_met" in row:
             verdict = "met" if row["infer_target_met"] else "NOT met"
             targets.append(f"infer >= {INFERENCE_TARGET[meta['device_type']]} x tv: {verdict}")
+        if "infer_vs_fused" in row:
+            low, high = row["infer_vs_fused_low"], row["infer_vs_fused_high"]
+            ratio = speedup_text(row["infer_vs_fused"], low, high, not low <= 1.0 <= high)
+            targets.append(f"infer x {reference}+fuse {ratio}")
         target = "; ".join(targets)
         print(
             f"{row['config']:<26}{parity:>8}{_fmt(row['train_img_s'], '.2f'):>13}  "
