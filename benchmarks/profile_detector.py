@@ -13,22 +13,30 @@ calls after two warm-up calls, for:
 * a training step (forward, backward of the sum of the outputs): Ultralytics' model and
   fastres's.
 
+Last, the cost of one module call itself: an Ultralytics ``Conv`` (16 channels, 3x3) on a
+1x16x4x4 input, ``fuse()``d against fastres's, interleaved.
+
 Each table lists the ops above 1% of its total, then the total. For inference, also the wall,
 user and system seconds and the minor page faults per call (``getrusage`` over ``--calls``
 calls): at batch 8 and 640 pixels many activations are above glibc's 32 MiB mmap threshold, so
-each call page-faults fresh memory, in the kernel's time rather than any op's.
+each call page-faults fresh memory, in the kernel's time rather than any op's. Run with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` to keep glibc from returning that
+memory, and the page faults go (the header names the settings).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import resource
+import statistics
 import time
 
 import torch
 from script_args import require_positive
 from torch.profiler import ProfilerActivity, profile
+from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 import fastres
 from fastres.bench.models import build_reference
@@ -72,6 +80,29 @@ def _os_costs(step, calls: int) -> str:
     )
 
 
+def _module_call_costs(rounds: int = 30, calls: int = 100) -> str:
+    """Median microseconds per call of one Ultralytics Conv, fuse()d and fastres's, on a tiny
+    input where the arithmetic is negligible: the per-module dispatch."""
+    from ultralytics.nn.modules.conv import Conv
+
+    torch.manual_seed(0)
+    conv = Conv(16, 16, 3).eval()
+    fast = fastres.convert(torch.nn.Sequential(copy.deepcopy(conv)), backend="cpu").eval()
+    fused = copy.deepcopy(conv)
+    fused.conv, fused.forward = fuse_conv_and_bn(fused.conv, fused.bn), fused.forward_fuse
+    del fused.bn
+    x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    seconds: dict[str, list[float]] = {"fuse()d": [], "fastres": []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, module in (("fuse()d", fused), ("fastres", fast)):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    module(x)
+                seconds[name].append((time.perf_counter() - start) / calls)
+    return ", ".join(f"{n} {1e6 * statistics.median(s):.0f} us" for n, s in seconds.items())
+
+
 def _print(title: str, times: dict[str, float]) -> None:
     total = sum(times.values())
     print(f"\n{title}: {total:.0f} ms self CPU time")
@@ -89,9 +120,11 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bf16")
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
     print(
         f"{args.model}, batch {args.batch_size}, {args.image_size} px, {args.dtype}, "
-        f"{args.threads} threads, {args.calls} calls; {fastres.info()['cpu_isa']}"
+        f"{args.threads} threads, {args.calls} calls; {fastres.info()['cpu_isa']}; "
+        f"glibc malloc settings: {malloc or 'defaults'}"
     )
 
     inference = (("inference, Ultralytics fuse()d", fused), ("inference, fastres", fast))
@@ -104,6 +137,8 @@ def main() -> None:
 
         _print(title, _self_times(infer, args.calls))
         print("  " + _os_costs(infer, args.calls))
+
+    print(f"\none Conv call on a 1x16x4x4 input: {_module_call_costs()}")
 
     training = (("training step, Ultralytics", reference), ("training step, fastres", fast))
     for title, model in training:
