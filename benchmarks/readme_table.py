@@ -46,10 +46,11 @@ def table_lines() -> list[str]:
         stem = model.replace(":", "-")  # as fastres.bench names the file ("timm:resnet50")
         paths += glob.glob(os.path.join(ROOT, "benchmarks", "results", "*", f"{stem}_*_*.csv"))
     # results/local/ is every run's scratch folder (not committed); the table is what is.
+    # Runs under non-default glibc malloc settings (*_glibc_*.csv) are cited in the text only.
     paths = [
         p
         for p in _committed(paths)
-        if "_peers_" not in os.path.basename(p) and "_cpu_inference_" not in os.path.basename(p)
+        if not any(tag in os.path.basename(p) for tag in ("_peers_", "_cpu_inference_", "_glibc_"))
     ]
     for path in sorted(paths):
         with open(path) as f:
