@@ -18,6 +18,7 @@ pytestmark = needs_onednn
 CONVOLUTIONS = {
     "3x3": (16, 16, 3, 1, 1, 1, 1),
     "1x1-stride2": (16, 24, 1, 2, 0, 1, 1),
+    "3x3-stride2-unpadded": (16, 16, 3, 2, 0, 1, 1),  # a negative right padding at 10 px
     "3x3-dilated": (16, 16, 3, 1, 2, 2, 1),
     "3x3-depthwise": (16, 16, 3, 1, 1, 1, 16),
 }
@@ -46,7 +47,7 @@ def _convolution(kind: str, activation: str):
 @pytest.mark.parametrize("kind", CONVOLUTIONS)
 def test_matches_the_composition_it_fuses(kind, activation, dtype):
     fused, composed, c_in = _convolution(kind, activation)
-    x = torch.randn(2, c_in, 9, 9, dtype=torch.float64)
+    x = torch.randn(2, c_in, 10, 9, dtype=torch.float64)
     residual = torch.randn_like(composed(x, 0))
     exact = composed(x, residual)
 
@@ -75,6 +76,14 @@ def test_errors_name_what_was_expected():
         fused.conv_bias_act_add(x, sliced)
     with pytest.raises(RuntimeError, match="residual must be a channels_last"):
         fused.conv_bias_act_add(x, torch.randn(1, 16, 5, 5))
+    with pytest.raises(RuntimeError, match=r"\(padded\) is smaller than the kernel"):
+        unpadded = _convolution("3x3-stride2-unpadded", "silu")[0]
+        tiny = torch.randn(1, c_in, 2, 2).contiguous(memory_format=torch.channels_last)
+        unpadded.conv_bias_act_add(tiny, torch.randn(1, 16, 1, 1))
+    with pytest.raises(RuntimeError, match="stride and dilation must be at least 1"):
+        torch.classes.fastres.FoldedConvolution(
+            torch.zeros(4, 4, 1, 1), torch.zeros(4), [0, 1], [0, 0], [1, 1], 1, "relu"
+        )
     with pytest.raises(RuntimeError, match="activation must be identity, relu or silu"):
         torch.classes.fastres.FoldedConvolution(
             torch.zeros(4, 4, 1, 1), torch.zeros(4), [1, 1], [0, 0], [1, 1], 1, "gelu"

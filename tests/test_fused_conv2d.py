@@ -431,6 +431,9 @@ def test_conv_ops_reject_an_unknown_activation(device):
         conv2d_bias_act_triton(x, weight, None, None, "gelu", 1, 0, 1, 1)
     with pytest.raises(ValueError, match=f"conv2d_bias_act_add_triton: {unknown}"):
         conv2d_bias_act_add_triton(x, weight, None, x, "gelu", 1, 0, 1, 1)
+    if device != "meta":
+        with pytest.raises(ValueError, match="residual must have the output's shape"):
+            conv2d_bias_act_add_triton(x, weight, None, x[:, :, :1], "relu", 1, 0, 1, 1)
     with pytest.raises(ValueError, match=f"bn_act_conv2d_stats_triton: {unknown}"):
         bn_act_conv2d_stats_triton(
             x, weight, None, None, None, None, False, 1e-5, "gelu", 1, 0, 1, 1, True

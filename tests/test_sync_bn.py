@@ -440,3 +440,12 @@ def test_ddp_example_trains_a_converted_resnet50_under_torchrun():
     assert "step 2/2" in result.stdout, result.stdout
     loss = float(result.stdout.split("step 2/2")[1].split("loss")[1].split()[0])
     assert math.isfinite(loss)
+
+
+def test_bn_act_add_from_stats_requires_a_residual():
+    from fastres.ops.bn_act_from_stats import bn_act_add_from_stats
+
+    x = torch.randn(2, 3, 4, 5)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    with pytest.raises(TypeError, match="bn_act_add_from_stats: residual must be a Tensor"):
+        bn_act_add_from_stats(x, None, None, mean, var, residual=None, backend="cpu")  # type: ignore[arg-type]

@@ -72,10 +72,18 @@ class FoldedConvolution : public torch::CustomClassHolder {
     TORCH_CHECK(
         bias.dim() == 1 && bias.scalar_type() == at::kFloat && bias.size(0) == weight.size(0),
         "FoldedConvolution: bias must be float32 with one value per output channel");
+    TORCH_CHECK(bias.is_cpu(), "FoldedConvolution: bias must be a CPU tensor");
     TORCH_CHECK(stride_.size() == 2 && padding_.size() == 2 && dilation_.size() == 2 &&
                     groups_ >= 1 && weight.size(0) % groups_ == 0,
                 "FoldedConvolution: stride, padding and dilation must have two values, groups "
                 "must divide the output channels");
+    for (int i = 0; i < 2; ++i) {
+      TORCH_CHECK(stride_[i] >= 1 && dilation_[i] >= 1 && padding_[i] >= 0,
+                  "FoldedConvolution: stride and dilation must be at least 1 and padding at "
+                  "least 0, got stride ",
+                  at::IntArrayRef(stride_), ", dilation ", at::IntArrayRef(dilation_), ", padding ",
+                  at::IntArrayRef(padding_));
+    }
     if (activation_ != "identity") eltwise_of(activation_);  // checks the name
     weight_ = weight.contiguous();
     bias_ = bias.contiguous();
@@ -112,7 +120,10 @@ class FoldedConvolution : public torch::CustomClassHolder {
   }
 
   // The oneDNN implementation of the most recent primitive, e.g. "brgconv:avx512_core".
-  std::string implementation() const { return impl_; }
+  std::string implementation() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return impl_;
+  }
 
  private:
   struct Prepared {
@@ -132,9 +143,9 @@ class FoldedConvolution : public torch::CustomClassHolder {
     Dims out{x.size(0), weight_.size(0), 0, 0};
     for (int i = 0; i < 2; ++i) {
       int64_t span = dilation_[i] * (weight_.size(2 + i) - 1) + 1;
+      TORCH_CHECK(x.size(2 + i) + 2 * padding_[i] >= span, "FoldedConvolution: the input ",
+                  x.sizes(), " (padded) is smaller than the kernel");
       out[2 + i] = (x.size(2 + i) + 2 * padding_[i] - span) / stride_[i] + 1;
-      TORCH_CHECK(out[2 + i] > 0, "FoldedConvolution: the input ", x.sizes(),
-                  " is smaller than the kernel");
     }
     return out;
   }

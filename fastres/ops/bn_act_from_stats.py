@@ -127,6 +127,10 @@ def bn_act_add_from_stats(
     YOLO Bottleneck): ``activation(batch_norm(x)) + residual``, the batch statistics taken as
     given and differentiated through as functions of ``x``."""
     check_args(x, weight, bias, None, None, residual, True, 0.0, eps, who="bn_act_add_from_stats")
+    if residual is None:
+        raise TypeError(
+            "bn_act_add_from_stats: residual must be a Tensor (it is added after the activation)"
+        )
     check_activation(activation, "bn_act_add_from_stats")
     name = resolve_backend(backend, x.device, x.dtype)
     count = values_per_channel(x)

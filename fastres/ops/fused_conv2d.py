@@ -315,6 +315,12 @@ def _conv2d_with_epilogue(
 
     check_activation(activation, op_name)
     geometry = _geometry(x, weight, *conv_args)
+    out_shape = (geometry.N, geometry.C_OUT, geometry.OH, geometry.OW)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(
+            f"{op_name}: residual must have the output's shape {out_shape}, got "
+            f"{tuple(residual.shape)}"
+        )
     with launch_device(x):
         out, _ = conv_forward(
             _channels_last(x),

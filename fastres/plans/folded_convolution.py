@@ -66,8 +66,9 @@ class FoldedStage:
         self.packed: OrderedDict[tuple[tuple[int, ...], torch.dtype], Tensor] = OrderedDict()
         self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
         self._packing = threading.Lock()
-        # fastres._onednn's convolution for the residual after the activation, built on first use.
-        self._onednn_fused: Any | None = None
+        # fastres._onednn's convolutions for the residual after the activation, by activation,
+        # built on first use.
+        self._onednn_fused: dict[str, Any] = {}
 
     def run(
         self,
@@ -112,8 +113,16 @@ class FoldedStage:
         FoldedConvolution) on CPU, the Triton epilogue on triton; on cuDNN, and on oneDNN
         where fastres._onednn was not built or for float16, the convolution with its
         activation fused, then the add as its own pass. ``residual`` is only read."""
-        weight, bias = self._in_dtype(x.dtype)
         c = self.conv
+        fused = self._onednn_add_after(x, activation) if self.kind == "onednn" else None
+        if fused is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+            residual = residual.contiguous(memory_format=torch.channels_last)
+            name = "fastres._onednn FoldedConvolution.conv_bias_act_add"
+            count_call(name)
+            with torch.profiler.record_function(name):  # a class method: no op to profile
+                return cast(Tensor, fused.conv_bias_act_add(x, residual))
+        weight, bias = self._in_dtype(x.dtype)
         if self.kind == "triton":
             from fastres.ops.fused_conv2d import conv2d_bias_act_add_triton
 
@@ -123,32 +132,26 @@ class FoldedStage:
             )  # fmt: skip
             return out
         if self.kind == "onednn":
-            fused = self._onednn_add_after(x, activation)
-            if fused is not None:
-                x = x.contiguous(memory_format=torch.channels_last)
-                residual = residual.contiguous(memory_format=torch.channels_last)
-                name = "fastres._onednn FoldedConvolution.conv_bias_act_add"
-                count_call(name)
-                with torch.profiler.record_function(name):  # a class method: no op to profile
-                    return cast(Tensor, fused.conv_bias_act_add(x, residual))
             out = self._run_onednn(x, bias, activation, None)
         else:
             out = self._run_cudnn(x, weight, bias, activation, None)
         return out.add_(residual)
 
     def _onednn_add_after(self, x: Tensor, activation: str) -> Any | None:
-        """fastres._onednn's FoldedConvolution for this stage (built once, from the folded
-        float32 weight), or None where it was not built or x is not float32 or bfloat16."""
+        """fastres._onednn's FoldedConvolution for this stage and ``activation`` (built once
+        each, from the folded float32 weight), or None where fastres._onednn was not built or
+        x is not float32 or bfloat16."""
         cls = onednn_convolution_class()
         if cls is None or x.dtype not in (torch.float32, torch.bfloat16):
             return None
-        if self._onednn_fused is None:
-            padding, stride, dilation, groups = self._onednn_geometry()
-            self._onednn_fused = cls(
-                self.weight.float(), self.bias.float(), stride, padding, dilation, groups,
-                activation,
-            )  # fmt: skip
-        return self._onednn_fused
+        with self._packing:  # threads serving one model share it
+            if activation not in self._onednn_fused:
+                padding, stride, dilation, groups = self._onednn_geometry()
+                self._onednn_fused[activation] = cls(
+                    self.weight.float(), self.bias.float(), stride, padding, dilation, groups,
+                    activation,
+                )  # fmt: skip
+            return self._onednn_fused[activation]
 
     def _run_cudnn(
         self, x: Tensor, weight: Tensor, bias: Tensor, activation: str, residual: Tensor | None
