@@ -311,6 +311,21 @@ def silu_input_grad(forward_op, grad_out, x, weight, bias, residual, mean, var, 
     return torch.ops.aten.silu_backward(grad_out, z)
 
 
+def grad_through_activation(
+    forward_op, grad_out, x, weight, bias, mean, var, eps, activation
+) -> tuple[Tensor, Tensor]:
+    """For ``activation(batch_norm(x))`` with the given statistics: the gradient at the
+    activation's input, and the packed ReLU mask ``bn_act_backward`` takes (empty unless
+    ``activation`` is ReLU). Both recomputed from ``x`` with ``forward_op`` (a
+    ``bn_act_forward``), for ops that keep no per-element tensor for the activation."""
+    mask = x.new_empty((0,), dtype=torch.uint8)
+    if activation == "silu":
+        return silu_input_grad(forward_op, grad_out, x, weight, bias, None, mean, var, eps), mask
+    if activation == "relu":  # the mask of relu(batch_norm(x))
+        _, _, _, mask = forward_op(x, weight, bias, None, mean, var, False, 0.0, eps, "relu")
+    return grad_out, mask
+
+
 def _make_backward(forward_op, backward_op):
     """The backward of ``forward_op``. SiLU's input ``z`` is recomputed by ``forward_op`` itself
     in eval mode with the saved statistics (see :func:`silu_input_grad`)."""

@@ -46,7 +46,7 @@ from fastres.activation import apply_activation, check_activation
 from fastres.backends import STATUS, resolve_backend
 from fastres.batch_norm import values_per_channel
 from fastres.ops import bn_act_add, bn_act_pieces  # noqa: F401  (define the Triton ops used here)
-from fastres.ops.bn_act import check_args, silu_input_grad
+from fastres.ops.bn_act import check_args, grad_through_activation, silu_input_grad
 from fastres.ops.bn_act_conv import convolution, grad_through_conv_and_act
 from fastres.ops.registry import op, register_reference
 
@@ -337,11 +337,9 @@ def _define_add_from_stats(suffix: str, forward_op, backward_op):
         x, weight, bias, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
         activation, eps = ctx.activation, ctx.eps
-        grad_y, mask = grad_out, x.new_empty((0,), dtype=torch.uint8)
-        if activation == "silu":
-            grad_y = silu_input_grad(forward_op, grad_out, x, weight, bias, None, mean, var, eps)
-        elif activation == "relu":  # the mask of relu(batch_norm(x)), recomputed
-            _, _, _, mask = forward_op(x, weight, bias, None, mean, var, False, 0.0, eps, "relu")
+        grad_y, mask = grad_through_activation(
+            forward_op, grad_out, x, weight, bias, mean, var, eps, activation
+        )
         grad_x, grad_weight, grad_bias, _ = backward_op(
             grad_y, x, weight, mean, var, mask, ctx.count, eps, activation == "relu", False,
             ctx.group_name,

@@ -12,6 +12,7 @@ format.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ from fastres.ops.fused_conv2d import bn_act_conv2d_stats_triton
 from fastres.plans.autocast import autocast_dtype
 from fastres.plans.description import (
     ADD_AFTER_ACTIVATION,
+    ADD_BEFORE_ACTIVATION,
     ADD_POSITIONS,
     NO_ADD,
     ResidualBlock,
@@ -124,12 +126,11 @@ class TritonChainPlan:
         with torch.autocast(x.device.type, enabled=False):
             if residual is not None:
                 residual = residual.to(h.dtype)
-            if block.add_position == ADD_AFTER_ACTIVATION:
-                assert residual is not None
-                out = _last_bn_act_then_add(h, last, residual)
-            else:
-                activation = last.activation if block.add_position == NO_ADD else block.activation
-                out = _last_bn_add_act(h, last, residual, activation)
+            # The block's activation follows an add before it; otherwise the last stage's.
+            before = block.add_position == ADD_BEFORE_ACTIVATION
+            activation = block.activation if before else last.activation
+            add_after = block.add_position == ADD_AFTER_ACTIVATION
+            out = _last_pass(h, last, residual, activation, add_after)
         return out.contiguous(memory_format=memory_format_of(x))
 
     @staticmethod
@@ -163,30 +164,20 @@ class TritonChainPlan:
         return h, pending
 
 
-def _last_bn_add_act(h: Tensor, last: _Pending, residual: Tensor | None, activation: str) -> Tensor:
-    """``activation(BN_last(h) + residual)`` (no add for None), with the batch statistics from
-    the last convolution's epilogue in training."""
+def _last_pass(
+    h: Tensor, last: _Pending, residual: Tensor | None, activation: str, add_after: bool
+) -> Tensor:
+    """The last BatchNorm with the batch statistics from the last convolution's epilogue in
+    training (the running ones in eval), ``activation``, and the add of ``residual``: before
+    the activation (``activation(BN_last(h) + residual)``; no add for None) or, with
+    ``add_after``, after it (``activation(BN_last(h)) + residual``)."""
     step = last.step
     args = (h, step.weight, step.bias, last.mean, last.var)
+    kwargs: dict[str, Any] = dict(
+        residual=residual, eps=step.eps, activation=activation, backend="triton"
+    )
     if step.training:
-        return bn_act_from_stats(
-            *args, residual=residual, eps=step.eps, activation=activation, backend="triton"
-        )
-    return bn_act(
-        *args, residual=residual, training=False, eps=step.eps, activation=activation,
-        backend="triton",
-    )  # fmt: skip
-
-
-def _last_bn_act_then_add(h: Tensor, last: _Pending, residual: Tensor) -> Tensor:
-    """``act(BN_last(h)) + residual``, ``act`` the last stage's."""
-    step = last.step
-    args = (h, step.weight, step.bias, last.mean, last.var)
-    if step.training:
-        return bn_act_add_from_stats(
-            *args, residual=residual, eps=step.eps, activation=last.activation, backend="triton"
-        )
-    return bn_act_add(
-        *args, residual=residual, training=False, eps=step.eps, activation=last.activation,
-        backend="triton",
-    )  # fmt: skip
+        from_stats = bn_act_add_from_stats if add_after else bn_act_from_stats
+        return from_stats(*args, **kwargs)
+    with_running_stats = bn_act_add if add_after else bn_act
+    return with_running_stats(*args, training=False, **kwargs)
