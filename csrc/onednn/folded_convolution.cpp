@@ -27,11 +27,13 @@
 #include <utility>
 #include <vector>
 
+#include "onednn_helpers.h"
+
 namespace fastres {
 namespace {
 
 using dnnl::memory;
-using Dims = memory::dims;
+using onednn::Dims;
 
 constexpr size_t kMaxShapes = 4;
 
@@ -42,15 +44,6 @@ memory::data_type onednn_type_of(at::ScalarType type) {
 }
 
 Dims dims_of(const at::Tensor& t) { return Dims(t.sizes().begin(), t.sizes().end()); }
-
-// oneDNN's eltwise algorithm and alpha for an activation: ReLU's alpha is its negative slope
-// (0), swish's the factor inside its sigmoid (1: x * sigmoid(x), SiLU).
-std::pair<dnnl::algorithm, float> eltwise_of(const std::string& activation) {
-  if (activation == "relu") return {dnnl::algorithm::eltwise_relu, 0.0f};
-  if (activation == "silu") return {dnnl::algorithm::eltwise_swish, 1.0f};
-  TORCH_CHECK(false, "FoldedConvolution: activation must be identity, relu or silu, got \"",
-              activation, "\"");
-}
 
 }  // namespace
 
@@ -84,7 +77,8 @@ class FoldedConvolution : public torch::CustomClassHolder {
                   at::IntArrayRef(stride_), ", dilation ", at::IntArrayRef(dilation_), ", padding ",
                   at::IntArrayRef(padding_));
     }
-    if (activation_ != "identity") eltwise_of(activation_);  // checks the name
+    dnnl::post_ops probe;
+    onednn::append_activation(probe, activation_, "FoldedConvolution");  // checks the name
     weight_ = weight.contiguous();
     bias_ = bias.contiguous();
   }
@@ -172,36 +166,23 @@ class FoldedConvolution : public torch::CustomClassHolder {
     p.key = std::move(key);
     p.src_md = memory::desc(dims_of(x), type, nhwc);
     p.dst_md = memory::desc(out_dims, type, nhwc);
-    Dims weight_dims = dims_of(weight_);
-    auto weight_tag = memory::format_tag::oihw;
-    if (groups_ > 1) {  // oneDNN's grouped weights: (G, O / G, I / G, kH, kW)
-      weight_dims = {groups_, weight_.size(0) / groups_, weight_.size(1), weight_.size(2),
-                     weight_.size(3)};
-      weight_tag = memory::format_tag::goihw;
-    }
+    auto [weight_dims, weight_tag] = onednn::weight_layout(weight_, groups_);
     memory::desc weight_any(weight_dims, type, memory::format_tag::any);
     memory::desc bias_md({weight_.size(0)}, memory::data_type::f32, memory::format_tag::a);
     dnnl::post_ops ops;
-    if (activation_ != "identity") {
-      auto [algorithm, alpha] = eltwise_of(activation_);
-      ops.append_eltwise(algorithm, alpha, 0.0f);
-    }
+    onednn::append_activation(ops, activation_, "FoldedConvolution");
     ops.append_binary(dnnl::algorithm::binary_add, p.dst_md);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
-    Dims pad_r(2);
-    for (int i = 0; i < 2; ++i) {
-      pad_r[i] = (out_dims[2 + i] - 1) * stride_[i] + dilation_[i] * (weight_.size(2 + i) - 1) + 1 -
-                 x.size(2 + i) - padding_[i];
-    }
+    Dims pad_r = onednn::right_padding(dims_of(x), out_dims, {weight_.size(2), weight_.size(3)},
+                                       stride_, padding_, dilation_);
     auto pd = dnnl::convolution_forward::primitive_desc(
         engine_, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, p.src_md,
         weight_any, bias_md, p.dst_md, Dims{stride_[0], stride_[1]},
         Dims{dilation_[0] - 1, dilation_[1] - 1}, Dims{padding_[0], padding_[1]}, pad_r, attr);
     p.primitive = dnnl::convolution_forward(pd);
-    memory plain({weight_dims, memory::data_type::f32, weight_tag}, engine_, weight_.data_ptr());
-    p.weights = memory(pd.weights_desc(), engine_);
-    dnnl::reorder(plain, p.weights).execute(stream_, plain, p.weights);
+    p.weights = onednn::reorder_weight(engine_, stream_, weight_, weight_dims, weight_tag,
+                                       pd.weights_desc());
     p.bias = memory(bias_md, engine_);
     std::memcpy(p.bias.get_data_handle(), bias_.data_ptr<float>(), bias_.numel() * 4);
     stream_.wait();

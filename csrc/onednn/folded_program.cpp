@@ -30,11 +30,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "onednn_helpers.h"
+
 namespace fastres {
 namespace {
 
 using dnnl::memory;
-using Dims = memory::dims;
+using onednn::Dims;
 
 memory::data_type data_type_of(const std::string& dtype) {
   if (dtype == "float32") return memory::data_type::f32;
@@ -72,13 +74,6 @@ struct Step {
   bool has_weights = false;
 };
 
-// The padding on the right/bottom that gives dst_dims (it can differ from the left's).
-Dims right_padding(const Dims& src_dims, const Dims& dst_dims, int64_t kh, int64_t kw,
-                   const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
-  return {(dst_dims[2] - 1) * stride[0] + kh - src_dims[2] - padding[0],
-          (dst_dims[3] - 1) * stride[1] + kw - src_dims[3] - padding[1]};
-}
-
 }  // namespace
 
 class FoldedProgram : public torch::CustomClassHolder {
@@ -105,26 +100,25 @@ class FoldedProgram : public torch::CustomClassHolder {
     Dims src_dims = dims_of(src_sizes, "src_sizes"), dst_dims = dims_of(dst_sizes, "dst_sizes");
     weight = weight.contiguous();
     bias = bias.contiguous();
-    Dims weight_dims(weight.sizes().begin(), weight.sizes().end());
-    auto weight_tag = memory::format_tag::oihw;
-    if (groups > 1) {  // oneDNN's grouped weights: (G, O / G, I / G, kH, kW)
-      weight_dims = {groups, weight.size(0) / groups, weight.size(1), weight.size(2),
-                     weight.size(3)};
-      weight_tag = memory::format_tag::goihw;
-    }
+    auto [weight_dims, weight_tag] = onednn::weight_layout(weight, groups);
     auto nhwc = memory::format_tag::nhwc;
     memory::desc src_md(src_dims, type_, nhwc), dst_md(dst_dims, type_, nhwc);
     memory::desc weight_any(weight_dims, type_, memory::format_tag::any);
     memory::desc bias_md({weight.size(0)}, memory::data_type::f32, memory::format_tag::a);
     Dims pad_l{padding[0], padding[1]};
-    Dims pad_r = right_padding(src_dims, dst_dims, weight.size(2), weight.size(3), stride, padding);
+    Dims pad_r = onednn::right_padding(src_dims, dst_dims, {weight.size(2), weight.size(3)}, stride,
+                                       padding);
+    dnnl::post_ops ops;
+    if (sum_into_dst) ops.append_sum(1.0f);
+    onednn::append_activation(ops, activation, "FoldedProgram");
     dnnl::primitive_attr attr;
-    attr.set_post_ops(post_ops(sum_into_dst, activation));
+    attr.set_post_ops(ops);
     auto pd = dnnl::convolution_forward::primitive_desc(
         engine_, dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_md,
         weight_any, bias_md, dst_md, Dims{stride[0], stride[1]}, pad_l, pad_r, attr);
     Step step(dnnl::convolution_forward(pd), src, dst, src_md, dst_md);
-    step.weights = reorder_weight(weight, weight_dims, weight_tag, pd.weights_desc());
+    step.weights = onednn::reorder_weight(engine_, stream_, weight, weight_dims, weight_tag,
+                                          pd.weights_desc());
     step.bias = memory(bias_md, engine_);
     std::memcpy(step.bias.get_data_handle(), bias.data_ptr<float>(), bias.numel() * 4);
     step.has_weights = true;
@@ -142,7 +136,7 @@ class FoldedProgram : public torch::CustomClassHolder {
     Dims src_dims = dims_of(src_sizes, "src_sizes"), dst_dims = dims_of(dst_sizes, "dst_sizes");
     auto nhwc = memory::format_tag::nhwc;
     memory::desc src_md(src_dims, type_, nhwc), dst_md(dst_dims, type_, nhwc);
-    Dims pad_r = right_padding(src_dims, dst_dims, kernel[0], kernel[1], stride, padding);
+    Dims pad_r = onednn::right_padding(src_dims, dst_dims, {kernel[0], kernel[1]}, stride, padding);
     auto pd = dnnl::pooling_forward::primitive_desc(
         engine_, dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, src_md, dst_md,
         Dims{stride[0], stride[1]}, Dims{kernel[0], kernel[1]}, Dims{0, 0},
@@ -186,7 +180,8 @@ class FoldedProgram : public torch::CustomClassHolder {
     auto pd = dnnl::inner_product_forward::primitive_desc(
         engine_, dnnl::prop_kind::forward_inference, src_md, weight_any, bias_md, dst_md);
     Step step(dnnl::inner_product_forward(pd), src, dst, src_md, dst_md);
-    step.weights = reorder_weight(weight, weight_dims, memory::format_tag::oi, pd.weights_desc());
+    step.weights = onednn::reorder_weight(engine_, stream_, weight, weight_dims,
+                                          memory::format_tag::oi, pd.weights_desc());
     step.bias = memory(bias_md, engine_);
     std::memcpy(step.bias.get_data_handle(), bias.data_ptr<float>(), bias.numel() * 4);
     step.has_weights = true;
@@ -237,29 +232,6 @@ class FoldedProgram : public torch::CustomClassHolder {
   }
 
  private:
-  dnnl::post_ops post_ops(bool sum_into_dst, const std::string& activation) const {
-    dnnl::post_ops ops;
-    if (sum_into_dst) ops.append_sum(1.0f);
-    if (activation == "relu") {
-      ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
-    } else if (activation == "silu") {
-      ops.append_eltwise(dnnl::algorithm::eltwise_swish, 1.0f, 0.0f);
-    } else {
-      TORCH_CHECK(activation == "identity", "FoldedProgram: activation must be identity, relu ",
-                  "or silu, got \"", activation, "\"");
-    }
-    return ops;
-  }
-
-  memory reorder_weight(const at::Tensor& weight, const Dims& dims, memory::format_tag tag,
-                        const memory::desc& wanted) {
-    memory plain({dims, memory::data_type::f32, tag}, engine_, weight.data_ptr());
-    memory packed(wanted, engine_);
-    dnnl::reorder(plain, packed).execute(stream_, plain, packed);
-    stream_.wait();
-    return packed;
-  }
-
   void add(Step step) {
     for (auto id : {step.src, step.dst}) {
       if (id == 0) continue;
